@@ -1,0 +1,28 @@
+"""Causal depthwise 1-D convolution in plain PyTorch, time-major."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    past: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Depthwise causal convolution of x: (batch, seqlen, channels) with weight: (channels, width).
+
+    `past` (batch, channels, k) holds the k ≥ width − 1 inputs before x (the conv state of a cache); without it
+    the sequence starts from zeros. Returns (batch, seqlen, channels); no activation is applied.
+    """
+    channels, width = weight.shape
+    seqlen = x.shape[1]
+    inputs = x.transpose(1, 2).to(weight.dtype)
+    if past is None:
+        inputs = F.pad(inputs, (width - 1, 0))
+    else:
+        inputs = torch.cat([past[..., past.shape[-1] - (width - 1):].to(weight.dtype), inputs], dim=-1)
+    out = F.conv1d(inputs, weight.unsqueeze(1), bias, groups=channels)
+    return out[..., -seqlen:].transpose(1, 2).to(x.dtype)

@@ -1,0 +1,117 @@
+"""The Mamba (selective SSM) mixer, with its recurrent state kept in a transformers `Cache`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+
+from .. import kernels
+from ..configs.mamba import MambaConfig
+
+
+class MambaMixer(nn.Module):
+    """in_proj → causal depthwise conv → selective scan (input-dependent Δ, B, C) gated by z → out_proj.
+
+    Parameter names and shapes are those of transformers' `MambaMixer`, so state dicts move between the two.
+    With a cache, the layer reads and writes its conv state (the last `conv_kernel` inputs of the conv) and its
+    recurrent state (batch, intermediate_size, state_size) at `layer_idx`; a call with one token is one O(1)
+    update, a longer call continues the sequence from the cached state.
+    """
+
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        self.ssm_state_size = config.state_size
+        self.conv_kernel_size = config.conv_kernel
+        self.time_step_rank = int(config.time_step_rank)
+        self.scan_chunk_size = config.scan_chunk_size
+        self.act = ACT2FN[config.hidden_act]
+
+        self.in_proj = nn.Linear(self.hidden_size, 2 * self.intermediate_size, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.intermediate_size, self.intermediate_size, kernel_size=config.conv_kernel,
+            groups=self.intermediate_size, padding=config.conv_kernel - 1, bias=config.use_conv_bias,
+        )
+        self.x_proj = nn.Linear(self.intermediate_size, self.time_step_rank + 2 * self.ssm_state_size, bias=False)
+        self.dt_proj = nn.Linear(self.time_step_rank, self.intermediate_size, bias=True)
+        # A = -exp(A_log) is kept in log form so that it stays negative under training.
+        self.A_log = nn.Parameter(torch.empty(self.intermediate_size, self.ssm_state_size))
+        self.D = nn.Parameter(torch.empty(self.intermediate_size))
+        self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+
+    @torch.no_grad()
+    def init_ssm_weights(self, config: MambaConfig) -> None:
+        """S4D-real init of A, D = 1, and Δ's bias so that softplus(bias) is log-uniform in [dt_min, dt_max]."""
+        A = torch.arange(1, self.ssm_state_size + 1, dtype=torch.float32, device=self.A_log.device)
+        init.copy_(self.A_log, torch.log(A).expand(self.intermediate_size, -1))
+        init.ones_(self.D)
+        dt_init_std = self.time_step_rank**-0.5 * config.time_step_scale
+        if config.time_step_init_scheme == "constant":
+            init.constant_(self.dt_proj.weight, dt_init_std)
+        else:
+            init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        log_min, log_max = math.log(config.time_step_min), math.log(config.time_step_max)
+        dt = torch.exp(torch.rand(self.intermediate_size, device=self.dt_proj.bias.device) * (log_max - log_min)
+                       + log_min).clamp(min=config.time_step_floor)
+        init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache_params: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states: (batch, seqlen, hidden_size); attention_mask: (batch, ≥ seqlen), 1 for real tokens, its
+        last `seqlen` columns apply. Padded positions contribute nothing: their inputs are zeroed and their Δ is
+        0, so the state passes through them unchanged. Returns (batch, seqlen, hidden_size)."""
+        seqlen = hidden_states.shape[1]
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, -seqlen:].unsqueeze(-1).to(hidden_states.dtype)
+
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
+        if mask is not None:
+            x = x * mask
+
+        conv_input = x
+        past_conv = cache_params.get_conv_state(self.layer_idx) if cache_params is not None else None
+        x = self.act(kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, past=past_conv))
+        if cache_params is not None:
+            # after the conv: the cache overwrites its conv state in place
+            cache_params.update_conv_state(conv_input.transpose(1, 2), self.layer_idx,
+                                           conv_kernel_size=self.conv_kernel_size)
+        if mask is not None:
+            x = x * mask
+
+        dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], -1)
+        dt = F.linear(dt, self.dt_proj.weight)
+        dt_bias = self.dt_proj.bias.float()
+        dt_softplus = True
+        if mask is not None:
+            dt = F.softplus(dt.float() + dt_bias) * mask.float()
+            dt_bias, dt_softplus = None, False
+        A = -torch.exp(self.A_log.float())
+
+        state = cache_params.get_recurrent_state(self.layer_idx) if cache_params is not None else None
+        if state is not None and seqlen == 1:
+            y, new_state = kernels.selective_state_update(
+                state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, z[:, 0],
+                delta_bias=dt_bias, delta_softplus=dt_softplus,
+            )
+            y = y.unsqueeze(1)
+        else:
+            y, new_state = kernels.selective_scan(
+                x, dt, A, B, C, self.D, z, delta_bias=dt_bias, delta_softplus=dt_softplus,
+                initial_state=state, return_final_state=True, chunk_size=self.scan_chunk_size,
+            )
+        if cache_params is not None:
+            cache_params.update_recurrent_state(new_state, self.layer_idx)
+        return self.out_proj(y)

@@ -1,0 +1,203 @@
+"""MambaForCausalLM against transformers' in-tree Mamba, loading, saving, errors, heads."""
+
+import os
+
+import pytest
+import torch
+import transformers
+from huggingface_hub.errors import StrictDataclassError
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import ssm_hf
+from conftest import assert_close_to_scale, spread_weights, tiny_mamba_config
+
+
+def _transformers_twin(config: ssm_hf.MambaConfig) -> transformers.MambaForCausalLM:
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "scan_chunk_size")}
+    return transformers.MambaForCausalLM(transformers.MambaConfig(**fields)).eval()
+
+
+def test_config_built_from_transformers_mamba_config_dict():
+    theirs = transformers.MambaConfig(hidden_size=48, num_hidden_layers=3, state_size=4, vocab_size=99,
+                                      expand=3, conv_kernel=3, use_conv_bias=False, time_step_rank=5)
+    ours = ssm_hf.MambaConfig(**theirs.to_dict())
+    assert ours.model_type == "ssm_mamba" and ours.to_dict()["model_type"] == "ssm_mamba"
+    for name in ("hidden_size", "num_hidden_layers", "state_size", "vocab_size", "expand", "conv_kernel",
+                 "use_conv_bias", "time_step_rank", "intermediate_size", "layer_norm_epsilon"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_logits_equal_transformers_mamba(use_bias):
+    config = tiny_mamba_config(use_bias=use_bias, time_step_rank=3)
+    theirs = spread_weights(_transformers_twin(config), seed=1, scale=0.2)
+    ours = ssm_hf.MambaForCausalLM(config).eval()
+    ours.load_state_dict(theirs.state_dict())  # strict: same names and shapes
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    g = torch.Generator().manual_seed(5)
+    for seqlen in (1, 2, 31, 32, 33, 100, 300):
+        ids = torch.randint(0, config.vocab_size, (2, seqlen), generator=g)
+        with torch.no_grad():
+            diff = (ours(ids).logits - theirs(ids).logits).abs().max().item()
+        assert diff < 1e-4, (seqlen, diff)
+    # and back: their model takes our weights
+    theirs_again = _transformers_twin(config)
+    theirs_again.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(theirs_again(ids).logits, ours(ids).logits, atol=1e-4)
+
+
+def test_presets():
+    names = ssm_hf.list_presets()
+    for name in ("mamba-tiny", "mamba-130m", "mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b"):
+        assert name in names
+    tiny = ssm_hf.preset_config("mamba-tiny")
+    assert tiny.hidden_size <= 64 and tiny.num_hidden_layers <= 4
+    assert ssm_hf.preset_config("mamba-130m").hidden_size == 768
+    assert ssm_hf.preset_config("mamba-2.8b").num_hidden_layers == 64
+    assert ssm_hf.preset_config("mamba-tiny", num_hidden_layers=3).num_hidden_layers == 3
+    with pytest.raises(KeyError, match="mamba-huge"):
+        ssm_hf.preset_config("mamba-huge")
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(state_size=-2), "state_size"),
+    (dict(num_hidden_layers=0), "num_hidden_layers"),
+    (dict(hidden_act="swishy"), "hidden_act"),
+    (dict(hidden_size=30, expand=1.5), None),  # 45: an integer width, accepted
+    (dict(hidden_size=30, expand=1.25), "non-integer"),
+])
+def test_config_validation(fields, message):
+    if message is None:
+        assert ssm_hf.MambaConfig(**fields).intermediate_size == 45
+        return
+    with pytest.raises(StrictDataclassError, match=message):
+        ssm_hf.MambaConfig(**fields)
+
+
+def test_token_ids_out_of_range_are_named():
+    model = ssm_hf.MambaForCausalLM(tiny_mamba_config()).eval()
+    with pytest.raises(ValueError, match="token id 512"):
+        model(torch.tensor([[1, 2, 512]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 2]]))
+
+
+def test_load_state_dict_names_missing_and_misshaped_keys():
+    model = ssm_hf.MambaForCausalLM(tiny_mamba_config())
+    state = model.state_dict()
+    state.pop("backbone.layers.1.mixer.A_log")
+    state["backbone.layers.0.mixer.D"] = torch.zeros(3)
+    with pytest.raises(RuntimeError) as err:
+        model.load_state_dict(state)
+    assert "backbone.layers.1.mixer.A_log" in str(err.value)
+    assert "backbone.layers.0.mixer.D" in str(err.value)
+
+
+def test_save_and_load_through_auto_classes(tmp_path):
+    config = tiny_mamba_config()
+    model = spread_weights(AutoModelForCausalLM.from_config(config)).eval()
+    assert isinstance(model, ssm_hf.MambaForCausalLM)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "ssm_mamba"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, ssm_hf.MambaForCausalLM)
+    ids = torch.randint(1, config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, ssm_hf.MambaModel)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    assert isinstance(classifier, ssm_hf.MambaForSequenceClassification)
+    torch.testing.assert_close(classifier.backbone.embeddings.weight, model.backbone.embeddings.weight)
+
+
+def test_from_pretrained_refuses_missing_or_misshaped_weights(tmp_path):
+    config = tiny_mamba_config()
+    model = ssm_hf.MambaForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    weights_file = os.path.join(tmp_path, "model.safetensors")
+    weights = load_file(weights_file)
+    good = dict(weights)
+    weights.pop("backbone.layers.0.mixer.x_proj.weight")
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"backbone\.layers\.0\.mixer\.x_proj\.weight"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    good["backbone.layers.1.mixer.conv1d.weight"] = torch.zeros(5, 1, 2)
+    save_file(good, weights_file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"backbone\.layers\.1\.mixer\.conv1d\.weight has shape \[5, 1, 2\]"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_transformers_own_mamba_still_resolves():
+    model = AutoModel.from_config(transformers.MambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=32))
+    assert type(model) is transformers.MambaModel
+
+
+def test_forward_in_chunks_with_cache_equals_full_forward():
+    config = tiny_mamba_config()
+    model = spread_weights(ssm_hf.MambaForCausalLM(config)).eval()
+    ids = torch.randint(1, config.vocab_size, (2, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :1], use_cache=True)
+        pieces, cache, start = [out.logits], out.cache_params, 1
+        for size in (7, 1, 12, 19):
+            out = model(ids[:, start:start + size], cache_params=cache, use_cache=True)
+            pieces.append(out.logits)
+            start += size
+    assert_close_to_scale(torch.cat(pieces, 1), full)
+
+
+def test_hidden_states_and_tuple_outputs():
+    config = tiny_mamba_config()
+    model = ssm_hf.MambaModel(config).eval()
+    ids = torch.randint(1, config.vocab_size, (1, 5))
+    out = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
+    assert out.last_hidden_state.shape == (1, 5, config.hidden_size)
+    as_tuple = model(ids, return_dict=False, use_cache=False)
+    torch.testing.assert_close(as_tuple[0], out.last_hidden_state)
+
+
+def test_sequence_classification_pools_last_real_token():
+    config = tiny_mamba_config(num_labels=3)
+    model = spread_weights(ssm_hf.MambaForSequenceClassification(config)).eval()
+    a, b = torch.randint(1, config.vocab_size, (1, 4)), torch.randint(1, config.vocab_size, (1, 7))
+    with torch.no_grad():
+        single = torch.cat([model(a).logits, model(b).logits])
+        left = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), a], 1), b])
+        mask = (left != 0).long()
+        assert_close_to_scale(model(left, attention_mask=mask).logits, single)
+        right = torch.cat([torch.cat([a, torch.zeros(1, 3, dtype=torch.long)], 1), b])
+        assert_close_to_scale(model(right).logits, single)
+    out = model(left, attention_mask=mask, labels=torch.tensor([0, 2]))
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.score.weight.grad is not None
+
+
+def test_bfloat16_model_close_to_float32():
+    config = tiny_mamba_config()
+    model = spread_weights(ssm_hf.MambaForCausalLM(config), scale=0.1).eval()
+    ids = torch.randint(1, config.vocab_size, (2, 50))
+    with torch.no_grad():
+        ref = model(ids).logits
+        low = model.to(torch.bfloat16)(ids).logits
+    assert ((low - ref).abs().max() / ref.abs().max()).item() < 5e-2
+
+
+def test_language_model_loss_and_gradients():
+    config = tiny_mamba_config()
+    model = ssm_hf.MambaForCausalLM(config)
+    ids = torch.randint(1, config.vocab_size, (2, 20))
+    out = model(ids, labels=ids)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, config.vocab_size),
+                                                 ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
