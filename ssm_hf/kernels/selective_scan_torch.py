@@ -36,6 +36,17 @@ def _prepare_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_s
     return delta
 
 
+def _prepare(x, delta, A, B, C, delta_bias, delta_softplus, initial_state):
+    """Cast to the scan's compute dtype, apply Δ's bias and softplus, and start from zeros without a state."""
+    dtype = _scan_dtype(x)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
+    if initial_state is None:
+        h = torch.zeros(x.shape[0], x.shape[2], A.shape[-1], dtype=dtype, device=x.device)
+    else:
+        h = initial_state.to(dtype)
+    return delta * x.to(dtype), delta, A.to(dtype), B.to(dtype), C.to(dtype), h
+
+
 def _finish(y, x, D, z, out_dtype):
     if D is not None:
         y = y + x.to(y.dtype) * D.to(y.dtype)
@@ -129,16 +140,8 @@ def selective_scan_chunked(
     (batch, d_inner, d_state) in float32 (float64 for float64 inputs).
     """
     batch, seqlen, d_inner = x.shape
-    dtype = _scan_dtype(x)
-    delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
-    A = A.to(dtype)
-    B, C = B.to(dtype), C.to(dtype)
-    u = delta * x.to(dtype)
-    if initial_state is None:
-        h = torch.zeros(batch, d_inner, A.shape[-1], dtype=dtype, device=x.device)
-    else:
-        h = initial_state.to(dtype)
-    tril = _lower_triangular_ones(min(chunk_size, seqlen), dtype, x.device)
+    u, delta, A, B, C, h = _prepare(x, delta, A, B, C, delta_bias, delta_softplus, initial_state)
+    tril = _lower_triangular_ones(min(chunk_size, seqlen), u.dtype, x.device)
     outputs: list[torch.Tensor] = []
     for start in range(0, seqlen, chunk_size):
         end = min(start + chunk_size, seqlen)
@@ -167,16 +170,12 @@ def selective_scan_sequential(
     Same arguments and results as `selective_scan_chunked`; pass float64 tensors for an exact reference.
     """
     batch, seqlen, d_inner = x.shape
-    dtype = _scan_dtype(x)
-    delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
-    A, B, C, xs = A.to(dtype), B.to(dtype), C.to(dtype), x.to(dtype)
-    h = (torch.zeros(batch, d_inner, A.shape[-1], dtype=dtype, device=x.device) if initial_state is None
-         else initial_state.to(dtype))
+    u, delta, A, B, C, h = _prepare(x, delta, A, B, C, delta_bias, delta_softplus, initial_state)
     ys = []
     for t in range(seqlen):
-        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * xs[:, t])[..., None] * B[:, t, None, :]
+        h = torch.exp(delta[:, t, :, None] * A) * h + u[:, t, :, None] * B[:, t, None, :]
         ys.append((h * C[:, t, None, :]).sum(-1))
-    y = torch.stack(ys, dim=1) if ys else xs.new_zeros(batch, 0, d_inner)
+    y = torch.stack(ys, dim=1) if ys else u.new_zeros(batch, 0, d_inner)
     y = _finish(y, x, D, z, x.dtype)
     return (y, h) if return_final_state else y
 
