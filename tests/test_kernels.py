@@ -112,3 +112,19 @@ def test_causal_conv1d_with_past_equals_full_sequence():
     past = x[:, 5:9].transpose(1, 2)  # the 4 inputs before position 9
     tail = kernels.causal_conv1d(x[:, 9:], weight, bias, past=past)
     torch.testing.assert_close(tail, full[:, 9:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dt_scale,dt_shift", [(0.1, -4.0), (1.0, -2.0), (4.0, 0.0)])
+def test_chunked_scan_float32_gradients(dt_scale, dt_shift):
+    # small Δ's: every chunk in the relative form; medium: some channels per chunk fall back to recursive doubling;
+    # large: all of them do.
+    inputs = _inputs(2, 80, 6, 4, dt_scale=dt_scale, seed=7)
+    inputs["delta"] = inputs["delta"] + dt_shift
+    weight = torch.randn(2, 80, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    leaves = {k: v.float().requires_grad_(True) for k, v in inputs.items()}
+    leaves_ref = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    (kernels.selective_scan_chunked(**leaves, delta_softplus=True) * weight.float()).sum().backward()
+    (kernels.selective_scan_sequential(**leaves_ref, delta_softplus=True) * weight).sum().backward()
+    for key in inputs:
+        assert torch.isfinite(leaves[key].grad).all(), key
+        assert _rel_err(leaves[key].grad, leaves_ref[key].grad) < 1e-4, key

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 
 # Inside a chunk, states are expressed relative to the chunk's middle token m: with S_t = Σ_{s≤t} Δ_s,
 #   h_t = E_t ⊙ (exp(A S_m) h_prev + Σ_{s≤t} b_s / E_s),   E_t = exp(A (S_t − S_m)),   b_s = Δ_s B_s x_s.
-# E_t spans exp(±|A| · |S_t − S_m|). Keeping that exponent below this bound leaves E and 1/E far from float32
-# overflow and underflow. Channels whose Δ's are too large for that are split off and scanned by recursive
-# doubling instead, which is stable for any Δ: exact everywhere, and fast for the usual Δ's.
-_MAX_EXPONENT = 60.0
+# E_t spans exp(±|A| · |S_t − S_m|). Keeping that exponent below a bound leaves E and 1/E far from float32
+# overflow and underflow; the gradient of b/E scales with 1/E², hence the smaller bound under autograd. Channels
+# whose Δ's are too large for it are split off and scanned by recursive doubling instead, which is stable for any
+# Δ: exact everywhere, and fast for the usual Δ's.
+_MAX_EXPONENT = 30.0
+_MAX_EXPONENT_AUTOGRAD = 15.0
 
 
 def _scan_dtype(x: torch.Tensor) -> torch.dtype:
@@ -67,7 +69,7 @@ def _scan_chunk(u, delta, A, B, C, h, tril):
     m = (u.shape[1] - 1) // 2
     S_rel = S - S[:, m : m + 1]
     exponent = S_rel.detach().abs().amax(dim=(0, 1)) * A.detach().abs().amax(dim=-1)  # (d_inner,)
-    unsafe = exponent > _MAX_EXPONENT
+    unsafe = exponent > (_MAX_EXPONENT_AUTOGRAD if _tracks_grad(u, delta, A, B, C, h) else _MAX_EXPONENT)
     n_unsafe = int(unsafe.sum())
     if n_unsafe == 0:
         return _scan_chunk_relative(u, S, S_rel, m, A, B, C, h, tril)
@@ -84,11 +86,15 @@ def _scan_chunk(u, delta, A, B, C, h, tril):
             torch.cat([r[1] for r in results], dim=1)[:, order])
 
 
+def _tracks_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _scan_chunk_relative(u, S, S_rel, m, A, B, C, h, tril):
     """The chunk with states relative to its middle token: a few whole-chunk products and one small matmul."""
     batch, t, d_inner = u.shape
     carry = (h * torch.exp(A * S[:, m].unsqueeze(-1))).unsqueeze(1)
-    if torch.is_grad_enabled() and any(v.requires_grad for v in (u, S, A, B, C, h)):
+    if _tracks_grad(u, S, A, B, C, h):
         E = torch.exp(S_rel.unsqueeze(-1) * A)            # (batch, t, d_inner, d_state)
         states = u.unsqueeze(-1) * B.unsqueeze(2) / E
         # cumulative sum over time as a small matmul: much faster on CPU than cumsum over a middle dimension
