@@ -1,4 +1,4 @@
-"""Fine-tuning with transformers' Trainer: plain, gradient checkpointing, bf16, and a PEFT LoRA adapter."""
+"""Fine-tuning with transformers' Trainer: plain, activation (gradient) checkpointing, bf16, a PEFT LoRA adapter."""
 
 import math
 
@@ -32,12 +32,13 @@ def _train(model, blocks, tmp_path, **overrides):
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_trainer_lowers_the_loss(blocks, tmp_path, tokenizer, gradient_checkpointing):
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_trainer_lowers_the_loss(blocks, tmp_path, tokenizer, activation_checkpointing):
     torch.manual_seed(0)
     model = ssm_hf.MambaForCausalLM(tiny_mamba_config(vocab_size=len(tokenizer)))
     before = _eval_loss(model, blocks)
-    losses = _train(model, blocks, tmp_path, gradient_checkpointing=gradient_checkpointing)
+    losses = _train(model, blocks, tmp_path, activation_checkpointing=activation_checkpointing)
+    assert all(block.gradient_checkpointing == activation_checkpointing for block in model.backbone.layers)
     after = _eval_loss(model, blocks)
     assert all(math.isfinite(loss) for loss in losses)
     assert after < before - 0.5, (before, after)
@@ -51,7 +52,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(blocks, tokenizer):
     model(ids, labels=ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
+    assert all(block.gradient_checkpointing for block in model.backbone.layers)
     model(ids, labels=ids).loss.backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, plain[name], rtol=1e-4, atol=1e-6, msg=name)
