@@ -11,25 +11,47 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .configs import MambaConfig, list_presets, preset_config
-from .models import MambaForCausalLM, MambaForSequenceClassification, MambaModel, MambaPreTrainedModel
+from .configs import Mamba2Config, MambaConfig, list_presets, preset_config
+from .models import (
+    Mamba2ForCausalLM,
+    Mamba2ForSequenceClassification,
+    Mamba2Model,
+    Mamba2PreTrainedModel,
+    MambaForCausalLM,
+    MambaForSequenceClassification,
+    MambaModel,
+    MambaPreTrainedModel,
+)
 
 __version__ = "0.1.0"
 
 
+# config class -> (base model, causal LM, sequence classifier)
+_ARCHITECTURES = {
+    MambaConfig: (MambaModel, MambaForCausalLM, MambaForSequenceClassification),
+    Mamba2Config: (Mamba2Model, Mamba2ForCausalLM, Mamba2ForSequenceClassification),
+}
+
+
 def _register() -> None:
-    # Our config classes share names with in-tree ones (MambaConfig); transformers keys its Auto mappings by class
-    # name for in-tree names, so exist_ok=True is needed. Lookups go by class identity first, so transformers' own
-    # Mamba keeps resolving to its classes.
-    AutoConfig.register(MambaConfig.model_type, MambaConfig, exist_ok=True)
-    AutoModel.register(MambaConfig, MambaModel, exist_ok=True)
-    AutoModelForCausalLM.register(MambaConfig, MambaForCausalLM, exist_ok=True)
-    AutoModelForSequenceClassification.register(MambaConfig, MambaForSequenceClassification, exist_ok=True)
+    # Our config classes share names with in-tree ones (MambaConfig, ...); transformers keys its Auto mappings by
+    # class name for in-tree names, so exist_ok=True is needed. Lookups go by class identity first, so
+    # transformers' own models keep resolving to their classes.
+    for config_class, (base, causal_lm, classifier) in _ARCHITECTURES.items():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, base, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, causal_lm, exist_ok=True)
+        AutoModelForSequenceClassification.register(config_class, classifier, exist_ok=True)
 
 
 _register()
 
 __all__ = [
+    "Mamba2Config",
+    "Mamba2ForCausalLM",
+    "Mamba2ForSequenceClassification",
+    "Mamba2Model",
+    "Mamba2PreTrainedModel",
     "MambaConfig",
     "MambaForCausalLM",
     "MambaForSequenceClassification",

@@ -1,15 +1,37 @@
 import pytest
 import torch
+import transformers
 
 import ssm_hf
 from ssm_hf.data import python_stdlib_text, train_bpe_tokenizer
 
+# family -> (tiny preset, our causal LM, transformers' config class and causal LM with the same state dict)
+FAMILIES = {
+    "mamba": ("mamba-tiny", ssm_hf.MambaForCausalLM, transformers.MambaConfig, transformers.MambaForCausalLM),
+    "mamba2": ("mamba2-tiny", ssm_hf.Mamba2ForCausalLM, transformers.Mamba2Config, transformers.Mamba2ForCausalLM),
+}
 
-def tiny_mamba_config(**overrides) -> ssm_hf.MambaConfig:
-    """The zoo's tiny Mamba with ids 0 reserved for padding; no eos so that generation runs its full length."""
+
+def tiny_config(family: str = "mamba", **overrides):
+    """The zoo's tiny preset of `family`, id 0 reserved for padding, no eos (generation runs its full length)."""
     fields = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
     fields.update(overrides)
-    return ssm_hf.preset_config("mamba-tiny", **fields)
+    return ssm_hf.preset_config(FAMILIES[family][0], **fields)
+
+
+def tiny_mamba_config(**overrides) -> ssm_hf.MambaConfig:
+    return tiny_config("mamba", **overrides)
+
+
+def causal_lm_class(family: str):
+    return FAMILIES[family][1]
+
+
+def transformers_twin(family: str, config):
+    """transformers' in-tree causal LM of the same architecture as our `config` (random weights)."""
+    _, _, their_config_class, their_model_class = FAMILIES[family]
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "scan_chunk_size")}
+    return their_model_class(their_config_class(**fields)).eval()
 
 
 def spread_weights(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:

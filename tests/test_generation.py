@@ -4,14 +4,13 @@ import pytest
 import torch
 from transformers import pipeline
 
-import ssm_hf
-from conftest import spread_weights, tiny_mamba_config
+from conftest import FAMILIES, causal_lm_class, spread_weights, tiny_config
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def model(request):
     torch.manual_seed(0)
-    return spread_weights(ssm_hf.MambaForCausalLM(tiny_mamba_config()), seed=1).eval()
+    return spread_weights(causal_lm_class(request.param)(tiny_config(request.param)), seed=1).eval()
 
 
 def _prompt(length: int, seed: int) -> torch.Tensor:
@@ -43,9 +42,11 @@ def test_decoding_feeds_one_token_per_step_into_a_fixed_size_state(model):
     finally:
         handle.remove()
     assert seen_lengths == [12] + [1] * 5
-    config = model.config
-    expected = ((1, config.intermediate_size, config.conv_kernel), (1, config.intermediate_size, config.state_size))
-    assert state_shapes == [expected] * 5
+    mixer = model.backbone.layers[0].mixer
+    conv_channels = getattr(mixer, "conv_dim", model.config.intermediate_size)
+    recurrent = ((1, model.config.num_heads, model.config.head_dim, model.config.state_size)
+                 if hasattr(model.config, "num_heads") else (1, model.config.intermediate_size, model.config.state_size))
+    assert state_shapes == [((1, conv_channels, model.config.conv_kernel), recurrent)] * 5
 
 
 def test_left_padded_batch_matches_each_prompt_alone(model):
@@ -83,10 +84,11 @@ def test_sampling_is_seeded_and_stays_in_the_vocabulary(model):
     assert not torch.equal(first, greedy)
 
 
-def test_text_generation_pipeline_with_local_tokenizer(tokenizer):
-    config = tiny_mamba_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id)
-    model = spread_weights(ssm_hf.MambaForCausalLM(config)).eval()
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_text_generation_pipeline_with_local_tokenizer(tokenizer, family):
+    config = tiny_config(family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = spread_weights(causal_lm_class(family)(config)).eval()
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     out = generator("def main(", max_new_tokens=10, do_sample=False)
     text = out[0]["generated_text"]

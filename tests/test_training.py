@@ -6,9 +6,11 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-import ssm_hf
 from ssm_hf.data import causal_lm_blocks
-from conftest import tiny_mamba_config
+from conftest import causal_lm_class, tiny_config
+
+# LoRA targets per family: the linear layers of the mixer
+LORA_TARGETS = {"mamba": ["in_proj", "x_proj", "out_proj"], "mamba2": ["in_proj", "out_proj"]}
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +34,11 @@ def _train(model, blocks, tmp_path, **overrides):
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.mark.parametrize("activation_checkpointing", [False, True])
-def test_trainer_lowers_the_loss(blocks, tmp_path, tokenizer, activation_checkpointing):
+@pytest.mark.parametrize("family,activation_checkpointing", [("mamba", False), ("mamba", True), ("mamba2", False),
+                                                              ("mamba2", True)])
+def test_trainer_lowers_the_loss(blocks, tmp_path, tokenizer, family, activation_checkpointing):
     torch.manual_seed(0)
-    model = ssm_hf.MambaForCausalLM(tiny_mamba_config(vocab_size=len(tokenizer)))
+    model = causal_lm_class(family)(tiny_config(family, vocab_size=len(tokenizer)))
     before = _eval_loss(model, blocks)
     losses = _train(model, blocks, tmp_path, activation_checkpointing=activation_checkpointing)
     assert all(block.gradient_checkpointing == activation_checkpointing for block in model.backbone.layers)
@@ -45,9 +48,10 @@ def test_trainer_lowers_the_loss(blocks, tmp_path, tokenizer, activation_checkpo
     assert losses[-1] < losses[0]
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(blocks, tokenizer):
+@pytest.mark.parametrize("family", list(LORA_TARGETS))
+def test_gradient_checkpointing_gives_the_same_gradients(blocks, tokenizer, family):
     torch.manual_seed(0)
-    model = ssm_hf.MambaForCausalLM(tiny_mamba_config(vocab_size=len(tokenizer))).train()
+    model = causal_lm_class(family)(tiny_config(family, vocab_size=len(tokenizer))).train()
     ids = torch.stack([b["input_ids"] for b in blocks[:4]])
     model(ids, labels=ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -59,29 +63,32 @@ def test_gradient_checkpointing_gives_the_same_gradients(blocks, tokenizer):
         torch.testing.assert_close(param.grad, plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_trainer_bf16(blocks, tmp_path, tokenizer):
+@pytest.mark.parametrize("family", list(LORA_TARGETS))
+def test_trainer_bf16(blocks, tmp_path, tokenizer, family):
     torch.manual_seed(0)
-    model = ssm_hf.MambaForCausalLM(tiny_mamba_config(vocab_size=len(tokenizer)))
+    model = causal_lm_class(family)(tiny_config(family, vocab_size=len(tokenizer)))
     before = _eval_loss(model, blocks)
     losses = _train(model, blocks, tmp_path, bf16=True, num_train_epochs=1)
     assert all(math.isfinite(loss) for loss in losses)
     assert _eval_loss(model, blocks) < before
 
 
-def test_peft_lora_trains_only_the_adapter(blocks, tmp_path, tokenizer):
+@pytest.mark.parametrize("family", list(LORA_TARGETS))
+def test_peft_lora_trains_only_the_adapter(blocks, tmp_path, tokenizer, family):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    base = ssm_hf.MambaForCausalLM(tiny_mamba_config(vocab_size=len(tokenizer)))
+    base = causal_lm_class(family)(tiny_config(family, vocab_size=len(tokenizer)))
     frozen_before = base.backbone.layers[0].mixer.in_proj.weight.detach().clone()
-    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["in_proj", "x_proj", "out_proj"],
-                           task_type="CAUSAL_LM")
+    targets = LORA_TARGETS[family]
+    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM")
     model = peft.get_peft_model(base, lora)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    assert sum("x_proj" in n for n in trainable) == 2 * base.config.num_hidden_layers
+    for target in targets:  # lora_A and lora_B in every layer
+        assert sum(f".{target}." in n for n in trainable) == 2 * base.config.num_hidden_layers, target
     before = _eval_loss(model, blocks)
     _train(model, blocks, tmp_path, learning_rate=1e-2)
     assert _eval_loss(model, blocks) < before - 0.2
     torch.testing.assert_close(base.backbone.layers[0].mixer.in_proj.base_layer.weight, frozen_before)
     merged = model.merge_and_unload()
-    assert isinstance(merged, ssm_hf.MambaForCausalLM)
+    assert type(merged) is causal_lm_class(family)

@@ -1,6 +1,7 @@
 """Configuration classes and the zoo's named presets."""
 
 from .mamba import MambaConfig
+from .mamba2 import Mamba2Config
 from .presets import list_presets, preset_config
 
-__all__ = ["MambaConfig", "list_presets", "preset_config"]
+__all__ = ["Mamba2Config", "MambaConfig", "list_presets", "preset_config"]

@@ -69,6 +69,7 @@ class MambaConfig(PreTrainedConfig):
         # A transformers `MambaConfig` dict carries its own model_type ("mamba"); ours is a class attribute and
         # must not be shadowed, or save_pretrained would write the in-tree type.
         kwargs.pop("model_type", None)
+        kwargs.pop("intermediate_size", None)  # derived from expand * hidden_size, never read back
         # Options of transformers' torch fallbacks that have no meaning here (our scan is always parallel).
         for ignored in ("use_mambapy", "use_associative_scan"):
             kwargs.pop(ignored, None)

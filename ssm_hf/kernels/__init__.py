@@ -5,6 +5,7 @@ CUDA will be dispatched from here with the same signatures.
 """
 
 from .causal_conv1d_torch import causal_conv1d
+from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked, ssd_scan_sequential, ssd_state_update
 from .selective_scan_torch import (
     selective_scan_chunked,
     selective_scan_sequential,
@@ -12,6 +13,7 @@ from .selective_scan_torch import (
 )
 
 selective_scan = selective_scan_chunked
+ssd_scan = ssd_scan_chunked
 
 __all__ = [
     "causal_conv1d",
@@ -19,4 +21,9 @@ __all__ = [
     "selective_scan_chunked",
     "selective_scan_sequential",
     "selective_state_update",
+    "ssd_prepare_dt",
+    "ssd_scan",
+    "ssd_scan_chunked",
+    "ssd_scan_sequential",
+    "ssd_state_update",
 ]

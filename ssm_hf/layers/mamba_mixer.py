@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache
 
 from .. import kernels
 from ..configs.mamba import MambaConfig
+from .conv import cached_causal_conv
 
 
 class MambaMixer(nn.Module):
@@ -30,7 +31,6 @@ class MambaMixer(nn.Module):
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.intermediate_size
         self.ssm_state_size = config.state_size
-        self.conv_kernel_size = config.conv_kernel
         self.time_step_rank = int(config.time_step_rank)
         self.scan_chunk_size = config.scan_chunk_size
         self.act = ACT2FN[config.hidden_act]
@@ -81,13 +81,7 @@ class MambaMixer(nn.Module):
         if mask is not None:
             x = x * mask
 
-        conv_input = x
-        past_conv = cache_params.get_conv_state(self.layer_idx) if cache_params is not None else None
-        x = self.act(kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, past=past_conv))
-        if cache_params is not None:
-            # after the conv: the cache overwrites its conv state in place
-            cache_params.update_conv_state(conv_input.transpose(1, 2), self.layer_idx,
-                                           conv_kernel_size=self.conv_kernel_size)
+        x = self.act(cached_causal_conv(self.conv1d, x, cache_params, self.layer_idx))
         if mask is not None:
             x = x * mask
 

@@ -1,4 +1,4 @@
-"""MambaForCausalLM against transformers' in-tree Mamba, loading, saving, errors, heads."""
+"""Mamba and Mamba-2 models against transformers' in-tree twins; loading, saving, errors, heads."""
 
 import os
 
@@ -10,12 +10,17 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import ssm_hf
-from conftest import assert_close_to_scale, spread_weights, tiny_mamba_config
+from conftest import (
+    FAMILIES,
+    assert_close_to_scale,
+    causal_lm_class,
+    spread_weights,
+    tiny_config,
+    tiny_mamba_config,
+    transformers_twin,
+)
 
-
-def _transformers_twin(config: ssm_hf.MambaConfig) -> transformers.MambaForCausalLM:
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "scan_chunk_size")}
-    return transformers.MambaForCausalLM(transformers.MambaConfig(**fields)).eval()
+families = pytest.mark.parametrize("family", list(FAMILIES))
 
 
 def test_config_built_from_transformers_mamba_config_dict():
@@ -28,32 +33,50 @@ def test_config_built_from_transformers_mamba_config_dict():
         assert getattr(ours, name) == getattr(theirs, name), name
 
 
-@pytest.mark.parametrize("use_bias", [False, True])
-def test_logits_equal_transformers_mamba(use_bias):
-    config = tiny_mamba_config(use_bias=use_bias, time_step_rank=3)
-    theirs = spread_weights(_transformers_twin(config), seed=1, scale=0.2)
-    ours = ssm_hf.MambaForCausalLM(config).eval()
+@pytest.mark.parametrize("family,overrides", [
+    ("mamba", dict(time_step_rank=3)),
+    ("mamba", dict(use_bias=True, use_conv_bias=False)),
+    ("mamba2", dict()),
+    ("mamba2", dict(n_groups=1, use_bias=True, chunk_size=8, time_step_limit=(0.01, 0.5))),
+])
+def test_logits_equal_transformers_twin(family, overrides):
+    config = tiny_config(family, **overrides)
+    theirs = spread_weights(transformers_twin(family, config), seed=1, scale=0.2)
+    ours = causal_lm_class(family)(config).eval()
     ours.load_state_dict(theirs.state_dict())  # strict: same names and shapes
     assert set(ours.state_dict()) == set(theirs.state_dict())
     g = torch.Generator().manual_seed(5)
-    for seqlen in (1, 2, 31, 32, 33, 100, 300):
+    for seqlen in (1, 2, 15, 16, 17, 31, 32, 33, 100, 300):  # chunk sizes here are 8, 16 and 32
         ids = torch.randint(0, config.vocab_size, (2, seqlen), generator=g)
         with torch.no_grad():
             diff = (ours(ids).logits - theirs(ids).logits).abs().max().item()
         assert diff < 1e-4, (seqlen, diff)
     # and back: their model takes our weights
-    theirs_again = _transformers_twin(config)
+    theirs_again = transformers_twin(family, config)
     theirs_again.load_state_dict(ours.state_dict())
     with torch.no_grad():
         assert torch.allclose(theirs_again(ids).logits, ours(ids).logits, atol=1e-4)
 
 
+def test_mamba2_config_built_from_transformers_config_dict():
+    theirs = transformers.Mamba2Config(hidden_size=48, num_heads=6, head_dim=16, n_groups=3, num_hidden_layers=3,
+                                       state_size=4, vocab_size=99, chunk_size=32, time_step_limit=(0.0, 2.0))
+    ours = ssm_hf.Mamba2Config(**theirs.to_dict())
+    assert ours.model_type == "ssm_mamba2" and ours.to_dict()["model_type"] == "ssm_mamba2"
+    for name in ("hidden_size", "num_heads", "head_dim", "n_groups", "num_hidden_layers", "state_size",
+                 "vocab_size", "chunk_size", "conv_kernel", "layer_norm_epsilon"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert tuple(ours.time_step_limit) == (0.0, 2.0)
+
+
 def test_presets():
     names = ssm_hf.list_presets()
-    for name in ("mamba-tiny", "mamba-130m", "mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b"):
+    for name in ("mamba-tiny", "mamba-130m", "mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b",
+                 "mamba2-tiny", "mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b"):
         assert name in names
-    tiny = ssm_hf.preset_config("mamba-tiny")
-    assert tiny.hidden_size <= 64 and tiny.num_hidden_layers <= 4
+    for tiny in (ssm_hf.preset_config("mamba-tiny"), ssm_hf.preset_config("mamba2-tiny")):
+        assert tiny.hidden_size <= 64 and tiny.num_hidden_layers <= 4
+    assert isinstance(ssm_hf.preset_config("mamba2-130m"), ssm_hf.Mamba2Config)
     assert ssm_hf.preset_config("mamba-130m").hidden_size == 768
     assert ssm_hf.preset_config("mamba-2.8b").num_hidden_layers == 64
     assert ssm_hf.preset_config("mamba-tiny", num_hidden_layers=3).num_hidden_layers == 3
@@ -69,7 +92,7 @@ def test_presets():
     (dict(hidden_size=30, expand=1.5), None),  # 45: an integer width, accepted
     (dict(hidden_size=30, expand=1.25), "non-integer"),
 ])
-def test_config_validation(fields, message):
+def test_mamba_config_validation(fields, message):
     if message is None:
         assert ssm_hf.MambaConfig(**fields).intermediate_size == 45
         return
@@ -77,16 +100,29 @@ def test_config_validation(fields, message):
         ssm_hf.MambaConfig(**fields)
 
 
-def test_token_ids_out_of_range_are_named():
-    model = ssm_hf.MambaForCausalLM(tiny_mamba_config()).eval()
+@pytest.mark.parametrize("fields,message", [
+    (dict(num_heads=5), "num_heads \\* head_dim"),
+    (dict(n_groups=3), "not divisible by n_groups"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(time_step_limit=(0.5, 0.1)), "time_step_limit"),
+])
+def test_mamba2_config_validation(fields, message):
+    with pytest.raises(StrictDataclassError, match=message):
+        ssm_hf.preset_config("mamba2-tiny", **fields)
+
+
+@families
+def test_token_ids_out_of_range_are_named(family):
+    model = causal_lm_class(family)(tiny_config(family)).eval()
     with pytest.raises(ValueError, match="token id 512"):
         model(torch.tensor([[1, 2, 512]]))
     with pytest.raises(ValueError, match="token id -1"):
         model(torch.tensor([[-1, 2]]))
 
 
-def test_load_state_dict_names_missing_and_misshaped_keys():
-    model = ssm_hf.MambaForCausalLM(tiny_mamba_config())
+@families
+def test_load_state_dict_names_missing_and_misshaped_keys(family):
+    model = causal_lm_class(family)(tiny_config(family))
     state = model.state_dict()
     state.pop("backbone.layers.1.mixer.A_log")
     state["backbone.layers.0.mixer.D"] = torch.zeros(3)
@@ -96,22 +132,23 @@ def test_load_state_dict_names_missing_and_misshaped_keys():
     assert "backbone.layers.0.mixer.D" in str(err.value)
 
 
-def test_save_and_load_through_auto_classes(tmp_path):
-    config = tiny_mamba_config()
+@families
+def test_save_and_load_through_auto_classes(tmp_path, family):
+    config = tiny_config(family)
     model = spread_weights(AutoModelForCausalLM.from_config(config)).eval()
-    assert isinstance(model, ssm_hf.MambaForCausalLM)
+    assert type(model) is causal_lm_class(family)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
-    assert AutoConfig.from_pretrained(tmp_path).model_type == "ssm_mamba"
+    assert AutoConfig.from_pretrained(tmp_path).model_type == config.model_type
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert isinstance(loaded, ssm_hf.MambaForCausalLM)
+    assert type(loaded) is causal_lm_class(family)
     ids = torch.randint(1, config.vocab_size, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     base = AutoModel.from_pretrained(tmp_path)
-    assert isinstance(base, ssm_hf.MambaModel)
+    assert type(base) is causal_lm_class(family).backbone_class
     classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
-    assert isinstance(classifier, ssm_hf.MambaForSequenceClassification)
+    assert type(classifier).__name__ == type(model).__name__.replace("ForCausalLM", "ForSequenceClassification")
     torch.testing.assert_close(classifier.backbone.embeddings.weight, model.backbone.embeddings.weight)
 
 
@@ -132,14 +169,18 @@ def test_from_pretrained_refuses_missing_or_misshaped_weights(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
-def test_transformers_own_mamba_still_resolves():
+def test_transformers_own_mamba_models_still_resolve():
     model = AutoModel.from_config(transformers.MambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=32))
     assert type(model) is transformers.MambaModel
+    model = AutoModel.from_config(transformers.Mamba2Config(hidden_size=16, num_heads=2, head_dim=16, n_groups=1,
+                                                            num_hidden_layers=1, vocab_size=32))
+    assert type(model) is transformers.Mamba2Model
 
 
-def test_forward_in_chunks_with_cache_equals_full_forward():
-    config = tiny_mamba_config()
-    model = spread_weights(ssm_hf.MambaForCausalLM(config)).eval()
+@families
+def test_forward_in_chunks_with_cache_equals_full_forward(family):
+    config = tiny_config(family)
+    model = spread_weights(causal_lm_class(family)(config)).eval()
     ids = torch.randint(1, config.vocab_size, (2, 40))
     with torch.no_grad():
         full = model(ids).logits
@@ -152,9 +193,10 @@ def test_forward_in_chunks_with_cache_equals_full_forward():
     assert_close_to_scale(torch.cat(pieces, 1), full)
 
 
-def test_hidden_states_and_tuple_outputs():
-    config = tiny_mamba_config()
-    model = ssm_hf.MambaModel(config).eval()
+@families
+def test_hidden_states_and_tuple_outputs(family):
+    config = tiny_config(family)
+    model = causal_lm_class(family).backbone_class(config).eval()
     ids = torch.randint(1, config.vocab_size, (1, 5))
     out = model(ids, output_hidden_states=True)
     assert len(out.hidden_states) == config.num_hidden_layers + 1
@@ -163,9 +205,10 @@ def test_hidden_states_and_tuple_outputs():
     torch.testing.assert_close(as_tuple[0], out.last_hidden_state)
 
 
-def test_sequence_classification_pools_last_real_token():
-    config = tiny_mamba_config(num_labels=3)
-    model = spread_weights(ssm_hf.MambaForSequenceClassification(config)).eval()
+@families
+def test_sequence_classification_pools_last_real_token(family):
+    config = tiny_config(family, num_labels=3)
+    model = spread_weights(AutoModelForSequenceClassification.from_config(config)).eval()
     a, b = torch.randint(1, config.vocab_size, (1, 4)), torch.randint(1, config.vocab_size, (1, 7))
     with torch.no_grad():
         single = torch.cat([model(a).logits, model(b).logits])
@@ -180,9 +223,10 @@ def test_sequence_classification_pools_last_real_token():
     assert model.score.weight.grad is not None
 
 
-def test_bfloat16_model_close_to_float32():
-    config = tiny_mamba_config()
-    model = spread_weights(ssm_hf.MambaForCausalLM(config), scale=0.1).eval()
+@families
+def test_bfloat16_model_close_to_float32(family):
+    config = tiny_config(family)
+    model = spread_weights(causal_lm_class(family)(config), scale=0.1).eval()
     ids = torch.randint(1, config.vocab_size, (2, 50))
     with torch.no_grad():
         ref = model(ids).logits
@@ -190,9 +234,10 @@ def test_bfloat16_model_close_to_float32():
     assert ((low - ref).abs().max() / ref.abs().max()).item() < 5e-2
 
 
-def test_language_model_loss_and_gradients():
-    config = tiny_mamba_config()
-    model = ssm_hf.MambaForCausalLM(config)
+@families
+def test_language_model_loss_and_gradients(family):
+    config = tiny_config(family)
+    model = causal_lm_class(family)(config)
     ids = torch.randint(1, config.vocab_size, (2, 20))
     out = model(ids, labels=ids)
     expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, config.vocab_size),

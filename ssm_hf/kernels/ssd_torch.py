@@ -1,0 +1,174 @@
+"""Mamba-2's state space dual (SSD) scan in plain PyTorch, time-major.
+
+Per head h (with a scalar decay A_h < 0) and its group's B, C:
+
+    H_t = exp(Δ_t A) H_{t-1} + Δ_t x_t B_tᵀ        (H: head_dim x d_state)
+    y_t = H_t C_t + D x_t
+
+`ssd_scan_chunked` cuts the sequence into chunks of Q tokens: inside a chunk the output is a masked,
+attention-like product (the quadratic form, Q x Q per head); between chunks only the (head_dim x d_state) state
+is passed on, sequentially, one step per chunk. `ssd_scan_sequential` is the literal recurrence, the reference;
+`ssd_state_update` is one decoding step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def ssd_prepare_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool,
+                   dt_limit: tuple[float, float] | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Δ as the scan sees it: bias added, softplus, clamped to `dt_limit`, in `dtype`. dt: (..., heads)."""
+    dt = dt.to(dtype)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if dt_limit is not None and (dt_limit[0] > 0.0 or dt_limit[1] != float("inf")):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _by_group(t: torch.Tensor, n_groups: int, dim: int) -> torch.Tensor:
+    """Split the heads dimension `dim` into (groups, heads_per_group): the heads of a group share B and C."""
+    return t.unflatten(dim, (n_groups, -1))
+
+
+def _ssd_chunks(x, dt, A, B, C, h0, chunk_size):
+    """x: (b, l, h, p), dt: (b, l, h), A: (h,), B, C: (b, l, g, n), h0: (b, h, p, n); all in the compute dtype,
+    l a multiple of chunk_size. Returns y without the D term, (b, l, h, p), and the final state."""
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    q = chunk_size
+    c = l // q
+    x = _by_group(x.reshape(b, c, q, h, p), g, -2)                   # (b, c, q, g, r, p)
+    dt = dt.reshape(b, c, q, g, h // g)                           # (b, c, q, g, r)
+    Bc, Cc = B.reshape(b, c, q, g, n), C.reshape(b, c, q, g, n)
+    log_decay = dt * A.reshape(g, h // g)                         # (b, c, q, g, r): Δ_t A_h ≤ 0
+    cum = log_decay.cumsum(2)
+    # decay from token s to token t of a chunk (t ≥ s): exp(cum_t − cum_s); masked before exp so it never overflows
+    seg = cum.unsqueeze(3) - cum.unsqueeze(2)                     # (b, c, t, s, g, r)
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp(seg.masked_fill(~causal[:, :, None, None], float("-inf")))
+    scores = torch.einsum("bctgn,bcsgn->bctsg", Cc, Bc)           # C_t · B_s per group
+    xdt = x * dt.unsqueeze(-1)                                    # Δ_s x_s
+    y = torch.einsum("bctsg,bctsgr,bcsgrp->bctgrp", scores, decay, xdt)
+    # each chunk's own contribution to the state at its end
+    to_end = torch.exp(cum[:, :, -1:] - cum)                      # (b, c, q, g, r)
+    chunk_states = torch.einsum("bcsgn,bcsgr,bcsgrp->bcgrpn", Bc, to_end, xdt)
+    chunk_decay = torch.exp(cum[:, :, -1])                        # (b, c, g, r)
+    # pass the state from chunk to chunk (one small step per chunk)
+    state = _by_group(h0, g, 1)                                   # (b, g, r, p, n)
+    starts = []
+    for k in range(c):
+        starts.append(state)
+        state = chunk_decay[:, k, ..., None, None] * state + chunk_states[:, k]
+    starts = torch.stack(starts, dim=1)                           # (b, c, g, r, p, n): state before each chunk
+    y = y + torch.einsum("bctgn,bctgr,bcgrpn->bctgrp", Cc, torch.exp(cum), starts)
+    return y.reshape(b, l, h, p), state.reshape(b, h, p, n)
+
+
+def ssd_scan_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 64,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    recompute_in_backward: bool = True,
+):
+    """SSD scan over a sequence in chunks of `chunk_size` tokens.
+
+    x: (batch, seqlen, heads, head_dim); dt: (batch, seqlen, heads); A, D, dt_bias: (heads,), A < 0;
+    B, C: (batch, seqlen, groups, d_state), heads divisible by groups; initial_state: (batch, heads, head_dim,
+    d_state). Returns y: (batch, seqlen, heads, head_dim) in x's dtype, and with `return_final_state` the final
+    state in float32 (float64 for float64 inputs). Under autograd the chunk internals (the Q x Q decay and score
+    tensors) are recomputed in the backward pass instead of being stored (`recompute_in_backward`).
+    """
+    b, l, h, p = x.shape
+    dtype = _compute_dtype(x)
+    dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
+    xs, A_, B_, C_ = x.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
+    h0 = (torch.zeros(b, h, p, B.shape[-1], dtype=dtype, device=x.device) if initial_state is None
+          else initial_state.to(dtype))
+    pad = (-l) % chunk_size
+    if pad:  # padded tokens have Δ = 0 and x = 0: they leave the state unchanged
+        xs, dt, B_, C_ = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xs, dt, B_, C_))
+    inputs = (xs, dt, A_, B_, C_, h0)
+    if recompute_in_backward and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        y, state = checkpoint(_ssd_chunks, *inputs, chunk_size, use_reentrant=False)
+    else:
+        y, state = _ssd_chunks(*inputs, chunk_size)
+    y = y[:, :l]
+    if D is not None:
+        y = y + x.to(dtype) * D.to(dtype)[:, None]
+    y = y.to(x.dtype)
+    return (y, state) if return_final_state else y
+
+
+def ssd_scan_sequential(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """The SSD recurrence token by token: the reference. Same arguments and results as `ssd_scan_chunked`."""
+    b, l, h, p = x.shape
+    dtype = _compute_dtype(x)
+    state = (torch.zeros(b, h, p, B.shape[-1], dtype=dtype, device=x.device) if initial_state is None
+             else initial_state.to(dtype))
+    ys = []
+    for t in range(l):
+        y_t, state = ssd_state_update(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, dt_bias, dt_softplus,
+                                      dt_limit)
+        ys.append(y_t.to(dtype))
+    y = torch.stack(ys, dim=1).to(x.dtype) if ys else x.new_zeros(b, 0, h, p)
+    return (y, state) if return_final_state else y
+
+
+def ssd_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step. state: (batch, heads, head_dim, d_state); x: (batch, heads, head_dim); dt: (batch, heads);
+    B, C: (batch, groups, d_state). Returns (y: (batch, heads, head_dim) in x's dtype, new state in the state's
+    dtype); `state` itself is not modified."""
+    dtype = torch.float64 if state.dtype == torch.float64 else torch.float32
+    g = B.shape[1]
+    dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
+    xs = _by_group(x.to(dtype), g, 1)                             # (b, g, r, p)
+    dt = dt.unflatten(-1, (g, -1))                                # (b, g, r)
+    decay = torch.exp(dt * A.to(dtype).reshape(g, -1))
+    new = (decay[..., None, None] * _by_group(state.to(dtype), g, 1)
+           + (dt.unsqueeze(-1) * xs).unsqueeze(-1) * B.to(dtype)[:, :, None, None, :])
+    y = torch.einsum("bgrpn,bgn->bgrp", new, C.to(dtype)).flatten(1, 2)
+    if D is not None:
+        y = y + x.to(dtype) * D.to(dtype)[:, None]
+    return y.to(x.dtype), new.flatten(1, 2).to(state.dtype)

@@ -1,0 +1,106 @@
+"""The Mamba-2 mixer (SSD), with its recurrent state kept in a transformers `Cache`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+
+from .. import kernels
+from ..configs.mamba2 import Mamba2Config
+from .conv import cached_causal_conv
+from .norm import RMSNormGated
+
+
+class Mamba2Mixer(nn.Module):
+    """in_proj → [z | x B C | Δ]; causal depthwise conv over (x, B, C); SSD scan per head; gated RMSNorm with z;
+    out_proj.
+
+    Parameter names and shapes are those of transformers' `Mamba2Mixer`. The cache holds the conv state (last
+    `conv_kernel` inputs of the conv) and the recurrent state (batch, num_heads, head_dim, state_size).
+    """
+
+    def __init__(self, config: Mamba2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.n_groups = config.n_groups
+        self.ssm_state_size = config.state_size
+        self.intermediate_size = config.intermediate_size
+        self.chunk_size = config.chunk_size
+        self.time_step_limit = tuple(config.time_step_limit)
+        self.act = ACT2FN[config.hidden_act]
+        self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
+
+        self.in_proj = nn.Linear(config.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads,
+                                 bias=config.use_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=config.conv_kernel, groups=self.conv_dim,
+                                padding=config.conv_kernel - 1, bias=config.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = RMSNormGated(self.intermediate_size, group_size=self.intermediate_size // self.n_groups,
+                                 eps=config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+
+    @torch.no_grad()
+    def init_ssm_weights(self, config: Mamba2Config) -> None:
+        """A_h = -h (h = 1..num_heads), D = 1, Δ's bias so that softplus(bias) is log-uniform in [dt_min, dt_max]."""
+        init.copy_(self.A_log, torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32,
+                                                      device=self.A_log.device)))
+        init.ones_(self.D)
+        log_min, log_max = math.log(config.time_step_min), math.log(config.time_step_max)
+        dt = torch.exp(torch.rand(self.num_heads, device=self.dt_bias.device) * (log_max - log_min)
+                       + log_min).clamp(min=config.time_step_floor)
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache_params: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states: (batch, seqlen, hidden_size); attention_mask: (batch, ≥ seqlen), its last `seqlen`
+        columns apply; padded positions leave the state unchanged. Returns (batch, seqlen, hidden_size)."""
+        batch, seqlen, _ = hidden_states.shape
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, -seqlen:].unsqueeze(-1).to(hidden_states.dtype)
+
+        z, xBC, dt = self.in_proj(hidden_states).split(
+            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        if mask is not None:
+            xBC = xBC * mask
+
+        xBC = self.act(cached_causal_conv(self.conv1d, xBC, cache_params, self.layer_idx))
+        if mask is not None:
+            xBC = xBC * mask
+
+        group_state = self.n_groups * self.ssm_state_size
+        x, B, C = xBC.split([self.intermediate_size, group_state, group_state], dim=-1)
+        x = x.unflatten(-1, (self.num_heads, self.head_dim))
+        B = B.unflatten(-1, (self.n_groups, self.ssm_state_size))
+        C = C.unflatten(-1, (self.n_groups, self.ssm_state_size))
+        A = -torch.exp(self.A_log.float())
+        dt_bias, dt_softplus, dt_limit = self.dt_bias, True, self.time_step_limit
+        if mask is not None:
+            dt = kernels.ssd_prepare_dt(dt, self.dt_bias, True, self.time_step_limit) * mask.float()
+            dt_bias, dt_softplus, dt_limit = None, False, None
+
+        state = cache_params.get_recurrent_state(self.layer_idx) if cache_params is not None else None
+        if state is not None and seqlen == 1:
+            y, new_state = kernels.ssd_state_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D,
+                                                    dt_bias, dt_softplus, dt_limit)
+            y = y.unsqueeze(1)
+        else:
+            y, new_state = kernels.ssd_scan(x, dt, A, B, C, self.chunk_size, self.D, dt_bias, dt_softplus, dt_limit,
+                                            initial_state=state, return_final_state=True)
+        if cache_params is not None:
+            cache_params.update_recurrent_state(new_state, self.layer_idx)
+        y = self.norm(y.flatten(-2), z)
+        return self.out_proj(y.to(hidden_states.dtype))

@@ -1,0 +1,259 @@
+"""Language models made of one SSM mixer per layer (Mamba, Mamba-2): the block, backbone and heads, written once.
+
+A family supplies its config class and mixer class (see `mamba.py`, `mamba2.py`); parameter names follow
+transformers' in-tree Mamba models: `backbone.embeddings`, `backbone.layers.N.{norm,mixer}`, `backbone.norm_f`,
+`lm_head`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.modeling_utils import slice_logits_to_keep
+
+from ..layers import RMSNorm, RMSNormGated
+from .modeling_utils import StrictLoadingMixin, check_token_ids, last_token_indices, pick_cache
+from .outputs import SSMCausalLMOutput, SSMModelOutput
+
+
+class SSMBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: x + mixer(norm(x)), the residual kept in float32 if configured."""
+
+    def __init__(self, config: PreTrainedConfig, mixer: nn.Module):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = mixer
+
+    def forward(
+        self, hidden_states: torch.Tensor, cache_params: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.to(torch.float32)
+        return residual + self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
+
+
+class SSMPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+    """Shared by the families; each sets `config_class` and `mixer_class` (a module with `init_ssm_weights`)."""
+
+    mixer_class: type[nn.Module]
+    base_model_prefix = "backbone"
+    _no_split_modules = ["SSMBlock"]
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        config = self.config
+        if isinstance(module, self.mixer_class):
+            module.init_ssm_weights(config)
+            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            if module.conv1d.bias is not None:
+                init.zeros_(module.conv1d.bias)
+            init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+            if config.rescale_prenorm_residual:
+                # GPT-2 style: shrink the residual branch's output projection with depth
+                init.copy_(module.out_proj.weight, module.out_proj.weight / math.sqrt(config.num_hidden_layers))
+        elif isinstance(module, nn.Linear):
+            if not getattr(module.weight, "_is_hf_initialized", False) and module.weight.device.type != "meta":
+                init.normal_(module.weight, std=config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=config.initializer_range)
+        elif isinstance(module, (RMSNorm, RMSNormGated)):
+            init.ones_(module.weight)
+
+
+class SSMModel(SSMPreTrainedModel):
+    """Embeddings → `num_hidden_layers` blocks of the family's mixer → final RMSNorm."""
+
+    def __init__(self, config: PreTrainedConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [SSMBlock(config, self.mixer_class(config, layer_idx=i)) for i in range(config.num_hidden_layers)])
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache_params: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple | SSMModelOutput:
+        """input_ids: (batch, seqlen). `cache_params` (or `past_key_values`) continues from a previous state;
+        with `use_cache`, the returned `cache_params` holds the state after the last token."""
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        cache_params = pick_cache(cache_params, past_key_values)
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embeddings(input_ids)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # a cache is written during the forward, which checkpointing would replay
+        if use_cache and cache_params is None:
+            cache_params = DynamicCache(config=self.config)
+        if not use_cache:
+            cache_params = None
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = block(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
+        hidden_states = self.norm_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache_params, all_hidden_states) if v is not None)
+        return SSMModelOutput(last_hidden_state=hidden_states, cache_params=cache_params,
+                              hidden_states=all_hidden_states)
+
+
+class SSMForCausalLM(SSMPreTrainedModel, GenerationMixin):
+    """The backbone (`backbone_class`) with a language-modelling head, tied to the embeddings if configured."""
+
+    backbone_class: type[SSMModel]
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config: PreTrainedConfig):
+        super().__init__(config)
+        self.backbone = self.backbone_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.backbone.set_input_embeddings(new_embeddings)
+
+    def prepare_inputs_for_generation(
+        self, input_ids, inputs_embeds=None, use_cache=None, cache_params: Cache | None = None,
+        attention_mask=None, is_first_iteration: bool | None = False, **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, cache_params=cache_params,
+            attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs,
+        )
+        if use_cache and not is_first_iteration:
+            # Once the prompt is in the state only the new (real) token is fed; its mask column is all ones.
+            model_inputs["attention_mask"] = None
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache_params: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple | SSMCausalLMOutput:
+        """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.backbone(
+            input_ids, inputs_embeds=inputs_embeds, cache_params=pick_cache(cache_params, past_key_values),
+            use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
+            attention_mask=attention_mask,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = tuple(v for v in (logits, outputs.cache_params, outputs.hidden_states) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return SSMCausalLMOutput(loss=loss, logits=logits, cache_params=outputs.cache_params,
+                                 hidden_states=outputs.hidden_states)
+
+
+class SSMForSequenceClassification(SSMPreTrainedModel):
+    """The backbone (`backbone_class`) with a linear `score` head on the last real token of each sequence."""
+
+    backbone_class: type[SSMModel]
+    _new_head_prefixes = ("score.",)
+
+    def __init__(self, config: PreTrainedConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.backbone = self.backbone_class(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.backbone.set_input_embeddings(new_embeddings)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | SequenceClassifierOutput:
+        """labels: (batch,) class ids, or floats for regression (`num_labels == 1`)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.backbone(
+            input_ids, inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,
+            return_dict=True, attention_mask=attention_mask,
+        )
+        hidden_states = outputs.last_hidden_state
+        batch_size, seqlen = hidden_states.shape[:2]
+        last = last_token_indices(input_ids, attention_mask, self.config.pad_token_id, batch_size, seqlen,
+                                  hidden_states.device)
+        pooled = hidden_states[torch.arange(batch_size, device=hidden_states.device), last]
+        pooled_logits = self.score(pooled.to(self.score.weight.dtype)).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=pooled_logits, labels=labels, pooled_logits=pooled_logits,
+                                      config=self.config)
+        if not return_dict:
+            output = (pooled_logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return (loss,) + output if loss is not None else output
+        return SequenceClassifierOutput(loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states)
+
+
