@@ -44,8 +44,9 @@ def test_decoding_feeds_one_token_per_step_into_a_fixed_size_state(model):
     assert seen_lengths == [12] + [1] * 5
     mixer = model.backbone.layers[0].mixer
     conv_channels = getattr(mixer, "conv_dim", model.config.intermediate_size)
-    recurrent = ((1, model.config.num_heads, model.config.head_dim, model.config.state_size)
-                 if hasattr(model.config, "num_heads") else (1, model.config.intermediate_size, model.config.state_size))
+    config = model.config
+    recurrent = ((1, config.num_heads, config.head_dim, config.state_size) if hasattr(config, "num_heads")
+                 else (1, config.intermediate_size, config.state_size))
     assert state_shapes == [((1, conv_channels, model.config.conv_kernel), recurrent)] * 5
 
 

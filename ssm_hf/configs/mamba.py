@@ -35,6 +35,7 @@ class MambaConfig(PreTrainedConfig):
         rescale_prenorm_residual: scale `out_proj` init by `1/sqrt(num_hidden_layers)`.
         scan_chunk_size: chunk length of the PyTorch chunked scan (CPU/reference path); it changes speed, not
             results.
+        inner_layernorms: RMS-normalise Δ (before its projection), B and C inside the mixer, as Jamba does.
     """
 
     model_type = "ssm_mamba"
@@ -64,6 +65,7 @@ class MambaConfig(PreTrainedConfig):
     use_cache: bool = True
     tie_word_embeddings: bool = True
     scan_chunk_size: int = 32
+    inner_layernorms: bool = False
 
     def __post_init__(self, **kwargs):
         # A transformers `MambaConfig` dict carries its own model_type ("mamba"); ours is a class attribute and

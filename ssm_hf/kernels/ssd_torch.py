@@ -41,12 +41,13 @@ def _by_group(t: torch.Tensor, n_groups: int, dim: int) -> torch.Tensor:
 
 
 def _ssd_chunks(x, dt, A, B, C, h0, chunk_size):
-    """x: (b, l, h, p), dt: (b, l, h), A: (h,), B, C: (b, l, g, n), h0: (b, h, p, n); all in the compute dtype,
-    l a multiple of chunk_size. Returns y without the D term, (b, l, h, p), and the final state."""
-    b, l, h, p = x.shape
+    """x: (b, seqlen, h, p), dt: (b, seqlen, h), A: (h,), B, C: (b, seqlen, g, n), h0: (b, h, p, n); all in the
+    compute dtype, seqlen a multiple of chunk_size. Returns y without the D term, (b, seqlen, h, p), and the final
+    state."""
+    b, seqlen, h, p = x.shape
     g, n = B.shape[-2:]
     q = chunk_size
-    c = l // q
+    c = seqlen // q
     x = _by_group(x.reshape(b, c, q, h, p), g, -2)                   # (b, c, q, g, r, p)
     dt = dt.reshape(b, c, q, g, h // g)                           # (b, c, q, g, r)
     Bc, Cc = B.reshape(b, c, q, g, n), C.reshape(b, c, q, g, n)
@@ -71,7 +72,7 @@ def _ssd_chunks(x, dt, A, B, C, h0, chunk_size):
         state = chunk_decay[:, k, ..., None, None] * state + chunk_states[:, k]
     starts = torch.stack(starts, dim=1)                           # (b, c, g, r, p, n): state before each chunk
     y = y + torch.einsum("bctgn,bctgr,bcgrpn->bctgrp", Cc, torch.exp(cum), starts)
-    return y.reshape(b, l, h, p), state.reshape(b, h, p, n)
+    return y.reshape(b, seqlen, h, p), state.reshape(b, h, p, n)
 
 
 def ssd_scan_chunked(
@@ -97,13 +98,13 @@ def ssd_scan_chunked(
     state in float32 (float64 for float64 inputs). Under autograd the chunk internals (the Q x Q decay and score
     tensors) are recomputed in the backward pass instead of being stored (`recompute_in_backward`).
     """
-    b, l, h, p = x.shape
+    b, seqlen, h, p = x.shape
     dtype = _compute_dtype(x)
     dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
     xs, A_, B_, C_ = x.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
     h0 = (torch.zeros(b, h, p, B.shape[-1], dtype=dtype, device=x.device) if initial_state is None
           else initial_state.to(dtype))
-    pad = (-l) % chunk_size
+    pad = (-seqlen) % chunk_size
     if pad:  # padded tokens have Δ = 0 and x = 0: they leave the state unchanged
         xs, dt, B_, C_ = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xs, dt, B_, C_))
     inputs = (xs, dt, A_, B_, C_, h0)
@@ -111,7 +112,7 @@ def ssd_scan_chunked(
         y, state = checkpoint(_ssd_chunks, *inputs, chunk_size, use_reentrant=False)
     else:
         y, state = _ssd_chunks(*inputs, chunk_size)
-    y = y[:, :l]
+    y = y[:, :seqlen]
     if D is not None:
         y = y + x.to(dtype) * D.to(dtype)[:, None]
     y = y.to(x.dtype)
@@ -132,12 +133,12 @@ def ssd_scan_sequential(
     return_final_state: bool = False,
 ):
     """The SSD recurrence token by token: the reference. Same arguments and results as `ssd_scan_chunked`."""
-    b, l, h, p = x.shape
+    b, seqlen, h, p = x.shape
     dtype = _compute_dtype(x)
     state = (torch.zeros(b, h, p, B.shape[-1], dtype=dtype, device=x.device) if initial_state is None
              else initial_state.to(dtype))
     ys = []
-    for t in range(l):
+    for t in range(seqlen):
         y_t, state = ssd_state_update(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, dt_bias, dt_softplus,
                                       dt_limit)
         ys.append(y_t.to(dtype))

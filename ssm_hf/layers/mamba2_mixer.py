@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -14,6 +12,7 @@ from .. import kernels
 from ..configs.mamba2 import Mamba2Config
 from .conv import cached_causal_conv
 from .norm import RMSNormGated
+from .ssm_init import inverse_softplus_dt
 
 
 class Mamba2Mixer(nn.Module):
@@ -47,17 +46,15 @@ class Mamba2Mixer(nn.Module):
         self.norm = RMSNormGated(self.intermediate_size, group_size=self.intermediate_size // self.n_groups,
                                  eps=config.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+        self.dt_init = dict(low=config.time_step_min, high=config.time_step_max, floor=config.time_step_floor)
 
     @torch.no_grad()
-    def init_ssm_weights(self, config: Mamba2Config) -> None:
+    def init_ssm_weights(self) -> None:
         """A_h = -h (h = 1..num_heads), D = 1, Δ's bias so that softplus(bias) is log-uniform in [dt_min, dt_max]."""
         init.copy_(self.A_log, torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32,
                                                       device=self.A_log.device)))
         init.ones_(self.D)
-        log_min, log_max = math.log(config.time_step_min), math.log(config.time_step_max)
-        dt = torch.exp(torch.rand(self.num_heads, device=self.dt_bias.device) * (log_max - log_min)
-                       + log_min).clamp(min=config.time_step_floor)
-        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        init.copy_(self.dt_bias, inverse_softplus_dt(self.num_heads, self.dt_init, self.dt_bias.device))
 
     def forward(
         self,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +12,8 @@ from transformers.cache_utils import Cache
 from .. import kernels
 from ..configs.mamba import MambaConfig
 from .conv import cached_causal_conv
+from .norm import RMSNorm
+from .ssm_init import inverse_softplus_dt
 
 
 class MambaMixer(nn.Module):
@@ -46,22 +46,27 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.intermediate_size, self.ssm_state_size))
         self.D = nn.Parameter(torch.empty(self.intermediate_size))
         self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+        self.dt_init = dict(scale=config.time_step_scale, scheme=config.time_step_init_scheme,
+                            low=config.time_step_min, high=config.time_step_max, floor=config.time_step_floor)
+        if config.inner_layernorms:  # Jamba's variant; names as in transformers' JambaMambaMixer
+            self.dt_layernorm = RMSNorm(self.time_step_rank, eps=config.layer_norm_epsilon)
+            self.b_layernorm = RMSNorm(self.ssm_state_size, eps=config.layer_norm_epsilon)
+            self.c_layernorm = RMSNorm(self.ssm_state_size, eps=config.layer_norm_epsilon)
+        self.inner_layernorms = config.inner_layernorms
 
     @torch.no_grad()
-    def init_ssm_weights(self, config: MambaConfig) -> None:
+    def init_ssm_weights(self) -> None:
         """S4D-real init of A, D = 1, and Δ's bias so that softplus(bias) is log-uniform in [dt_min, dt_max]."""
         A = torch.arange(1, self.ssm_state_size + 1, dtype=torch.float32, device=self.A_log.device)
         init.copy_(self.A_log, torch.log(A).expand(self.intermediate_size, -1))
         init.ones_(self.D)
-        dt_init_std = self.time_step_rank**-0.5 * config.time_step_scale
-        if config.time_step_init_scheme == "constant":
+        dt_init_std = self.time_step_rank**-0.5 * self.dt_init["scale"]
+        if self.dt_init["scheme"] == "constant":
             init.constant_(self.dt_proj.weight, dt_init_std)
         else:
             init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
-        log_min, log_max = math.log(config.time_step_min), math.log(config.time_step_max)
-        dt = torch.exp(torch.rand(self.intermediate_size, device=self.dt_proj.bias.device) * (log_max - log_min)
-                       + log_min).clamp(min=config.time_step_floor)
-        init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        init.copy_(self.dt_proj.bias,
+                   inverse_softplus_dt(self.intermediate_size, self.dt_init, self.dt_proj.bias.device))
 
     def forward(
         self,
@@ -86,6 +91,8 @@ class MambaMixer(nn.Module):
             x = x * mask
 
         dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], -1)
+        if self.inner_layernorms:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         dt = F.linear(dt, self.dt_proj.weight)
         dt_bias = self.dt_proj.bias.float()
         dt_softplus = True

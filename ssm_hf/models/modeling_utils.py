@@ -2,9 +2,47 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache
+
+from ..layers import RMSNorm, RMSNormGated
+from ..layers.mlp import Experts, Router
+
+
+@torch.no_grad()
+def init_module_weights(module: nn.Module, initializer_range: float, rescale_out_proj_layers: int | None) -> None:
+    """The weight init of every model here, one module at a time (transformers applies it children first).
+
+    SSM mixers (modules with `init_ssm_weights`) get their A, D and Δ init, Kaiming-uniform conv and output
+    projection, the latter divided by sqrt(rescale_out_proj_layers) if given (GPT-2's depth scaling); other
+    linear, embedding and expert weights are normal(0, initializer_range); norms start at 1.
+    """
+    if hasattr(module, "init_ssm_weights"):
+        module.init_ssm_weights()
+        init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+        if module.conv1d.bias is not None:
+            init.zeros_(module.conv1d.bias)
+        init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+        if rescale_out_proj_layers:
+            init.copy_(module.out_proj.weight, module.out_proj.weight / math.sqrt(rescale_out_proj_layers))
+    elif isinstance(module, nn.Linear):
+        init.normal_(module.weight, std=initializer_range)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        init.normal_(module.weight, std=initializer_range)
+    elif isinstance(module, (RMSNorm, RMSNormGated)):
+        init.ones_(module.weight)
+    elif isinstance(module, Router):
+        init.normal_(module.weight, std=initializer_range)
+    elif isinstance(module, Experts):
+        init.normal_(module.gate_up_proj, std=initializer_range)
+        init.normal_(module.down_proj, std=initializer_range)
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

@@ -7,19 +7,22 @@ transformers' in-tree Mamba models: `backbone.embeddings`, `backbone.layers.N.{n
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
-from ..layers import RMSNorm, RMSNormGated
-from .modeling_utils import StrictLoadingMixin, check_token_ids, last_token_indices, pick_cache
+from ..layers import RMSNorm
+from .modeling_utils import (
+    StrictLoadingMixin,
+    check_token_ids,
+    init_module_weights,
+    last_token_indices,
+    pick_cache,
+)
 from .outputs import SSMCausalLMOutput, SSMModelOutput
 
 
@@ -44,7 +47,7 @@ class SSMBlock(GradientCheckpointingLayer):
 
 
 class SSMPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
-    """Shared by the families; each sets `config_class` and `mixer_class` (a module with `init_ssm_weights`)."""
+    """Shared by the families; each sets `config_class` and `mixer_class`."""
 
     mixer_class: type[nn.Module]
     base_model_prefix = "backbone"
@@ -55,24 +58,8 @@ class SSMPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         config = self.config
-        if isinstance(module, self.mixer_class):
-            module.init_ssm_weights(config)
-            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
-            if module.conv1d.bias is not None:
-                init.zeros_(module.conv1d.bias)
-            init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
-            if config.rescale_prenorm_residual:
-                # GPT-2 style: shrink the residual branch's output projection with depth
-                init.copy_(module.out_proj.weight, module.out_proj.weight / math.sqrt(config.num_hidden_layers))
-        elif isinstance(module, nn.Linear):
-            if not getattr(module.weight, "_is_hf_initialized", False) and module.weight.device.type != "meta":
-                init.normal_(module.weight, std=config.initializer_range)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, std=config.initializer_range)
-        elif isinstance(module, (RMSNorm, RMSNormGated)):
-            init.ones_(module.weight)
+        init_module_weights(module, config.initializer_range,
+                            config.num_hidden_layers if config.rescale_prenorm_residual else None)
 
 
 class SSMModel(SSMPreTrainedModel):

@@ -1,0 +1,79 @@
+"""Causal self-attention with grouped-query heads and a KV cache, for the attention layers of hybrids."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+
+
+def causal_padding_mask(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int, device: torch.device,
+) -> torch.Tensor | None:
+    """Boolean mask (batch or 1, 1, query_length, past_length + query_length), True where a query may attend.
+
+    attention_mask: (batch, past_length + query_length) with 1 for real tokens, or (batch, query_length) to mean
+    that the cached keys are all real. Returns None when plain causal attention over all keys is right (no
+    padding and a single query, or no padding and no past, which SDPA's `is_causal` covers). A query with no key
+    to attend to (a left-padding position) attends to all keys instead, so that its (unused) output stays finite.
+    """
+    total = past_length + query_length
+    if attention_mask is None:
+        if query_length == 1 or past_length == 0:
+            return None
+        key_valid = torch.ones(1, total, dtype=torch.bool, device=device)
+    else:
+        key_valid = attention_mask.to(device=device, dtype=torch.bool)
+        if key_valid.shape[-1] == query_length and past_length:
+            key_valid = F.pad(key_valid, (past_length, 0), value=True)
+        if key_valid.shape[-1] != total:
+            raise ValueError(
+                f"attention_mask covers {key_valid.shape[-1]} positions, but the cache holds {past_length} and the "
+                f"input {query_length}: pass a mask over all {total} (or only the {query_length} new) positions."
+            )
+    query_pos = torch.arange(past_length, total, device=device)[:, None]
+    causal = torch.arange(total, device=device)[None, :] <= query_pos          # (query, key)
+    allowed = causal[None] & key_valid[:, None, :]                               # (batch, query, key)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return allowed.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with `num_key_value_heads` ≤ `num_attention_heads` (grouped-query), no positional
+    encoding (as in Jamba: the SSM layers carry order). Parameter names as in transformers' Jamba attention:
+    q_proj, k_proj, v_proj, o_proj."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache_params: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states: (batch, seqlen, hidden_size); attention_mask: the boolean mask of `causal_padding_mask`
+        (None for plain causal attention). With a cache, keys and values are appended to this layer's KV cache."""
+        batch, seqlen, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(batch, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(batch, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        has_past = cache_params is not None and cache_params.get_seq_length(self.layer_idx) > 0
+        if cache_params is not None:
+            k, v = cache_params.update(k, v, self.layer_idx)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attention_mask is None and seqlen > 1 and not has_past,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, -1))
