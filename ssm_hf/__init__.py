@@ -11,8 +11,12 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .configs import Mamba2Config, MambaConfig, list_presets, preset_config
+from .configs import HybridConfig, Mamba2Config, MambaConfig, list_presets, preset_config
 from .models import (
+    HybridForCausalLM,
+    HybridForSequenceClassification,
+    HybridModel,
+    HybridPreTrainedModel,
     Mamba2ForCausalLM,
     Mamba2ForSequenceClassification,
     Mamba2Model,
@@ -30,6 +34,7 @@ __version__ = "0.1.0"
 _ARCHITECTURES = {
     MambaConfig: (MambaModel, MambaForCausalLM, MambaForSequenceClassification),
     Mamba2Config: (Mamba2Model, Mamba2ForCausalLM, Mamba2ForSequenceClassification),
+    HybridConfig: (HybridModel, HybridForCausalLM, HybridForSequenceClassification),
 }
 
 
@@ -47,6 +52,11 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "HybridConfig",
+    "HybridForCausalLM",
+    "HybridForSequenceClassification",
+    "HybridModel",
+    "HybridPreTrainedModel",
     "Mamba2Config",
     "Mamba2ForCausalLM",
     "Mamba2ForSequenceClassification",

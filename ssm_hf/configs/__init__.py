@@ -1,7 +1,8 @@
 """Configuration classes and the zoo's named presets."""
 
+from .hybrid import HybridConfig
 from .mamba import MambaConfig
 from .mamba2 import Mamba2Config
 from .presets import list_presets, preset_config
 
-__all__ = ["Mamba2Config", "MambaConfig", "list_presets", "preset_config"]
+__all__ = ["HybridConfig", "Mamba2Config", "MambaConfig", "list_presets", "preset_config"]

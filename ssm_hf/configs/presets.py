@@ -8,11 +8,13 @@ from importlib import resources
 
 from transformers import PreTrainedConfig
 
+from .hybrid import HybridConfig
 from .mamba import MambaConfig
 from .mamba2 import Mamba2Config
 
 # family file name -> config class; a new family adds its JSON file and a line here.
-_FAMILIES: dict[str, type[PreTrainedConfig]] = {"mamba": MambaConfig, "mamba2": Mamba2Config}
+_FAMILIES: dict[str, type[PreTrainedConfig]] = {"mamba": MambaConfig, "mamba2": Mamba2Config,
+                                                "hybrid": HybridConfig}
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,274 @@
+"""Hybrid models (Jamba-style): per layer a Mamba, Mamba-2 or attention mixer, then a dense or MoE MLP.
+
+Parameter names: `backbone.embeddings`, `backbone.layers.N.{norm, mixer, ffn_norm, ffn}`, `backbone.norm_f`,
+`lm_head`; the mixers are the same modules as in the pure Mamba / Mamba-2 models, the attention and MoE weights
+are laid out as in transformers' Jamba (see `ssm_hf.conversion.jamba`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import slice_logits_to_keep
+
+from ..configs.hybrid import HybridConfig
+from ..layers import Mamba2Mixer, MambaMixer, RMSNorm
+from ..layers.attention import Attention, causal_padding_mask
+from ..layers.mlp import MoE, GatedMLP, load_balancing_loss
+from .modeling_utils import (
+    StrictLoadingMixin,
+    check_token_ids,
+    init_module_weights,
+    last_token_indices,
+    pick_cache,
+)
+
+
+class HybridBlock(GradientCheckpointingLayer):
+    """x + mixer(norm(x)), then x + ffn(ffn_norm(x)). Returns (hidden_states, router_logits or None)."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int, mixer: nn.Module):
+        super().__init__()
+        self.is_attention = isinstance(mixer, Attention)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = mixer
+        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.layers_mlp_type[layer_idx] == "moe":
+            self.ffn = MoE(config.hidden_size, config.intermediate_size, config.num_experts,
+                           config.num_experts_per_tok, config.hidden_act)
+        else:
+            self.ffn = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+
+    def forward(
+        self, hidden_states: torch.Tensor, cache_params: Cache | None = None,
+        attention_mask: torch.Tensor | None = None, attention_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """attention_mask: (batch, seqlen) padding mask for SSM mixers; attention_bias: the boolean
+        (batch, 1, query, key) mask for attention mixers."""
+        mask = attention_bias if self.is_attention else attention_mask
+        hidden_states = hidden_states + self.mixer(self.norm(hidden_states), cache_params=cache_params,
+                                                   attention_mask=mask)
+        out = self.ffn(self.ffn_norm(hidden_states))
+        router_logits = None
+        if isinstance(out, tuple):
+            out, router_logits = out
+        return hidden_states + out, router_logits
+
+
+class HybridPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+    config_class = HybridConfig
+    config: HybridConfig
+    base_model_prefix = "backbone"
+    _no_split_modules = ["HybridBlock"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        init_module_weights(module, self.config.initializer_range, None)
+
+
+class HybridModel(HybridPreTrainedModel):
+    """Embeddings → hybrid blocks → final RMSNorm."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        sub_configs = {}
+        if "mamba" in config.layers_block_type:
+            sub_configs["mamba"] = config.mamba_config()
+        if "mamba2" in config.layers_block_type:
+            sub_configs["mamba2"] = config.mamba2_config()
+        mixer_classes = {"mamba": MambaMixer, "mamba2": Mamba2Mixer}
+        blocks = []
+        for i, kind in enumerate(config.layers_block_type):
+            mixer = (Attention(config, i) if kind == "attention"
+                     else mixer_classes[kind](sub_configs[kind], layer_idx=i))
+            blocks.append(HybridBlock(config, i, mixer))
+        self.layers = nn.ModuleList(blocks)
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        cache_params: Cache | None = None,
+        **kwargs,
+    ) -> tuple | MoeModelOutputWithPast:
+        """input_ids: (batch, seqlen); attention_mask: (batch, past + seqlen) with 1 for real tokens.
+        router_logits (with `output_router_logits`): one (batch * seqlen, num_experts) tensor per MoE layer."""
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_router_logits = (output_router_logits if output_router_logits is not None
+                                else config.output_router_logits)
+        use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        cache = pick_cache(cache_params, past_key_values)
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, config.vocab_size)
+            inputs_embeds = self.embeddings(input_ids)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        if not use_cache:
+            cache = None
+
+        seqlen = inputs_embeds.shape[1]
+        attention_bias = None
+        if "attention" in config.layers_block_type:
+            past = cache.get_seq_length() if cache is not None else 0
+            attention_bias = causal_padding_mask(attention_mask, seqlen, past, inputs_embeds.device)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        all_router_logits = ()
+        for block in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, router_logits = block(hidden_states, cache_params=cache, attention_mask=attention_mask,
+                                                 attention_bias=attention_bias)
+            if router_logits is not None:
+                all_router_logits += (router_logits,)
+        hidden_states = self.norm_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = MoeModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states,
+            router_logits=all_router_logits if (output_router_logits or self.training) else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
+    """Hybrid backbone with a language-modelling head; adds `router_aux_loss_coef` x the load-balancing loss to
+    the LM loss when training (or when `output_router_logits`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.backbone = HybridModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.backbone.set_input_embeddings(new_embeddings)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache_params: Cache | None = None,
+        **kwargs,
+    ) -> tuple | MoeCausalLMOutputWithPast:
+        """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.backbone(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            past_key_values=pick_cache(cache_params, past_key_values), use_cache=use_cache,
+            output_hidden_states=output_hidden_states, output_router_logits=output_router_logits, return_dict=True,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+        loss = aux_loss = None
+        if outputs.router_logits:
+            seqlen = outputs.last_hidden_state.shape[1]
+            mask = attention_mask[:, -seqlen:] if attention_mask is not None else None
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, mask)
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        output = MoeCausalLMOutputWithPast(
+            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, router_logits=outputs.router_logits,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class HybridForSequenceClassification(HybridPreTrainedModel):
+    """Hybrid backbone with a linear `score` head on the last real token of each sequence."""
+
+    _new_head_prefixes = ("score.",)
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.backbone = HybridModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.backbone.set_input_embeddings(new_embeddings)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | SequenceClassifierOutputWithPast:
+        """labels: (batch,) class ids, or floats for regression (`num_labels == 1`)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.backbone(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                use_cache=False, output_hidden_states=output_hidden_states, return_dict=True)
+        hidden_states = outputs.last_hidden_state
+        batch_size, seqlen = hidden_states.shape[:2]
+        last = last_token_indices(input_ids, attention_mask, self.config.pad_token_id, batch_size, seqlen,
+                                  hidden_states.device)
+        pooled = hidden_states[torch.arange(batch_size, device=hidden_states.device), last]
+        pooled_logits = self.score(pooled.to(self.score.weight.dtype)).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=pooled_logits, labels=labels, pooled_logits=pooled_logits,
+                                      config=self.config)
+        output = SequenceClassifierOutputWithPast(loss=loss, logits=pooled_logits,
+                                                  hidden_states=outputs.hidden_states)
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["HybridForCausalLM", "HybridForSequenceClassification", "HybridModel", "HybridPreTrainedModel"]
