@@ -11,7 +11,13 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .configs import HybridConfig, Mamba2Config, MambaConfig, list_presets, preset_config
+from .configs import (
+    HybridConfig,
+    Mamba2Config,
+    MambaConfig,
+    list_presets,
+    preset_config,
+)
 from .models import (
     HybridForCausalLM,
     HybridForSequenceClassification,

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from transformers import pipeline
-
 from conftest import FAMILIES, causal_lm_class, spread_weights, tiny_config
+from transformers import pipeline
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -128,3 +128,18 @@ def test_chunked_scan_float32_gradients(dt_scale, dt_shift):
     for key in inputs:
         assert torch.isfinite(leaves[key].grad).all(), key
         assert _rel_err(leaves[key].grad, leaves_ref[key].grad) < 1e-4, key
+
+
+@pytest.mark.parametrize("first_step", [1e2, 1e4, 1e7])
+def test_large_step_at_a_chunk_start_keeps_later_steps_exact(first_step):
+    # A large Δ on a chunk's first token only decays the carried-in state; the small steps after it must not be
+    # rounded away (they would be if the chunk's times were differences of prefix sums including that Δ).
+    inputs = _inputs(1, 96, 4, 4, seed=9)
+    delta = torch.full_like(inputs["delta"], 0.01)
+    delta[:, ::32] = first_step
+    inputs.update(delta=delta)
+    for key in ("delta_bias", "z"):
+        inputs.pop(key)
+    y_ref, h_ref = kernels.selective_scan_sequential(**inputs, return_final_state=True)
+    y, h = kernels.selective_scan_chunked(**_cast(inputs, torch.float32), return_final_state=True, chunk_size=32)
+    assert _rel_err(y, y_ref) < 1e-5 and _rel_err(h, h_ref) < 1e-5

@@ -5,11 +5,6 @@ import os
 import pytest
 import torch
 import transformers
-from huggingface_hub.errors import StrictDataclassError
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-import ssm_hf
 from conftest import (
     FAMILIES,
     assert_close_to_scale,
@@ -19,6 +14,11 @@ from conftest import (
     tiny_mamba_config,
     transformers_twin,
 )
+from huggingface_hub.errors import StrictDataclassError
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import ssm_hf
 
 families = pytest.mark.parametrize("family", list(FAMILIES))
 
@@ -246,3 +246,106 @@ def test_language_model_loss_and_gradients(family):
     out.loss.backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+def _run_chunks(model, chunks):
+    """Feed (ids, mask) chunks through one cache; returns the logits of each chunk."""
+    cache, logits, seen_mask = None, [], None
+    for ids, mask in chunks:
+        seen_mask = mask if seen_mask is None else torch.cat([seen_mask, mask], 1)
+        out = model(ids, attention_mask=seen_mask, cache_params=cache, use_cache=True)
+        cache = out.cache_params
+        logits.append(out.logits)
+    return logits
+
+
+@families
+@pytest.mark.parametrize("where", ["left", "right", "inside"])
+def test_padding_anywhere_is_skipped_with_a_cache(family, where):
+    # Row 0 of the middle chunk has two padded positions; its real tokens, and everything after, must give the
+    # logits of the same tokens without the padding.
+    config = tiny_config(family)
+    model = spread_weights(causal_lm_class(family)(config)).eval()
+    g = torch.Generator().manual_seed(11)
+    first, middle, last = (torch.randint(1, config.vocab_size, (2, n), generator=g) for n in (6, 7, 5))
+    real = {"left": [2, 3, 4, 5, 6], "right": [0, 1, 2, 3, 4], "inside": [0, 1, 4, 5, 6]}[where]
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0] = 0
+    mask[0, real] = 1
+    ones = lambda t: torch.ones_like(t)  # noqa: E731
+    with torch.no_grad():
+        padded = _run_chunks(model, [(first, ones(first)), (middle, mask), (last, ones(last))])
+        alone = _run_chunks(model, [(first[:1], ones(first[:1])), (middle[:1, real], ones(middle[:1, real])),
+                                    (last[:1], ones(last[:1]))])
+    assert_close_to_scale(padded[1][0, real], alone[1][0])
+    assert_close_to_scale(padded[2][0], alone[2][0])
+    # row 1 has no padding: same as a run of its own
+    with torch.no_grad():
+        row1 = _run_chunks(model, [(t[1:], ones(t[1:])) for t in (first, middle, last)])
+    assert_close_to_scale(padded[2][1], row1[2][0])
+
+
+@families
+@pytest.mark.parametrize("continuation", [1, 16])
+def test_backward_through_a_continuation_from_the_cache(family, continuation):
+    config = tiny_config(family)
+    model = causal_lm_class(family)(config).train()
+    ids = torch.randint(1, config.vocab_size, (2, 8 + continuation))
+    cache = model(ids[:, :8], use_cache=True).cache_params
+    out = model(ids[:, 8:], cache_params=cache, use_cache=True, labels=ids[:, 8:] if continuation > 1 else None)
+    loss = out.loss if out.loss is not None else out.logits.sum()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@families
+def test_cache_misuse_gets_clear_errors(family):
+    config = tiny_config(family)
+    model = causal_lm_class(family)(config).eval()
+    ids = torch.randint(1, config.vocab_size, (2, 5))
+    cache = model(ids, use_cache=True).cache_params
+    with pytest.raises(ValueError, match="batch of 2"):
+        model(ids[:1], cache_params=cache)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model(ids, cache_params=cache, use_cache=False)
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model(ids, attention_mask=torch.ones(2, 1, dtype=torch.long))
+    model.train()
+    model.activation_checkpointing_enable()
+    assert model.backbone.gradient_checkpointing
+    with pytest.raises(ValueError, match="checkpointing"):
+        model(ids, cache_params=cache)
+
+
+@families
+def test_empty_dynamic_cache_is_filled_from_the_config(family):
+    from transformers import DynamicCache
+
+    config = tiny_config(family)
+    model = spread_weights(causal_lm_class(family)(config)).eval()
+    ids = torch.randint(1, config.vocab_size, (1, 9))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache()
+        first = model(ids[:, :6], past_key_values=cache).logits
+        second = model(ids[:, 6:], past_key_values=cache).logits
+    assert len(cache.layers) == config.num_hidden_layers
+    assert_close_to_scale(torch.cat([first, second], 1), full)
+
+
+def test_intermediate_size_follows_expand_and_hidden_size(tmp_path):
+    config = ssm_hf.preset_config("mamba-tiny")
+    config.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path, expand=4).intermediate_size == 4 * config.hidden_size
+    config.update({"hidden_size": 48})
+    assert config.intermediate_size == 96
+    assert ssm_hf.preset_config("mamba2-tiny", expand=2).intermediate_size == 64
+
+
+def test_from_pretrained_refuses_weights_of_extra_layers(tmp_path):
+    model = ssm_hf.MambaForCausalLM(tiny_mamba_config(num_hidden_layers=3))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"backbone\.layers\.2\.mixer"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, num_hidden_layers=2)
+    base = AutoModel.from_pretrained(tmp_path)  # the LM head's weight is unexpected here, and harmless
+    assert type(base) is ssm_hf.MambaModel

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import causal_lm_class, tiny_config
 from transformers import Trainer, TrainingArguments
 
 from ssm_hf.data import causal_lm_blocks
-from conftest import causal_lm_class, tiny_config
 
 # LoRA targets per family: the linear layers of the mixer
 LORA_TARGETS = {"mamba": ["in_proj", "x_proj", "out_proj"], "mamba2": ["in_proj", "out_proj"]}

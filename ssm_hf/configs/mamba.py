@@ -75,11 +75,15 @@ class MambaConfig(PreTrainedConfig):
         # Options of transformers' torch fallbacks that have no meaning here (our scan is always parallel).
         for ignored in ("use_mambapy", "use_associative_scan"):
             kwargs.pop(ignored, None)
-        width = self.expand * self.hidden_size
-        self.intermediate_size = int(width) if float(width).is_integer() else width
         if self.time_step_rank == "auto":
             self.time_step_rank = math.ceil(self.hidden_size / 16)
         super().__post_init__(**kwargs)
+
+    @property
+    def intermediate_size(self) -> int | float:
+        """Width of the mixer (`d_inner`): expand * hidden_size, always derived, so it cannot go stale."""
+        width = self.expand * self.hidden_size
+        return int(width) if float(width).is_integer() else width
 
     @property
     def layer_types(self) -> list[str]:

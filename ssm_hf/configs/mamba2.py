@@ -59,11 +59,16 @@ class Mamba2Config(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         kwargs.pop("model_type", None)  # a transformers Mamba2Config dict carries "mamba2"
         kwargs.pop("intermediate_size", None)  # derived from expand * hidden_size, never read back
-        self.intermediate_size = self.expand * self.hidden_size
         if self.time_step_rank == "auto":
             self.time_step_rank = math.ceil(self.hidden_size / 16)
         self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
         super().__post_init__(**kwargs)
+
+    @property
+    def intermediate_size(self) -> int | float:
+        """Width of the mixer (`d_inner`): expand * hidden_size, always derived, so it cannot go stale."""
+        width = self.expand * self.hidden_size
+        return int(width) if float(width).is_integer() else width
 
     @property
     def layer_types(self) -> list[str]:

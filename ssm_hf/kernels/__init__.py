@@ -5,11 +5,16 @@ CUDA will be dispatched from here with the same signatures.
 """
 
 from .causal_conv1d_torch import causal_conv1d
-from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked, ssd_scan_sequential, ssd_state_update
 from .selective_scan_torch import (
     selective_scan_chunked,
     selective_scan_sequential,
     selective_state_update,
+)
+from .ssd_torch import (
+    ssd_prepare_dt,
+    ssd_scan_chunked,
+    ssd_scan_sequential,
+    ssd_state_update,
 )
 
 selective_scan = selective_scan_chunked

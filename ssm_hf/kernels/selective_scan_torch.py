@@ -65,20 +65,23 @@ def _scan_chunk(u, delta, A, B, C, h, tril):
     """One chunk. u = Δ·x and delta: (batch, t, d_inner); A: (d_inner, d_state); B, C: (batch, t, d_state);
     h: (batch, d_inner, d_state). Returns (C·h_t: (batch, t, d_inner), state after the chunk)."""
     d_inner = u.shape[-1]
-    S = delta.cumsum(1)                                   # (batch, t, d_inner)
     m = (u.shape[1] - 1) // 2
-    S_rel = S - S[:, m : m + 1]
+    S_m = delta[:, : m + 1].sum(1)                        # (batch, d_inner): decay of the carried-in state to m
+    # S_t − S_m summed outward from m, never as a difference of two large prefix sums (that would round small
+    # steps away after one large Δ)
+    S_rel = torch.cat([-delta[:, 1 : m + 1].flip(1).cumsum(1).flip(1), torch.zeros_like(delta[:, :1]),
+                       delta[:, m + 1 :].cumsum(1)], dim=1)
     exponent = S_rel.detach().abs().amax(dim=(0, 1)) * A.detach().abs().amax(dim=-1)  # (d_inner,)
     unsafe = exponent > (_MAX_EXPONENT_AUTOGRAD if _tracks_grad(u, delta, A, B, C, h) else _MAX_EXPONENT)
     n_unsafe = int(unsafe.sum())
     if n_unsafe == 0:
-        return _scan_chunk_relative(u, S, S_rel, m, A, B, C, h, tril)
+        return _scan_chunk_relative(u, S_m, S_rel, A, B, C, h, tril)
     if n_unsafe == d_inner:
         return _scan_chunk_doubling(u, delta, A, B, C, h)
     groups = [(~unsafe).nonzero()[:, 0], unsafe.nonzero()[:, 0]]
     safe, fast = groups
     results = [
-        _scan_chunk_relative(u[..., safe], S[..., safe], S_rel[..., safe], m, A[safe], B, C, h[:, safe], tril),
+        _scan_chunk_relative(u[..., safe], S_m[..., safe], S_rel[..., safe], A[safe], B, C, h[:, safe], tril),
         _scan_chunk_doubling(u[..., fast], delta[..., fast], A[fast], B, C, h[:, fast]),
     ]
     order = torch.argsort(torch.cat(groups))
@@ -90,11 +93,12 @@ def _tracks_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _scan_chunk_relative(u, S, S_rel, m, A, B, C, h, tril):
-    """The chunk with states relative to its middle token: a few whole-chunk products and one small matmul."""
+def _scan_chunk_relative(u, S_m, S_rel, A, B, C, h, tril):
+    """The chunk with states relative to its middle token m: a few whole-chunk products and one small matmul.
+    S_m: (batch, d_inner) sum of Δ up to m; S_rel: (batch, t, d_inner) S_t − S_m."""
     batch, t, d_inner = u.shape
-    carry = (h * torch.exp(A * S[:, m].unsqueeze(-1))).unsqueeze(1)
-    if _tracks_grad(u, S, A, B, C, h):
+    carry = (h * torch.exp(A * S_m.unsqueeze(-1))).unsqueeze(1)
+    if _tracks_grad(u, S_m, S_rel, A, B, C, h):
         E = torch.exp(S_rel.unsqueeze(-1) * A)            # (batch, t, d_inner, d_state)
         states = u.unsqueeze(-1) * B.unsqueeze(2) / E
         # cumulative sum over time as a small matmul: much faster on CPU than cumsum over a middle dimension

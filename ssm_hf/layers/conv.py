@@ -9,15 +9,37 @@ from transformers.cache_utils import Cache
 from .. import kernels
 
 
-def cached_causal_conv(conv1d: nn.Conv1d, x: torch.Tensor, cache_params: Cache | None, layer_idx: int) -> torch.Tensor:
+def cached_causal_conv(
+    conv1d: nn.Conv1d, x: torch.Tensor, cache_params: Cache | None, layer_idx: int,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Depthwise causal conv of x: (batch, seqlen, channels), without activation.
 
     With a cache, the sequence continues from the layer's conv state (zeros before the first call), and the state
-    is then replaced by the last `kernel_size` inputs.
+    is then replaced by the last `kernel_size` real inputs. With a padding `mask` (batch, seqlen), 1 for real
+    tokens, the padded positions are skipped wherever they are (left, right or inside): each real token sees the
+    real tokens before it, as if the padding were not there. Outputs at padded positions are meaningless.
     """
+    weight, bias, width = conv1d.weight.squeeze(1), conv1d.bias, conv1d.kernel_size[0]
     past = cache_params.get_conv_state(layer_idx) if cache_params is not None else None
-    out = kernels.causal_conv1d(x, conv1d.weight.squeeze(1), conv1d.bias, past=past)
+    if mask is None or bool(mask.all()):
+        out = kernels.causal_conv1d(x, weight, bias, past=past)
+        if cache_params is not None:
+            # only after the conv: the cache overwrites its conv state in place
+            cache_params.update_conv_state(x.transpose(1, 2), layer_idx, conv_kernel_size=width)
+        return out
+
+    # Pack each row's real tokens to the front (stable: order kept), convolve, and put the outputs back.
+    real = mask.bool()
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)          # (batch, seqlen)
+    index = order.unsqueeze(-1).expand_as(x)
+    packed = x.gather(1, index)
+    out = torch.empty_like(x).scatter_(1, index, kernels.causal_conv1d(packed, weight, bias, past=past))
     if cache_params is not None:
-        # only after the conv: the cache overwrites its conv state in place
-        cache_params.update_conv_state(x.transpose(1, 2), layer_idx, conv_kernel_size=conv1d.kernel_size[0])
+        before = (packed.new_zeros(x.shape[0], width, x.shape[2]) if past is None
+                  else past[..., -width:].transpose(1, 2).to(x.dtype))
+        history = torch.cat([before, packed], dim=1)
+        ends = real.sum(1, keepdim=True) + torch.arange(width, device=x.device)    # window of the last `width`
+        window = history.gather(1, ends.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        cache_params.update_conv_state(window.transpose(1, 2), layer_idx, conv_kernel_size=width)
     return out

@@ -65,16 +65,15 @@ class Mamba2Mixer(nn.Module):
         """hidden_states: (batch, seqlen, hidden_size); attention_mask: (batch, ≥ seqlen), its last `seqlen`
         columns apply; padded positions leave the state unchanged. Returns (batch, seqlen, hidden_size)."""
         batch, seqlen, _ = hidden_states.shape
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask[:, -seqlen:].unsqueeze(-1).to(hidden_states.dtype)
+        padding = attention_mask[:, -seqlen:] if attention_mask is not None else None    # (batch, seqlen)
+        mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
 
         z, xBC, dt = self.in_proj(hidden_states).split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         if mask is not None:
             xBC = xBC * mask
 
-        xBC = self.act(cached_causal_conv(self.conv1d, xBC, cache_params, self.layer_idx))
+        xBC = self.act(cached_causal_conv(self.conv1d, xBC, cache_params, self.layer_idx, padding))
         if mask is not None:
             xBC = xBC * mask
 
@@ -90,6 +89,8 @@ class Mamba2Mixer(nn.Module):
             dt_bias, dt_softplus, dt_limit = None, False, None
 
         state = cache_params.get_recurrent_state(self.layer_idx) if cache_params is not None else None
+        if state is not None and torch.is_grad_enabled():
+            state = state.clone()  # the cache updates its tensor in place below; autograd may still need this one
         if state is not None and seqlen == 1:
             y, new_state = kernels.ssd_state_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D,
                                                     dt_bias, dt_softplus, dt_limit)

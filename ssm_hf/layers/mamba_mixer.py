@@ -78,15 +78,14 @@ class MambaMixer(nn.Module):
         last `seqlen` columns apply. Padded positions contribute nothing: their inputs are zeroed and their Δ is
         0, so the state passes through them unchanged. Returns (batch, seqlen, hidden_size)."""
         seqlen = hidden_states.shape[1]
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask[:, -seqlen:].unsqueeze(-1).to(hidden_states.dtype)
+        padding = attention_mask[:, -seqlen:] if attention_mask is not None else None    # (batch, seqlen)
+        mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
 
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         if mask is not None:
             x = x * mask
 
-        x = self.act(cached_causal_conv(self.conv1d, x, cache_params, self.layer_idx))
+        x = self.act(cached_causal_conv(self.conv1d, x, cache_params, self.layer_idx, padding))
         if mask is not None:
             x = x * mask
 
@@ -102,6 +101,8 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
 
         state = cache_params.get_recurrent_state(self.layer_idx) if cache_params is not None else None
+        if state is not None and torch.is_grad_enabled():
+            state = state.clone()  # the cache updates its tensor in place below; autograd may still need this one
         if state is not None and seqlen == 1:
             y, new_state = kernels.selective_state_update(
                 state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, z[:, 0],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
@@ -22,13 +22,15 @@ from transformers.modeling_utils import slice_logits_to_keep
 from ..configs.hybrid import HybridConfig
 from ..layers import Mamba2Mixer, MambaMixer, RMSNorm
 from ..layers.attention import Attention, causal_padding_mask
-from ..layers.mlp import MoE, GatedMLP, load_balancing_loss
+from ..layers.mlp import GatedMLP, MoE, load_balancing_loss
 from .modeling_utils import (
     StrictLoadingMixin,
+    check_padding_mask,
     check_token_ids,
     init_module_weights,
     last_token_indices,
     pick_cache,
+    resolve_cache,
 )
 
 
@@ -123,21 +125,16 @@ class HybridModel(HybridPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_router_logits = (output_router_logits if output_router_logits is not None
                                 else config.output_router_logits)
-        use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
         return_dict = return_dict if return_dict is not None else config.return_dict
-        cache = pick_cache(cache_params, past_key_values)
-
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        batch_and_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        cache = resolve_cache(pick_cache(cache_params, past_key_values), use_cache, config, self.training,
+                              self.gradient_checkpointing, batch_and_length[0])
+        check_padding_mask(attention_mask, batch_and_length)
         if inputs_embeds is None:
-            check_token_ids(input_ids, config.vocab_size)
+            check_token_ids(input_ids, config.vocab_size, decoding=cache is not None)
             inputs_embeds = self.embeddings(input_ids)
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        if use_cache and cache is None:
-            cache = DynamicCache(config=config)
-        if not use_cache:
-            cache = None
 
         seqlen = inputs_embeds.shape[1]
         attention_bias = None

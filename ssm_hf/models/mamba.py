@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from ..configs.mamba import MambaConfig
 from ..layers import MambaMixer
-from .ssm_lm import SSMForCausalLM, SSMForSequenceClassification, SSMModel, SSMPreTrainedModel
+from .ssm_lm import (
+    SSMForCausalLM,
+    SSMForSequenceClassification,
+    SSMModel,
+    SSMPreTrainedModel,
+)
 
 
 class MambaPreTrainedModel(SSMPreTrainedModel):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from ..configs.mamba2 import Mamba2Config
 from ..layers import Mamba2Mixer
-from .ssm_lm import SSMForCausalLM, SSMForSequenceClassification, SSMModel, SSMPreTrainedModel
+from .ssm_lm import (
+    SSMForCausalLM,
+    SSMForSequenceClassification,
+    SSMModel,
+    SSMPreTrainedModel,
+)
 
 
 class Mamba2PreTrainedModel(SSMPreTrainedModel):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from ..layers import RMSNorm, RMSNormGated
 from ..layers.mlp import Experts, Router
@@ -45,9 +46,12 @@ def init_module_weights(module: nn.Module, initializer_range: float, rescale_out
         init.normal_(module.down_proj, std=initializer_range)
 
 
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Raise a ValueError naming the offending id when `input_ids` has ids outside [0, vocab_size)."""
-    if torch.compiler.is_compiling() or input_ids.numel() == 0:
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, decoding: bool = False) -> None:
+    """Raise a ValueError naming the offending id when `input_ids` has ids outside [0, vocab_size).
+
+    Skipped for single-token steps with a cache (`decoding`): those ids come from the model's own vocabulary in
+    generation, and the check would cost a device synchronisation per token."""
+    if torch.compiler.is_compiling() or input_ids.numel() == 0 or (decoding and input_ids.shape[1] == 1):
         return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
@@ -55,11 +59,65 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size}).")
 
 
+def check_padding_mask(attention_mask: torch.Tensor | None, batch_and_length: tuple[int, int]) -> None:
+    """The padding mask must be (batch, n) with n ≥ the input length (it may also cover cached positions)."""
+    if attention_mask is None:
+        return
+    batch, length = batch_and_length
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+        raise ValueError(f"attention_mask must have shape (batch={batch}, n >= {length}) with 1 for real tokens and 0 "
+                         f"for padding; got {tuple(attention_mask.shape)}.")
+
+
 def pick_cache(cache_params: Cache | None, past_key_values: Cache | None) -> Cache | None:
     """Models accept the state as `cache_params` (transformers' Mamba name) or `past_key_values`."""
     if cache_params is not None and past_key_values is not None and cache_params is not past_key_values:
         raise ValueError("Pass the cache as either `cache_params` or `past_key_values`, not two different ones.")
     return cache_params if cache_params is not None else past_key_values
+
+
+def resolve_cache(
+    cache: Cache | None, use_cache: bool | None, config, training: bool, checkpointing: bool, batch_size: int,
+) -> Cache | None:
+    """The cache a forward pass reads and writes, or None.
+
+    A cache passed in is used (use_cache then defaults to True); without one, a new `DynamicCache` is made from the
+    config's `layer_types` when `use_cache` (default: config.use_cache outside training). An empty
+    `DynamicCache()` gets its layers from the config. Inconsistent requests raise instead of being ignored.
+    """
+    if use_cache is None:
+        use_cache = cache is not None or (config.use_cache and not training)
+    if not use_cache:
+        if cache is not None:
+            raise ValueError("A cache was passed with use_cache=False; drop one of the two.")
+        return None
+    if checkpointing and training:
+        if cache is not None:
+            raise ValueError(
+                "Activation checkpointing replays each block's forward in the backward pass, which would advance "
+                "the cache twice: disable checkpointing (or call the model in eval mode) to run with a cache."
+            )
+        return None  # checkpointed training runs without a cache, as in transformers
+    if cache is None:
+        return DynamicCache(config=config)
+    if len(cache.layers) == 0:
+        cache.layers.extend(DynamicCache(config=config).layers)
+        cache.layer_class_to_replicate = None
+    elif len(cache.layers) != config.num_hidden_layers:
+        raise ValueError(f"The cache has {len(cache.layers)} layers, the model {config.num_hidden_layers}: build it "
+                         f"with DynamicCache(config=model.config).")
+    cached_batch = _cache_batch_size(cache)
+    if cached_batch is not None and cached_batch != batch_size:
+        raise ValueError(f"The cache holds states for a batch of {cached_batch}, the input has {batch_size} rows.")
+    return cache
+
+
+def _cache_batch_size(cache: Cache) -> int | None:
+    for layer in cache.layers:
+        for tensor in (*getattr(layer, "conv_states", {}).values(), getattr(layer, "keys", None)):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() > 1:
+                return tensor.shape[0]
+    return None
 
 
 def last_token_indices(
@@ -70,14 +128,14 @@ def last_token_indices(
     works for left and right padding. Without either, the last position."""
     positions = torch.arange(seqlen, device=device)
     if attention_mask is not None:
-        real = attention_mask.to(device).bool()
+        real = attention_mask[:, -seqlen:].to(device).bool()
     elif input_ids is not None and pad_token_id is not None:
         real = input_ids != pad_token_id
     else:
         if batch_size != 1:
             raise ValueError(
-                "Sequence classification of a batch needs an attention_mask or a pad_token_id in the config "
-                "to find each row's last token."
+                "Sequence classification of a batch needs an attention_mask (or input_ids and a pad_token_id in "
+                "the config) to find each row's last token."
             )
         return torch.full((batch_size,), seqlen - 1, device=device, dtype=torch.long)
     return (positions * real).argmax(-1)
@@ -89,7 +147,8 @@ class StrictLoadingMixin:
     transformers only warns about missing weights and initialises them at random; for a converted or shared SSM
     checkpoint that silently gives a broken model. A newly added task head (e.g. a classifier `score` on top of a
     causal-LM checkpoint) is the one legitimate gap: a class lists such prefixes in `_new_head_prefixes`.
-    Mis-shaped tensors already raise in transformers (unless `ignore_mismatched_sizes=True`).
+    Weights of blocks the model does not have (more layers in the checkpoint than in the config) are refused too,
+    and mis-shaped tensors are named (transformers only logs them).
     """
 
     _new_head_prefixes: tuple[str, ...] = ()
@@ -110,6 +169,11 @@ class StrictLoadingMixin:
             (key, tuple(ckpt), tuple(expected)) for key, ckpt, expected in info.get("mismatched_keys", ())
             if not key.startswith(cls._new_head_prefixes)
         )
+        # weights the checkpoint has and the model lacks: a head the model doesn't use is fine, a block is not
+        # (it means the checkpoint has more layers, or other mixers, than the config)
+        unexpected = sorted(key for key in info.get("unexpected_keys", ()) if _BACKBONE_KEY.search(key))
+        if unexpected:
+            problems.append(f"{len(unexpected)} weight(s) the model has no place for: {_first(unexpected)}")
         if mismatched and not allow_mismatch:
             problems.append("mis-shaped weight(s): " + _first(
                 [f"{key} has shape {list(ckpt)} in the checkpoint, the model expects {list(expected)}"
@@ -117,6 +181,9 @@ class StrictLoadingMixin:
         if problems:
             raise ValueError(f"Cannot load {cls.__name__} from this checkpoint: " + "; ".join(problems))
         return (model, info) if want_info else model
+
+
+_BACKBONE_KEY = re.compile(r"(^|\.)(layers\.\d+|embeddings|norm_f)\.")
 
 
 def _first(items: list[str], limit: int = 20) -> str:

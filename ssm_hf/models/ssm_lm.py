@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.modeling_utils import slice_logits_to_keep
@@ -18,10 +18,12 @@ from transformers.modeling_utils import slice_logits_to_keep
 from ..layers import RMSNorm
 from .modeling_utils import (
     StrictLoadingMixin,
+    check_padding_mask,
     check_token_ids,
     init_module_weights,
     last_token_indices,
     pick_cache,
+    resolve_cache,
 )
 from .outputs import SSMCausalLMOutput, SSMModelOutput
 
@@ -97,21 +99,16 @@ class SSMModel(SSMPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        cache_params = pick_cache(cache_params, past_key_values)
-
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        cache_params = resolve_cache(pick_cache(cache_params, past_key_values), use_cache, self.config,
+                                     self.training, self.gradient_checkpointing,
+                                     (input_ids if input_ids is not None else inputs_embeds).shape[0])
+        check_padding_mask(attention_mask, (input_ids if input_ids is not None else inputs_embeds).shape[:2])
         if inputs_embeds is None:
-            check_token_ids(input_ids, self.config.vocab_size)
+            check_token_ids(input_ids, self.config.vocab_size, decoding=cache_params is not None)
             inputs_embeds = self.embeddings(input_ids)
-        if self.gradient_checkpointing and self.training:
-            use_cache = False  # a cache is written during the forward, which checkpointing would replay
-        if use_cache and cache_params is None:
-            cache_params = DynamicCache(config=self.config)
-        if not use_cache:
-            cache_params = None
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
