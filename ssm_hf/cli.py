@@ -1,4 +1,4 @@
-"""Command line: `ssm-hf zoo` lists the presets (and shows one with `ssm-hf zoo NAME`)."""
+"""Command line: `ssm-hf zoo` lists the presets with their parameter counts (`ssm-hf zoo NAME` shows one)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ import argparse
 import json
 import sys
 
-from .configs import list_presets, preset_config
+from . import zoo
+from .configs import preset_config
 
 
 def _zoo(args: argparse.Namespace) -> int:
     if args.name is None:
-        for name in list_presets():
-            print(name)
+        rows = zoo.zoo_table()
+        width = max(len(name) for name, _, _ in rows)
+        print(f"{'preset':<{width}}  {'model_type':<12}  parameters")
+        for name, model_type, count in rows:
+            print(f"{name:<{width}}  {model_type:<12}  {zoo.format_count(count)}")
         return 0
     try:
         config = preset_config(args.name)

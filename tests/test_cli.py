@@ -2,13 +2,26 @@ import json
 import shutil
 import subprocess
 
+import ssm_hf
+from ssm_hf import zoo
 from ssm_hf.cli import main
 
 
-def test_zoo_lists_presets(capsys):
+def test_zoo_lists_presets_with_parameter_counts(capsys):
     assert main(["zoo"]) == 0
-    names = capsys.readouterr().out.split()
-    assert "mamba-tiny" in names and "mamba-130m" in names
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    for name in ("mamba-tiny", "mamba-130m", "mamba2-tiny", "mamba2-2.7b", "hybrid-tiny", "jamba-v0.1"):
+        assert name in rows
+    assert rows["mamba-130m"] == ["ssm_mamba", "129M"]
+    assert rows["hybrid-tiny"][0] == "ssm_hybrid"
+
+
+def test_parameter_counts_match_the_published_sizes():
+    # the published names round these: 130M, 2.8B, 2.7B, and Jamba's "52B total parameters"
+    for name, published in (("mamba-130m", 130e6), ("mamba-2.8b", 2.8e9), ("mamba2-2.7b", 2.7e9),
+                            ("jamba-v0.1", 52e9)):
+        count = zoo.parameter_count(ssm_hf.preset_config(name))
+        assert abs(count - published) / published < 0.02, (name, count)
 
 
 def test_zoo_shows_one_preset(capsys):

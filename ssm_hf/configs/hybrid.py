@@ -91,18 +91,23 @@ class HybridConfig(PreTrainedConfig):
         if self.head_dim is None and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.layers_block_type is None:
-            self.layers_block_type = [
-                "attention" if i % self.attn_layer_period == self.attn_layer_offset else self.ssm_mixer
-                for i in range(self.num_hidden_layers)
-            ] if self.attn_layer_period > 0 else [self.ssm_mixer] * self.num_hidden_layers
+            self.layers_block_type = self.periodic_block_types()
         if self.layers_mlp_type is None:
-            self.layers_mlp_type = [
-                "moe" if i % self.expert_layer_period == self.expert_layer_offset else "dense"
-                for i in range(self.num_hidden_layers)
-            ] if self.expert_layer_period > 0 else ["dense"] * self.num_hidden_layers
+            self.layers_mlp_type = self.periodic_mlp_types()
         self.layers_block_type = list(self.layers_block_type)
         self.layers_mlp_type = list(self.layers_mlp_type)
         super().__post_init__(**kwargs)
+
+    def periodic_block_types(self) -> list[str]:
+        """Mixer per layer from attn_layer_period/offset: attention where i % period == offset, else ssm_mixer."""
+        period, offset = self.attn_layer_period, self.attn_layer_offset
+        return ["attention" if period > 0 and i % period == offset else self.ssm_mixer
+                for i in range(self.num_hidden_layers)]
+
+    def periodic_mlp_types(self) -> list[str]:
+        """MLP per layer from expert_layer_period/offset: MoE where i % period == offset, else dense."""
+        period, offset = self.expert_layer_period, self.expert_layer_offset
+        return ["moe" if period > 0 and i % period == offset else "dense" for i in range(self.num_hidden_layers)]
 
     @property
     def layer_types(self) -> list[str]:
@@ -134,6 +139,8 @@ class HybridConfig(PreTrainedConfig):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"HybridConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.ssm_mixer not in ("mamba", "mamba2"):
+            raise ValueError(f"HybridConfig.ssm_mixer must be 'mamba' or 'mamba2', got {self.ssm_mixer!r}.")
         for name, kinds, allowed in (("layers_block_type", self.layers_block_type, MIXERS),
                                      ("layers_mlp_type", self.layers_mlp_type, MLPS)):
             if len(kinds) != self.num_hidden_layers:
@@ -142,8 +149,6 @@ class HybridConfig(PreTrainedConfig):
             unknown = sorted(set(kinds) - set(allowed))
             if unknown:
                 raise ValueError(f"HybridConfig.{name} has unknown kind(s) {unknown}; allowed: {list(allowed)}.")
-        if self.ssm_mixer not in ("mamba", "mamba2"):
-            raise ValueError(f"HybridConfig.ssm_mixer must be 'mamba' or 'mamba2', got {self.ssm_mixer!r}.")
         for period, offset in (("attn_layer_period", "attn_layer_offset"),
                                ("expert_layer_period", "expert_layer_offset")):
             if getattr(self, period) > 0 and not 0 <= getattr(self, offset) < getattr(self, period):
