@@ -81,12 +81,14 @@ def test_scan_split_in_two_calls_equals_one_call():
     assert _rel_err(torch.cat([y1, y2], 1), y_full) < 1e-5 and _rel_err(h2, h_full) < 1e-5
 
 
-def test_chunked_scan_gradients_match_recurrence():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_chunked_scan_gradients_match_recurrence(recompute):
     inputs = _inputs(1, 21, 3, 2)
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
     leaves_ref = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
     weight = torch.randn(1, 21, 3, dtype=torch.float64)
-    (kernels.selective_scan_chunked(**leaves, delta_softplus=True, chunk_size=8) * weight).sum().backward()
+    y = kernels.selective_scan_chunked(**leaves, delta_softplus=True, chunk_size=8, recompute_in_backward=recompute)
+    (y * weight).sum().backward()
     (kernels.selective_scan_sequential(**leaves_ref, delta_softplus=True) * weight).sum().backward()
     for key in inputs:
         assert _rel_err(leaves[key].grad, leaves_ref[key].grad) < 1e-10, key

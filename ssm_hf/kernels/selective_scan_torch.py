@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # Inside a chunk, states are expressed relative to the chunk's middle token m: with S_t = Σ_{s≤t} Δ_s,
 #   h_t = E_t ⊙ (exp(A S_m) h_prev + Σ_{s≤t} b_s / E_s),   E_t = exp(A (S_t − S_m)),   b_s = Δ_s B_s x_s.
@@ -141,25 +142,36 @@ def selective_scan_chunked(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     chunk_size: int = 32,
+    recompute_in_backward: bool = True,
 ):
     """Selective scan over a whole sequence, chunk by chunk.
 
     x, delta, z: (batch, seqlen, d_inner); A: (d_inner, d_state), negative real; B, C: (batch, seqlen, d_state);
     D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state).
     Returns y: (batch, seqlen, d_inner) in x's dtype, and with `return_final_state` the final state
-    (batch, d_inner, d_state) in float32 (float64 for float64 inputs).
+    (batch, d_inner, d_state) in float32 (float64 for float64 inputs). Under autograd the (batch, chunk, d_inner,
+    d_state) intermediates are recomputed in the backward pass instead of being stored (`recompute_in_backward`),
+    so training memory stays O(seqlen * d_inner) per layer.
     """
-    batch, seqlen, d_inner = x.shape
     u, delta, A, B, C, h = _prepare(x, delta, A, B, C, delta_bias, delta_softplus, initial_state)
-    tril = _lower_triangular_ones(min(chunk_size, seqlen), u.dtype, x.device)
+    if recompute_in_backward and _tracks_grad(u, delta, A, B, C, h):
+        y, h = checkpoint(_scan_chunks, u, delta, A, B, C, h, chunk_size, use_reentrant=False)
+    else:
+        y, h = _scan_chunks(u, delta, A, B, C, h, chunk_size)
+    y = _finish(y, x, D, z, x.dtype)
+    return (y, h) if return_final_state else y
+
+
+def _scan_chunks(u, delta, A, B, C, h, chunk_size):
+    """All chunks in order, the state carried from one to the next. Returns (C·h_t for all t, final state)."""
+    batch, seqlen, d_inner = u.shape
+    tril = _lower_triangular_ones(min(chunk_size, seqlen), u.dtype, u.device)
     outputs: list[torch.Tensor] = []
     for start in range(0, seqlen, chunk_size):
         end = min(start + chunk_size, seqlen)
         y_chunk, h = _scan_chunk(u[:, start:end], delta[:, start:end], A, B[:, start:end], C[:, start:end], h, tril)
         outputs.append(y_chunk)
-    y = torch.cat(outputs, dim=1) if outputs else u.new_zeros(batch, 0, d_inner)
-    y = _finish(y, x, D, z, x.dtype)
-    return (y, h) if return_final_state else y
+    return (torch.cat(outputs, dim=1) if outputs else u.new_zeros(batch, 0, d_inner)), h
 
 
 def selective_scan_sequential(
