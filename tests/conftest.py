@@ -1,9 +1,16 @@
-import pytest
-import torch
-import transformers
+import os
 
-import ssm_hf
-from ssm_hf.data import python_stdlib_text, train_bpe_tokenizer
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter (numpy on the CPU); this must be set before they are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
+
+import ssm_hf  # noqa: E402
+from ssm_hf.data import python_stdlib_text, train_bpe_tokenizer  # noqa: E402
 
 # family -> (tiny preset, our causal LM, transformers' config class and causal LM with the same state dict)
 FAMILIES = {

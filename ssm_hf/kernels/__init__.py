@@ -1,24 +1,46 @@
-"""Scan and convolution ops used by the mixers. Each op is exposed once here; the layers call these names.
+"""Scan and convolution ops used by the mixers. Each op is exposed once here; the layers call these names and
+never branch on the device themselves.
 
-Today every op is the PyTorch implementation (chunked, never a per-token loop over a sequence); Triton kernels for
-CUDA will be dispatched from here with the same signatures.
+`selective_scan` runs the Triton kernels for CUDA tensors when Triton is installed, and the PyTorch chunked scan
+otherwise; both compute the same function. Set the environment variable `SSM_HF_FORCE_REFERENCE=1` to run the
+PyTorch path everywhere (read at each call, for debugging). The other ops are PyTorch today.
 """
 
-from .causal_conv1d_torch import causal_conv1d
-from .selective_scan_torch import (
-    selective_scan_chunked,
-    selective_scan_sequential,
-    selective_state_update,
-)
-from .ssd_torch import (
-    ssd_prepare_dt,
-    ssd_scan_chunked,
-    ssd_scan_sequential,
-    ssd_state_update,
-)
+from __future__ import annotations
 
-selective_scan = selective_scan_chunked
+import importlib.util
+import os
+from functools import lru_cache
+
+import torch
+
+from .causal_conv1d_torch import causal_conv1d
+from .selective_scan_torch import selective_scan_chunked, selective_scan_sequential, selective_state_update
+from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked, ssd_scan_sequential, ssd_state_update
+
 ssd_scan = ssd_scan_chunked
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton is installed (the `[gpu]` extra)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """The Triton kernels run for CUDA tensors, unless SSM_HF_FORCE_REFERENCE is set or Triton is missing."""
+    return (tensor.is_cuda and os.environ.get("SSM_HF_FORCE_REFERENCE", "") in ("", "0")
+            and triton_available())
+
+
+def selective_scan(x: torch.Tensor, *args, **kwargs):
+    """Mamba's selective scan; arguments and results as `selective_scan_chunked`, on the best path for x's device."""
+    if use_triton(x):
+        from .selective_scan_triton import selective_scan_triton
+
+        return selective_scan_triton(x, *args, **kwargs)
+    return selective_scan_chunked(x, *args, **kwargs)
+
 
 __all__ = [
     "causal_conv1d",
@@ -31,4 +53,6 @@ __all__ = [
     "ssd_scan_chunked",
     "ssd_scan_sequential",
     "ssd_state_update",
+    "triton_available",
+    "use_triton",
 ]

@@ -1,0 +1,199 @@
+"""GPU: the Triton selective scan checked on real shapes and timed, its first-call latency, and end-to-end
+training / prefill speed of the 130M models beside a Llama of similar size.
+
+    PYTHONPATH=. python bench/gpu_kernels.py [--sections check,time,latency,e2e]
+
+check    forward on real shapes (lengths 1 to 16k, odd widths; float32, bf16, fp16) against the PyTorch chunked
+         scan in float32 (itself tested against a float64 recurrence), and gradients at one medium shape.
+time     B8 D1536 T4096 N16 bf16: forward and forward+backward (triton.testing.do_bench medians, two input sets
+         rotated), beside the PyTorch chunked scan and transformers' per-token loop, and the HBM floor for the
+         forward's bytes (copy bandwidth measured in the same run).
+latency  first call (forward+backward) in a fresh process with an empty Triton cache, then with the cache warm.
+e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
+         transformers' LlamaForCausalLM of the anchors' 130M shape with SDPA.
+Prints a table last; writes results.json under $OUT if set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+import triton
+from triton.testing import do_bench
+
+import ssm_hf
+from ssm_hf import kernels
+from ssm_hf.kernels.selective_scan_triton import selective_scan_triton
+
+DEV = "cuda"
+R: dict = {}
+
+
+def scan_inputs(batch, seqlen, d_inner, d_state, dtype, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device=DEV, generator=g)  # noqa: E731
+    dt_init = torch.exp(torch.rand(d_inner, device=DEV, generator=g) * 4.6 - 6.9)   # 1e-3 .. 1e-1
+    return dict(x=r(batch, seqlen, d_inner).to(dtype), delta=(0.5 * r(batch, seqlen, d_inner)).to(dtype),
+                A=-torch.exp(torch.rand(d_inner, d_state, device=DEV, generator=g) * 2.8),
+                B=r(batch, seqlen, d_state).to(dtype), C=r(batch, seqlen, d_state).to(dtype),
+                D=r(d_inner), z=r(batch, seqlen, d_inner).to(dtype),
+                delta_bias=dt_init + torch.log(-torch.expm1(-dt_init)))
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check():
+    rows = []
+    for batch, seqlen, d_inner, d_state in [(2, 1, 64, 16), (2, 7, 1000, 16), (4, 1024, 1536, 16),
+                                            (1, 4099, 768, 16), (2, 16384, 256, 16), (2, 300, 96, 32)]:
+        ref_in = scan_inputs(batch, seqlen, d_inner, d_state, torch.float32, seed=seqlen)
+        y_ref, h_ref = kernels.selective_scan_chunked(**ref_in, delta_softplus=True, return_final_state=True)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            inp = {k: (v.to(dtype) if v.dim() == 3 else v) for k, v in ref_in.items()}
+            y, h = selective_scan_triton(**inp, delta_softplus=True, return_final_state=True)
+            torch.cuda.synchronize()
+            ref = kernels.selective_scan_chunked(**{k: v.float() for k, v in inp.items()}, delta_softplus=True)
+            rows.append((f"fwd {batch}x{seqlen}x{d_inner}x{d_state} {str(dtype)[6:]}", rel(y, ref),
+                         rel(h, h_ref) if dtype == torch.float32 else float("nan")))
+    inp = {k: v.requires_grad_(True) for k, v in scan_inputs(2, 1024, 256, 16, torch.float32, seed=3).items()}
+    ref = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
+    w = torch.randn(2, 1024, 256, device=DEV)
+    (selective_scan_triton(**inp, delta_softplus=True) * w).sum().backward()
+    (kernels.selective_scan_chunked(**ref, delta_softplus=True) * w).sum().backward()
+    for k in inp:
+        rows.append((f"grad {k} 2x1024x256x16 fp32", rel(inp[k].grad, ref[k].grad), float("nan")))
+    R["check"] = rows
+    for name, err, err_h in rows:
+        print(f"check {name}: rel err y {err:.2e}" + ("" if err_h != err_h else f", state {err_h:.2e}"), flush=True)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 2 GiB device-to-device copy, counting bytes read and written."""
+    x = torch.empty(1024**3, dtype=torch.bfloat16, device=DEV).normal_()
+    copy_ms = do_bench(lambda: x.clone(), return_mode="median")
+    return 2 * x.numel() * 2 / (copy_ms * 1e-3)
+
+
+def time_scan():
+    batch, seqlen, d_inner, d_state = 8, 4096, 1536, 16
+    sets = [scan_inputs(batch, seqlen, d_inner, d_state, torch.bfloat16, seed=s) for s in range(2)]
+    bandwidth = copy_bandwidth()
+    # the forward's bytes: read x, delta, z (bf16, 3 x B*T*D), B and C, write y (bf16)
+    fwd_bytes = 2 * (4 * batch * seqlen * d_inner + 2 * batch * seqlen * d_state)
+    it = iter(range(10**9))
+    pick = lambda: sets[next(it) % 2]  # noqa: E731
+    fwd = do_bench(lambda: selective_scan_triton(**pick(), delta_softplus=True), return_mode="median")
+    grads = [{k: v.requires_grad_(v.is_floating_point()) for k, v in s.items()} for s in sets]
+    dy = torch.randn(batch, seqlen, d_inner, device=DEV, dtype=torch.bfloat16)
+
+    def fwd_bwd():
+        y = selective_scan_triton(**grads[next(it) % 2], delta_softplus=True)
+        y.backward(dy)
+
+    fwd_bwd_ms = do_bench(fwd_bwd, return_mode="median", grad_to_none=[t for s in grads for t in s.values()])
+    torch_ms = do_bench(lambda: kernels.selective_scan_chunked(**pick(), delta_softplus=True), return_mode="median",
+                        warmup=1, rep=1)
+    from transformers.models.mamba import modeling_mamba
+    s = sets[0]
+    loop_ms = do_bench(lambda: modeling_mamba.mamba_selective_scan(
+        s["x"].transpose(1, 2), s["delta"].transpose(1, 2), s["A"], s["B"].transpose(1, 2), s["C"].transpose(1, 2),
+        s["D"], s["z"].transpose(1, 2), delta_bias=s["delta_bias"], delta_softplus=True), return_mode="median",
+        warmup=1, rep=1)
+    R["time"] = dict(copy_TBps=bandwidth / 1e12, floor_us=fwd_bytes / bandwidth * 1e6, triton_fwd_us=fwd * 1e3,
+                     triton_fwd_bwd_us=fwd_bwd_ms * 1e3, torch_chunked_fwd_us=torch_ms * 1e3,
+                     transformers_loop_fwd_us=loop_ms * 1e3)
+    print("time", R["time"], flush=True)
+
+
+LATENCY_SNIPPET = """
+import time, torch, sys
+sys.path.insert(0, '.')
+start = time.perf_counter()
+from ssm_hf.kernels.selective_scan_triton import selective_scan_triton
+x = torch.randn(2, 512, 256, device='cuda', requires_grad=True)
+dt = torch.randn(2, 512, 256, device='cuda'); A = -torch.rand(256, 16, device='cuda')
+B = torch.randn(2, 512, 16, device='cuda'); C = torch.randn(2, 512, 16, device='cuda')
+selective_scan_triton(x, dt, A, B, C, delta_softplus=True).sum().backward()
+torch.cuda.synchronize()
+print(time.perf_counter() - start)
+"""
+
+
+def latency():
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        runs = [float(subprocess.run([sys.executable, "-c", LATENCY_SNIPPET], env=env, capture_output=True,
+                                     text=True, check=True).stdout.split()[-1]) for _ in range(2)]
+    R["latency"] = dict(cold_s=runs[0], warm_s=runs[1])
+    print("latency", R["latency"], flush=True)
+
+
+def e2e():
+    rows = {}
+    llama = transformers.LlamaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                     num_key_value_heads=12, intermediate_size=3072, max_position_embeddings=4096,
+                                     attn_implementation="sdpa")
+    for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
+                        ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
+                        ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):
+        model = build().to(DEV, torch.bfloat16)
+        ids = torch.randint(0, 50000, (4, 2048), device=DEV)
+        model.eval()
+        with torch.no_grad():
+            prefill = do_bench(lambda: model(ids, use_cache=False), return_mode="median", warmup=1, rep=3)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step():
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        torch.cuda.reset_peak_memory_stats()
+        train = do_bench(step, return_mode="median", warmup=1, rep=3)
+        rows[name] = dict(prefill_tok_s=ids.numel() / (prefill * 1e-3), train_tok_s=ids.numel() / (train * 1e-3),
+                          train_peak_GB=torch.cuda.max_memory_allocated() / 1e9)
+        print("e2e", name, rows[name], flush=True)
+        model = opt = None
+        torch.cuda.empty_cache()
+    R["e2e"] = rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sections", default="check,time,latency,e2e")
+    args = parser.parse_args()
+    R["device"] = torch.cuda.get_device_name()
+    R["versions"] = dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__)
+    print(R["device"], R["versions"], flush=True)
+    for name in args.sections.split(","):
+        start = time.time()
+        try:
+            {"check": check, "time": time_scan, "latency": latency, "e2e": e2e}[name]()
+        except Exception as err:  # a failing section is reported and the others still run
+            R[f"{name}.error"] = repr(err)[:400]
+            print(f"[{name}] failed: {err!r}", flush=True)
+        print(f"[{name}] {time.time() - start:.1f}s", flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "results.json"), "w") as f:
+            json.dump(R, f, indent=2, default=str)
+    if "time" in R:
+        t = R["time"]
+        print("\n| B8 D1536 T4096 N16 bf16 | us |\n| --- | --- |")
+        for key in ("floor_us", "triton_fwd_us", "triton_fwd_bwd_us", "torch_chunked_fwd_us",
+                    "transformers_loop_fwd_us"):
+            print(f"| {key} | {t[key]:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()

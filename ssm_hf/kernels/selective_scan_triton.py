@@ -1,0 +1,297 @@
+"""Selective scan (Mamba) as Triton kernels: one pass over the sequence forward, one backward, states recomputed.
+
+Same function and signature as `selective_scan_torch.selective_scan_chunked` (time-major tensors). Each program
+owns one batch row and BLOCK_D channels and walks the sequence in tiles of BLOCK_T tokens: a tile's recurrence is
+an associative scan over (decay, input) pairs, and the state is carried from tile to tile in registers. The forward
+keeps the state at the start of every tile (batch, n_tiles, d_inner, d_state); the backward recomputes each tile's
+states from it and runs the adjoint recurrence in reverse, so no (batch, seqlen, d_inner, d_state) tensor is ever
+stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _combine(a_left, b_left, a_right, b_right):
+    # (a, b) pairs of h -> a * h + b, composed: the left map first
+    return a_left * a_right, a_right * b_left + b_right
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _load_tile(ptr, t_offs, d_offs, L, Dm, t_mask, d_mask):
+    return tl.load(ptr + t_offs[:, None] * Dm + d_offs[None, :], mask=t_mask[:, None] & d_mask[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _delta(dt_ptr, bias, t_offs, d_offs, L, Dm, t_mask, d_mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    raw = _load_tile(dt_ptr, t_offs, d_offs, L, Dm, t_mask, d_mask)
+    if HAS_BIAS:
+        raw = raw + bias[None, :]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    # positions past the end behave as identity steps: no decay, no input
+    return tl.where(t_mask[:, None] & d_mask[None, :], dt, 0.0), raw
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, hT_ptr, tile_states_ptr,
+    L, Dm, N, n_tiles,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_TILES: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
+    d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_offs = tl.arange(0, BLOCK_N)
+    d_mask, n_mask = d_offs < Dm, n_offs < N
+    dn_mask = d_mask[:, None] & n_mask[None, :]
+    A = tl.load(A_ptr + d_offs[:, None] * N + n_offs[None, :], mask=dn_mask, other=0.0).to(tl.float32) * _LOG2E
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+    state_offs = d_offs[:, None] * N + n_offs[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + b * Dm * N + state_offs, mask=dn_mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    x_ptr += b * L * Dm
+    dt_ptr += b * L * Dm
+    y_ptr += b * L * Dm
+    z_ptr += b * L * Dm
+    B_ptr += b * L * N
+    C_ptr += b * L * N
+    for tile in range(0, n_tiles):
+        if STORE_TILES:
+            tl.store(tile_states_ptr + (b * n_tiles + tile) * Dm * N + state_offs, h, mask=dn_mask)
+        t_offs = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = t_offs < L
+        x = _load_tile(x_ptr, t_offs, d_offs, L, Dm, t_mask, d_mask)
+        dt, _ = _delta(dt_ptr, bias, t_offs, d_offs, L, Dm, t_mask, d_mask, HAS_BIAS, SOFTPLUS)
+        Bt = _load_tile(B_ptr, t_offs, n_offs, L, N, t_mask, n_mask)
+        Ct = _load_tile(C_ptr, t_offs, n_offs, L, N, t_mask, n_mask)
+        decay = tl.exp2(dt[:, :, None] * A[None, :, :])                    # (T, D, N)
+        inp = (dt * x)[:, :, None] * Bt[:, None, :]
+        decay_cum, inp_cum = tl.associative_scan((decay, inp), 0, _combine)
+        hs = decay_cum * h[None, :, :] + inp_cum
+        y = tl.sum(hs * Ct[:, None, :], axis=2)
+        if HAS_D:
+            y += x * Dv[None, :]
+        if HAS_Z:
+            z = _load_tile(z_ptr, t_offs, d_offs, L, Dm, t_mask, d_mask)
+            y = y * z * tl.sigmoid(z)
+        tl.store(y_ptr + t_offs[:, None] * Dm + d_offs[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=t_mask[:, None] & d_mask[None, :])
+        # padded steps are identities, so the tile's last row is the state after its last real token
+        last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None, None]
+        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+    tl.store(hT_ptr + b * Dm * N + state_offs, h, mask=dn_mask)
+
+
+@triton.jit
+def _bwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, tile_states_ptr, dy_ptr, dhT_ptr,
+    dx_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    L, Dm, N, n_tiles, n_dblocks,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_offs = tl.arange(0, BLOCK_N)
+    d_mask, n_mask = d_offs < Dm, n_offs < N
+    dn_mask = d_mask[:, None] & n_mask[None, :]
+    A = tl.load(A_ptr + d_offs[:, None] * N + n_offs[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+    state_offs = d_offs[:, None] * N + n_offs[None, :]
+    if HAS_DHT:
+        carry = tl.load(dhT_ptr + b * Dm * N + state_offs, mask=dn_mask, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    first_decay = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    row = tl.arange(0, BLOCK_T)
+    for rev in range(0, n_tiles):
+        tile = n_tiles - 1 - rev
+        t_offs = tile * BLOCK_T + row
+        t_mask = t_offs < L
+        td_mask = t_mask[:, None] & d_mask[None, :]
+        tn_mask = t_mask[:, None] & n_mask[None, :]
+        base = b * L * Dm
+        x = _load_tile(x_ptr + base, t_offs, d_offs, L, Dm, t_mask, d_mask)
+        dt, raw = _delta(dt_ptr + base, bias, t_offs, d_offs, L, Dm, t_mask, d_mask, HAS_BIAS, SOFTPLUS)
+        next_mask = (t_offs + 1) < L
+        dt_next, _ = _delta(dt_ptr + base, bias, t_offs + 1, d_offs, L, Dm, next_mask, d_mask, HAS_BIAS, SOFTPLUS)
+        Bt = _load_tile(B_ptr + b * L * N, t_offs, n_offs, L, N, t_mask, n_mask)
+        Ct = _load_tile(C_ptr + b * L * N, t_offs, n_offs, L, N, t_mask, n_mask)
+        dy = _load_tile(dy_ptr + base, t_offs, d_offs, L, Dm, t_mask, d_mask)
+        # recompute the tile's states from the state stored at its start
+        h_start = tl.load(tile_states_ptr + (b * n_tiles + tile) * Dm * N + state_offs, mask=dn_mask, other=0.0)
+        decay = tl.exp(dt[:, :, None] * A[None, :, :])
+        inp = (dt * x)[:, :, None] * Bt[:, None, :]
+        decay_cum, inp_cum = tl.associative_scan((decay, inp), 0, _combine)
+        hs = decay_cum * h_start[None, :, :] + inp_cum
+        g = dy
+        if HAS_Z:
+            z = _load_tile(z_ptr + base, t_offs, d_offs, L, Dm, t_mask, d_mask)
+            sig = tl.sigmoid(z)
+            y_pre = tl.sum(hs * Ct[:, None, :], axis=2)
+            if HAS_D:
+                y_pre += x * Dv[None, :]
+            g = dy * z * sig
+            dz = dy * y_pre * sig * (1.0 + z * (1.0 - sig))
+            tl.store(dz_ptr + base + t_offs[:, None] * Dm + d_offs[None, :], dz, mask=td_mask)
+        # adjoint: u_t = dL/dh_t = C_t g_t + exp(Δ_{t+1} A) u_{t+1}, run backwards through the tile
+        alpha = tl.exp(dt_next[:, :, None] * A[None, :, :])
+        src = Ct[:, None, :] * g[:, :, None]
+        p_cum, q_cum = tl.associative_scan((alpha, src), 0, _combine, reverse=True)
+        u = p_cum * carry[None, :, :] + q_cum
+        u = tl.where(t_mask[:, None, None], u, 0.0)
+        uB = tl.sum(u * Bt[:, None, :], axis=2)                               # (T, D)
+        dx = dt * uB
+        if HAS_D:
+            dx += Dv[None, :] * g
+            dD += tl.sum(g * x, axis=0)
+        before = hs - inp                                                      # exp(Δ_t A) h_{t-1}
+        ddt = x * uB + tl.sum(u * A[None, :, :] * before, axis=2)
+        dA += tl.sum(u * dt[:, :, None] * before, axis=0)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(raw)
+        ddt = tl.where(td_mask, ddt, 0.0)
+        if HAS_BIAS:
+            dbias += tl.sum(ddt, axis=0)
+        tl.store(dx_ptr + base + t_offs[:, None] * Dm + d_offs[None, :], dx, mask=td_mask)
+        tl.store(ddt_ptr + base + t_offs[:, None] * Dm + d_offs[None, :], ddt, mask=td_mask)
+        # per-channel-block partial sums over this block's channels; summed over blocks outside
+        part = ((b * n_dblocks + pid_d) * L + t_offs[:, None]) * N + n_offs[None, :]
+        tl.store(dC_ptr + part, tl.sum(hs * g[:, :, None], axis=1), mask=tn_mask)
+        tl.store(dB_ptr + part, tl.sum(u * (dt * x)[:, :, None], axis=1), mask=tn_mask)
+        first = (row == 0)[:, None, None]
+        carry = tl.sum(tl.where(first, u, 0.0), axis=0)
+        first_decay = tl.sum(tl.where(first, decay, 0.0), axis=0)
+    tl.store(dh0_ptr + b * Dm * N + state_offs, first_decay * carry, mask=dn_mask)
+    tl.store(dA_ptr + b * Dm * N + state_offs, dA, mask=dn_mask)
+    if HAS_D:
+        tl.store(dD_ptr + b * Dm + d_offs, dD, mask=d_mask)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + b * Dm + d_offs, dbias, mask=d_mask)
+
+
+# Tile shape and warps per program; a handful of fixed choices rather than an autotuning sweep, so that the
+# first call compiles once per shape class (seconds), not once per candidate.
+TILE_CONFIG = {"block_t": 16, "block_d": 16, "num_warps": 4}
+
+
+def _blocks(d_state: int) -> tuple[int, int, int, int]:
+    block_n = triton.next_power_of_2(d_state)
+    block_d = TILE_CONFIG["block_d"] if block_n <= 16 else max(TILE_CONFIG["block_d"] * 16 // block_n, 4)
+    return TILE_CONFIG["block_t"], block_d, block_n, TILE_CONFIG["num_warps"]
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+        batch, seqlen, d_inner = x.shape
+        d_state = A.shape[-1]
+        block_t, block_d, block_n, num_warps = _blocks(d_state)
+        n_tiles = triton.cdiv(seqlen, block_t)
+        x, delta, B, C = x.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+        z = z.contiguous() if z is not None else None
+        A = A.float().contiguous()
+        y = torch.empty_like(x)
+        final = torch.empty(batch, d_inner, d_state, device=x.device, dtype=torch.float32)
+        tiles = torch.empty(batch, n_tiles, d_inner, d_state, device=x.device, dtype=torch.float32)
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        dummy = final
+        grid = (batch, triton.cdiv(d_inner, block_d))
+        _fwd_kernel[grid](
+            x, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy, y, final, tiles,
+            seqlen, d_inner, d_state, n_tiles,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+            HAS_H0=h0 is not None, STORE_TILES=True, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
+        ctx.save_for_backward(x, delta, A, B, C, D, z, delta_bias, tiles)
+        ctx.delta_softplus = delta_softplus
+        ctx.has_initial_state = initial_state is not None
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, delta, A, B, C, D, z, delta_bias, tiles = ctx.saved_tensors
+        batch, seqlen, d_inner = x.shape
+        d_state = A.shape[-1]
+        block_t, block_d, block_n, num_warps = _blocks(d_state)
+        n_tiles = tiles.shape[1]
+        n_dblocks = triton.cdiv(d_inner, block_d)
+        f32 = dict(device=x.device, dtype=torch.float32)
+        dx, ddt = torch.empty(x.shape, **f32), torch.empty(x.shape, **f32)
+        dz = torch.empty(x.shape, **f32) if z is not None else None
+        dA = torch.empty(batch, d_inner, d_state, **f32)
+        dB = torch.empty(batch, n_dblocks, seqlen, d_state, **f32)
+        dC = torch.empty(batch, n_dblocks, seqlen, d_state, **f32)
+        dD = torch.empty(batch, d_inner, **f32) if D is not None else None
+        dbias = torch.empty(batch, d_inner, **f32) if delta_bias is not None else None
+        dh0 = torch.empty(batch, d_inner, d_state, **f32)
+        dummy = dh0
+        _bwd_kernel[(batch, n_dblocks)](
+            x, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, tiles, dy.contiguous(),
+            dfinal.contiguous() if dfinal is not None else dummy,
+            dx, ddt, dz if dz is not None else dummy, dA, dB, dC, dD if dD is not None else dummy,
+            dbias if dbias is not None else dummy, dh0,
+            seqlen, d_inner, d_state, n_tiles, n_dblocks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=ctx.delta_softplus, HAS_DHT=dfinal is not None,
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+        )
+        return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+                dD.sum(0).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
+                dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, None,
+                dh0 if ctx.has_initial_state else None)
+
+
+def selective_scan_triton(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    chunk_size: int | None = None,
+):
+    """Selective scan with the Triton kernels: same arguments and results as `selective_scan_chunked`
+    (`chunk_size` is accepted and ignored: the kernels pick their own tiles)."""
+    y, final = _SelectiveScan.apply(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    return (y, final) if return_final_state else y

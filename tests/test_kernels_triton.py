@@ -1,0 +1,60 @@
+"""The Triton selective-scan kernels against the float64 recurrence: forward and every gradient.
+
+Without a GPU they run in Triton's interpreter (tiny shapes: it executes the kernels element by element); on a
+GPU, `bench/gpu_kernels.py` checks real shapes and times them.
+"""
+
+import pytest
+import torch
+from test_kernels import _cast, _inputs, _rel_err
+
+from ssm_hf import kernels
+
+triton = pytest.importorskip("triton")
+from ssm_hf.kernels.selective_scan_triton import selective_scan_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _to(inputs, dtype):
+    return {k: v.to(DEVICE, dtype) for k, v in _cast(inputs, dtype).items()}
+
+
+@pytest.mark.parametrize("batch,seqlen,d_inner,d_state,optional", [
+    (2, 1, 5, 3, True), (1, 19, 20, 5, True), (2, 37, 16, 16, False), (1, 33, 9, 20, True),
+])
+def test_triton_scan_forward_and_gradients(batch, seqlen, d_inner, d_state, optional):
+    inputs = _inputs(batch, seqlen, d_inner, d_state, seed=seqlen)
+    if not optional:  # no softplus then: Δ must be given non-negative, as it is in a model
+        for key in ("D", "z", "delta_bias", "initial_state"):
+            inputs.pop(key)
+        inputs["delta"] = inputs["delta"].abs()
+    weight = torch.randn(batch, seqlen, d_inner, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    weight_h = torch.randn(batch, d_inner, d_state, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
+    leaves_ref = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y, h = selective_scan_triton(**leaves, delta_softplus=optional, return_final_state=True)
+    y_ref, h_ref = kernels.selective_scan_sequential(**leaves_ref, delta_softplus=optional, return_final_state=True)
+    assert y.dtype == torch.float32 and h.dtype == torch.float32
+    assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(h.cpu(), h_ref) < 1e-5
+    ((y * weight.to(y)).sum() + (h * weight_h.to(h)).sum()).backward()
+    ((y_ref * weight).sum() + (h_ref * weight_h).sum()).backward()
+    for key in inputs:
+        assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key
+
+
+def test_triton_scan_bfloat16_and_large_steps():
+    inputs = _inputs(1, 24, 8, 4, dt_scale=20.0, seed=5)
+    y_ref = kernels.selective_scan_sequential(**inputs, delta_softplus=True)
+    y = selective_scan_triton(**_to(inputs, torch.bfloat16), delta_softplus=True)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert _rel_err(y.cpu(), y_ref) < 3e-2
+
+
+def test_dispatch_picks_triton_only_for_cuda(monkeypatch):
+    cpu = torch.zeros(1, 2, 3)
+    assert not kernels.use_triton(cpu)
+    if torch.cuda.is_available():
+        assert kernels.use_triton(cpu.cuda())
+        monkeypatch.setenv("SSM_HF_FORCE_REFERENCE", "1")
+        assert not kernels.use_triton(cpu.cuda())
