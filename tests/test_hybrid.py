@@ -219,3 +219,37 @@ def test_trainer_lowers_the_loss_and_checkpoint_roundtrip(preset, tokenizer, std
     mask = torch.ones_like(ids[:2])
     mask[0, :10] = 0
     assert classifier(ids[:2], attention_mask=mask, labels=torch.tensor([0, 1])).loss.isfinite()
+
+
+def test_unsupported_uses_raise_clear_errors(tmp_path):
+    config = _tiny()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(1, config.vocab_size, (1, 6))
+    with pytest.raises(ValueError, match="stateful"):  # SSM states cannot be rolled back for assisted decoding
+        model.generate(ids, max_new_tokens=3, prompt_lookup_num_tokens=2)
+    static = transformers.StaticCache(config=config, max_cache_len=32)
+    with pytest.raises(ValueError, match="not supported"):
+        model(ids, past_key_values=static)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="lists 4 layers but num_hidden_layers is 2"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, num_hidden_layers=2)
+    no_attention = ssm_hf.HybridForCausalLM(_tiny(attn_layer_period=0))
+    with pytest.raises(NotImplementedError, match="without attention layers"):
+        no_attention.generate(ids, max_new_tokens=2)
+
+
+def test_single_expert_means_dense_and_jamba_export_of_periodless_layouts():
+    config = _tiny(num_experts=1)
+    assert config.layers_mlp_type == ["dense"] * 4
+    for overrides in (dict(attn_layer_period=0), dict(expert_layer_period=0), dict(num_experts=1)):
+        hybrid = _tiny(**overrides)
+        fields, state = hybrid_to_jamba(hybrid, ssm_hf.HybridForCausalLM(hybrid).state_dict())
+        jamba_config = transformers.JambaConfig(**fields)
+        assert jamba_config.layers_block_type == hybrid.layers_block_type, overrides
+        jamba = transformers.JambaForCausalLM(jamba_config)
+        assert set(jamba.state_dict()) == set(state), overrides
+
+
+def test_sub_config_errors_name_the_hybrid_fields():
+    with pytest.raises(StrictDataclassError, match="mamba2_\\* fields"):
+        _tiny("hybrid-mamba2-tiny", mamba2_n_groups=3)

@@ -88,3 +88,23 @@ def test_ssd_bfloat16_inputs():
     y = kernels.ssd_scan_chunked(**_cast(inputs, torch.bfloat16), chunk_size=16, dt_softplus=True)
     assert y.dtype == torch.bfloat16
     assert _rel_err(y, y_ref) < 3e-2
+
+
+def test_ssd_empty_sequence():
+    inputs = _cast(_inputs(2, 0, 4, 3, 2, 5), torch.float32)
+    y, h = kernels.ssd_scan_chunked(**inputs, chunk_size=8, dt_softplus=True, return_final_state=True)
+    assert y.shape == (2, 0, 4, 3)
+    torch.testing.assert_close(h, inputs["initial_state"])
+
+
+def test_ssd_small_steps_after_a_large_one_stay_exact():
+    inputs = _inputs(1, 64, 2, 2, 1, 4, seed=6)
+    inputs["A"] = torch.tensor([-128.0, -8.0], dtype=torch.float64)
+    dt = torch.full_like(inputs["dt"], 1e-3)
+    dt[:, 0] = 100.0
+    inputs["dt"] = dt
+    inputs.pop("dt_bias")
+    y_ref = kernels.ssd_scan_sequential(**inputs)
+    y = kernels.ssd_scan_chunked(**_cast(inputs, torch.float32), chunk_size=64)
+    for head in range(2):
+        assert _rel_err(y[:, 1:, head], y_ref[:, 1:, head]) < 1e-5, head

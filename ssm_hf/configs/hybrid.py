@@ -93,7 +93,9 @@ class HybridConfig(PreTrainedConfig):
         if self.layers_block_type is None:
             self.layers_block_type = self.periodic_block_types()
         if self.layers_mlp_type is None:
-            self.layers_mlp_type = self.periodic_mlp_types()
+            # as in Jamba, a single expert means dense MLPs throughout
+            self.layers_mlp_type = (self.periodic_mlp_types() if self.num_experts > 1
+                                    else ["dense"] * self.num_hidden_layers)
         self.layers_block_type = list(self.layers_block_type)
         self.layers_mlp_type = list(self.layers_mlp_type)
         super().__post_init__(**kwargs)
@@ -175,14 +177,20 @@ class HybridConfig(PreTrainedConfig):
             raise ValueError(f"HybridConfig.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}.")
 
     def validate_hybrid_ssm(self):
-        # building the sub-configs runs their own validation, naming the offending mamba_* / mamba2_* value
+        # building the sub-configs runs their own validation; its message is about the mixer's field names
         if "mamba" in self.layers_block_type:
-            self.mamba_config()
+            try:
+                self.mamba_config()
+            except Exception as err:
+                raise ValueError(f"HybridConfig's mamba_* fields give an invalid Mamba mixer: {err}") from err
         if "mamba2" in self.layers_block_type:
             if (self.mamba_expand * self.hidden_size) % self.mamba2_head_dim:
                 raise ValueError(f"HybridConfig: mamba_expand * hidden_size ({self.mamba_expand * self.hidden_size}) "
                                  f"is not divisible by mamba2_head_dim={self.mamba2_head_dim}.")
-            self.mamba2_config()
+            try:
+                self.mamba2_config()
+            except Exception as err:
+                raise ValueError(f"HybridConfig's mamba2_* fields give an invalid Mamba-2 mixer: {err}") from err
 
 
 __all__ = ["HybridConfig"]

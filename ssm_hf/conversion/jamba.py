@@ -30,8 +30,8 @@ _SHARED_FIELDS = (
     "attn_layer_period", "attn_layer_offset", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank",
     "mamba_conv_bias", "mamba_proj_bias",
 )
-# Jamba fields that only select its own implementation (kernels, position limit), with nothing to carry over
-_RUNTIME_ONLY_FIELDS = ("use_mamba_kernels", "use_mambapy", "use_associative_scan", "max_position_embeddings")
+# Not carried over: Jamba's implementation switches (use_mamba_kernels, use_mambapy, use_associative_scan) and
+# max_position_embeddings (Jamba has no positional encoding; nothing depends on it).
 
 _TO_OURS = [
     (r"^model\.embed_tokens\.", "backbone.embeddings."),
@@ -86,6 +86,11 @@ def hybrid_to_jamba(config: HybridConfig, state_dict: Mapping[str, torch.Tensor]
                          "lists do not follow them")
     fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
     fields.update(model_type="jamba", head_dim=config.head_dim)
+    # layouts a period of 0 expresses here, in Jamba's terms
+    if "moe" not in config.layers_mlp_type:
+        fields.update(num_experts=1, expert_layer_period=max(config.expert_layer_period, 1), expert_layer_offset=0)
+    if "attention" not in config.layers_block_type:
+        fields.update(attn_layer_period=config.num_hidden_layers + 1, attn_layer_offset=config.num_hidden_layers)
     attention = {i for i, kind in enumerate(config.layers_block_type) if kind == "attention"}
     converted = {}
     for name, tensor in state_dict.items():

@@ -53,9 +53,12 @@ def _ssd_chunks(x, dt, A, B, C, h0, chunk_size):
     Bc, Cc = B.reshape(b, c, q, g, n), C.reshape(b, c, q, g, n)
     log_decay = dt * A.reshape(g, h // g)                         # (b, c, q, g, r): Δ_t A_h ≤ 0
     cum = log_decay.cumsum(2)
-    # decay from token s to token t of a chunk (t ≥ s): exp(cum_t − cum_s); masked before exp so it never overflows
-    seg = cum.unsqueeze(3) - cum.unsqueeze(2)                     # (b, c, t, s, g, r)
+    # decay from token s to token t of a chunk (t ≥ s): exp(Σ_{s<j≤t} Δ_j A), summed directly rather than as
+    # cum_t − cum_s, which would round small steps away after a large one; masked before exp (no overflow)
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    after = torch.ones(q, q, dtype=torch.bool, device=x.device).tril(-1)        # (j, s): j > s
+    steps = log_decay.unsqueeze(3).expand(-1, -1, -1, q, -1, -1)                  # (b, c, j, s, g, r)
+    seg = steps.masked_fill(~after[:, :, None, None], 0.0).cumsum(2)              # (b, c, t, s, g, r)
     decay = torch.exp(seg.masked_fill(~causal[:, :, None, None], float("-inf")))
     scores = torch.einsum("bctgn,bcsgn->bctsg", Cc, Bc)           # C_t · B_s per group
     xdt = x * dt.unsqueeze(-1)                                    # Δ_s x_s
@@ -104,6 +107,9 @@ def ssd_scan_chunked(
     xs, A_, B_, C_ = x.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
     h0 = (torch.zeros(b, h, p, B.shape[-1], dtype=dtype, device=x.device) if initial_state is None
           else initial_state.to(dtype))
+    if seqlen == 0:
+        y = x.new_zeros(b, 0, h, p)
+        return (y, h0) if return_final_state else y
     pad = (-seqlen) % chunk_size
     if pad:  # padded tokens have Δ = 0 and x = 0: they leave the state unchanged
         xs, dt, B_, C_ = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xs, dt, B_, C_))

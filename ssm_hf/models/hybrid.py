@@ -72,6 +72,7 @@ class HybridPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     _no_split_modules = ["HybridBlock"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _is_stateful = True  # SSM states cannot be rolled back: no assisted or prompt-lookup decoding
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -83,6 +84,10 @@ class HybridModel(HybridPreTrainedModel):
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)
+        for name in ("layers_block_type", "layers_mlp_type"):
+            if len(getattr(config, name)) != config.num_hidden_layers:
+                raise ValueError(f"HybridConfig.{name} lists {len(getattr(config, name))} layers but num_hidden_layers "
+                                 f"is {config.num_hidden_layers}: change both together.")
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         sub_configs = {}
         if "mamba" in config.layers_block_type:
@@ -180,6 +185,15 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.backbone.set_input_embeddings(new_embeddings)
+
+    def generate(self, *args, **kwargs):
+        if "attention" not in self.config.layers_block_type:
+            raise NotImplementedError(
+                "generate() on a hybrid without attention layers is not supported yet (transformers' generate reads "
+                "the sequence length from an attention cache); use MambaForCausalLM or Mamba2ForCausalLM, or call "
+                "the model step by step with past_key_values."
+            )
+        return super().generate(*args, **kwargs)
 
     def forward(
         self,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAttentionLayer
 
 from ..layers import RMSNorm, RMSNormGated
 from ..layers.mlp import Experts, Router
@@ -103,6 +103,11 @@ def resolve_cache(
     if len(cache.layers) == 0:
         cache.layers.extend(DynamicCache(config=config).layers)
         cache.layer_class_to_replicate = None
+    unsupported = sorted({type(layer).__name__ for layer in cache.layers
+                          if not isinstance(layer, (DynamicLayer, LinearAttentionLayer))})
+    if unsupported:
+        raise ValueError(f"Cache layers of type {unsupported} are not supported (static and offloaded KV caches are "
+                         f"not implemented here): use DynamicCache(config=model.config).")
     elif len(cache.layers) != config.num_hidden_layers:
         raise ValueError(f"The cache has {len(cache.layers)} layers, the model {config.num_hidden_layers}: build it "
                          f"with DynamicCache(config=model.config).")
