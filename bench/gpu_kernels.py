@@ -9,6 +9,7 @@ time     B8 D1536 T4096 N16 bf16: forward and forward+backward (triton.testing.d
          rotated), beside the PyTorch chunked scan and transformers' per-token loop, and the HBM floor for the
          forward's bytes (copy bandwidth measured in the same run).
 latency  first call (forward+backward) in a fresh process with an empty Triton cache, then with the cache warm.
+sweep    (on request) forward and forward+backward times for a few tile shapes of the Triton scan.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
          transformers' LlamaForCausalLM of the anchors' 130M shape with SDPA.
 Prints a table last; writes results.json under $OUT if set.
@@ -75,6 +76,30 @@ def check():
     R["check"] = rows
     for name, err, err_h in rows:
         print(f"check {name}: rel err y {err:.2e}" + ("" if err_h != err_h else f", state {err_h:.2e}"), flush=True)
+
+
+def sweep():
+    """Forward and forward+backward time of the Triton scan for a few tile shapes (B8 D1536 T4096 N16 bf16)."""
+    from ssm_hf.kernels import selective_scan_triton as module
+
+    inp = scan_inputs(8, 4096, 1536, 16, torch.bfloat16, seed=1)
+    leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inp.items()}
+    dy = torch.randn(8, 4096, 1536, device=DEV, dtype=torch.bfloat16)
+    rows = []
+    default = dict(module.TILE_CONFIG)
+    for block_t, block_d, warps in [(16, 16, 4), (32, 16, 4), (32, 16, 8), (16, 32, 4), (64, 16, 8), (32, 32, 8),
+                                    (16, 8, 2), (32, 8, 4)]:
+        module.TILE_CONFIG.update(block_t=block_t, block_d=block_d, num_warps=warps)
+        try:
+            fwd = do_bench(lambda: selective_scan_triton(**inp, delta_softplus=True), return_mode="median")
+            both = do_bench(lambda: selective_scan_triton(**leaves, delta_softplus=True).backward(dy),
+                            return_mode="median", grad_to_none=list(leaves.values()))
+            rows.append((block_t, block_d, warps, fwd * 1e3, both * 1e3))
+        except Exception as err:
+            rows.append((block_t, block_d, warps, repr(err)[:80], None))
+        print("sweep", rows[-1], flush=True)
+    module.TILE_CONFIG.update(default)
+    R["sweep"] = rows
 
 
 def copy_bandwidth() -> float:
@@ -179,7 +204,7 @@ def main():
     for name in args.sections.split(","):
         start = time.time()
         try:
-            {"check": check, "time": time_scan, "latency": latency, "e2e": e2e}[name]()
+            {"check": check, "time": time_scan, "latency": latency, "e2e": e2e, "sweep": sweep}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]
             print(f"[{name}] failed: {err!r}", flush=True)
