@@ -9,6 +9,7 @@ time     B8 D1536 T4096 N16 bf16: forward and forward+backward (triton.testing.d
          rotated), beside the PyTorch chunked scan and transformers' per-token loop, and the HBM floor for the
          forward's bytes (copy bandwidth measured in the same run).
 latency  first call (forward+backward) in a fresh process with an empty Triton cache, then with the cache warm.
+ssd      (on request) Mamba-2 SSD forward (+backward) beside mamba_ssm's and fla's Triton kernels, when carried.
 sweep    (on request) forward and forward+backward times for a few tile shapes of the Triton scan.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
          transformers' LlamaForCausalLM of the anchors' 130M shape with SDPA.
@@ -100,6 +101,66 @@ def sweep():
         print("sweep", rows[-1], flush=True)
     module.TILE_CONFIG.update(default)
     R["sweep"] = rows
+
+
+def ssd():
+    """Mamba-2's SSD at B8 T4096 H24 P64 N128, one group, bf16: our Triton forward (and forward+backward, whose
+    backward recomputes through PyTorch) beside mamba_ssm's and flash-linear-attention's Triton kernels, if they
+    are importable (carried, see `anchors_gpu.py`)."""
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    b, t, h, p, n = 8, 4096, 24, 64, 128
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(b, t, h, p, device=DEV, generator=g).bfloat16()
+    dt = (torch.randn(b, t, h, device=DEV, generator=g) * 0.5 - 4).bfloat16()
+    A = -torch.exp(torch.rand(h, device=DEV, generator=g) * 2.7)
+    B = torch.randn(b, t, 1, n, device=DEV, generator=g).bfloat16()
+    C = torch.randn(b, t, 1, n, device=DEV, generator=g).bfloat16()
+    D = torch.randn(h, device=DEV, generator=g)
+    rows = {}
+    start = time.perf_counter()
+    y = ssd_scan_triton(x, dt, A, B, C, D=D, dt_softplus=True)
+    torch.cuda.synchronize()
+    rows["ours_first_call_s"] = time.perf_counter() - start
+    ref = kernels.ssd_scan_chunked(x.float(), dt.float(), A, B.float(), C.float(), 64, D, dt_softplus=True)
+    rows["ours_rel_err_vs_torch_fp32"] = rel(y, ref)
+    rows["ours_fwd_us"] = do_bench(lambda: ssd_scan_triton(x, dt, A, B, C, D=D, dt_softplus=True),
+                                   return_mode="median") * 1e3
+    leaves = [v.clone().requires_grad_(True) for v in (x, dt, B, C)]
+    dy = torch.randn_like(x)
+    rows["ours_fwd_bwd_us"] = do_bench(
+        lambda: ssd_scan_triton(leaves[0], leaves[1], A, leaves[2], leaves[3], D=D, dt_softplus=True).backward(dy),
+        return_mode="median", grad_to_none=leaves, warmup=5, rep=50) * 1e3
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        start = time.perf_counter()
+        y_m = mamba_chunk_scan_combined(x, dt, A, B, C, 256, D=D, dt_softplus=True)
+        torch.cuda.synchronize()
+        rows["mamba_ssm_first_call_s"] = time.perf_counter() - start
+        rows["mamba_ssm_rel_err_vs_ours"] = rel(y, y_m)
+        rows["mamba_ssm_fwd_us"] = do_bench(lambda: mamba_chunk_scan_combined(x, dt, A, B, C, 256, D=D,
+                                                                              dt_softplus=True),
+                                            return_mode="median") * 1e3
+        rows["mamba_ssm_fwd_bwd_us"] = do_bench(
+            lambda: mamba_chunk_scan_combined(leaves[0], leaves[1], A, leaves[2], leaves[3], 256, D=D,
+                                              dt_softplus=True).backward(dy),
+            return_mode="median", grad_to_none=leaves) * 1e3
+    except Exception as err:
+        rows["mamba_ssm_error"] = repr(err)[:200]
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        q = torch.randn(b, t, h, n, device=DEV, dtype=torch.bfloat16)
+        k = torch.randn(b, t, h, n, device=DEV, dtype=torch.bfloat16)
+        v = torch.randn(b, t, h, p, device=DEV, dtype=torch.bfloat16)
+        gate = -torch.rand(b, t, h, device=DEV).mul(0.1).float()
+        chunk_simple_gla(q, k, v, gate)
+        rows["fla_simple_gla_fwd_us"] = do_bench(lambda: chunk_simple_gla(q, k, v, gate), return_mode="median") * 1e3
+    except Exception as err:
+        rows["fla_error"] = repr(err)[:200]
+    R["ssd"] = rows
+    print("ssd", rows, flush=True)
 
 
 def copy_bandwidth() -> float:
@@ -204,7 +265,7 @@ def main():
     for name in args.sections.split(","):
         start = time.time()
         try:
-            {"check": check, "time": time_scan, "latency": latency, "e2e": e2e, "sweep": sweep}[name]()
+            {"check": check, "time": time_scan, "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]
             print(f"[{name}] failed: {err!r}", flush=True)

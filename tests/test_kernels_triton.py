@@ -58,3 +58,25 @@ def test_dispatch_picks_triton_only_for_cuda(monkeypatch):
         assert kernels.use_triton(cpu.cuda())
         monkeypatch.setenv("SSM_HF_FORCE_REFERENCE", "1")
         assert not kernels.use_triton(cpu.cuda())
+
+
+@pytest.mark.parametrize("batch,seqlen,heads,head_dim,groups,d_state", [(2, 1, 4, 3, 2, 5), (1, 70, 4, 8, 1, 16),
+                                                                         (2, 130, 6, 16, 3, 8)])
+def test_triton_ssd_forward_and_gradients(batch, seqlen, heads, head_dim, groups, d_state):
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    inputs = ssd_inputs(batch, seqlen, heads, head_dim, groups, d_state, seed=seqlen)
+    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
+    leaves_ref = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    weight = torch.randn(batch, seqlen, heads, head_dim, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(4))
+    y, h = ssd_scan_triton(**leaves, dt_softplus=True, dt_limit=(0.0, 5.0), return_final_state=True)
+    y_ref, h_ref = kernels.ssd_scan_sequential(**leaves_ref, dt_softplus=True, dt_limit=(0.0, 5.0),
+                                               return_final_state=True)
+    assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(h.cpu(), h_ref) < 1e-5
+    ((y * weight.to(y)).sum() + h.sum()).backward()
+    ((y_ref * weight).sum() + h_ref.sum()).backward()
+    for key in inputs:
+        assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key

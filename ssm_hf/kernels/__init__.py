@@ -1,9 +1,10 @@
 """Scan and convolution ops used by the mixers. Each op is exposed once here; the layers call these names and
 never branch on the device themselves.
 
-`selective_scan` runs the Triton kernels for CUDA tensors when Triton is installed, and the PyTorch chunked scan
-otherwise; both compute the same function. Set the environment variable `SSM_HF_FORCE_REFERENCE=1` to run the
-PyTorch path everywhere (read at each call, for debugging). The other ops are PyTorch today.
+`selective_scan` and `ssd_scan` run Triton kernels for CUDA tensors when Triton is installed, and the
+PyTorch chunked forms otherwise; both compute the same function. Set the environment variable
+`SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for debugging). The other ops are
+PyTorch today.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import torch
 from .causal_conv1d_torch import causal_conv1d
 from .selective_scan_torch import selective_scan_chunked, selective_scan_sequential, selective_state_update
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked, ssd_scan_sequential, ssd_state_update
-
-ssd_scan = ssd_scan_chunked
 
 
 @lru_cache(maxsize=None)
@@ -40,6 +39,16 @@ def selective_scan(x: torch.Tensor, *args, **kwargs):
 
         return selective_scan_triton(x, *args, **kwargs)
     return selective_scan_chunked(x, *args, **kwargs)
+
+
+def ssd_scan(x: torch.Tensor, *args, **kwargs):
+    """Mamba-2's SSD scan; arguments and results as `ssd_scan_chunked`, on the best path for x's device (the
+    Triton path runs the forward as a kernel and recomputes through the PyTorch form for gradients)."""
+    if use_triton(x):
+        from .ssd_triton import ssd_scan_triton
+
+        return ssd_scan_triton(x, *args, **kwargs)
+    return ssd_scan_chunked(x, *args, **kwargs)
 
 
 __all__ = [
