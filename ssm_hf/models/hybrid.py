@@ -15,7 +15,6 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
     MoeModelOutputWithPast,
-    SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import slice_logits_to_keep
 
@@ -23,12 +22,12 @@ from ..configs.hybrid import HybridConfig
 from ..layers import Mamba2Mixer, MambaMixer, RMSNorm
 from ..layers.attention import Attention, causal_padding_mask
 from ..layers.mlp import GatedMLP, MoE, load_balancing_loss
+from .heads import LastTokenClassifierMixin
 from .modeling_utils import (
     StrictLoadingMixin,
     check_padding_mask,
     check_token_ids,
     init_module_weights,
-    last_token_indices,
     pick_cache,
     resolve_cache,
 )
@@ -235,51 +234,10 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return output if return_dict else output.to_tuple()
 
 
-class HybridForSequenceClassification(HybridPreTrainedModel):
+class HybridForSequenceClassification(LastTokenClassifierMixin, HybridPreTrainedModel):
     """Hybrid backbone with a linear `score` head on the last real token of each sequence."""
 
-    _new_head_prefixes = ("score.",)
-
-    def __init__(self, config: HybridConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.backbone = HybridModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.backbone.set_input_embeddings(new_embeddings)
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> tuple | SequenceClassifierOutputWithPast:
-        """labels: (batch,) class ids, or floats for regression (`num_labels == 1`)."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.backbone(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                use_cache=False, output_hidden_states=output_hidden_states, return_dict=True)
-        hidden_states = outputs.last_hidden_state
-        batch_size, seqlen = hidden_states.shape[:2]
-        last = last_token_indices(input_ids, attention_mask, self.config.pad_token_id, batch_size, seqlen,
-                                  hidden_states.device)
-        pooled = hidden_states[torch.arange(batch_size, device=hidden_states.device), last]
-        pooled_logits = self.score(pooled.to(self.score.weight.dtype)).float()
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=pooled_logits, labels=labels, pooled_logits=pooled_logits,
-                                      config=self.config)
-        output = SequenceClassifierOutputWithPast(loss=loss, logits=pooled_logits,
-                                                  hidden_states=outputs.hidden_states)
-        return output if return_dict else output.to_tuple()
+    backbone_class = HybridModel
 
 
 __all__ = ["HybridForCausalLM", "HybridForSequenceClassification", "HybridModel", "HybridPreTrainedModel"]

@@ -1,0 +1,64 @@
+"""Task heads shared by the model families."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from .modeling_utils import last_token_indices
+
+
+class LastTokenClassifierMixin:
+    """Sequence classification shared by every family: the family's backbone (`backbone_class`) and a linear
+    `score` head on the last real token of each sequence (found from the attention mask, else the pad id)."""
+
+    backbone_class: type
+    _new_head_prefixes = ("score.",)
+
+    def __init__(self, config: PreTrainedConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.backbone = self.backbone_class(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.backbone.set_input_embeddings(new_embeddings)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | SequenceClassifierOutput:
+        """labels: (batch,) class ids, or floats for regression (`num_labels == 1`)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.backbone(
+            input_ids, inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,
+            return_dict=True, attention_mask=attention_mask,
+        )
+        hidden_states = outputs.last_hidden_state
+        batch_size, seqlen = hidden_states.shape[:2]
+        last = last_token_indices(input_ids, attention_mask, self.config.pad_token_id, batch_size, seqlen,
+                                  hidden_states.device)
+        pooled = hidden_states[torch.arange(batch_size, device=hidden_states.device), last]
+        pooled_logits = self.score(pooled.to(self.score.weight.dtype)).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=pooled_logits, labels=labels, pooled_logits=pooled_logits,
+                                      config=self.config)
+        if not return_dict:
+            output = (pooled_logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return (loss,) + output if loss is not None else output
+        return SequenceClassifierOutput(loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states)
+
+
