@@ -349,3 +349,13 @@ def test_from_pretrained_refuses_weights_of_extra_layers(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path, num_hidden_layers=2)
     base = AutoModel.from_pretrained(tmp_path)  # the LM head's weight is unexpected here, and harmless
     assert type(base) is ssm_hf.MambaModel
+
+
+@families
+def test_packed_sequences_are_refused(family):
+    config = tiny_config(family)
+    model = causal_lm_class(family)(config)
+    ids = torch.randint(1, config.vocab_size, (1, 8))
+    model(ids, labels=ids, position_ids=torch.arange(8)[None])  # plain positions are fine
+    with pytest.raises(NotImplementedError, match="packed"):
+        model(ids, labels=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))

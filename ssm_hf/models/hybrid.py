@@ -25,6 +25,7 @@ from ..layers.mlp import GatedMLP, MoE, load_balancing_loss
 from .heads import LastTokenClassifierMixin
 from .modeling_utils import (
     StrictLoadingMixin,
+    check_not_packed,
     check_padding_mask,
     check_token_ids,
     init_module_weights,
@@ -211,6 +212,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     ) -> tuple | MoeCausalLMOutputWithPast:
         """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        check_not_packed(kwargs.get("position_ids"))
         outputs = self.backbone(
             input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             past_key_values=pick_cache(cache_params, past_key_values), use_cache=use_cache,

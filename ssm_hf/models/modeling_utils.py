@@ -59,6 +59,18 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int, decoding: bool = F
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size}).")
 
 
+def check_not_packed(position_ids: torch.Tensor | None) -> None:
+    """Refuse packed sequences (position ids restarting inside a row, as DataCollatorWithFlattening makes): the
+    mixers would carry state across document boundaries. Plain increasing positions are accepted."""
+    if position_ids is None or position_ids.shape[-1] < 2 or torch.compiler.is_compiling():
+        return
+    if bool((position_ids.diff(dim=-1) != 1).any()):
+        raise NotImplementedError(
+            "position_ids restart inside a row (packed sequences): resetting the SSM state at document boundaries "
+            "is not implemented yet; pad the sequences instead of packing them."
+        )
+
+
 def check_padding_mask(attention_mask: torch.Tensor | None, batch_and_length: tuple[int, int]) -> None:
     """The padding mask must be (batch, n) with n ≥ the input length (it may also cover cached positions)."""
     if attention_mask is None:

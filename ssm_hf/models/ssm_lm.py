@@ -18,6 +18,7 @@ from ..layers import RMSNorm
 from .heads import LastTokenClassifierMixin
 from .modeling_utils import (
     StrictLoadingMixin,
+    check_not_packed,
     check_padding_mask,
     check_token_ids,
     init_module_weights,
@@ -172,6 +173,7 @@ class SSMForCausalLM(SSMPreTrainedModel, GenerationMixin):
     ) -> tuple | SSMCausalLMOutput:
         """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        check_not_packed(kwargs.get("position_ids"))
         outputs = self.backbone(
             input_ids, inputs_embeds=inputs_embeds, cache_params=pick_cache(cache_params, past_key_values),
             use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
