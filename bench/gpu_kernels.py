@@ -10,6 +10,7 @@ time     B8 D1536 T4096 N16 bf16: forward and forward+backward (triton.testing.d
          forward's bytes (copy bandwidth measured in the same run).
 latency  first call (forward+backward) in a fresh process with an empty Triton cache, then with the cache warm.
 ssd      (on request) Mamba-2 SSD forward (+backward) beside mamba_ssm's and fla's Triton kernels, when carried.
+decode   (on request) greedy decoding tokens/s after long prompts, and peak memory for a 64k-token prompt.
 sweep    (on request) forward and forward+backward times for a few tile shapes of the Triton scan.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
          transformers' LlamaForCausalLM of the anchors' 130M shape with SDPA.
@@ -163,6 +164,48 @@ def ssd():
     print("ssd", rows, flush=True)
 
 
+def decode():
+    """Greedy decoding speed and memory, bf16: 64 new tokens after a 16k-token prompt at batch 1, after a 1k-token
+    prompt at batch 64, and peak memory for a 64k-token prompt (batch 1, 8 new tokens)."""
+    llama = transformers.LlamaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                     num_key_value_heads=12, intermediate_size=3072, max_position_embeddings=131072,
+                                     attn_implementation="sdpa")
+    rows = {}
+    for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
+                        ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
+                        ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):
+        model = build().to(DEV, torch.bfloat16).eval()
+        row = {}
+        for batch, prompt_len, new in ((1, 16384, 64), (64, 1024, 64), (1, 65536, 8)):
+            ids = torch.randint(1, 50000, (batch, prompt_len), device=DEV)
+            kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+            try:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                with torch.no_grad():
+                    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+                    torch.cuda.synchronize()
+                    prefill = time.perf_counter() - start
+                    start = time.perf_counter()
+                    model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kwargs)
+                    torch.cuda.synchronize()
+                    total = time.perf_counter() - start
+                key = f"b{batch}_p{prompt_len}"
+                row[key + "_decode_tok_s"] = batch * (new - 1) / max(total - prefill, 1e-9)
+                row[key + "_peak_GB"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+            except torch.cuda.OutOfMemoryError:
+                row[f"b{batch}_p{prompt_len}_error"] = "out of memory"
+        rows[name] = row
+        print("decode", name, row, flush=True)
+        model = None
+        torch.cuda.empty_cache()
+    R["decode"] = rows
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a 2 GiB device-to-device copy, counting bytes read and written."""
     x = torch.empty(1024**3, dtype=torch.bfloat16, device=DEV).normal_()
@@ -265,7 +308,8 @@ def main():
     for name in args.sections.split(","):
         start = time.time()
         try:
-            {"check": check, "time": time_scan, "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd}[name]()
+            {"check": check, "time": time_scan, "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd,
+             "decode": decode}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]
             print(f"[{name}] failed: {err!r}", flush=True)
