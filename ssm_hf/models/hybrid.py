@@ -26,11 +26,8 @@ from .heads import LastTokenClassifierMixin
 from .modeling_utils import (
     StrictLoadingMixin,
     check_not_packed,
-    check_padding_mask,
-    check_token_ids,
     init_module_weights,
     pick_cache,
-    resolve_cache,
 )
 
 
@@ -131,15 +128,8 @@ class HybridModel(HybridPreTrainedModel):
         output_router_logits = (output_router_logits if output_router_logits is not None
                                 else config.output_router_logits)
         return_dict = return_dict if return_dict is not None else config.return_dict
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        batch_and_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        cache = resolve_cache(pick_cache(cache_params, past_key_values), use_cache, config, self.training,
-                              self.gradient_checkpointing, batch_and_length[0])
-        check_padding_mask(attention_mask, batch_and_length)
-        if inputs_embeds is None:
-            check_token_ids(input_ids, config.vocab_size, decoding=cache is not None)
-            inputs_embeds = self.embeddings(input_ids)
+        inputs_embeds, cache = start_backbone(self, input_ids, inputs_embeds, attention_mask, cache_params,
+                                              past_key_values, use_cache)
 
         seqlen = inputs_embeds.shape[1]
         attention_bias = None

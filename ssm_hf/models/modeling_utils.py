@@ -129,6 +129,25 @@ def resolve_cache(
     return cache
 
 
+def start_backbone(
+    model: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None, cache_params: Cache | None, past_key_values: Cache | None,
+    use_cache: bool | None,
+) -> tuple[torch.Tensor, Cache | None]:
+    """The checks and set-up every backbone's forward begins with: exactly one of ids or embeddings, the cache
+    (`resolve_cache`), the padding mask's shape, the token ids' range. Returns (inputs_embeds, cache)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    cache = resolve_cache(pick_cache(cache_params, past_key_values), use_cache, model.config, model.training,
+                          model.gradient_checkpointing, batch)
+    check_padding_mask(attention_mask, (batch, length))
+    if inputs_embeds is None:
+        check_token_ids(input_ids, model.config.vocab_size, decoding=cache is not None)
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+    return inputs_embeds, cache
+
+
 def _cache_batch_size(cache: Cache) -> int | None:
     for layer in cache.layers:
         for tensor in (*getattr(layer, "conv_states", {}).values(), getattr(layer, "keys", None)):

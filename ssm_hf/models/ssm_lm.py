@@ -19,11 +19,8 @@ from .heads import LastTokenClassifierMixin
 from .modeling_utils import (
     StrictLoadingMixin,
     check_not_packed,
-    check_padding_mask,
-    check_token_ids,
     init_module_weights,
     pick_cache,
-    resolve_cache,
 )
 from .outputs import SSMCausalLMOutput, SSMModelOutput
 
@@ -100,15 +97,8 @@ class SSMModel(SSMPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        cache_params = resolve_cache(pick_cache(cache_params, past_key_values), use_cache, self.config,
-                                     self.training, self.gradient_checkpointing,
-                                     (input_ids if input_ids is not None else inputs_embeds).shape[0])
-        check_padding_mask(attention_mask, (input_ids if input_ids is not None else inputs_embeds).shape[:2])
-        if inputs_embeds is None:
-            check_token_ids(input_ids, self.config.vocab_size, decoding=cache_params is not None)
-            inputs_embeds = self.embeddings(input_ids)
+        inputs_embeds, cache_params = start_backbone(self, input_ids, inputs_embeds, attention_mask, cache_params,
+                                                     past_key_values, use_cache)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
