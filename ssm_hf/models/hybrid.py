@@ -28,6 +28,7 @@ from .modeling_utils import (
     check_not_packed,
     init_module_weights,
     pick_cache,
+    start_backbone,
 )
 
 
