@@ -171,6 +171,16 @@ def decode():
                                      num_key_value_heads=12, intermediate_size=3072, max_position_embeddings=131072,
                                      attn_implementation="sdpa")
     rows = {}
+    # the Triton decode steps give the tokens of the PyTorch steps (float32, greedy)
+    model = ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m")).to(DEV).eval()
+    prompt = torch.randint(1, 50000, (2, 64), device=DEV)
+    with torch.no_grad():
+        fast = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        os.environ["SSM_HF_FORCE_REFERENCE"] = "1"
+        reference = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        os.environ.pop("SSM_HF_FORCE_REFERENCE")
+    rows["triton_decode_equals_reference_tokens"] = bool(torch.equal(fast, reference))
+    print("decode tokens equal to the reference path:", rows["triton_decode_equals_reference_tokens"], flush=True)
     for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
                         ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
                         ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):

@@ -80,3 +80,37 @@ def test_triton_ssd_forward_and_gradients(batch, seqlen, heads, head_dim, groups
     ((y_ref * weight).sum() + h_ref.sum()).backward()
     for key in inputs:
         assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key
+
+
+@pytest.mark.parametrize("width,cached", [(4, 4), (2, 2), (4, 3), (1, 1)])
+def test_triton_conv_update_matches_torch(width, cached):
+    from ssm_hf.kernels import causal_conv1d_torch
+    from ssm_hf.kernels.decode_triton import causal_conv1d_update_triton
+
+    g = torch.Generator().manual_seed(width)
+    x, state = torch.randn(3, 37, generator=g), torch.randn(3, 37, cached, generator=g)
+    weight, bias = torch.randn(37, width, generator=g), torch.randn(37, generator=g)
+    state_ref = state.clone()
+    state_t = state.clone().to(DEVICE)
+    out = causal_conv1d_update_triton(x.to(DEVICE), state_t, weight.to(DEVICE), bias.to(DEVICE))
+    out_ref = causal_conv1d_torch.causal_conv1d_update(x, state_ref, weight, bias)
+    torch.testing.assert_close(out.cpu(), out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state_t.cpu(), state_ref)
+    # and the step equals the full causal conv over the cached inputs followed by x
+    full = kernels.causal_conv1d(torch.cat([state.transpose(1, 2), x[:, None]], 1), weight, bias)
+    torch.testing.assert_close(out_ref, full[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_triton_state_update_matches_torch():
+    from ssm_hf.kernels import selective_scan_torch
+    from ssm_hf.kernels.decode_triton import selective_state_update_triton
+
+    inputs = _inputs(3, 1, 40, 12, seed=7)
+    f = _to(inputs, torch.float32)
+    args = (f["initial_state"], f["x"][:, 0], f["delta"][:, 0], f["A"], f["B"][:, 0], f["C"][:, 0], f["D"],
+            f["z"][:, 0], f["delta_bias"], True)
+    y, new = selective_state_update_triton(*args)
+    y_ref, new_ref = selective_scan_torch.selective_state_update(*[a.cpu() if torch.is_tensor(a) else a
+                                                                   for a in args])
+    assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(new.cpu(), new_ref) < 1e-5
+    torch.testing.assert_close(args[0].cpu(), inputs["initial_state"].float())  # the input state is untouched

@@ -2,9 +2,9 @@
 never branch on the device themselves.
 
 `selective_scan` and `ssd_scan` run Triton kernels for CUDA tensors when Triton is installed, and the
-PyTorch chunked forms otherwise; both compute the same function. Set the environment variable
-`SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for debugging). The other ops are
-PyTorch today.
+PyTorch chunked forms otherwise; both compute the same function; so do the single-token decoding steps
+`selective_state_update` and `causal_conv1d_update` (Triton only outside autograd). Set the environment variable
+`SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for debugging).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from functools import lru_cache
 
 import torch
 
+from . import causal_conv1d_torch, selective_scan_torch
 from .causal_conv1d_torch import causal_conv1d
-from .selective_scan_torch import selective_scan_chunked, selective_scan_sequential, selective_state_update
+from .selective_scan_torch import selective_scan_chunked, selective_scan_sequential
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked, ssd_scan_sequential, ssd_state_update
 
 
@@ -41,6 +42,25 @@ def selective_scan(x: torch.Tensor, *args, **kwargs):
     return selective_scan_chunked(x, *args, **kwargs)
 
 
+def selective_state_update(state: torch.Tensor, x: torch.Tensor, *args, **kwargs):
+    """One Mamba decoding step; arguments and results as `selective_scan_torch.selective_state_update`."""
+    if use_triton(x) and not torch.is_grad_enabled():
+        from .decode_triton import selective_state_update_triton
+
+        return selective_state_update_triton(state, x, *args, **kwargs)
+    return selective_scan_torch.selective_state_update(state, x, *args, **kwargs)
+
+
+def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One step of the causal conv, `conv_state` updated in place; as `causal_conv1d_torch.causal_conv1d_update`."""
+    if use_triton(x) and not torch.is_grad_enabled():
+        from .decode_triton import causal_conv1d_update_triton
+
+        return causal_conv1d_update_triton(x, conv_state, weight, bias)
+    return causal_conv1d_torch.causal_conv1d_update(x, conv_state, weight, bias)
+
+
 def ssd_scan(x: torch.Tensor, *args, **kwargs):
     """Mamba-2's SSD scan; arguments and results as `ssd_scan_chunked`, on the best path for x's device (the
     Triton path runs the forward as a kernel and recomputes through the PyTorch form for gradients)."""
@@ -53,6 +73,7 @@ def ssd_scan(x: torch.Tensor, *args, **kwargs):
 
 __all__ = [
     "causal_conv1d",
+    "causal_conv1d_update",
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_sequential",

@@ -26,3 +26,18 @@ def causal_conv1d(
         inputs = torch.cat([past[..., past.shape[-1] - (width - 1):].to(weight.dtype), inputs], dim=-1)
     out = F.conv1d(inputs, weight.unsqueeze(1), bias, groups=channels)
     return out[..., -seqlen:].transpose(1, 2).to(x.dtype)
+
+
+def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One decoding step. x: (batch, channels) the new input; conv_state: (batch, channels, S ≥ width - 1) the
+    inputs before it, updated in place (shifted by one, x appended); weight: (channels, width).
+    Returns the conv output (batch, channels), without activation."""
+    width = weight.shape[-1]
+    window = torch.cat([conv_state[..., conv_state.shape[-1] - (width - 1):].to(weight.dtype),
+                        x.unsqueeze(-1).to(weight.dtype)], dim=-1)
+    out = (window * weight).sum(-1)
+    if bias is not None:
+        out = out + bias
+    conv_state.copy_(torch.cat([conv_state[..., 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1))
+    return out.to(x.dtype)

@@ -22,6 +22,9 @@ def cached_causal_conv(
     """
     weight, bias, width = conv1d.weight.squeeze(1), conv1d.bias, conv1d.kernel_size[0]
     past = cache_params.get_conv_state(layer_idx) if cache_params is not None else None
+    if past is not None and x.shape[1] == 1 and mask is None:
+        # a decoding step: one fused op that also shifts the cached inputs in place
+        return kernels.causal_conv1d_update(x[:, 0], past, weight, bias).unsqueeze(1)
     if mask is None or bool(mask.all()):
         out = kernels.causal_conv1d(x, weight, bias, past=past)
         if cache_params is not None:

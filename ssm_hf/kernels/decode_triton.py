@@ -1,0 +1,101 @@
+"""Single-token decoding steps of the Mamba mixer as Triton kernels: one launch each instead of a dozen small ops.
+
+`causal_conv1d_update_triton` and `selective_state_update_triton` compute exactly what their PyTorch twins in
+`causal_conv1d_torch` and `selective_scan_torch` compute, with the same signatures.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, C, K, S,
+                        HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.arange(0, BLOCK_K)
+    c_mask = c < C
+    # the window: the last K - 1 cached inputs, then the new one
+    past = tl.load(state_ptr + (b * C + c[:, None]) * S + (S - K + 1 + k[None, :]),
+                   mask=c_mask[:, None] & (k[None, :] < K - 1), other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * C + c, mask=c_mask, other=0.0).to(tl.float32)
+    window = tl.where((k == K - 1)[None, :], x[:, None], past)
+    w = tl.load(w_ptr + c[:, None] * K + k[None, :], mask=c_mask[:, None] & (k[None, :] < K), other=0.0)
+    out = tl.sum(window * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * C + c, out.to(out_ptr.dtype.element_ty), mask=c_mask)
+    # shift the cached inputs left by one and append x (all reads above happen before these writes)
+    shifted = tl.load(state_ptr + (b * C + c[:, None]) * S + 1 + tl.arange(0, BLOCK_K)[None, :],
+                      mask=c_mask[:, None] & (tl.arange(0, BLOCK_K)[None, :] < S - 1), other=0.0)
+    tl.debug_barrier()
+    tl.store(state_ptr + (b * C + c[:, None]) * S + tl.arange(0, BLOCK_K)[None, :], shifted,
+             mask=c_mask[:, None] & (tl.arange(0, BLOCK_K)[None, :] < S - 1))
+    tl.store(state_ptr + (b * C + c) * S + S - 1, x.to(state_ptr.dtype.element_ty), mask=c_mask)
+
+
+def causal_conv1d_update_triton(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (batch, channels) one new input; conv_state: (batch, channels, S ≥ width - 1) the inputs before it,
+    updated in place (shifted by one, x appended); weight: (channels, width). Returns (batch, channels)."""
+    batch, channels = x.shape
+    width, size = weight.shape[-1], conv_state.shape[-1]
+    out = torch.empty_like(x)
+    block_k = triton.next_power_of_2(max(width, size))
+    _conv_update_kernel[(batch, triton.cdiv(channels, 128))](
+        x.contiguous(), conv_state, weight.contiguous(), bias if bias is not None else weight, out,
+        channels, width, size, HAS_BIAS=bias is not None, BLOCK_C=128, BLOCK_K=block_k)
+    return out
+
+
+@triton.jit
+def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, new_ptr,
+                         Dm, N, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    d_mask, n_mask = d < Dm, n < N
+    dn_mask = d_mask[:, None] & n_mask[None, :]
+    dt = tl.load(dt_ptr + b * Dm + d, mask=d_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = tl.maximum(dt, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(dt)))
+    x = tl.load(x_ptr + b * Dm + d, mask=d_mask, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + b * N + n, mask=n_mask, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * N + n, mask=n_mask, other=0.0).to(tl.float32)
+    offs = (b * Dm + d[:, None]) * N + n[None, :]
+    h = tl.load(state_ptr + offs, mask=dn_mask, other=0.0).to(tl.float32)
+    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv[None, :]
+    y = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * Dm + d, mask=d_mask, other=0.0).to(tl.float32)
+        y = y * z * tl.sigmoid(z)
+    tl.store(new_ptr + offs, h.to(new_ptr.dtype.element_ty), mask=dn_mask)
+    tl.store(y_ptr + b * Dm + d, y.to(y_ptr.dtype.element_ty), mask=d_mask)
+
+
+def selective_state_update_triton(state, x, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """One decoding step, as `selective_scan_torch.selective_state_update`: returns (y, new state); `state` itself
+    is not modified."""
+    batch, d_inner = x.shape
+    d_state = A.shape[-1]
+    y = torch.empty_like(x)
+    new = torch.empty_like(state)
+    block_n = triton.next_power_of_2(d_state)
+    block_d = max(16, 2048 // block_n)
+    dummy = y
+    _state_update_kernel[(batch, triton.cdiv(d_inner, block_d))](
+        state.contiguous(), x.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
+        D if D is not None else dummy, z.contiguous() if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, y, new, d_inner, d_state,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        BLOCK_D=block_d, BLOCK_N=block_n)
+    return y, new
