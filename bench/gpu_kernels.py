@@ -11,6 +11,7 @@ time     B8 D1536 T4096 N16 bf16: forward and forward+backward (triton.testing.d
 latency  first call (forward+backward) in a fresh process with an empty Triton cache, then with the cache warm.
 ssd      (on request) Mamba-2 SSD forward (+backward) beside mamba_ssm's and fla's Triton kernels, when carried.
 decode   (on request) greedy decoding tokens/s after long prompts, and peak memory for a 64k-token prompt.
+step     (on request) decoding by single-token forward calls (no generate()), and the cache's bytes.
 sweep    (on request) forward and forward+backward times for a few tile shapes of the Triton scan.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
          transformers' LlamaForCausalLM of the anchors' 130M shape with SDPA.
@@ -216,6 +217,53 @@ def decode():
     R["decode"] = rows
 
 
+def step():
+    """Decoding without generate(): after a prompt, time `model(next_token, cache)` calls in a loop (eager, greedy
+    feedback), bf16; also the bytes the cache holds after the prompt."""
+    llama = transformers.LlamaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                     num_key_value_heads=12, intermediate_size=3072, max_position_embeddings=131072,
+                                     attn_implementation="sdpa")
+    rows = {}
+    for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
+                        ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
+                        ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):
+        model = build().to(DEV, torch.bfloat16).eval()
+        row = {}
+        for batch, prompt_len in ((1, 16384), (64, 1024), (1, 65536)):
+            key = f"b{batch}_p{prompt_len}"
+            try:
+                torch.cuda.empty_cache()
+                with torch.no_grad():
+                    ids = torch.randint(1, 50000, (batch, prompt_len), device=DEV)
+                    out = model(ids, use_cache=True, logits_to_keep=1)
+                    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None \
+                        else out.cache_params
+                    nxt = out.logits[:, -1:].argmax(-1)
+                    row[key + "_cache_GB"] = sum(t.numel() * t.element_size() for layer in cache.layers
+                                                 for t in vars(layer).values()
+                                                 if isinstance(t, torch.Tensor)) / 1e9 + sum(
+                        t.numel() * t.element_size() for layer in cache.layers
+                        for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {}))
+                        for t in states.values() if isinstance(t, torch.Tensor)) / 1e9
+                    steps = 32
+                    for i in range(steps + 8):
+                        if i == 8:
+                            torch.cuda.synchronize()
+                            start = time.perf_counter()
+                        out = model(nxt, past_key_values=cache, use_cache=True)
+                        nxt = out.logits[:, -1:].argmax(-1)
+                    torch.cuda.synchronize()
+                    row[key + "_tok_s"] = batch * steps / (time.perf_counter() - start)
+            except torch.cuda.OutOfMemoryError:
+                row[key + "_error"] = "out of memory"
+            cache = out = None
+        rows[name] = row
+        print("step", name, row, flush=True)
+        model = None
+        torch.cuda.empty_cache()
+    R["step"] = rows
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a 2 GiB device-to-device copy, counting bytes read and written."""
     x = torch.empty(1024**3, dtype=torch.bfloat16, device=DEV).normal_()
@@ -319,7 +367,7 @@ def main():
         start = time.time()
         try:
             {"check": check, "time": time_scan, "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd,
-             "decode": decode}[name]()
+             "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]
             print(f"[{name}] failed: {err!r}", flush=True)
