@@ -217,9 +217,39 @@ def decode():
     R["decode"] = rows
 
 
+def graphed_steps(model, cache, nxt: torch.Tensor, steps: int) -> dict:
+    """The same decoding step captured once in a CUDA graph and replayed: checks its logits against an eager step
+    from a copy of the cache, then times `steps` replays with greedy feedback."""
+    import copy
+
+    static_in = nxt.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up on a side stream, as graph capture requires
+            model(static_in, past_key_values=cache, use_cache=True)
+    torch.cuda.current_stream().wait_stream(side)
+    twin = copy.deepcopy(cache)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_logits = model(static_in, past_key_values=cache, use_cache=True).logits
+    # capture does not run the step: replay it once and compare with an eager step from the same state
+    graph.replay()
+    eager = model(static_in, past_key_values=twin, use_cache=True).logits
+    err = ((static_logits.float() - eager.float()).norm() / eager.float().norm()).item()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+        static_in.copy_(static_logits[:, -1:].argmax(-1))
+    torch.cuda.synchronize()
+    return {"graph_tok_s": static_in.shape[0] * steps / (time.perf_counter() - start), "graph_rel_err": err}
+
+
 def step():
     """Decoding without generate(): after a prompt, time `model(next_token, cache)` calls in a loop (eager, greedy
-    feedback), bf16; also the bytes the cache holds after the prompt."""
+    feedback), bf16; for our models also the step captured in a CUDA graph; and the bytes the cache holds after
+    the prompt."""
     llama = transformers.LlamaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                      num_key_value_heads=12, intermediate_size=3072, max_position_embeddings=131072,
                                      attn_implementation="sdpa")
@@ -254,6 +284,8 @@ def step():
                         nxt = out.logits[:, -1:].argmax(-1)
                     torch.cuda.synchronize()
                     row[key + "_tok_s"] = batch * steps / (time.perf_counter() - start)
+                    if name.startswith("ours") and DEV == "cuda":
+                        row.update({f"{key}_{k}": v for k, v in graphed_steps(model, cache, nxt, steps).items()})
             except torch.cuda.OutOfMemoryError:
                 row[key + "_error"] = "out of memory"
             cache = out = None
