@@ -359,3 +359,20 @@ def test_packed_sequences_are_refused(family):
     model(ids, labels=ids, position_ids=torch.arange(8)[None])  # plain positions are fine
     with pytest.raises(NotImplementedError, match="packed"):
         model(ids, labels=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
+
+
+@families
+def test_single_padded_decoding_step_leaves_the_state_alone(family):
+    config = tiny_config(family)
+    model = spread_weights(causal_lm_class(family)(config)).eval()
+    g = torch.Generator().manual_seed(12)
+    first, step, last = (torch.randint(1, config.vocab_size, (2, n), generator=g) for n in (6, 1, 3))
+    step_mask = torch.tensor([[0], [1]])
+    ones = lambda t: torch.ones_like(t)  # noqa: E731
+    with torch.no_grad():
+        padded = _run_chunks(model, [(first, ones(first)), (step, step_mask), (last, ones(last))])
+        alone = _run_chunks(model, [(first[:1], ones(first[:1])), (last[:1], ones(last[:1]))])
+        both = _run_chunks(model, [(first[1:], ones(first[1:])), (step[1:], ones(step[1:])),
+                                   (last[1:], ones(last[1:]))])
+    assert_close_to_scale(padded[2][0], alone[1][0])
+    assert_close_to_scale(padded[2][1], both[2][0])

@@ -22,9 +22,14 @@ def cached_causal_conv(
     """
     weight, bias, width = conv1d.weight.squeeze(1), conv1d.bias, conv1d.kernel_size[0]
     past = cache_params.get_conv_state(layer_idx) if cache_params is not None else None
-    if past is not None and x.shape[1] == 1 and mask is None:
-        # a decoding step: one fused op that also shifts the cached inputs in place
-        return kernels.causal_conv1d_update(x[:, 0], past, weight, bias).unsqueeze(1)
+    if past is not None and x.shape[1] == 1:
+        # a decoding step: one fused op that also shifts the cached inputs in place; a padded step (mask 0) puts
+        # the previous inputs back, without a host synchronisation
+        before = past.clone() if mask is not None else None
+        out = kernels.causal_conv1d_update(x[:, 0], past, weight, bias).unsqueeze(1)
+        if before is not None:
+            past.copy_(torch.where(mask.bool()[:, :1, None], past, before))
+        return out
     if mask is None or bool(mask.all()):
         out = kernels.causal_conv1d(x, weight, bias, past=past)
         if cache_params is not None:
