@@ -114,3 +114,40 @@ def test_triton_state_update_matches_torch():
                                                                    for a in args])
     assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(new.cpu(), new_ref) < 1e-5
     torch.testing.assert_close(args[0].cpu(), inputs["initial_state"].float())  # the input state is untouched
+
+
+def test_triton_edge_cases_empty_sequence_strided_states_wide_ssd_state():
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels.decode_triton import causal_conv1d_update_triton, selective_state_update_triton
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    # an empty sequence: the state and its gradient pass straight through
+    h0 = torch.randn(2, 4, 3, device=DEVICE, requires_grad=True)
+    empty = torch.zeros(2, 0, 4, device=DEVICE)
+    y, h = selective_scan_triton(empty, empty, -torch.rand(4, 3, device=DEVICE), torch.zeros(2, 0, 3, device=DEVICE),
+                                 torch.zeros(2, 0, 3, device=DEVICE), initial_state=h0, return_final_state=True)
+    h.sum().backward()
+    assert y.shape == (2, 0, 4) and torch.equal(h0.grad, torch.ones_like(h0))
+    # strided conv state (a view into a longer buffer) and a transposed input
+    g = torch.Generator().manual_seed(3)
+    buffer, x = torch.randn(2, 8, 6, generator=g), torch.randn(8, 2, generator=g).t()
+    weight = torch.randn(8, 4, generator=g)
+    view, ref_state = buffer.to(DEVICE)[..., 2:], buffer[..., 2:].clone()
+    out = causal_conv1d_update_triton(x.to(DEVICE), view, weight.to(DEVICE))
+    from ssm_hf.kernels import causal_conv1d_torch
+    ref = causal_conv1d_torch.causal_conv1d_update(x.contiguous(), ref_state, weight)
+    torch.testing.assert_close(out.cpu(), ref)
+    torch.testing.assert_close(view.cpu(), ref_state)
+    state = torch.randn(5, 2, 3, generator=g).transpose(0, 1)  # (2, 5, 3), not row-major
+    args = (state, torch.randn(2, 5, generator=g), torch.rand(2, 5, generator=g), -torch.rand(5, 3, generator=g),
+            torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g))
+    y, new = selective_state_update_triton(*[a.to(DEVICE) for a in args])
+    y_ref, new_ref = kernels.selective_scan_torch.selective_state_update(*args)
+    torch.testing.assert_close(new.cpu(), new_ref)
+    torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-5, atol=1e-5)
+    # a state wider than 128 takes the narrower tiles
+    inputs = ssd_inputs(1, 40, 2, 4, 1, 130, seed=9)
+    y_ref = kernels.ssd_scan_sequential(**inputs, dt_softplus=True)
+    y = ssd_scan_triton(**_to(inputs, torch.float32), dt_softplus=True)
+    assert _rel_err(y.cpu(), y_ref) < 1e-5

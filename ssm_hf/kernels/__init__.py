@@ -28,9 +28,10 @@ def triton_available() -> bool:
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    """The Triton kernels run for CUDA tensors, unless SSM_HF_FORCE_REFERENCE is set or Triton is missing."""
-    return (tensor.is_cuda and os.environ.get("SSM_HF_FORCE_REFERENCE", "") in ("", "0")
-            and triton_available())
+    """The Triton kernels run for CUDA tensors in float32/bf16/fp16, unless SSM_HF_FORCE_REFERENCE is set or Triton
+    is missing (float64 keeps the PyTorch path, which computes in float64)."""
+    return (tensor.is_cuda and tensor.dtype != torch.float64
+            and os.environ.get("SSM_HF_FORCE_REFERENCE", "") in ("", "0") and triton_available())
 
 
 def selective_scan(x: torch.Tensor, *args, **kwargs):

@@ -43,11 +43,15 @@ def causal_conv1d_update_triton(x: torch.Tensor, conv_state: torch.Tensor, weigh
     updated in place (shifted by one, x appended); weight: (channels, width). Returns (batch, channels)."""
     batch, channels = x.shape
     width, size = weight.shape[-1], conv_state.shape[-1]
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_k = triton.next_power_of_2(max(width, size))
+    # the kernel indexes a row-major state; a strided view (e.g. after a cache crop) is updated through a copy
+    state = conv_state if conv_state.is_contiguous() else conv_state.contiguous()
     _conv_update_kernel[(batch, triton.cdiv(channels, 128))](
-        x.contiguous(), conv_state, weight.contiguous(), bias if bias is not None else weight, out,
+        x.contiguous(), state, weight.contiguous(), bias if bias is not None else weight, out,
         channels, width, size, HAS_BIAS=bias is not None, BLOCK_C=128, BLOCK_K=block_k)
+    if state is not conv_state:
+        conv_state.copy_(state)
     return out
 
 
@@ -87,8 +91,8 @@ def selective_state_update_triton(state, x, delta, A, B, C, D=None, z=None, delt
     is not modified."""
     batch, d_inner = x.shape
     d_state = A.shape[-1]
-    y = torch.empty_like(x)
-    new = torch.empty_like(state)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)       # row-major, as the kernel writes them
+    new = torch.empty(state.shape, dtype=state.dtype, device=state.device)
     block_n = triton.next_power_of_2(d_state)
     block_d = max(16, 2048 // block_n)
     dummy = y

@@ -30,7 +30,8 @@ def _softplus(x):
 
 @triton.jit
 def _load_tile(ptr, t_offs, d_offs, L, Dm, t_mask, d_mask):
-    return tl.load(ptr + t_offs[:, None] * Dm + d_offs[None, :], mask=t_mask[:, None] & d_mask[None, :],
+    # int64: seqlen * width passes 2**31 for long sequences of the large models
+    return tl.load(ptr + t_offs.to(tl.int64)[:, None] * Dm + d_offs[None, :], mask=t_mask[:, None] & d_mask[None, :],
                    other=0.0).to(tl.float32)
 
 
@@ -96,7 +97,7 @@ def _fwd_kernel(
         if HAS_Z:
             z = _load_tile(z_ptr, t_offs, d_offs, L, Dm, t_mask, d_mask)
             y = y * z * tl.sigmoid(z)
-        tl.store(y_ptr + t_offs[:, None] * Dm + d_offs[None, :], y.to(y_ptr.dtype.element_ty),
+        tl.store(y_ptr + t_offs.to(tl.int64)[:, None] * Dm + d_offs[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=t_mask[:, None] & d_mask[None, :])
         # padded steps are identities, so the tile's last row is the state after its last real token
         last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[:, None, None]
@@ -165,7 +166,7 @@ def _bwd_kernel(
                 y_pre += x * Dv[None, :]
             g = dy * z * sig
             dz = dy * y_pre * sig * (1.0 + z * (1.0 - sig))
-            tl.store(dz_ptr + base + t_offs[:, None] * Dm + d_offs[None, :], dz, mask=td_mask)
+            tl.store(dz_ptr + base + t_offs.to(tl.int64)[:, None] * Dm + d_offs[None, :], dz, mask=td_mask)
         # adjoint: u_t = dL/dh_t = C_t g_t + exp(Δ_{t+1} A) u_{t+1}, run backwards through the tile
         alpha = tl.exp(dt_next[:, :, None] * A[None, :, :])
         src = Ct[:, None, :] * g[:, :, None]
@@ -185,10 +186,11 @@ def _bwd_kernel(
         ddt = tl.where(td_mask, ddt, 0.0)
         if HAS_BIAS:
             dbias += tl.sum(ddt, axis=0)
-        tl.store(dx_ptr + base + t_offs[:, None] * Dm + d_offs[None, :], dx, mask=td_mask)
-        tl.store(ddt_ptr + base + t_offs[:, None] * Dm + d_offs[None, :], ddt, mask=td_mask)
+        rows = t_offs.to(tl.int64)[:, None] * Dm + d_offs[None, :]
+        tl.store(dx_ptr + base + rows, dx, mask=td_mask)
+        tl.store(ddt_ptr + base + rows, ddt, mask=td_mask)
         # per-channel-block partial sums over this block's channels; summed over blocks outside
-        part = ((b * n_dblocks + pid_d) * L + t_offs[:, None]) * N + n_offs[None, :]
+        part = ((b * n_dblocks + pid_d) * L + t_offs.to(tl.int64)[:, None]) * N + n_offs[None, :]
         tl.store(dC_ptr + part, tl.sum(hs * g[:, :, None], axis=1), mask=tn_mask)
         tl.store(dB_ptr + part, tl.sum(u * (dt * x)[:, :, None], axis=1), mask=tn_mask)
         first = (row == 0)[:, None, None]
@@ -225,7 +227,10 @@ class _SelectiveScan(torch.autograd.Function):
         A = A.float().contiguous()
         y = torch.empty_like(x)
         final = torch.empty(batch, d_inner, d_state, device=x.device, dtype=torch.float32)
-        tiles = torch.empty(batch, n_tiles, d_inner, d_state, device=x.device, dtype=torch.float32)
+        # the states at tile starts are kept only for a backward pass (prefill without grad needs none)
+        store_tiles = any(ctx.needs_input_grad)
+        tiles = torch.empty((batch, n_tiles, d_inner, d_state) if store_tiles else (1,), device=x.device,
+                            dtype=torch.float32)
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         dummy = final
         grid = (batch, triton.cdiv(d_inner, block_d))
@@ -234,7 +239,7 @@ class _SelectiveScan(torch.autograd.Function):
             delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy, y, final, tiles,
             seqlen, d_inner, d_state, n_tiles,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            HAS_H0=h0 is not None, STORE_TILES=True, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
+            HAS_H0=h0 is not None, STORE_TILES=store_tiles, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
             num_warps=num_warps,
         )
         ctx.save_for_backward(x, delta, A, B, C, D, z, delta_bias, tiles)
@@ -293,5 +298,10 @@ def selective_scan_triton(
 ):
     """Selective scan with the Triton kernels: same arguments and results as `selective_scan_chunked`
     (`chunk_size` is accepted and ignored: the kernels pick their own tiles)."""
+    if x.shape[1] == 0:  # nothing to launch: the state passes through unchanged
+        from .selective_scan_torch import selective_scan_chunked
+
+        return selective_scan_chunked(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                      return_final_state)
     y, final = _SelectiveScan.apply(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     return (y, final) if return_final_state else y

@@ -84,13 +84,35 @@ def _ssd_fwd_kernel(
     tl.store(hT_ptr + state_offs, state, mask=pn_mask)
 
 
+# Shared memory of the forward kernel (compiled for sm_90 and sm_80, bytes): (Q 64, P 64, N 128) ~230 KB, which
+# only an H100-class part offers per block; (32, 64, 128) ~128 KB; (32, 32, 256) ~107 KB; (32, 16, 256, float32)
+# ~158 KB. Wider states go to the PyTorch path (see `supports`).
+_BIG_SHARED_MEMORY = 232_448
+
+
+def supports(d_state: int) -> bool:
+    """Whether the kernel has tiles for this state size."""
+    return d_state <= 256
+
+
+def _tiles(d_state: int, head_dim: int, ieee: bool, device: torch.device) -> tuple[int, int, int]:
+    block_n = max(16, triton.next_power_of_2(d_state))
+    block_p = max(16, min(64, triton.next_power_of_2(head_dim)))
+    if block_n <= 64:
+        return CHUNK, block_p, block_n
+    shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) \
+        if device.type == "cuda" else 0
+    if block_n == 128:
+        return (CHUNK, block_p, block_n) if shared >= _BIG_SHARED_MEMORY else (32, block_p, block_n)
+    return 32, min(block_p, 16 if ieee else 32), block_n
+
+
 class _SSDScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_state, backward_chunk):
         batch, seqlen, heads, head_dim = x.shape
         groups, d_state = B.shape[-2:]
-        block_n = max(16, triton.next_power_of_2(d_state))
-        block_p = max(16, min(64, triton.next_power_of_2(head_dim)))
+        block_q, block_p, block_n = _tiles(d_state, head_dim, x.dtype == torch.float32, x.device)
         x_c, dt_c, B_c, C_c = x.contiguous(), dt.float().contiguous(), B.contiguous(), C.contiguous()
         y = torch.empty_like(x_c)
         final = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
@@ -101,7 +123,7 @@ class _SSDScan(torch.autograd.Function):
             h0 if h0 is not None else final, y, final,
             seqlen, heads, head_dim, groups, d_state,
             HAS_D=D is not None, HAS_H0=h0 is not None, IEEE=x.dtype == torch.float32,
-            BLOCK_Q=CHUNK, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
+            BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
         )
         ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
         ctx.backward_chunk = backward_chunk
@@ -145,7 +167,7 @@ def ssd_scan_triton(
     chunks of CHUNK tokens; `chunk_size` is the chunk of the PyTorch recomputation in the backward pass, which
     always recomputes (`recompute_in_backward` is accepted for the common signature)."""
     dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
-    if x.shape[1] == 0:
+    if x.shape[1] == 0 or not supports(B.shape[-1]):
         return ssd_scan_chunked(x, dt, A, B, C, CHUNK, D, initial_state=initial_state,
                                 return_final_state=return_final_state)
     y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_state, chunk_size or CHUNK)
