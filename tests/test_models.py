@@ -359,6 +359,8 @@ def test_packed_sequences_are_refused(family):
     model(ids, labels=ids, position_ids=torch.arange(8)[None])  # plain positions are fine
     with pytest.raises(NotImplementedError, match="packed"):
         model(ids, labels=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
+    with pytest.raises(NotImplementedError, match="packed"):  # the backbone itself refuses them too
+        model.backbone(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
 
 
 @families

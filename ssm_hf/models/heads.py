@@ -7,7 +7,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .modeling_utils import check_not_packed, last_token_indices
+from .modeling_utils import last_token_indices
 
 
 class LastTokenClassifierMixin:
@@ -42,10 +42,9 @@ class LastTokenClassifierMixin:
     ) -> tuple | SequenceClassifierOutput:
         """labels: (batch,) class ids, or floats for regression (`num_labels == 1`)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        check_not_packed(kwargs.get("position_ids"))
         outputs = self.backbone(
             input_ids, inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,
-            return_dict=True, attention_mask=attention_mask,
+            return_dict=True, attention_mask=attention_mask, position_ids=kwargs.get("position_ids"),
         )
         hidden_states = outputs.last_hidden_state
         batch_size, seqlen = hidden_states.shape[:2]

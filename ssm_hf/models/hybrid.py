@@ -25,7 +25,6 @@ from ..layers.mlp import GatedMLP, MoE, load_balancing_loss
 from .heads import LastTokenClassifierMixin
 from .modeling_utils import (
     StrictLoadingMixin,
-    check_not_packed,
     init_module_weights,
     pick_cache,
     start_backbone,
@@ -130,7 +129,7 @@ class HybridModel(HybridPreTrainedModel):
                                 else config.output_router_logits)
         return_dict = return_dict if return_dict is not None else config.return_dict
         inputs_embeds, cache = start_backbone(self, input_ids, inputs_embeds, attention_mask, cache_params,
-                                              past_key_values, use_cache)
+                                              past_key_values, use_cache, kwargs.get("position_ids"))
 
         seqlen = inputs_embeds.shape[1]
         attention_bias = None
@@ -203,11 +202,11 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     ) -> tuple | MoeCausalLMOutputWithPast:
         """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        check_not_packed(kwargs.get("position_ids"))
         outputs = self.backbone(
             input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             past_key_values=pick_cache(cache_params, past_key_values), use_cache=use_cache,
             output_hidden_states=output_hidden_states, output_router_logits=output_router_logits, return_dict=True,
+            position_ids=kwargs.get("position_ids"),
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()

@@ -132,12 +132,14 @@ def resolve_cache(
 def start_backbone(
     model: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | None, cache_params: Cache | None, past_key_values: Cache | None,
-    use_cache: bool | None,
+    use_cache: bool | None, position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Cache | None]:
-    """The checks and set-up every backbone's forward begins with: exactly one of ids or embeddings, the cache
-    (`resolve_cache`), the padding mask's shape, the token ids' range. Returns (inputs_embeds, cache)."""
+    """The checks and set-up every backbone's forward begins with: exactly one of ids or embeddings, no packed
+    sequences, the cache (`resolve_cache`), the padding mask's shape, the token ids' range.
+    Returns (inputs_embeds, cache)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    check_not_packed(position_ids)
     batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
     cache = resolve_cache(pick_cache(cache_params, past_key_values), use_cache, model.config, model.training,
                           model.gradient_checkpointing, batch)

@@ -18,7 +18,6 @@ from ..layers import RMSNorm
 from .heads import LastTokenClassifierMixin
 from .modeling_utils import (
     StrictLoadingMixin,
-    check_not_packed,
     init_module_weights,
     pick_cache,
     start_backbone,
@@ -99,7 +98,7 @@ class SSMModel(SSMPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         inputs_embeds, cache_params = start_backbone(self, input_ids, inputs_embeds, attention_mask, cache_params,
-                                                     past_key_values, use_cache)
+                                                     past_key_values, use_cache, kwargs.get("position_ids"))
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
@@ -164,11 +163,10 @@ class SSMForCausalLM(SSMPreTrainedModel, GenerationMixin):
     ) -> tuple | SSMCausalLMOutput:
         """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        check_not_packed(kwargs.get("position_ids"))
         outputs = self.backbone(
             input_ids, inputs_embeds=inputs_embeds, cache_params=pick_cache(cache_params, past_key_values),
             use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
-            attention_mask=attention_mask,
+            attention_mask=attention_mask, position_ids=kwargs.get("position_ids"),
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
