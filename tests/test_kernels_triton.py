@@ -43,6 +43,25 @@ def test_triton_scan_forward_and_gradients(batch, seqlen, d_inner, d_state, opti
         assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key
 
 
+@pytest.mark.parametrize("tiles", [{"block_t": 8, "block_d": 4}])
+def test_triton_scan_many_tiles(monkeypatch, tiles):
+    # several tiles and channel blocks per row, a ragged last tile, an initial and a final state
+    from ssm_hf.kernels import selective_scan_triton as module
+
+    monkeypatch.setattr(module, "TILE_CONFIG", {**module.TILE_CONFIG, **tiles})
+    inputs = _inputs(2, 29, 10, 6, seed=11)
+    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
+    leaves_ref = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y, h = selective_scan_triton(**leaves, delta_softplus=True, return_final_state=True)
+    y_ref, h_ref = kernels.selective_scan_sequential(**leaves_ref, delta_softplus=True, return_final_state=True)
+    assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(h.cpu(), h_ref) < 1e-5
+    weight = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ((y * weight.to(y)).sum() + h.sum()).backward()
+    ((y_ref * weight).sum() + h_ref.sum()).backward()
+    for key in inputs:
+        assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key
+
+
 def test_triton_scan_bfloat16_and_large_steps():
     inputs = _inputs(1, 24, 8, 4, dt_scale=20.0, seed=5)
     y_ref = kernels.selective_scan_sequential(**inputs, delta_softplus=True)
@@ -151,3 +170,56 @@ def test_triton_edge_cases_empty_sequence_strided_states_wide_ssd_state():
     y_ref = kernels.ssd_scan_sequential(**inputs, dt_softplus=True)
     y = ssd_scan_triton(**_to(inputs, torch.float32), dt_softplus=True)
     assert _rel_err(y.cpu(), y_ref) < 1e-5
+
+
+@pytest.mark.parametrize("options", [dict(dt_bias=True, dt_softplus=True, dt_limit=(1e-3, 0.5), D=True),
+                                     dict(dt_bias=False, dt_softplus=False, dt_limit=None, D=False)])
+def test_triton_ssd_state_update_matches_reference(options):
+    from ssm_hf.kernels import ssd_torch
+    from ssm_hf.kernels.decode_triton import ssd_state_update_triton
+
+    g = torch.Generator().manual_seed(7)
+    batch, heads, head_dim, groups, d_state = 2, 6, 5, 3, 7
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)  # noqa: E731
+    args = dict(state=r(batch, heads, head_dim, d_state), x=r(batch, heads, head_dim),
+                dt=r(batch, heads) if options["dt_softplus"] else r(batch, heads).abs(),
+                A=-torch.rand(heads, dtype=torch.float64, generator=g) * 3, B=r(batch, groups, d_state),
+                C=r(batch, groups, d_state), D=r(heads) if options["D"] else None,
+                dt_bias=r(heads) if options["dt_bias"] else None)
+    kw = dict(dt_softplus=options["dt_softplus"], dt_limit=options["dt_limit"])
+    y_ref, new_ref = ssd_torch.ssd_state_update(**args, **kw)
+    ours = {k: (v.to(DEVICE, torch.float32) if v is not None else None) for k, v in args.items()}
+    state_before = ours["state"].clone()
+    y, new = ssd_state_update_triton(**ours, **kw)
+    assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(new.cpu(), new_ref) < 1e-5
+    assert torch.equal(ours["state"], state_before)  # the state passed in is left as it was
+    ours["x"] = ours["x"].bfloat16()
+    y16, _ = ssd_state_update_triton(**ours, **kw)
+    assert y16.dtype == torch.bfloat16 and _rel_err(y16.cpu(), y_ref) < 2e-2
+
+
+@pytest.mark.parametrize("hidden,group_size,gated", [(12, 12, True), (12, 4, True), (15, 5, False), (16, 16, False)])
+def test_triton_rms_norm_gated_forward_and_gradients(hidden, group_size, gated):
+    from ssm_hf.kernels import norm_torch
+    from ssm_hf.kernels.norm_triton import rms_norm_gated_triton
+
+    g = torch.Generator().manual_seed(hidden + group_size)
+    x = torch.randn(2, 5, hidden, dtype=torch.float64, generator=g)
+    gate = torch.randn(2, 5, hidden, dtype=torch.float64, generator=g) if gated else None
+    weight = 1 + 0.3 * torch.randn(hidden, dtype=torch.float64, generator=g)
+    leaves = [t.to(DEVICE, torch.float32).requires_grad_(True) for t in (x, gate, weight) if t is not None]
+    refs = [t.clone().requires_grad_(True) for t in (x, gate, weight) if t is not None]
+    ours = rms_norm_gated_triton(leaves[0], leaves[1] if gated else None, leaves[-1], group_size, 1e-5)
+    ref = norm_torch.rms_norm_gated(refs[0], refs[1] if gated else None, refs[-1], group_size, 1e-5)
+    assert _rel_err(ours.detach().cpu(), ref) < 1e-5
+    w = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    (ours * w.to(ours)).sum().backward()
+    (ref * w).sum().backward()
+    for leaf, r in zip(leaves, refs):
+        assert _rel_err(leaf.grad.cpu(), r.grad) < 1e-4
+    # bf16 input with a float32 weight: the result is float32, as the reference's type promotion gives
+    half = [t.detach().bfloat16() if i < len(leaves) - 1 else t.detach() for i, t in enumerate(leaves)]
+    out16 = rms_norm_gated_triton(half[0], half[1] if gated else None, half[-1], group_size, 1e-5)
+    ref16 = norm_torch.rms_norm_gated(half[0].cpu(), half[1].cpu() if gated else None, half[-1].cpu(),
+                                      group_size, 1e-5)
+    assert out16.dtype == ref16.dtype == torch.float32 and _rel_err(out16.cpu(), ref16.double()) < 1e-2

@@ -3,7 +3,8 @@ never branch on the device themselves.
 
 `selective_scan` and `ssd_scan` run Triton kernels for CUDA tensors when Triton is installed, and the
 PyTorch chunked forms otherwise; both compute the same function; so do the single-token decoding steps
-`selective_state_update` and `causal_conv1d_update` (Triton only outside autograd). Set the environment variable
+`selective_state_update`, `ssd_state_update` and `causal_conv1d_update` (Triton only outside autograd), and
+Mamba-2's gated norm `rms_norm_gated`. Set the environment variable
 `SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for debugging).
 """
 
@@ -15,10 +16,10 @@ from functools import lru_cache
 
 import torch
 
-from . import causal_conv1d_torch, selective_scan_torch
+from . import causal_conv1d_torch, norm_torch, selective_scan_torch, ssd_torch
 from .causal_conv1d_torch import causal_conv1d
 from .selective_scan_torch import selective_scan_chunked, selective_scan_sequential
-from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked, ssd_scan_sequential, ssd_state_update
+from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked, ssd_scan_sequential
 
 
 @lru_cache(maxsize=None)
@@ -62,6 +63,25 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     return causal_conv1d_torch.causal_conv1d_update(x, conv_state, weight, bias)
 
 
+def ssd_state_update(state: torch.Tensor, x: torch.Tensor, *args, **kwargs):
+    """One Mamba-2 decoding step; arguments and results as `ssd_torch.ssd_state_update`."""
+    if use_triton(x) and not torch.is_grad_enabled():
+        from .decode_triton import ssd_state_update_triton
+
+        return ssd_state_update_triton(state, x, *args, **kwargs)
+    return ssd_torch.ssd_state_update(state, x, *args, **kwargs)
+
+
+def rms_norm_gated(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, group_size: int,
+                   eps: float) -> torch.Tensor:
+    """weight * RMSNorm(x * silu(gate)) per group of channels; as `norm_torch.rms_norm_gated`."""
+    if use_triton(x):
+        from .norm_triton import rms_norm_gated_triton
+
+        return rms_norm_gated_triton(x, gate, weight, group_size, eps)
+    return norm_torch.rms_norm_gated(x, gate, weight, group_size, eps)
+
+
 def ssd_scan(x: torch.Tensor, *args, **kwargs):
     """Mamba-2's SSD scan; arguments and results as `ssd_scan_chunked`, on the best path for x's device (the
     Triton path runs the forward as a kernel and recomputes through the PyTorch form for gradients)."""
@@ -79,6 +99,7 @@ __all__ = [
     "selective_scan_chunked",
     "selective_scan_sequential",
     "selective_state_update",
+    "rms_norm_gated",
     "ssd_prepare_dt",
     "ssd_scan",
     "ssd_scan_chunked",

@@ -103,3 +103,59 @@ def selective_state_update_triton(state, x, delta, A, B, C, D=None, z=None, delt
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         BLOCK_D=block_d, BLOCK_N=block_n)
     return y, new
+
+
+@triton.jit
+def _ssd_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, new_ptr,
+                       H, P, N, heads_per_group, dt_min, dt_max,
+                       HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # one program: one (batch row, head) and BLOCK_P of its head_dim rows, all states
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    p_mask, n_mask = p < P, n < N
+    pn_mask = p_mask[:, None] & n_mask[None, :]
+    dt = tl.load(dt_ptr + b * H + head).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + head).to(tl.float32)
+    if SOFTPLUS:
+        dt = tl.maximum(dt, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(dt)))
+    if CLAMP:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    decay = tl.exp(dt * tl.load(A_ptr + head).to(tl.float32))
+    group = head // heads_per_group
+    G = H // heads_per_group
+    Bv = tl.load(B_ptr + (b * G + group) * N + n, mask=n_mask, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + (b * G + group) * N + n, mask=n_mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + (b * H + head) * P + p, mask=p_mask, other=0.0).to(tl.float32)
+    offs = ((b * H + head) * P + p[:, None]) * N + n[None, :]
+    h = decay * tl.load(state_ptr + offs, mask=pn_mask, other=0.0).to(tl.float32) + (dt * x)[:, None] * Bv[None, :]
+    y = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + head).to(tl.float32)
+    tl.store(new_ptr + offs, h.to(new_ptr.dtype.element_ty), mask=pn_mask)
+    tl.store(y_ptr + (b * H + head) * P + p, y.to(y_ptr.dtype.element_ty), mask=p_mask)
+
+
+def ssd_state_update_triton(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, dt_limit=None):
+    """One Mamba-2 decoding step, as `ssd_torch.ssd_state_update`: state (batch, heads, head_dim, d_state); x
+    (batch, heads, head_dim); dt (batch, heads); B, C (batch, groups, d_state). Returns (y, new state); `state`
+    itself is not modified."""
+    batch, heads, head_dim = x.shape
+    groups, d_state = B.shape[1], B.shape[2]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    new = torch.empty(state.shape, dtype=state.dtype, device=state.device)
+    block_n = triton.next_power_of_2(d_state)
+    block_p = min(triton.next_power_of_2(head_dim), max(4096 // block_n, 1))
+    clamp = dt_limit is not None and (dt_limit[0] > 0.0 or dt_limit[1] != float("inf"))
+    low, high = (float(dt_limit[0]), float(dt_limit[1])) if clamp else (0.0, 0.0)
+    dummy = y
+    _ssd_update_kernel[(batch, heads, triton.cdiv(head_dim, block_p))](
+        state.contiguous(), x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
+        D if D is not None else dummy, dt_bias if dt_bias is not None else dummy, y, new,
+        heads, head_dim, d_state, heads // groups, low, high,
+        HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
+        BLOCK_P=block_p, BLOCK_N=block_n)
+    return y, new

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32; `weight` is the only parameter. x: (..., hidden_size)."""
@@ -37,13 +39,7 @@ class RMSNormGated(nn.Module):
         self.group_size = group_size
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        if gate is not None:
-            hidden_states = hidden_states * nn.functional.silu(gate.to(torch.float32))
-        grouped = hidden_states.unflatten(-1, (-1, self.group_size))
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * grouped.flatten(-2).to(input_dtype)
+        return kernels.rms_norm_gated(hidden_states, gate, self.weight, self.group_size, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.variance_epsilon}"

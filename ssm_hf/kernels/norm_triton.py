@@ -1,0 +1,116 @@
+"""Mamba-2's gated RMS norm as Triton kernels (forward and backward), one program per (row, group).
+
+Same function as `norm_torch.rms_norm_gated`: y = weight * n with n = u / rms(u) over each group and
+u = x * silu(gate). The backward recomputes u and the group's rms from x and gate rather than storing them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gated_input(x_ptr, z_ptr, offs, mask, HAS_GATE: tl.constexpr):
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.zeros_like(x)
+    u = x
+    if HAS_GATE:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = x * z * tl.sigmoid(z)
+    return x, z, u
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps,
+                HAS_GATE: tl.constexpr, ROUND_TO_INPUT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * G + tl.arange(0, BLOCK)
+    mask = tl.arange(0, BLOCK) < G
+    offs = row * H + cols
+    _, _, u = _gated_input(x_ptr, z_ptr, offs, mask, HAS_GATE)
+    rstd = 1.0 / tl.sqrt(tl.sum(u * u, axis=0) / G + eps)
+    n = u * rstd
+    if ROUND_TO_INPUT:  # as the reference: the normalised value is rounded to the input's dtype first
+        n = n.to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, (n * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, eps, rows_per_program,
+                HAS_GATE: tl.constexpr, BLOCK: tl.constexpr):
+    block = tl.program_id(0)
+    group = tl.program_id(1)
+    cols = group * G + tl.arange(0, BLOCK)
+    mask = tl.arange(0, BLOCK) < G
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, rows_per_program):
+        row = block * rows_per_program + i
+        if row < M:
+            offs = row.to(tl.int64) * H + cols
+            x, z, u = _gated_input(x_ptr, z_ptr, offs, mask, HAS_GATE)
+            rstd = 1.0 / tl.sqrt(tl.sum(u * u, axis=0) / G + eps)
+            n = u * rstd
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dw += dy * n
+            dn = dy * w
+            du = rstd * (dn - n * (tl.sum(dn * n, axis=0) / G))
+            if HAS_GATE:
+                sig = tl.sigmoid(z)
+                tl.store(dx_ptr + offs, du * z * sig, mask=mask)
+                tl.store(dz_ptr + offs, du * x * sig * (1.0 + z * (1.0 - sig)), mask=mask)
+            else:
+                tl.store(dx_ptr + offs, du, mask=mask)
+    tl.store(dw_ptr + block.to(tl.int64) * H + cols, dw, mask=mask)
+
+
+class _RMSNormGated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, weight, group_size, eps):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        z2 = gate.reshape(-1, shape[-1]).contiguous() if gate is not None else None
+        rows, hidden = x2.shape
+        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+        y = torch.empty((rows, hidden), dtype=out_dtype, device=x.device)
+        block = triton.next_power_of_2(group_size)
+        if rows:
+            _fwd_kernel[(rows, hidden // group_size)](
+                x2, z2 if z2 is not None else x2, weight, y, hidden, group_size, eps,
+                HAS_GATE=gate is not None, ROUND_TO_INPUT=x.dtype != torch.float32, BLOCK=block,
+                num_warps=min(max(block // 256, 1), 8))
+        ctx.save_for_backward(x2, z2, weight)
+        ctx.group_size, ctx.eps, ctx.shape = group_size, eps, shape
+        return y.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, z2, weight = ctx.saved_tensors
+        rows, hidden = x2.shape
+        group_size = ctx.group_size
+        dx = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
+        dz = torch.empty(x2.shape, dtype=torch.float32, device=x2.device) if z2 is not None else None
+        # a few hundred programs per group, each summing its rows' share of dweight
+        programs = max(min(rows, 512 // max(hidden // group_size, 1)), 1)
+        rows_per_program = triton.cdiv(max(rows, 1), programs)
+        dw = torch.zeros((programs, hidden), dtype=torch.float32, device=x2.device)
+        block = triton.next_power_of_2(group_size)
+        if rows:
+            _bwd_kernel[(programs, hidden // group_size)](
+                x2, z2 if z2 is not None else x2, weight, dy.reshape(rows, hidden).contiguous(), dx,
+                dz if dz is not None else dx, dw, rows, hidden, group_size, ctx.eps, rows_per_program,
+                HAS_GATE=z2 is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+        shape = ctx.shape
+        return (dx.to(x2.dtype).reshape(shape), dz.to(z2.dtype).reshape(shape) if dz is not None else None,
+                dw.sum(0).to(weight.dtype), None, None)
+
+
+def rms_norm_gated_triton(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, group_size: int,
+                          eps: float) -> torch.Tensor:
+    """As `norm_torch.rms_norm_gated`, with Triton kernels. x, gate: (..., hidden); weight: (hidden,)."""
+    if x.shape[-1] % group_size:
+        raise ValueError(f"hidden size {x.shape[-1]} is not a multiple of the norm's group size {group_size}")
+    return _RMSNormGated.apply(x, gate, weight, group_size, eps)
