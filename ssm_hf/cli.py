@@ -1,5 +1,4 @@
-"""Command line: `ssm-hf zoo` lists the presets with their parameter counts (`ssm-hf zoo NAME` shows one);
-`ssm-hf convert --from FORMAT SRC OUT` / `ssm-hf convert --to FORMAT SRC OUT` converts checkpoints."""
+"""Command line: `ssm-hf zoo` lists the presets with their parameter counts (`ssm-hf zoo NAME` shows one)."""
 
 from __future__ import annotations
 
@@ -29,6 +28,8 @@ def _zoo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    """`ssm-hf convert --from FORMAT SRC OUT` / `--to FORMAT SRC OUT`: exit status 1 and one line on stderr naming
+    the problem when the input is bad or the target cannot express the model."""
     from .conversion import ConversionError, convert_checkpoint
 
     try:
@@ -42,7 +43,6 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _add_convert(commands) -> None:
-    # imported when used: the converters pull in transformers' in-tree models, which `ssm-hf zoo` does not need
     from .conversion import FROM_FORMATS, TO_FORMATS
 
     convert = commands.add_parser(

@@ -104,9 +104,10 @@ def _refuse_unless(condition: bool, feature: str) -> None:
         raise NotImplementedError(f"mamba_ssm checkpoints with {feature} are not supported: ssm-hf has no equivalent")
 
 
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """The embedding rows mamba_ssm allocates: vocab_size rounded up to a multiple of pad_vocab_size_multiple."""
-    return -(-vocab_size // multiple) * multiple
+def round_up(value: int, multiple: int) -> int:
+    """`value` rounded up to a multiple of `multiple`: mamba_ssm's embedding rows (vocab_size and
+    pad_vocab_size_multiple) and GatedMLP width (d_intermediate and 128)."""
+    return -(-value // multiple) * multiple
 
 
 def _build(config_class: type[PreTrainedConfig], **fields) -> PreTrainedConfig:
@@ -123,7 +124,7 @@ def mamba_ssm_config_to_ssm_hf(mamba_config: Mapping) -> PreTrainedConfig:
     cfg = _with_defaults(mamba_config, TOP_DEFAULTS, "config", ignore=METADATA_FIELDS)
     d_model = _positive_int(cfg["d_model"], "d_model")
     n_layer = _positive_int(cfg["n_layer"], "n_layer")
-    vocab = padded_vocab_size(_positive_int(cfg["vocab_size"], "vocab_size"),
+    vocab = round_up(_positive_int(cfg["vocab_size"], "vocab_size"),
                               _positive_int(cfg["pad_vocab_size_multiple"], "pad_vocab_size_multiple"))
     d_intermediate = _positive_int(cfg["d_intermediate"], "d_intermediate", allow_zero=True)
     tied = _flag(cfg["tie_embeddings"], "tie_embeddings")
@@ -143,6 +144,8 @@ def mamba_ssm_config_to_ssm_hf(mamba_config: Mapping) -> PreTrainedConfig:
         _positive_int(ssm[name], f"ssm_cfg.{name}")
     if not isinstance(ssm["expand"], (int, float)) or isinstance(ssm["expand"], bool) or ssm["expand"] <= 0:
         raise ConversionError(f"mamba_ssm ssm_cfg.expand={ssm['expand']!r} must be a positive number")
+    if float(ssm["expand"]).is_integer():
+        ssm["expand"] = int(ssm["expand"])  # a JSON 2.0 means 2
     if layer == "Mamba1" and ssm["dt_init"] not in ("random", "constant"):
         raise ConversionError(f"mamba_ssm ssm_cfg.dt_init={ssm['dt_init']!r} must be 'random' or 'constant'")
     if layer == "Mamba2":
@@ -183,7 +186,7 @@ def mamba_ssm_config_to_ssm_hf(mamba_config: Mapping) -> PreTrainedConfig:
     fields = dict(
         shared, layers_block_type=["attention" if i in attn_idx else kind for i in range(n_layer)],
         layers_mlp_type=["dense" if d_intermediate else "none"] * n_layer, ssm_mixer=kind,
-        intermediate_size=padded_vocab_size(d_intermediate, MLP_MULTIPLE) if d_intermediate else 0,
+        intermediate_size=round_up(d_intermediate, MLP_MULTIPLE) if d_intermediate else 0,
         attn_layer_period=0, attn_layer_offset=0, expert_layer_period=0, expert_layer_offset=0, num_experts=1,
         hidden_act="silu", rms_norm_eps=NORM_EPS, mamba_d_conv=ssm["d_conv"], mamba_expand=int(ssm["expand"]),
         mamba_conv_bias=ssm["conv_bias"], mamba_proj_bias=ssm["bias"])
