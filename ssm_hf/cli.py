@@ -27,12 +27,45 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    """`ssm-hf convert --from FORMAT SRC OUT` / `--to FORMAT SRC OUT`: exit status 1 and one line on stderr naming
+    the problem when the input is bad or the target cannot express the model."""
+    from .conversion import ConversionError, convert_checkpoint
+
+    try:
+        out = convert_checkpoint(args.src, args.out, from_format=args.from_format, to_format=args.to_format,
+                                 overwrite=args.overwrite, progress=True)
+    except (ConversionError, NotImplementedError, OSError) as err:
+        print(f"ssm-hf convert: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_convert(commands) -> None:
+    from .conversion import FROM_FORMATS, TO_FORMATS
+
+    convert = commands.add_parser(
+        "convert", help="convert a checkpoint folder into ssm-hf (--from) or out of it (--to)",
+        description="Convert a checkpoint folder (config.json + safetensors or pytorch_model.bin, sharded or not). "
+                    "--from FORMAT SRC OUT writes an ssm-hf save_pretrained folder; --to FORMAT SRC OUT reads an "
+                    "ssm-hf folder and writes FORMAT. OUT is written only when the conversion succeeds.")
+    direction = convert.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from", dest="from_format", choices=FROM_FORMATS, help="format of SRC")
+    direction.add_argument("--to", dest="to_format", choices=TO_FORMATS, help="format to write to OUT")
+    convert.add_argument("src", metavar="SRC", help="checkpoint folder to read")
+    convert.add_argument("out", metavar="OUT", help="folder to create (must be absent or empty)")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    convert.set_defaults(func=_convert)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ssm-hf", description="ssm-hf: state space models for transformers")
     commands = parser.add_subparsers(dest="command", required=True)
     zoo = commands.add_parser("zoo", help="list the zoo's presets, or print one preset's config")
     zoo.add_argument("name", nargs="?", help="a preset name, e.g. mamba-tiny")
     zoo.set_defaults(func=_zoo)
+    _add_convert(commands)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -12,6 +12,10 @@ from ssm_hf.conversion import hybrid_to_jamba, jamba_to_hybrid
 from ssm_hf.layers.mlp import load_balancing_loss
 
 PRESETS = ["hybrid-tiny", "hybrid-mamba2-tiny"]
+# a mamba_ssm-style hybrid: rotary embeddings on part of each attention head, attention biases, no MLPs
+MAMBA_SSM_STYLE = dict(attention_rope_dim=4, attention_rope_theta=100.0, attention_qkv_bias=True,
+                       attention_out_bias=True, layers_mlp_type=["none"] * 4, mamba_inner_layernorms=False)
+LAYOUTS = [("hybrid-tiny", {}), ("hybrid-mamba2-tiny", {}), ("hybrid-tiny", MAMBA_SSM_STYLE)]
 
 
 def _tiny(preset="hybrid-tiny", **overrides):
@@ -94,6 +98,9 @@ def test_layer_layout_from_period_and_offset_or_lists():
     (dict(num_experts_per_tok=5, num_experts=4), "num_experts_per_tok"),
     (dict(ssm_mixer="s5"), "ssm_mixer"),
     (dict(mamba_d_state=0), "state_size"),
+    (dict(attention_rope_dim=3), "attention_rope_dim=3 must be even"),
+    (dict(attention_rope_dim=10), r"attention_rope_dim=10 must be even and in \[0, head_dim=8\]"),
+    (dict(layers_mlp_type=["dense", "none"], num_hidden_layers=2, intermediate_size=0), "intermediate_size"),
 ])
 def test_config_validation(fields, message):
     with pytest.raises(StrictDataclassError, match=message):
@@ -124,9 +131,9 @@ def test_cache_grows_only_in_attention_layers(preset):
     assert cache.get_seq_length() == 16
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_generation_with_cache_equals_without_and_left_padding_matches(preset):
-    config = _tiny(preset)
+@pytest.mark.parametrize("preset, overrides", LAYOUTS)
+def test_generation_with_cache_equals_without_and_left_padding_matches(preset, overrides):
+    config = _tiny(preset, **overrides)
     torch.manual_seed(0)
     model = spread_weights(AutoModelForCausalLM.from_config(config), seed=2).eval()
     prompts = [torch.randint(1, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
@@ -150,8 +157,9 @@ def test_generation_with_cache_equals_without_and_left_padding_matches(preset):
                                              use_cache=False))
 
 
-def test_forward_in_chunks_with_cache_equals_full_forward():
-    config = _tiny()
+@pytest.mark.parametrize("overrides", [{}, MAMBA_SSM_STYLE])
+def test_forward_in_chunks_with_cache_equals_full_forward(overrides):
+    config = _tiny(**overrides)
     model = spread_weights(AutoModelForCausalLM.from_config(config)).eval()
     ids = torch.randint(1, config.vocab_size, (2, 30))
     with torch.no_grad():
@@ -162,6 +170,36 @@ def test_forward_in_chunks_with_cache_equals_full_forward():
             cache, start = out.past_key_values, start + size
             pieces.append(out.logits)
     assert_close_to_scale(torch.cat(pieces, 1), full)
+
+
+def test_partial_rope_matches_complex_rotation_in_float64():
+    """Channel pairs (i, i + rope_dim/2), i < rope_dim/2, read as complex numbers are multiplied by
+    exp(1j * position * theta^(-2i/rope_dim)); the channels past rope_dim are left alone."""
+    from ssm_hf.layers.attention import apply_partial_rope
+
+    x = torch.randn(2, 3, 5, 10, dtype=torch.float64)
+    positions = torch.tensor([0, 1, 7, 100, 1000])
+    rope_dim, theta = 6, 500.0
+    out = apply_partial_rope(x, positions, rope_dim, theta)
+    half = rope_dim // 2
+    freq = theta ** (-2 * torch.arange(half, dtype=torch.float64) / rope_dim)
+    rotation = torch.polar(torch.ones(5, half, dtype=torch.float64), positions[:, None].double() * freq)
+    rotated = torch.complex(x[..., :half], x[..., half:rope_dim]) * rotation
+    expected = torch.cat([rotated.real, rotated.imag, x[..., rope_dim:]], dim=-1)
+    # angles are computed in float32 (as transformers and flash-attn do): position 1000 costs ~1e-4 of a radian
+    assert_close_to_scale(out, expected, tol=1e-3)
+    assert_close_to_scale(out[..., :2, :], expected[..., :2, :], tol=1e-6)
+    assert torch.equal(out[..., rope_dim:], x[..., rope_dim:])
+
+
+def test_layers_without_mlp_have_no_ffn_weights():
+    config = _tiny(**MAMBA_SSM_STYLE)
+    names = ssm_hf.HybridForCausalLM(config).state_dict()
+    assert not any(".ffn" in name for name in names)
+    assert "backbone.layers.2.mixer.q_proj.bias" in names and "backbone.layers.2.mixer.o_proj.bias" in names
+    with pytest.raises(ValueError, match="attention_rope_dim=4, attention_qkv_bias=True, attention_out_bias=True, "
+                                         "layers without an MLP"):
+        hybrid_to_jamba(_tiny(**{**MAMBA_SSM_STYLE, "mamba_inner_layernorms": True}), names)
 
 
 def test_router_logits_and_load_balancing_loss():

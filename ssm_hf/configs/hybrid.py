@@ -12,7 +12,7 @@ from .mamba import MambaConfig
 from .mamba2 import Mamba2Config
 
 MIXERS = ("mamba", "mamba2", "attention")
-MLPS = ("dense", "moe")
+MLPS = ("dense", "moe", "none")
 
 
 @strict
@@ -20,7 +20,8 @@ class HybridConfig(PreTrainedConfig):
     r"""Configuration for [`HybridModel`] and its heads (Jamba-style stacks).
 
     Each layer is `x + mixer(norm(x))` then `x + mlp(ffn_norm(x))`. The mixer of each layer is `"mamba"`,
-    `"mamba2"` or `"attention"`, the MLP `"dense"` or `"moe"`; give them as explicit lists (`layers_block_type`,
+    `"mamba2"` or `"attention"`, the MLP `"dense"`, `"moe"` or `"none"` (no MLP and no ffn_norm in that layer, as
+    in mamba_ssm hybrids with `d_intermediate=0`); give them as explicit lists (`layers_block_type`,
     `layers_mlp_type`) or by period and offset: layer i is attention when `i % attn_layer_period ==
     attn_layer_offset` (else `ssm_mixer`), and MoE when `i % expert_layer_period == expert_layer_offset`
     (Jamba: attention every 8 layers at offset 4, MoE every 2 at offset 1).
@@ -34,6 +35,10 @@ class HybridConfig(PreTrainedConfig):
         intermediate_size: width of the dense MLP and of each expert.
         num_attention_heads, num_key_value_heads, head_dim: attention heads (grouped-query when fewer KV heads);
             head_dim defaults to hidden_size // num_attention_heads.
+        attention_rope_dim: rotary position embedding on the first `attention_rope_dim` channels of each query and
+            key head (the two halves of that slice rotated together, GPT-NeoX style), base `attention_rope_theta`;
+            0 (the default) means no positional encoding, as in Jamba.
+        attention_qkv_bias, attention_out_bias: biases in q/k/v_proj and in o_proj (mamba_ssm's MHA has them).
         num_experts, num_experts_per_tok: MoE size and top-k.
         router_aux_loss_coef: weight of the load-balancing loss added to the LM loss when training (or when
             `output_router_logits`).
@@ -60,6 +65,10 @@ class HybridConfig(PreTrainedConfig):
     num_key_value_heads: int = 8
     head_dim: int | None = None
     attention_dropout: float = 0.0
+    attention_rope_dim: int = 0
+    attention_rope_theta: float = 10000.0
+    attention_qkv_bias: bool = False
+    attention_out_bias: bool = False
     num_experts: int = 16
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.001
@@ -138,9 +147,12 @@ class HybridConfig(PreTrainedConfig):
         )
 
     def validate_hybrid_layers(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"HybridConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        if set(self.layers_mlp_type or ()) - {"none"} and self.intermediate_size <= 0:
+            raise ValueError(f"HybridConfig.intermediate_size must be a positive integer (its layers have MLPs), got "
+                             f"{self.intermediate_size}.")
         if self.ssm_mixer not in ("mamba", "mamba2"):
             raise ValueError(f"HybridConfig.ssm_mixer must be 'mamba' or 'mamba2', got {self.ssm_mixer!r}.")
         for name, kinds, allowed in (("layers_block_type", self.layers_block_type, MIXERS),
@@ -168,6 +180,11 @@ class HybridConfig(PreTrainedConfig):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"HybridConfig.num_attention_heads={self.num_attention_heads} is not divisible by "
                              f"num_key_value_heads={self.num_key_value_heads}.")
+        if self.attention_rope_dim < 0 or self.attention_rope_dim % 2 or self.attention_rope_dim > self.head_dim:
+            raise ValueError(f"HybridConfig.attention_rope_dim={self.attention_rope_dim} must be even and in "
+                             f"[0, head_dim={self.head_dim}].")
+        if self.attention_rope_dim and self.attention_rope_theta <= 0:
+            raise ValueError(f"HybridConfig.attention_rope_theta must be positive, got {self.attention_rope_theta}.")
 
     def validate_hybrid_experts(self):
         if "moe" in self.layers_mlp_type and not 0 < self.num_experts_per_tok <= self.num_experts:

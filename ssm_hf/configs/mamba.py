@@ -36,6 +36,8 @@ class MambaConfig(PreTrainedConfig):
         scan_chunk_size: chunk length of the PyTorch chunked scan (CPU/reference path); it changes speed, not
             results.
         inner_layernorms: RMS-normalise Δ (before its projection), B and C inside the mixer, as Jamba does.
+        mixer_rms_eps: epsilon of those inner norms (transformers' FalconMamba name); None means
+            `layer_norm_epsilon` (as in Jamba).
     """
 
     model_type = "ssm_mamba"
@@ -66,6 +68,7 @@ class MambaConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
     scan_chunk_size: int = 32
     inner_layernorms: bool = False
+    mixer_rms_eps: float | None = None
 
     def __post_init__(self, **kwargs):
         # A transformers `MambaConfig` dict carries its own model_type ("mamba"); ours is a class attribute and
@@ -109,6 +112,8 @@ class MambaConfig(PreTrainedConfig):
             )
         if self.layer_norm_epsilon <= 0:
             raise ValueError(f"MambaConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}.")
+        if self.mixer_rms_eps is not None and self.mixer_rms_eps <= 0:
+            raise ValueError(f"MambaConfig.mixer_rms_eps must be positive (or None), got {self.mixer_rms_eps}.")
 
     def validate_mamba_choices(self):
         if self.hidden_act not in ACT2FN:

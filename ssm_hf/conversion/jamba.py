@@ -80,6 +80,13 @@ def hybrid_to_jamba(config: HybridConfig, state_dict: Mapping[str, torch.Tensor]
     Jamba can express convert: Mamba mixers with inner layernorms, attention and MoE placed by period/offset."""
     if "mamba2" in config.layers_block_type or not config.mamba_inner_layernorms:
         raise ValueError("only hybrids of Mamba (with inner layernorms) and attention layers have a Jamba form")
+    jamba_lacks = [f"{name}={getattr(config, name)!r}" for name, default in (
+        ("attention_rope_dim", 0), ("attention_qkv_bias", False), ("attention_out_bias", False))
+        if getattr(config, name) != default]
+    if "none" in config.layers_mlp_type:
+        jamba_lacks.append("layers without an MLP (layers_mlp_type 'none')")
+    if jamba_lacks:
+        raise ValueError(f"Jamba has no equivalent of this hybrid's {', '.join(jamba_lacks)}")
     jamba_mlps = config.periodic_mlp_types() if config.num_experts > 1 else ["dense"] * config.num_hidden_layers
     if config.periodic_block_types() != config.layers_block_type or jamba_mlps != config.layers_mlp_type:
         raise ValueError("Jamba places attention and MoE layers by period and offset; this hybrid's explicit layer "

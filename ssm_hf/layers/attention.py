@@ -39,10 +39,25 @@ def causal_padding_mask(
     return allowed.unsqueeze(1)
 
 
+def apply_partial_rope(x: torch.Tensor, positions: torch.Tensor, rope_dim: int, theta: float) -> torch.Tensor:
+    """Rotary position embedding on the first `rope_dim` channels of each head, the rest passed through.
+
+    x: (batch, heads, seqlen, head_dim); positions: (seqlen,) absolute positions. Channel i < rope_dim/2 is paired
+    with channel i + rope_dim/2 and the pair rotated by the angle position * theta^(-2i/rope_dim) (GPT-NeoX
+    layout). Angles are computed in float32 and the result cast back to x's dtype."""
+    half = rope_dim // 2
+    inv_freq = theta ** -(torch.arange(half, device=x.device, dtype=torch.float32) * 2 / rope_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]                   # (seqlen, half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second, rest = x[..., :half], x[..., half:rope_dim], x[..., rope_dim:]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin, rest], dim=-1)
+
+
 class Attention(nn.Module):
-    """Multi-head attention with `num_key_value_heads` ≤ `num_attention_heads` (grouped-query), no positional
-    encoding (as in Jamba: the SSM layers carry order). Parameter names as in transformers' Jamba attention:
-    q_proj, k_proj, v_proj, o_proj."""
+    """Multi-head attention with `num_key_value_heads` ≤ `num_attention_heads` (grouped-query). No positional
+    encoding by default (as in Jamba: the SSM layers carry order); with `attention_rope_dim` > 0, rotary
+    embeddings on part of each head (as in mamba_ssm's MHA). Parameter names as in transformers' Jamba
+    attention: q_proj, k_proj, v_proj, o_proj."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -51,10 +66,13 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.rope_dim = config.attention_rope_dim
+        self.rope_theta = config.attention_rope_theta
+        qkv_bias = config.attention_qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_out_bias)
 
     def forward(
         self,
@@ -68,7 +86,14 @@ class Attention(nn.Module):
         q = self.q_proj(hidden_states).view(batch, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(batch, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(batch, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        has_past = cache_params is not None and cache_params.get_seq_length(self.layer_idx) > 0
+        past = cache_params.get_seq_length(self.layer_idx) if cache_params is not None else 0
+        has_past = past > 0
+        if self.rope_dim:
+            # positions continue after the cached keys; a left-padded row shifts all its real tokens alike,
+            # which rotary attention scores do not see (they depend on position differences only)
+            positions = torch.arange(past, past + seqlen, device=hidden_states.device)
+            q = apply_partial_rope(q, positions, self.rope_dim, self.rope_theta)
+            k = apply_partial_rope(k, positions, self.rope_dim, self.rope_theta)
         if cache_params is not None:
             k, v = cache_params.update(k, v, self.layer_idx)
         out = F.scaled_dot_product_attention(

@@ -49,9 +49,10 @@ class MambaMixer(nn.Module):
         self.dt_init = dict(scale=config.time_step_scale, scheme=config.time_step_init_scheme,
                             low=config.time_step_min, high=config.time_step_max, floor=config.time_step_floor)
         if config.inner_layernorms:  # Jamba's variant; names as in transformers' JambaMambaMixer
-            self.dt_layernorm = RMSNorm(self.time_step_rank, eps=config.layer_norm_epsilon)
-            self.b_layernorm = RMSNorm(self.ssm_state_size, eps=config.layer_norm_epsilon)
-            self.c_layernorm = RMSNorm(self.ssm_state_size, eps=config.layer_norm_epsilon)
+            eps = config.layer_norm_epsilon if config.mixer_rms_eps is None else config.mixer_rms_eps
+            self.dt_layernorm = RMSNorm(self.time_step_rank, eps=eps)
+            self.b_layernorm = RMSNorm(self.ssm_state_size, eps=eps)
+            self.c_layernorm = RMSNorm(self.ssm_state_size, eps=eps)
         self.inner_layernorms = config.inner_layernorms
 
     @torch.no_grad()

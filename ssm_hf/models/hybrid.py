@@ -32,19 +32,23 @@ from .modeling_utils import (
 
 
 class HybridBlock(GradientCheckpointingLayer):
-    """x + mixer(norm(x)), then x + ffn(ffn_norm(x)). Returns (hidden_states, router_logits or None)."""
+    """x + mixer(norm(x)), then x + ffn(ffn_norm(x)) (skipped for MLP type "none"). Returns (hidden_states,
+    router_logits or None)."""
 
     def __init__(self, config: HybridConfig, layer_idx: int, mixer: nn.Module):
         super().__init__()
         self.is_attention = isinstance(mixer, Attention)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mixer = mixer
-        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        if config.layers_mlp_type[layer_idx] == "moe":
+        mlp_type = config.layers_mlp_type[layer_idx]
+        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if mlp_type != "none" else None
+        if mlp_type == "moe":
             self.ffn = MoE(config.hidden_size, config.intermediate_size, config.num_experts,
                            config.num_experts_per_tok, config.hidden_act)
-        else:
+        elif mlp_type == "dense":
             self.ffn = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        else:
+            self.ffn = None
 
     def forward(
         self, hidden_states: torch.Tensor, cache_params: Cache | None = None,
@@ -55,6 +59,8 @@ class HybridBlock(GradientCheckpointingLayer):
         mask = attention_bias if self.is_attention else attention_mask
         hidden_states = hidden_states + self.mixer(self.norm(hidden_states), cache_params=cache_params,
                                                    attention_mask=mask)
+        if self.ffn is None:
+            return hidden_states, None
         out = self.ffn(self.ffn_norm(hidden_states))
         router_logits = None
         if isinstance(out, tuple):
