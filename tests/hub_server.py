@@ -48,9 +48,9 @@ def free_port() -> int:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, **extra):
         super().__init__(message)
-        self.status = status
+        self.status, self.extra = status, extra
 
 
 class UploadHub:
@@ -95,7 +95,7 @@ class UploadHub:
             raise HubError(400, "give the namespace: ORG/NAME")
         path = self.repo_path(repo_id)
         if path.exists():
-            raise HubError(409, "You already created this model repo")
+            raise HubError(409, "You already created this model repo", url=f"{self.url}/{repo_id}")
         path.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "init", "--bare", "-q", "-b", "main", str(path)], check=True)
         self.created[repo_id] = body
@@ -324,7 +324,7 @@ class UploadHub:
                         raise HubError(401, "Invalid credentials in Authorization header")
                     status, payload = 200, hub._route(self.command, url.path, parse_qs(url.query), body)
                 except HubError as err:
-                    status, payload = err.status, {"error": str(err)}
+                    status, payload = err.status, {"error": str(err), **err.extra}
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -1,6 +1,7 @@
 """Loads models with `trust_remote_code=True` in a Python where ssm_hf (and Triton) cannot be imported.
 
-Run as `python remote_code_runner.py JOBS.json OUT.pt` (a subprocess of the tests). JOBS.json is a list of
+The tests call `run_without_ssm_hf`, which runs this file as `python remote_code_runner.py JOBS.json OUT.pt` in a
+fresh Python. JOBS.json is a list of
 {"model": folder or Hub repo id, "revision": branch or null, "input_ids": [[...]], "new_tokens": n}; OUT.pt gets,
 per job, the logits of `input_ids`, the greedy continuation and the loaded class's module, plus what
 `import ssm_hf` / `import triton` raised here. The environment (HF_ENDPOINT, HF_HOME) comes from the caller.
@@ -36,6 +37,28 @@ def _sanitize() -> dict:
         except ImportError as err:
             errors[name] = f"{type(err).__name__}: {err}"
     return errors
+
+
+def run_without_ssm_hf(jobs: list[dict], workdir, env: dict | None = None) -> dict:
+    """Run the jobs in a fresh Python (HF_HOME under `workdir`, plus `env`) and return what it saved."""
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    jobs_path, out_path = workdir / "jobs.json", workdir / "results.pt"
+    jobs_path.write_text(json.dumps(jobs))
+    full_env = {key: value for key, value in os.environ.items()
+                if not key.startswith(("HF_", "HUGGING", "PYTHONPATH"))}
+    # one thread: tiny models gain nothing from more, and a busy machine makes spinning thread pools crawl
+    full_env.update(HF_HOME=str(workdir / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1",
+                    **(env or {}))
+    result = subprocess.run([sys.executable, __file__, str(jobs_path), str(out_path)], cwd=workdir, env=full_env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out_path, weights_only=False)
 
 
 def main(jobs_path: str, out_path: str) -> None:

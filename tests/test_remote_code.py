@@ -2,52 +2,20 @@
 
 import ast
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import assert_close_to_scale, spread_weights
+from conftest import assert_close_to_scale, tiny_lm
+from remote_code_runner import run_without_ssm_hf
 from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
 import ssm_hf
 from ssm_hf.remote_code import auto_classes, export_remote_code, flat_sources
 
-RUNNER = Path(__file__).with_name("remote_code_runner.py")
 PRESETS = {"mamba": "mamba-tiny", "mamba2": "mamba2-tiny", "hybrid": "hybrid-tiny"}
-
-
-def tiny_model(family: str, seed: int = 0, **overrides):
-    config = ssm_hf.preset_config(PRESETS[family], pad_token_id=0, bos_token_id=None, eos_token_id=None, **overrides)
-    torch.manual_seed(seed)
-    return spread_weights(transformers.AutoModelForCausalLM.from_config(config), seed=seed).eval()
-
-
-def run_without_ssm_hf(jobs: list[dict], workdir: Path, env: dict | None = None) -> dict:
-    """Run remote_code_runner.py in a fresh Python (HF_HOME under workdir) and return what it saved."""
-    jobs_path, out_path = workdir / "jobs.json", workdir / "results.pt"
-    jobs_path.write_text(json.dumps(jobs))
-    full_env = {key: value for key, value in os.environ.items()
-                if not key.startswith(("HF_", "HUGGING", "PYTHONPATH"))}
-    # one thread: tiny models gain nothing from more, and a busy machine makes spinning thread pools crawl
-    full_env.update(HF_HOME=str(workdir / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1",
-                    **(env or {}))
-    result = subprocess.run([sys.executable, str(RUNNER), str(jobs_path), str(out_path)], cwd=workdir,
-                            env=full_env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return torch.load(out_path, weights_only=False)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models on one thread (as in the subprocess): a busy machine makes spinning thread pools crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def expected_outputs(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +29,7 @@ def test_exported_checkpoints_load_without_ssm_hf(tmp_path, one_thread):
     jobs, expected = [], []
     generator = torch.Generator().manual_seed(1)
     for index, family in enumerate(PRESETS):
-        model = tiny_model(family, seed=index)
+        model = tiny_lm(PRESETS[family], seed=index)
         folder = tmp_path / family
         model.save_pretrained(folder)
         written = export_remote_code(folder)
@@ -85,7 +53,7 @@ def test_exported_checkpoints_load_without_ssm_hf(tmp_path, one_thread):
 def test_export_is_complete_and_needs_only_transformers(tmp_path, family):
     """transformers' own discovery (relative imports from the auto_map modules) finds every exported file, and the
     packages the files require (its check ignores imports inside try blocks) are installed with transformers."""
-    model = tiny_model(family)
+    model = tiny_lm(PRESETS[family])
     model.save_pretrained(tmp_path)
     written = export_remote_code(tmp_path)
     python_files = sorted(name for name in written if name.endswith(".py"))
@@ -101,8 +69,7 @@ def test_export_is_complete_and_needs_only_transformers(tmp_path, family):
     found = {Path(path).name for path in get_relative_import_files(str(tmp_path / "modeling_ssm_hf.py"))}
     found |= {Path(path).name for path in get_relative_import_files(str(tmp_path / "configuration_ssm_hf.py"))}
     assert sorted(found | {"modeling_ssm_hf.py", "configuration_ssm_hf.py"}) == python_files
-    allowed = {"torch", "transformers", "huggingface_hub", "typing", "__future__", "math", "re", "os", "importlib",
-               "functools", "dataclasses", "collections"}
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "huggingface_hub"}
     for name in python_files:
         source = (tmp_path / name).read_text()
         compile(source, name, "exec")
