@@ -20,6 +20,7 @@ needs `import ssm_hf` first and the Hub's transformers snippet would fail.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import shutil
 import tempfile
@@ -150,6 +151,8 @@ def _write_push_folder(
                 has_tokenizer = True
     if remote_code:
         export_remote_code(out, type(model.config))
+    else:
+        _drop_auto_map(out / "config.json")
     existing_card = source / "README.md" if source is not None and (source / "README.md").is_file() else None
     card = model_card(
         model, repo_id=repo_id, revision=revision, remote_code=remote_code, license=license, base_model=base_model,
@@ -157,6 +160,14 @@ def _write_push_folder(
         existing=existing_card)
     card.save(out / "README.md")
     return sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
+
+
+def _drop_auto_map(config_path: Path) -> None:
+    """A checkpoint loaded from a remote-code export keeps its `auto_map`; without the code next to it, it would
+    send transformers looking for files that are not there."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.pop("auto_map", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def load_folder_model(folder: Path) -> PreTrainedModel:

@@ -56,8 +56,8 @@ def auto_classes(config_class: type[PreTrainedConfig]) -> dict[str, type]:
     """Auto class name -> our class for `config_class` (`AutoConfig` -> the config class itself), as registered by
     `import ssm_hf`. Raises ValueError for a config class that is not ssm-hf's."""
     if not config_class.__module__.startswith(f"{PACKAGE}."):
-        raise ValueError(f"{config_class.__name__} ({config_class.__module__}) is not an ssm-hf configuration: only "
-                         "ssm-hf architectures can be exported as remote code.")
+        raise ValueError(f"{config_class.__name__} ({config_class.__module__}) is not an ssm-hf configuration: "
+                         "ssm-hf pushes and exports its own architectures only.")
     classes: dict[str, type] = {"AutoConfig": config_class}
     for auto_name, mapping in _MODEL_MAPPINGS.items():
         try:

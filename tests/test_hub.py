@@ -265,3 +265,17 @@ def test_model_card_metadata_and_an_existing_card(tmp_path):
     assert card.data.tags == ["converted", "ssm", "ssm-hf", "mamba2"] and card.data.library_name == "ssm-hf"
     with pytest.raises(FileExistsError):
         hub.prepare_push_folder(tmp_path / "plain", tmp_path / "out2", repo_id="org/m2")
+
+
+def test_push_folder_keeps_dtype_and_drops_a_stale_auto_map(tmp_path):
+    """A folder that holds a remote-code export, pushed without remote code: no auto_map pointing at code that is
+    not uploaded. The weights keep their dtype."""
+    tiny_lm("mamba-tiny").to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    hub.prepare_push_folder(tmp_path / "src", tmp_path / "with-code", repo_id="org/m", remote_code=True)
+    assert "auto_map" in json.loads((tmp_path / "with-code" / "config.json").read_text())
+    files = hub.prepare_push_folder(tmp_path / "with-code", tmp_path / "plain", repo_id="org/m")
+    assert not any(name.endswith(".py") for name in files)
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "auto_map" not in config and config["dtype"] == "bfloat16"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype="auto")
+    assert loaded.backbone.embeddings.weight.dtype == torch.bfloat16
