@@ -11,6 +11,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
+from . import hub
 from .configs import (
     HybridConfig,
     Mamba2Config,
@@ -53,6 +54,10 @@ def _register() -> None:
         AutoModel.register(config_class, base, exist_ok=True)
         AutoModelForCausalLM.register(config_class, causal_lm, exist_ok=True)
         AutoModelForSequenceClassification.register(config_class, classifier, exist_ok=True)
+        for model_class in (base, causal_lm, classifier):
+            # model.push_to_hub uploads what `ssm-hf push` uploads (model card, optional remote code); it is set here
+            # because the models themselves must not import hub.py, which sits above them
+            model_class.push_to_hub = hub.model_push_to_hub
 
 
 _register()

@@ -1,4 +1,6 @@
-"""Command line: `ssm-hf zoo` lists the presets with their parameter counts (`ssm-hf zoo NAME` shows one)."""
+"""Command line: `ssm-hf zoo` lists the presets with their parameter counts (`ssm-hf zoo NAME` shows one);
+`ssm-hf convert --from/--to FORMAT SRC OUT` converts checkpoints; `ssm-hf push FOLDER --repo-id NAME` uploads a
+saved model to the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import argparse
 import json
 import sys
 
-from . import zoo
+from . import hub, zoo
 from .configs import preset_config
 
 
@@ -59,6 +61,51 @@ def _add_convert(commands) -> None:
     convert.set_defaults(func=_convert)
 
 
+def _add_push_command(commands) -> None:
+    push = commands.add_parser(
+        "push", help="upload a saved model folder to the Hugging Face Hub",
+        description="Upload FOLDER (written by save_pretrained) to the Hub: safetensors weights, config, generation "
+                    "config, tokenizer files if present and a model card, in one commit. The token is the one "
+                    "huggingface_hub finds (HF_TOKEN or `hf auth login`); HF_ENDPOINT selects another Hub.")
+    push.add_argument("folder", help="a folder written by save_pretrained")
+    push.add_argument("--repo-id", required=True,
+                      help="the Hub repository, e.g. my-org/mamba-130m (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="commit to this branch (created if missing) instead of the default branch")
+    push.add_argument("--remote-code", action="store_true",
+                      help="also upload the modeling code, so transformers alone loads the model with "
+                           "trust_remote_code=True")
+    push.add_argument("--license", help="license identifier for the model card, e.g. apache-2.0")
+    push.add_argument("--base-model", help="Hub id of the model this one was converted or fine-tuned from")
+    push.add_argument("--max-shard-size", default=hub.DEFAULT_MAX_SHARD_SIZE,
+                      help=f"split safetensors files above this size (default {hub.DEFAULT_MAX_SHARD_SIZE})")
+    push.add_argument("--commit-message", help="the commit's message")
+    push.set_defaults(func=_push)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        commit = hub.push_to_hub(
+            args.folder, args.repo_id, private=True if args.private else None, revision=args.revision,
+            remote_code=args.remote_code, license=args.license, base_model=args.base_model,
+            max_shard_size=_shard_size(args.max_shard_size), commit_message=args.commit_message)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"ssm-hf push: {err}", file=sys.stderr)
+        return 2
+    except HfHubHTTPError as err:
+        print(f"ssm-hf push: the Hub refused: {err}", file=sys.stderr)
+        return 1
+    print(f"Pushed {args.folder} to {args.repo_id}{f' (branch {args.revision})' if args.revision else ''}: "
+          f"{commit.commit_url}")
+    return 0
+
+
+def _shard_size(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ssm-hf", description="ssm-hf: state space models for transformers")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     zoo.add_argument("name", nargs="?", help="a preset name, e.g. mamba-tiny")
     zoo.set_defaults(func=_zoo)
     _add_convert(commands)
+    _add_push_command(commands)
     args = parser.parse_args(argv)
     return args.func(args)
 

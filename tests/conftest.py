@@ -68,3 +68,22 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, tol: flo
     scale = expected.detach().double().abs().max().clamp_min(1e-30)
     err = (actual.detach().double() - expected.detach().double()).abs().max() / scale
     assert err <= tol, f"max abs difference is {err.item():.3g} of max |expected|, above {tol:g}"
+
+
+def tiny_lm(preset: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A causal LM of a tiny zoo preset (id 0 for padding, no eos), weights spread by `spread_weights`, in eval."""
+    fields = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(ssm_hf.preset_config(preset, **fields))
+    return spread_weights(model, seed=seed).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Run tiny models on one thread: they gain nothing from more, and on a busy machine spinning thread pools
+    make each small op take tens of milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
