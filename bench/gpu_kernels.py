@@ -12,6 +12,7 @@ latency  first call (forward+backward) in a fresh process with an empty Triton c
 ssd      (on request) Mamba-2 SSD forward (+backward) beside mamba_ssm's and fla's Triton kernels, when carried.
 decode   (on request) greedy decoding tokens/s after long prompts, and peak memory for a 64k-token prompt.
 step     (on request) decoding by single-token forward calls (no generate()), and the cache's bytes.
+check_mamba2  (on request) Mamba-2's gated-norm and decoding-step kernels against PyTorch, timed beside it.
 sweep    (on request) forward and forward+backward times for a few tile shapes of the Triton scan.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
          transformers' LlamaForCausalLM of the anchors' 130M shape with SDPA.
@@ -79,6 +80,61 @@ def check():
     R["check"] = rows
     for name, err, err_h in rows:
         print(f"check {name}: rel err y {err:.2e}" + ("" if err_h != err_h else f", state {err_h:.2e}"), flush=True)
+
+
+def check_mamba2_kernels():
+    """Mamba-2's gated RMSNorm and decoding-step kernels against their PyTorch twins on real shapes (errors, and
+    do_bench medians of both), and greedy tokens of mamba2-130m with the Triton steps against the PyTorch path."""
+    from ssm_hf.kernels import norm_torch, ssd_torch
+    from ssm_hf.kernels.decode_triton import ssd_state_update_triton
+    from ssm_hf.kernels.norm_triton import rms_norm_gated_triton
+
+    rows = {}
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for shape, group in (((4, 2048, 1536), 1536), ((4, 2048, 1536), 192), ((3, 77, 1000), 250)):
+        x, z = (torch.randn(*shape, device=DEV, generator=g) for _ in range(2))
+        w = 1 + 0.1 * torch.randn(shape[-1], device=DEV, generator=g)
+        leaves = [t.clone().requires_grad_(True) for t in (x, z, w)]
+        refs = [t.double().requires_grad_(True) for t in (x, z, w)]
+        out = rms_norm_gated_triton(*leaves[:2], leaves[2], group, 1e-5)
+        ref = norm_torch.rms_norm_gated(*refs[:2], refs[2], group, 1e-5)
+        dy = torch.randn(shape, device=DEV, generator=g)
+        out.backward(dy)
+        ref.backward(dy.double())
+        key = f"norm {'x'.join(map(str, shape))} g{group}"
+        rows[key + " fwd fp32"] = rel(out, ref)
+        for name, a, b in zip("xzw", leaves, refs):
+            rows[f"{key} grad {name} fp32"] = rel(a.grad, b.grad)
+        xb, zb = x.bfloat16(), z.bfloat16()
+        rows[key + " fwd bf16"] = rel(rms_norm_gated_triton(xb, zb, w.bfloat16(), group, 1e-5),
+                                      norm_torch.rms_norm_gated(xb, zb, w.bfloat16(), group, 1e-5))
+    xb, zb = (torch.randn(8, 4096, 1536, device=DEV, generator=g).bfloat16().requires_grad_(True) for _ in range(2))
+    wb = torch.ones(1536, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(8, 4096, 1536, device=DEV, dtype=torch.bfloat16)
+    for name, fn in (("triton", rms_norm_gated_triton), ("torch", norm_torch.rms_norm_gated)):
+        rows[f"norm 8x4096x1536 bf16 fwd+bwd us, {name}"] = do_bench(
+            lambda: fn(xb, zb, wb, 1536, 1e-5).backward(dy), grad_to_none=[xb, zb, wb], return_mode="median") * 1e3
+    b, h, p, n, groups = 64, 24, 64, 128, 1
+    r = lambda *size: torch.randn(*size, device=DEV, generator=g)  # noqa: E731
+    args = dict(state=r(b, h, p, n), x=r(b, h, p), dt=r(b, h), A=-torch.rand(h, device=DEV, generator=g),
+                B=r(b, groups, n), C=r(b, groups, n), D=r(h), dt_bias=r(h))
+    kw = dict(dt_softplus=True, dt_limit=(0.0, float("inf")))
+    y, new = ssd_state_update_triton(**args, **kw)
+    y_ref, new_ref = ssd_torch.ssd_state_update(**{k: v.double() for k, v in args.items()}, **kw)
+    rows["ssd step 64x24x64x128 y"], rows["ssd step state"] = rel(y, y_ref), rel(new, new_ref)
+    for name, fn in (("triton", ssd_state_update_triton), ("torch", ssd_torch.ssd_state_update)):
+        rows[f"ssd step us, {name}"] = do_bench(lambda: fn(**args, **kw), return_mode="median") * 1e3
+    model = ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")).to(DEV).eval()
+    prompt = torch.randint(1, 50000, (2, 64), device=DEV)
+    with torch.no_grad():
+        fast = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        os.environ["SSM_HF_FORCE_REFERENCE"] = "1"
+        reference = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        os.environ.pop("SSM_HF_FORCE_REFERENCE")
+    rows["mamba2 greedy tokens equal to the PyTorch path"] = bool(torch.equal(fast, reference))
+    R["check_mamba2"] = rows
+    for key, value in rows.items():
+        print("check_mamba2", key, value, flush=True)
 
 
 def sweep():
@@ -398,7 +454,8 @@ def main():
     for name in args.sections.split(","):
         start = time.time()
         try:
-            {"check": check, "time": time_scan, "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd,
+            {"check": check, "check_mamba2": check_mamba2_kernels, "time": time_scan,
+             "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]
