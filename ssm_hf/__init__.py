@@ -15,6 +15,7 @@ from .configs import (
     HybridConfig,
     Mamba2Config,
     MambaConfig,
+    S4Config,
     list_presets,
     preset_config,
 )
@@ -31,6 +32,10 @@ from .models import (
     MambaForSequenceClassification,
     MambaModel,
     MambaPreTrainedModel,
+    S4ForCausalLM,
+    S4ForSequenceClassification,
+    S4Model,
+    S4PreTrainedModel,
 )
 
 __version__ = "0.1.0"
@@ -41,6 +46,7 @@ _ARCHITECTURES = {
     MambaConfig: (MambaModel, MambaForCausalLM, MambaForSequenceClassification),
     Mamba2Config: (Mamba2Model, Mamba2ForCausalLM, Mamba2ForSequenceClassification),
     HybridConfig: (HybridModel, HybridForCausalLM, HybridForSequenceClassification),
+    S4Config: (S4Model, S4ForCausalLM, S4ForSequenceClassification),
 }
 
 
@@ -73,6 +79,11 @@ __all__ = [
     "MambaForSequenceClassification",
     "MambaModel",
     "MambaPreTrainedModel",
+    "S4Config",
+    "S4ForCausalLM",
+    "S4ForSequenceClassification",
+    "S4Model",
+    "S4PreTrainedModel",
     "list_presets",
     "preset_config",
 ]
