@@ -35,7 +35,8 @@ class S4Kernel(nn.Module):
       vector C̃ = C (I - Ā^l_max) of the S4 paper, as state-spaces stores it;
     - `P` (rank, S, M, 2), DPLR only: the low-rank part, A = Λ - P P*.
 
-    Everything is computed in float32 (float64 for a float64 model) whatever the storage dtype.
+    Everything is computed in float32 (float64 for a float64 model), and casting the model to bfloat16 or float16
+    keeps these parameters in float32 (see `_apply`).
     """
 
     def __init__(self, config: S4Config):
@@ -58,6 +59,16 @@ class S4Kernel(nn.Module):
             self.P = nn.Parameter(torch.empty(config.rank, S, M, 2))
         # Discretised quantities of the recurrent view, kept while the parameters are unchanged (outside autograd).
         self._memo: dict[str, tuple[tuple, object]] = {}
+
+    def _apply(self, fn, recurse=True):
+        # 8 mantissa bits move Δ = exp(log_dt) and the mode frequencies by a percent or more, which shifts the
+        # phases of a long kernel visibly; like state-spaces under mixed precision, the SSM parameters stay float32
+        # when the model is cast to a half-precision dtype (`model.to(torch.bfloat16)`, `.half()`).
+        super()._apply(fn, recurse)
+        for param in self.parameters(recurse=False):
+            if param.dtype in (torch.bfloat16, torch.float16):
+                param.data = param.data.float()
+        return self
 
     def extra_repr(self) -> str:
         return (f"kernel={self.kernel_type}, init={self.init}, discretization={self.discretization}, "
