@@ -11,8 +11,8 @@ The state evolves as h_{k+1} = Ā h_k + B̄ u_k and the output is y_k = C h_{k+1
 K_k = C Ā^k B̄ and y = K * u (the D skip term is added by the layer).
 
 - Diagonal A (S4D): Ā = exp(ΔA) with B̄ = (exp(ΔA) - 1)/A B (zero-order hold), or Ā = (1 + ΔA/2)/(1 - ΔA/2) with
-  B̄ = Δ B/(1 - ΔA/2) (bilinear). K_k = 2 Re Σ_m C_m B̄_m Ā_m^k: a Vandermonde product, evaluated in blocks of k
-  (the (S, M, L) matrix of powers is never held whole).
+  B̄ = Δ B/(1 - ΔA/2) (bilinear). K_k = 2 Re Σ_m C_m B̄_m Ā_m^k: a Vandermonde product, factored as
+  Ā^(bT + t) = Ā^(bT) Ā^t with T ≈ sqrt(L) (the (S, M, L) matrix of powers is never built).
 - DPLR A = Λ - P P* (S4, bilinear): the generating function Σ_{k<L} K_k ω^k at the L-th roots of unity equals
   C̃ (I - Āω)^{-1} B̄ with C̃ = C (I - Ā^L). As in the S4 paper, C̃ is the trained parameter ("attuned" to a
   length L); (I - Āω)^{-1} B̄ reduces to a resolvent of A, a diagonal resolvent (Cauchy sums) corrected by
@@ -145,30 +145,25 @@ def _maybe_checkpoint(fn, *args):
     return fn(*args)
 
 
-def _vandermonde_block(W: torch.Tensor, log_z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    k = torch.arange(start, stop, device=log_z.device, dtype=log_z.real.dtype)
-    powers = torch.exp(log_z.unsqueeze(-1) * k)                        # (S, M, T)
-    return 2 * torch.einsum("...sm,smt->...st", W, powers).real
+def _two_level(length: int) -> tuple[int, int]:
+    """Positions k = b·T + t with T ≈ sqrt(L): (T, number of blocks)."""
+    inner = max(1, math.isqrt(max(length - 1, 0)) + 1)
+    return inner, -(-length // inner)
 
 
 def vandermonde_kernel(W: torch.Tensor, log_z: torch.Tensor, length: int) -> torch.Tensor:
     """K[..., s, k] = 2 Re Σ_m W[..., s, m] z[s, m]^k for 0 ≤ k < length, with z = exp(log_z).
 
     W: (..., S, M) complex (C B̄ for the kernel; C Ā h for an initial state's output), log_z: (S, M).
-    Returns (..., S, length) real, computed in blocks of positions."""
-    S, M = log_z.shape
-    parts = [_maybe_checkpoint(_vandermonde_block, W, log_z, start, stop)
-             for start, stop in _blocks(length, S * M)]
-    if not parts:
-        return W.real.new_zeros(*W.shape[:-1], 0)
-    return torch.cat(parts, dim=-1)
-
-
-def _reverse_vandermonde_block(u: torch.Tensor, log_z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    length = u.shape[-1]
-    k = torch.arange(length - 1 - start, length - 1 - stop, -1, device=log_z.device, dtype=log_z.real.dtype)
-    powers = torch.exp(log_z.unsqueeze(-1) * k)                        # z^(L-1-k): (S, M, T)
-    return torch.einsum("bst,smt->bsm", u[..., start:stop].to(powers.dtype), powers)
+    Returns (..., S, length) real. With k = bT + t and T ≈ sqrt(L), z^k = z^(bT) z^t: each block's W z^(bT) times
+    the shared powers z^t is one batched matrix product, and nothing larger than O(S M sqrt(L)) is built besides the
+    output (so autograd stores little too)."""
+    inner, blocks = _two_level(length)
+    real = log_z.real.dtype
+    small = torch.exp(log_z.unsqueeze(-1) * torch.arange(inner, device=log_z.device, dtype=real))      # (S, M, T)
+    large = torch.exp(log_z.unsqueeze(-1) * (inner * torch.arange(blocks, device=log_z.device, dtype=real)))
+    per_block = (W.unsqueeze(-1) * large).transpose(-1, -2)                                            # (..., S, nb, M)
+    return 2 * torch.matmul(per_block, small).real.flatten(-2)[..., :length]
 
 
 def diag_final_state(u: torch.Tensor, log_z: torch.Tensor, dB: torch.Tensor, h0: torch.Tensor | None = None,
@@ -176,14 +171,21 @@ def diag_final_state(u: torch.Tensor, log_z: torch.Tensor, dB: torch.Tensor, h0:
     """The state after a chunk, h = Ā^n h0 + Σ_k Ā^(L-1-k) B̄ u_k, in O(L·M) per SSM without a loop over tokens.
 
     u: (b, S, L) real, its real tokens at the end (padding before them zeroed); log_z = log Ā, dB = B̄: (S, M);
-    h0: (b, S, M) or None (zeros); steps: (b,) the number n of real tokens per row (default L). Returns (b, S, M)."""
-    S, M = log_z.shape
-    acc = sum(_maybe_checkpoint(_reverse_vandermonde_block, u, log_z, start, stop)
-              for start, stop in _blocks(u.shape[-1], S * M))
-    h = dB * acc if u.shape[-1] else dB.new_zeros(u.shape[0], S, M)
+    h0: (b, S, M) or None (zeros); steps: (b,) the number n of real tokens per row (default L). Returns (b, S, M).
+    Same two-level powers as `vandermonde_kernel`, reversed: Ā^(L-1-k) = Ā^((nb-1-b)T) Ā^(T-1-t)."""
+    length = u.shape[-1]
+    inner, blocks = _two_level(length)
+    real = log_z.real.dtype
+    t = torch.arange(inner - 1, -1, -1, device=log_z.device, dtype=real)
+    b = inner * torch.arange(blocks - 1, -1, -1, device=log_z.device, dtype=real)
+    small = torch.exp(log_z.unsqueeze(-1) * t)                                       # (S, M, T)
+    large = torch.exp(log_z.unsqueeze(-1) * b)                                       # (S, M, nb)
+    padded = torch.nn.functional.pad(u, (blocks * inner - length, 0)).to(log_z.dtype)  # zeros first: same sums
+    per_block = torch.matmul(padded.unflatten(-1, (blocks, inner)), small.transpose(-1, -2))  # (b, S, nb, M)
+    h = dB * torch.einsum("bsnm,smn->bsm", per_block, large)
     if h0 is not None:
-        n = torch.full((u.shape[0],), u.shape[-1], device=u.device) if steps is None else steps
-        h = h + torch.exp(log_z * n.to(log_z.real.dtype)[:, None, None]) * h0
+        n = torch.full((u.shape[0],), length, device=u.device) if steps is None else steps
+        h = h + torch.exp(log_z * n.to(real)[:, None, None]) * h0
     return h
 
 
@@ -209,19 +211,23 @@ def _cauchy_block(dt: torch.Tensor, A: torch.Tensor, P: torch.Tensor, B: torch.T
     c1 = 2 * dt3 / (2 * onem - dt3 * A.unsqueeze(-1) * onep)           # (S, M, F)
     c2 = 2 * dt3 / (2 * onem - dt3 * A.conj().unsqueeze(-1) * onep)
 
-    def cauchy(v: torch.Tensor) -> torch.Tensor:  # Σ over the full conjugate-symmetric modes
-        return torch.einsum("...sm,smf->...sf", v, c1) + torch.einsum("...sm,smf->...sf", v.conj(), c2)
-
-    Q = P.conj()
-    k00 = cauchy(C * B)                                                 # (..., S, F)
-    k01 = cauchy(C * P)                                                 # (R, S, F)
-    k10 = cauchy(Q * B.unsqueeze(-3))                                   # (..., R, S, F)
-    k11 = cauchy(Q.unsqueeze(1) * P.unsqueeze(0))                       # (R, R, S, F)
+    # The four Cauchy sums k_ab = Σ_n a_n b_n / (g - λ_n) over the full conjugate-symmetric modes, for all pairs
+    # at once (one batched product per half): (C̃, B), (C̃, P), (Q, B), (Q, P) with Q = conj(P).
+    Q, lead, rank = P.conj(), B.shape[:-2], P.shape[0]
+    S, M = A.shape
+    pairs = [C * B, C * P, Q * B.unsqueeze(-3), Q.unsqueeze(1) * P.unsqueeze(0)]
+    sizes = [pair.numel() // (S * M) for pair in pairs]
+    v = torch.cat([pair.reshape(-1, S, M) for pair in pairs])
+    sums = (torch.einsum("ksm,smf->ksf", v, c1) + torch.einsum("ksm,smf->ksf", v.conj(), c2)).split(sizes)
+    F = omega.shape[0]
+    k00 = sums[0].reshape(*lead, S, F)
+    k01 = sums[1]                                                       # (R, S, F)
+    k10 = sums[2].reshape(*lead, rank, S, F)
+    k11 = sums[3].reshape(rank, rank, S, F)
     # Woodbury: C̃ (g - Λ + P Q*)^{-1} B = k00 - k01 (I + k11)^{-1} k10, with the factor 2/(1+ω) moved inside.
-    if P.shape[0] == 1:
+    if rank == 1:
         correction = k01[0] * k10[..., 0, :, :] / (2 + onep * k11[0, 0])
     else:
-        rank = P.shape[0]
         system = 2 * torch.eye(rank, dtype=k11.dtype, device=k11.device) + onep[:, None, None] * k11.permute(2, 3, 0, 1)
         solved = torch.linalg.solve(system, k10.movedim((-3, -2, -1), (-1, -3, -2)).unsqueeze(-1)).squeeze(-1)
         correction = torch.einsum("rsf,...sfr->...sf", k01, solved)
