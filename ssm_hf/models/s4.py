@@ -3,6 +3,16 @@
 Parameter names: `backbone.embeddings`, `backbone.layers.N.norm` (LayerNorm), `backbone.layers.N.mixer.kernel.
 {log_dt, log_A_real, A_imag, B, C, P}`, `backbone.layers.N.mixer.{D, output_linear}`, `backbone.norm_f` (with
 `prenorm`), `lm_head` / `score`.
+
+Relation to state-spaces/s4 checkpoints (for converters): the standalone S4D (`models/s4/s4d.py`: `kernel.log_dt`,
+`kernel.log_A_real`, `kernel.A_imag`, `kernel.C`, `D`, `output_linear.0` a width-1 Conv1d) uses our conventions
+exactly (A = -exp(log_A_real) + i A_imag; its B is 1, its Conv1d weight (2H, H, 1) is our Linear's (2H, H)). The
+v4 kernels (`SSMKernelDiag` / `SSMKernelDPLR` under `layer.kernel`) write A = -exp(A_real) - i A_imag: copy
+A_real to log_A_real and A_imag as is, and conjugate B, C and P (negate their [..., 1]), which swaps the two halves
+of every conjugate pair; their `inv_dt` is log Δ for dt_transform="exp"; they share Δ, A, B, P across their
+`channels` (our `num_ssm_copies`, SSM index copy * H + h as in their (channels, H) layout) and across H/n_ssm
+groups, so those are repeated; their DPLR `C` is C̃ for the length in the `l_kernel` buffer (set l_max to it), or
+the plain C when that buffer is 0.
 """
 
 from __future__ import annotations
