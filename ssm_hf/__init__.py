@@ -16,6 +16,7 @@ from .configs import (
     HybridConfig,
     Mamba2Config,
     MambaConfig,
+    S4Config,
     list_presets,
     preset_config,
 )
@@ -32,6 +33,10 @@ from .models import (
     MambaForSequenceClassification,
     MambaModel,
     MambaPreTrainedModel,
+    S4ForCausalLM,
+    S4ForSequenceClassification,
+    S4Model,
+    S4PreTrainedModel,
 )
 
 __version__ = "0.1.0"
@@ -42,6 +47,7 @@ _ARCHITECTURES = {
     MambaConfig: (MambaModel, MambaForCausalLM, MambaForSequenceClassification),
     Mamba2Config: (Mamba2Model, Mamba2ForCausalLM, Mamba2ForSequenceClassification),
     HybridConfig: (HybridModel, HybridForCausalLM, HybridForSequenceClassification),
+    S4Config: (S4Model, S4ForCausalLM, S4ForSequenceClassification),
 }
 
 
@@ -78,6 +84,11 @@ __all__ = [
     "MambaForSequenceClassification",
     "MambaModel",
     "MambaPreTrainedModel",
+    "S4Config",
+    "S4ForCausalLM",
+    "S4ForSequenceClassification",
+    "S4Model",
+    "S4PreTrainedModel",
     "list_presets",
     "preset_config",
 ]

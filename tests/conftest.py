@@ -12,10 +12,13 @@ import transformers  # noqa: E402
 import ssm_hf  # noqa: E402
 from ssm_hf.data import python_stdlib_text, train_bpe_tokenizer  # noqa: E402
 
-# family -> (tiny preset, our causal LM, transformers' config class and causal LM with the same state dict)
+# family -> (tiny preset, our causal LM, transformers' config class and causal LM with the same state dict, or
+# None where transformers has no such model)
 FAMILIES = {
     "mamba": ("mamba-tiny", ssm_hf.MambaForCausalLM, transformers.MambaConfig, transformers.MambaForCausalLM),
     "mamba2": ("mamba2-tiny", ssm_hf.Mamba2ForCausalLM, transformers.Mamba2Config, transformers.Mamba2ForCausalLM),
+    "s4": ("s4-tiny", ssm_hf.S4ForCausalLM, None, None),
+    "s4d": ("s4d-tiny", ssm_hf.S4ForCausalLM, None, None),
 }
 
 
@@ -37,6 +40,8 @@ def causal_lm_class(family: str):
 def transformers_twin(family: str, config):
     """transformers' in-tree causal LM of the same architecture as our `config` (random weights)."""
     _, _, their_config_class, their_model_class = FAMILIES[family]
+    if their_model_class is None:
+        raise ValueError(f"transformers has no in-tree model of the {family} family")
     fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "scan_chunk_size")}
     return their_model_class(their_config_class(**fields)).eval()
 

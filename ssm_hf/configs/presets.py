@@ -11,10 +11,11 @@ from transformers import PreTrainedConfig
 from .hybrid import HybridConfig
 from .mamba import MambaConfig
 from .mamba2 import Mamba2Config
+from .s4 import S4Config
 
 # family file name -> config class; a new family adds its JSON file and a line here.
 _FAMILIES: dict[str, type[PreTrainedConfig]] = {"mamba": MambaConfig, "mamba2": Mamba2Config,
-                                                "hybrid": HybridConfig}
+                                                "hybrid": HybridConfig, "s4": S4Config}
 
 
 @lru_cache(maxsize=None)

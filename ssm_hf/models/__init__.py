@@ -19,6 +19,12 @@ from .mamba2 import (
     Mamba2PreTrainedModel,
 )
 from .outputs import SSMCausalLMOutput, SSMModelOutput
+from .s4 import (
+    S4ForCausalLM,
+    S4ForSequenceClassification,
+    S4Model,
+    S4PreTrainedModel,
+)
 
 __all__ = [
     "HybridForCausalLM",
@@ -33,6 +39,10 @@ __all__ = [
     "MambaForSequenceClassification",
     "MambaModel",
     "MambaPreTrainedModel",
+    "S4ForCausalLM",
+    "S4ForSequenceClassification",
+    "S4Model",
+    "S4PreTrainedModel",
     "SSMCausalLMOutput",
     "SSMModelOutput",
 ]

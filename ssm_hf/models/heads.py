@@ -7,17 +7,24 @@ from torch import nn
 from transformers import PreTrainedConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .modeling_utils import last_token_indices
+from .modeling_utils import last_token_indices, real_token_mask
+
+POOLINGS = ("last", "mean")
 
 
 class LastTokenClassifierMixin:
     """Sequence classification shared by every family: the family's backbone (`backbone_class`) and a linear
-    `score` head on the last real token of each sequence (found from the attention mask, else the pad id)."""
+    `score` head on a pooled hidden state. `config.classifier_pooling` (any family's config accepts it; default
+    "last") chooses the last real token of each sequence or the mean over its real tokens; real tokens are found
+    from the attention mask, else the pad id."""
 
     backbone_class: type
     _new_head_prefixes = ("score.",)
 
     def __init__(self, config: PreTrainedConfig):
+        pooling = getattr(config, "classifier_pooling", "last")
+        if pooling not in POOLINGS:
+            raise ValueError(f"classifier_pooling={pooling!r} is not supported; choose one of {POOLINGS}.")
         super().__init__(config)
         self.num_labels = config.num_labels
         self.backbone = self.backbone_class(config)
@@ -46,11 +53,7 @@ class LastTokenClassifierMixin:
             input_ids, inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,
             return_dict=True, attention_mask=attention_mask, position_ids=kwargs.get("position_ids"),
         )
-        hidden_states = outputs.last_hidden_state
-        batch_size, seqlen = hidden_states.shape[:2]
-        last = last_token_indices(input_ids, attention_mask, self.config.pad_token_id, batch_size, seqlen,
-                                  hidden_states.device)
-        pooled = hidden_states[torch.arange(batch_size, device=hidden_states.device), last]
+        pooled = self.pool(outputs.last_hidden_state, input_ids, attention_mask)
         pooled_logits = self.score(pooled.to(self.score.weight.dtype)).float()
         loss = None
         if labels is not None:
@@ -60,5 +63,18 @@ class LastTokenClassifierMixin:
             output = (pooled_logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return (loss,) + output if loss is not None else output
         return SequenceClassifierOutput(loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states)
+
+    def pool(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+             ) -> torch.Tensor:
+        """(batch, seqlen, hidden) -> (batch, hidden): the last real token, or the mean over the real tokens."""
+        batch_size, seqlen = hidden_states.shape[:2]
+        args = (input_ids, attention_mask, self.config.pad_token_id, batch_size, seqlen, hidden_states.device)
+        if getattr(self.config, "classifier_pooling", "last") == "mean":
+            real = real_token_mask(*args).unsqueeze(-1)
+            # where(), not a product: outputs at padded positions are arbitrary and may not even be finite
+            total = torch.where(real, hidden_states, 0).sum(1, dtype=torch.float32)
+            return (total / real.sum(1).clamp(min=1)).to(hidden_states.dtype)
+        last = last_token_indices(*args)
+        return hidden_states[torch.arange(batch_size, device=hidden_states.device), last]
 
 

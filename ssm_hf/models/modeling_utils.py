@@ -152,31 +152,38 @@ def start_backbone(
 
 def _cache_batch_size(cache: Cache) -> int | None:
     for layer in cache.layers:
-        for tensor in (*getattr(layer, "conv_states", {}).values(), getattr(layer, "keys", None)):
+        states = (*getattr(layer, "conv_states", {}).values(), *getattr(layer, "recurrent_states", {}).values())
+        for tensor in (*states, getattr(layer, "keys", None)):
             if isinstance(tensor, torch.Tensor) and tensor.dim() > 1:
                 return tensor.shape[0]
     return None
+
+
+def real_token_mask(
+    input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, pad_token_id: int | None, batch_size: int,
+    seqlen: int, device: torch.device,
+) -> torch.Tensor:
+    """(batch, seqlen) bool, True for real tokens: from `attention_mask` if given, else from `pad_token_id`.
+    Without either, a single row is all real; a batch raises (its padding cannot be told apart)."""
+    if attention_mask is not None:
+        return attention_mask[:, -seqlen:].to(device).bool()
+    if input_ids is not None and pad_token_id is not None:
+        return input_ids != pad_token_id
+    if batch_size != 1:
+        raise ValueError(
+            "Sequence classification of a batch needs an attention_mask (or input_ids and a pad_token_id in "
+            "the config) to find each row's real tokens."
+        )
+    return torch.ones(batch_size, seqlen, dtype=torch.bool, device=device)
 
 
 def last_token_indices(
     input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, pad_token_id: int | None, batch_size: int,
     seqlen: int, device: torch.device,
 ) -> torch.Tensor:
-    """Index of the last real token of each row: from `attention_mask` if given, else from `pad_token_id`;
-    works for left and right padding. Without either, the last position."""
-    positions = torch.arange(seqlen, device=device)
-    if attention_mask is not None:
-        real = attention_mask[:, -seqlen:].to(device).bool()
-    elif input_ids is not None and pad_token_id is not None:
-        real = input_ids != pad_token_id
-    else:
-        if batch_size != 1:
-            raise ValueError(
-                "Sequence classification of a batch needs an attention_mask (or input_ids and a pad_token_id in "
-                "the config) to find each row's last token."
-            )
-        return torch.full((batch_size,), seqlen - 1, device=device, dtype=torch.long)
-    return (positions * real).argmax(-1)
+    """Index of the last real token of each row (see `real_token_mask`); works for left and right padding."""
+    real = real_token_mask(input_ids, attention_mask, pad_token_id, batch_size, seqlen, device)
+    return (torch.arange(seqlen, device=device) * real).argmax(-1)
 
 
 class StrictLoadingMixin:

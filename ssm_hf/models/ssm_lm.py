@@ -44,11 +44,18 @@ class SSMBlock(GradientCheckpointingLayer):
             residual = residual.to(torch.float32)
         return residual + self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
 
+    @staticmethod
+    def final_norm(config: PreTrainedConfig) -> nn.Module:
+        """The norm after the last block (`backbone.norm_f`)."""
+        return RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
 
 class SSMPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
-    """Shared by the families; each sets `config_class` and `mixer_class`."""
+    """Shared by the families; each sets `config_class` and `mixer_class` (and `block_class` if its residual block
+    differs from `SSMBlock`: it takes (config, mixer) and provides `final_norm(config)`)."""
 
     mixer_class: type[nn.Module]
+    block_class: type[nn.Module] = SSMBlock
     base_model_prefix = "backbone"
     _no_split_modules = ["SSMBlock"]
     supports_gradient_checkpointing = True
@@ -62,14 +69,14 @@ class SSMPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
 
 
 class SSMModel(SSMPreTrainedModel):
-    """Embeddings → `num_hidden_layers` blocks of the family's mixer → final RMSNorm."""
+    """Embeddings → `num_hidden_layers` blocks of the family's mixer → final norm (RMSNorm for `SSMBlock`)."""
 
     def __init__(self, config: PreTrainedConfig):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            [SSMBlock(config, self.mixer_class(config, layer_idx=i)) for i in range(config.num_hidden_layers)])
-        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.layers = nn.ModuleList([self.block_class(config, self.mixer_class(config, layer_idx=i))
+                                     for i in range(config.num_hidden_layers)])
+        self.norm_f = self.block_class.final_norm(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -181,6 +188,7 @@ class SSMForCausalLM(SSMPreTrainedModel, GenerationMixin):
 
 
 class SSMForSequenceClassification(LastTokenClassifierMixin, SSMPreTrainedModel):
-    """The backbone (`backbone_class`) with a linear `score` head on the last real token of each sequence."""
+    """The backbone (`backbone_class`) with a linear `score` head on the last real token of each sequence (or the
+    mean over its real tokens: `config.classifier_pooling`)."""
 
     backbone_class: type[SSMModel]
