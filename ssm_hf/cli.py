@@ -1,4 +1,5 @@
-"""Command line: `ssm-hf zoo` lists the presets with their parameter counts (`ssm-hf zoo NAME` shows one)."""
+"""Command line: `ssm-hf zoo` lists the presets with their parameter counts (`ssm-hf zoo NAME` shows one);
+`ssm-hf bench` measures speed and memory against context length (see `ssm_hf.bench`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import sys
 
+from . import bench as bench_module
 from . import zoo
 from .configs import preset_config
 
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     zoo = commands.add_parser("zoo", help="list the zoo's presets, or print one preset's config")
     zoo.add_argument("name", nargs="?", help="a preset name, e.g. mamba-tiny")
     zoo.set_defaults(func=_zoo)
+    bench = commands.add_parser("bench", help="measure speed and memory against context length; CSV and plots")
+    bench_module.add_arguments(bench)
+    bench.set_defaults(func=bench_module.run_from_args)
     args = parser.parse_args(argv)
     return args.func(args)
 
