@@ -132,9 +132,8 @@ class ModelSpec:
 
 def resolve_models(names: list[str]) -> list[ModelSpec]:
     """Zoo preset names or local checkpoint folders (with a config.json) -> specs; raises a ValueError naming an
-    unknown one and listing the presets."""
-    import ssm_hf  # noqa: F401  (registers our architectures with the Auto classes, for local checkpoints)
-
+    unknown one and listing the presets. (Importing this module imported `ssm_hf`, which registered our
+    architectures with the Auto classes, so our checkpoints load like transformers' own.)"""
     presets = list_presets()
     specs = []
     for name in names:
@@ -474,7 +473,7 @@ def resolve_device_and_dtype(device: str, dtype: str | None) -> tuple[torch.devi
 
 
 def device_description(device: torch.device) -> str:
-    """'NVIDIA H100 80GB HBM3' or 'Intel Xeon ... (2 cores, 2 threads)'."""
+    """'NVIDIA H100 80GB HBM3' or 'AMD EPYC (2 cores, 2 threads)' (threads: torch's)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -483,7 +482,8 @@ def device_description(device: torch.device) -> str:
         name = match.group(1).strip() if match else name
     except OSError:
         pass
-    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{name} ({os.cpu_count()} cores, {threads} thread{'s' if threads > 1 else ''})"
 
 
 def command_line(options: BenchOptions) -> str:
@@ -730,7 +730,8 @@ def plot_results(rows: list[dict], out: Path, meta: dict) -> list[Path]:
             ax.legend(fontsize=8)
 
     def save(fig, name: str) -> Path:
-        lines = textwrap.wrap("not measured: " + "; ".join(skipped), width=int(fig.get_figwidth() * 19))
+        lines = textwrap.wrap("not measured: " + "; ".join(skipped), width=int(fig.get_figwidth() * 19)) \
+            if skipped else []
         if lines:
             lines = lines[:4] + (["... (the reasons are in bench.csv)"] if len(lines) > 4 else [])
             fig.text(0.01, 0.01, "\n".join(lines), fontsize=6.5, color="0.35", va="bottom")
