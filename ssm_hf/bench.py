@@ -546,6 +546,10 @@ def _run_bench(options: BenchOptions) -> list[dict]:
         "warmup": options.warmup, "memory_measure": memory.measure, "versions": _versions(),
         "models": {}, "baseline_config": baseline.config.to_diff_dict() if baseline else None,
     }
+    def write_meta() -> None:
+        (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+
+    write_meta()  # now, so that a sweep cut short still says what it measured; again at the end with the models
     rows: list[dict] = []
     generator = torch.Generator().manual_seed(options.seed)
     bar = tqdm(total=len(specs) * len(options.lengths), desc="bench", unit="point", disable=not options.progress)
@@ -559,7 +563,7 @@ def _run_bench(options: BenchOptions) -> list[dict]:
     finally:
         gc.unfreeze()
         bar.close()
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+        write_meta()
     (out / "table.md").write_text(markdown_table(rows), encoding="utf-8")
     if options.plots:
         plot_results(rows, out, meta)
@@ -763,15 +767,27 @@ def plot_results(rows: list[dict], out: Path, meta: dict) -> list[Path]:
 # command line
 
 
+def _option(parse):
+    """argparse shows an ArgumentTypeError's own message (it replaces a ValueError's with a generic one)."""
+    def parse_option(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    parse_option.__name__ = parse.__name__
+    return parse_option
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `ssm-hf bench`."""
     parser.add_argument("--models", default="mamba-130m,mamba2-130m,hybrid-130m",
                         help="comma list of zoo presets (`ssm-hf zoo`) or local checkpoint folders")
     parser.add_argument("--baseline", default="llama", choices=BASELINES,
                         help="a transformers LlamaForCausalLM at random init (SDPA) of about the first model's size")
-    parser.add_argument("--baseline-size", type=parse_count, default=None,
+    parser.add_argument("--baseline-size", type=_option(parse_count), default=None,
                         help="the baseline's parameter count instead, e.g. 130m or 1.3b")
-    parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("1k,4k,16k,64k"),
+    parser.add_argument("--lengths", type=_option(parse_lengths), default=parse_lengths("1k,4k,16k,64k"),
                         help="context lengths, e.g. 1k,4k,16k,64k (k = 1024) or plain integers")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per repeat")
@@ -783,7 +799,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget", type=float, default=600.0,
                         help="seconds per point; a point estimated (or found) to take longer is skipped; 0: no limit")
     parser.add_argument("--max-memory-gb", type=float, default=None,
-                        help="skip points whose estimated peak memory is above this (default: the free memory)")
+                        help="skip points whose estimated peak memory is above this (on CPU the free RAM is one too)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 is steadier on a busy machine")
