@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 import ssm_hf
 from ssm_hf import bench, zoo
@@ -210,3 +211,29 @@ def test_matplotlib_is_needed_only_for_plots(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "plots" / "bench.csv").exists()
     assert main([*args, "--out", str(tmp_path / "csv"), "--no-plots"]) == 0
     assert (tmp_path / "csv" / "bench.csv").is_file()
+
+
+def test_out_of_memory_skips_and_other_errors_fail(tmp_path, monkeypatch, capsys):
+    measure = bench.measure_point
+
+    def failing(model, length, *args):
+        if length == 32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if model.config.model_type == "ssm_mamba2" and length == 16:
+            raise RuntimeError("a bug in the model")
+        return measure(model, length, *args)
+
+    monkeypatch.setattr(bench, "measure_point", failing)
+    code = main(["bench", "--models", "mamba-tiny,mamba2-tiny", "--baseline", "none", "--lengths", "16,32,64",
+                 "--decode-tokens", "2", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path),
+                 "--no-progress", "--no-plots"])
+    assert code == 1  # a failed point is an error; skipped ones are not
+    _, rows = read_csv(tmp_path / "bench.csv")
+    assert [(r["model"], r["status"]) for r in rows] == [
+        ("mamba-tiny", "ok"), ("mamba-tiny", "skipped"), ("mamba-tiny", "skipped"),
+        ("mamba2-tiny", "failed"), ("mamba2-tiny", "skipped"), ("mamba2-tiny", "skipped")]
+    assert rows[1]["reason"] == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert rows[2]["reason"] == "longer than 32, which ran out of memory"
+    assert rows[3]["reason"] == "a bug in the model"
+    printed = capsys.readouterr().out
+    assert "failed: mamba2-tiny at 16 tokens: a bug in the model" in printed
