@@ -1,6 +1,7 @@
 """Command line: `ssm-hf zoo` lists the presets with their parameter counts (`ssm-hf zoo NAME` shows one);
 `ssm-hf convert --from/--to FORMAT SRC OUT` converts checkpoints; `ssm-hf push FOLDER --repo-id NAME` uploads a
-saved model to the Hugging Face Hub."""
+saved model to the Hugging Face Hub; `ssm-hf bench` measures speed and memory against context length (see
+`ssm_hf.bench`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import json
 import sys
 
+from . import bench as bench_module
 from . import hub, zoo
 from .configs import preset_config
 
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     zoo.set_defaults(func=_zoo)
     _add_convert(commands)
     _add_push_command(commands)
+    bench = commands.add_parser("bench", help="measure speed and memory against context length; CSV and plots")
+    bench_module.add_arguments(bench)
+    bench.set_defaults(func=bench_module.run_from_args)
     args = parser.parse_args(argv)
     return args.func(args)
 
