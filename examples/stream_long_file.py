@@ -6,7 +6,8 @@ The file (by default Python standard-library source) streams through a small Mam
 fixed-size state is kept; the state is snapshotted, saved, loaded back, and each prompt is answered by
 `generate()` from a fresh copy of it, at a cost that does not depend on the file's length. For comparison, one
 prompt is also answered by re-reading the whole file. Everything is offline: the tokenizer is trained here, and the
-model gets a few seconds of training on the file (`--train-seconds 0` keeps it random).
+model gets a few seconds of training on the file (`--train-seconds 0` keeps it random); it is tiny and barely
+trained, so its answers are not the point: the mechanics and the timings are.
 """
 
 from __future__ import annotations

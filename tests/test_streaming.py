@@ -248,6 +248,19 @@ def test_fork_samples_several_continuations_of_one_prompt(name):
                        expected)
 
 
+@pytest.mark.parametrize("name", ["mamba", "hybrid"])
+def test_conversation_continues_from_the_state_generate_returns(name):
+    model = _model(name)
+    ids = _ids(1, 10, seed=13)
+    first = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    state = first.past_key_values  # everything but the last generated token, which the next call reads
+    assert isinstance(state, ssm_hf.StateCache) and state.get_seq_length() == 15
+    follow_up = torch.cat([first.sequences, _ids(1, 4, seed=14)], dim=1)
+    expected = model.generate(follow_up, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(follow_up, past_key_values=ssm_hf.snapshot(state).to_cache(),
+                                      max_new_tokens=6, do_sample=False), expected)
+
+
 def test_left_padded_batch_continues_from_its_snapshot():
     model = _model("mamba")
     prompts = [_ids(1, n, seed=n)[0] for n in (9, 14)]
