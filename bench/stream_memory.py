@@ -1,14 +1,13 @@
 """CPU: a 1,000,000-token stream through small SSMs in chunks, in flat memory.
 
-    PYTHONPATH=. python bench/stream_memory.py [--tokens 1000000] [--chunk 4096] [--models mamba-tiny,mamba2-tiny]
-                                              [--threads N] [--out results.json]
+    PYTHONPATH=. python bench/stream_memory.py [--tokens 1000000] [--chunk 4096] [--threads N] [--out results.json]
+                                              [--models mamba-tiny,mamba2-tiny,s4d-tiny]
 
 Each model (random init, float32, batch 1) runs in its own process: random token chunks are made on the fly and fed
 through `ssm_hf.stream` (logits of the last position kept), one state carried throughout. Reported per model: the
 process's resident memory (RSS) before streaming (torch, transformers and the model loaded), after the first
 chunk, at 25/50/75/100 % of the stream, and its peak (ru_maxrss); the state's bytes (constant), tokens/s, and
-whether every output and the final state are finite. S4D is added to the default models when the zoo has the
-`s4d-tiny` preset.
+whether every output and the final state are finite.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ def run_one(preset: str, tokens: int, chunk: int) -> dict:
 
 
 def main() -> None:
-    default_models = ["mamba-tiny", "mamba2-tiny"] + (["s4d-tiny"] if "s4d-tiny" in ssm_hf.list_presets() else [])
+    default_models = ["mamba-tiny", "mamba2-tiny", "s4d-tiny"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1_000_000)
     parser.add_argument("--chunk", type=int, default=4096)

@@ -21,6 +21,7 @@ Everything here works layer by layer on the layers' tensors (`conv_states` / `re
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -308,8 +309,6 @@ class StateSnapshot:
 
     def metadata(self) -> dict[str, str]:
         """What `save` records beside the tensors (all strings, as safetensors requires)."""
-        from .. import __version__
-
         return {
             "format": SNAPSHOT_FORMAT,
             "model_type": self.config.model_type,
@@ -321,7 +320,7 @@ class StateSnapshot:
             "batch_size": str(self.batch_size),
             "num_tokens": str(self.num_tokens),
             "name_or_path": str(getattr(self.config, "_name_or_path", "")),
-            "ssm_hf_version": __version__,
+            "ssm_hf_version": _library_version(),
         }
 
     def save(self, path: str | Path) -> None:
@@ -401,6 +400,15 @@ def _split_key(key: str) -> tuple[int, str]:
     if match is None:
         raise ValueError(f"Unexpected tensor name {key!r} in a state snapshot.")
     return int(match.group(1)), match.group(2)
+
+
+def _library_version() -> str:
+    # from the installed distribution: importing the package itself here would drag all of it into the flat
+    # remote-code export (ssm_hf.remote_code follows relative imports)
+    try:
+        return importlib.metadata.version("ssm-hf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
