@@ -23,9 +23,9 @@ CASES = {
     "hybrid-mamba2": lambda: ssm_hf.preset_config("hybrid-mamba2-tiny", bos_token_id=None, eos_token_id=None),
     "hybrid-no-attention": lambda: ssm_hf.preset_config("hybrid-tiny", attn_layer_period=0, bos_token_id=None,
                                                         eos_token_id=None),
+    "s4d": lambda: ssm_hf.preset_config("s4d-tiny", bos_token_id=None, eos_token_id=None),
+    "s4": lambda: ssm_hf.preset_config("s4-tiny", bos_token_id=None, eos_token_id=None),
 }
-CASES["s4d"] = lambda: ssm_hf.preset_config("s4d-tiny", bos_token_id=None, eos_token_id=None)
-CASES["s4"] = lambda: ssm_hf.preset_config("s4-tiny", bos_token_id=None, eos_token_id=None)
 PURE_SSM = [name for name in CASES if not name.startswith("hybrid")] + ["hybrid-no-attention"]
 SPREAD = {"s4": 0.03}  # a random DPLR S4 with more noise repeats one token, which would make generation tests weak
 
