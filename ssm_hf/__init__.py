@@ -37,6 +37,11 @@ from .models import (
     S4ForSequenceClassification,
     S4Model,
     S4PreTrainedModel,
+    StateCache,
+    StateSnapshot,
+    load_snapshot,
+    snapshot,
+    stream,
 )
 
 __version__ = "0.1.0"
@@ -89,6 +94,11 @@ __all__ = [
     "S4ForSequenceClassification",
     "S4Model",
     "S4PreTrainedModel",
+    "StateCache",
+    "StateSnapshot",
     "list_presets",
+    "load_snapshot",
     "preset_config",
+    "snapshot",
+    "stream",
 ]

@@ -271,9 +271,8 @@ def test_unsupported_uses_raise_clear_errors(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="lists 4 layers but num_hidden_layers is 2"):
         AutoModelForCausalLM.from_pretrained(tmp_path, num_hidden_layers=2)
-    no_attention = ssm_hf.HybridForCausalLM(_tiny(attn_layer_period=0))
-    with pytest.raises(NotImplementedError, match="without attention layers"):
-        no_attention.generate(ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="cache_implementation='static' is not supported"):
+        model.generate(ids, max_new_tokens=2, cache_implementation="static")
 
 
 def test_single_expert_means_dense_and_jamba_export_of_periodless_layouts():

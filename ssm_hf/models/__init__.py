@@ -25,6 +25,7 @@ from .s4 import (
     S4Model,
     S4PreTrainedModel,
 )
+from .state import StateCache, StateSnapshot, load_snapshot, snapshot, stream
 
 __all__ = [
     "HybridForCausalLM",
@@ -45,4 +46,9 @@ __all__ = [
     "S4PreTrainedModel",
     "SSMCausalLMOutput",
     "SSMModelOutput",
+    "StateCache",
+    "StateSnapshot",
+    "load_snapshot",
+    "snapshot",
+    "stream",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -29,6 +29,7 @@ from .modeling_utils import (
     pick_cache,
     start_backbone,
 )
+from .state import StateCache, StateGenerationMixin
 
 
 class HybridBlock(GradientCheckpointingLayer):
@@ -156,6 +157,8 @@ class HybridModel(HybridPreTrainedModel):
         hidden_states = self.norm_f(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+        if isinstance(cache, StateCache):
+            cache.advance(seqlen)
 
         output = MoeModelOutputWithPast(
             last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states,
@@ -164,9 +167,10 @@ class HybridModel(HybridPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
+class HybridForCausalLM(HybridPreTrainedModel, StateGenerationMixin):
     """Hybrid backbone with a language-modelling head; adds `router_aux_loss_coef` x the load-balancing loss to
-    the LM loss when training (or when `output_router_logits`)."""
+    the LM loss when training (or when `output_router_logits`). `generate()` can start from a given state (see
+    `StateGenerationMixin`), with or without attention layers."""
 
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
 
@@ -181,15 +185,6 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.backbone.set_input_embeddings(new_embeddings)
-
-    def generate(self, *args, **kwargs):
-        if "attention" not in self.config.layers_block_type:
-            raise NotImplementedError(
-                "generate() on a hybrid without attention layers is not supported yet (transformers' generate reads "
-                "the sequence length from an attention cache); use MambaForCausalLM or Mamba2ForCausalLM, or call "
-                "the model step by step with past_key_values."
-            )
-        return super().generate(*args, **kwargs)
 
     def forward(
         self,

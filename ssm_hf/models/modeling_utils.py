@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAt
 
 from ..layers import RMSNorm, RMSNormGated
 from ..layers.mlp import Experts, Router
+from .state import StateCache, cache_batch_size, pick_cache
 
 
 @torch.no_grad()
@@ -81,21 +82,15 @@ def check_padding_mask(attention_mask: torch.Tensor | None, batch_and_length: tu
                          f"for padding; got {tuple(attention_mask.shape)}.")
 
 
-def pick_cache(cache_params: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """Models accept the state as `cache_params` (transformers' Mamba name) or `past_key_values`."""
-    if cache_params is not None and past_key_values is not None and cache_params is not past_key_values:
-        raise ValueError("Pass the cache as either `cache_params` or `past_key_values`, not two different ones.")
-    return cache_params if cache_params is not None else past_key_values
-
-
 def resolve_cache(
     cache: Cache | None, use_cache: bool | None, config, training: bool, checkpointing: bool, batch_size: int,
 ) -> Cache | None:
     """The cache a forward pass reads and writes, or None.
 
-    A cache passed in is used (use_cache then defaults to True); without one, a new `DynamicCache` is made from the
-    config's `layer_types` when `use_cache` (default: config.use_cache outside training). An empty
-    `DynamicCache()` gets its layers from the config. Inconsistent requests raise instead of being ignored.
+    A cache passed in is used (use_cache then defaults to True); without one, a new `StateCache` (a DynamicCache
+    that counts its tokens) is made from the config's `layer_types` when `use_cache` (default: config.use_cache
+    outside training). An empty `DynamicCache()` gets its layers from the config. Inconsistent requests raise
+    instead of being ignored.
     """
     if use_cache is None:
         use_cache = cache is not None or (config.use_cache and not training)
@@ -111,7 +106,7 @@ def resolve_cache(
             )
         return None  # checkpointed training runs without a cache, as in transformers
     if cache is None:
-        return DynamicCache(config=config)
+        return StateCache(config=config)
     if len(cache.layers) == 0:
         cache.layers.extend(DynamicCache(config=config).layers)
         cache.layer_class_to_replicate = None
@@ -119,11 +114,11 @@ def resolve_cache(
                           if not isinstance(layer, (DynamicLayer, LinearAttentionLayer))})
     if unsupported:
         raise ValueError(f"Cache layers of type {unsupported} are not supported (static and offloaded KV caches are "
-                         f"not implemented here): use DynamicCache(config=model.config).")
+                         f"not implemented here): use ssm_hf.StateCache(config=model.config).")
     elif len(cache.layers) != config.num_hidden_layers:
         raise ValueError(f"The cache has {len(cache.layers)} layers, the model {config.num_hidden_layers}: build it "
-                         f"with DynamicCache(config=model.config).")
-    cached_batch = _cache_batch_size(cache)
+                         f"with ssm_hf.StateCache(config=model.config).")
+    cached_batch = cache_batch_size(cache)
     if cached_batch is not None and cached_batch != batch_size:
         raise ValueError(f"The cache holds states for a batch of {cached_batch}, the input has {batch_size} rows.")
     return cache
@@ -135,8 +130,9 @@ def start_backbone(
     use_cache: bool | None, position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Cache | None]:
     """The checks and set-up every backbone's forward begins with: exactly one of ids or embeddings, no packed
-    sequences, the cache (`resolve_cache`), the padding mask's shape, the token ids' range.
-    Returns (inputs_embeds, cache)."""
+    sequences, the cache (`resolve_cache`; a StateCache records the model's dtype and refuses another), the
+    padding mask's shape, the token ids' range. Returns (inputs_embeds, cache); the backbone calls
+    `cache.advance(seqlen)` on a StateCache once its layers have run."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
     check_not_packed(position_ids)
@@ -144,19 +140,12 @@ def start_backbone(
     cache = resolve_cache(pick_cache(cache_params, past_key_values), use_cache, model.config, model.training,
                           model.gradient_checkpointing, batch)
     check_padding_mask(attention_mask, (batch, length))
+    if isinstance(cache, StateCache):
+        cache.bind(model.config, model.dtype)
     if inputs_embeds is None:
         check_token_ids(input_ids, model.config.vocab_size, decoding=cache is not None)
         inputs_embeds = model.get_input_embeddings()(input_ids)
     return inputs_embeds, cache
-
-
-def _cache_batch_size(cache: Cache) -> int | None:
-    for layer in cache.layers:
-        states = (*getattr(layer, "conv_states", {}).values(), *getattr(layer, "recurrent_states", {}).values())
-        for tensor in (*states, getattr(layer, "keys", None)):
-            if isinstance(tensor, torch.Tensor) and tensor.dim() > 1:
-                return tensor.shape[0]
-    return None
 
 
 def real_token_mask(

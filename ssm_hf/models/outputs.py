@@ -19,6 +19,11 @@ class SSMModelOutput(ModelOutput):
     cache_params: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
+    @property
+    def past_key_values(self) -> Cache | None:
+        """The same cache, under the name transformers' generic code (e.g. chunked prefill) reads."""
+        return self.cache_params
+
 
 @dataclass
 class SSMCausalLMOutput(ModelOutput):
@@ -28,3 +33,8 @@ class SSMCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     cache_params: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> Cache | None:
+        """The same cache, under the name transformers' generic code (e.g. chunked prefill) reads."""
+        return self.cache_params

@@ -94,19 +94,6 @@ class S4ForCausalLM(SSMForCausalLM, S4PreTrainedModel):
 
     backbone_class = S4Model
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
-        # transformers' generate() passes the cache as `cache_params` only to classes whose name contains "mamba";
-        # under `past_key_values` it calls Cache.get_seq_length(), which raises for a cache made only of
-        # linear-attention layers (S4 has no attention). Let generate build or check the cache under its usual name,
-        # then hand it over as `cache_params`, exactly as for Mamba.
-        if model_kwargs.get("cache_params") is not None:
-            if model_kwargs.get("past_key_values") is not None:
-                raise ValueError("Pass the cache as either `cache_params` or `past_key_values`, not both.")
-            model_kwargs["past_key_values"] = model_kwargs.pop("cache_params")
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if model_kwargs.get("past_key_values") is not None:
-            model_kwargs["cache_params"] = model_kwargs.pop("past_key_values")
-
 
 class S4ForSequenceClassification(SSMForSequenceClassification, S4PreTrainedModel):
     """S4 / S4D with a classification head on the last real token or the mean of the real tokens

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import slice_logits_to_keep
@@ -23,6 +23,7 @@ from .modeling_utils import (
     start_backbone,
 )
 from .outputs import SSMCausalLMOutput, SSMModelOutput
+from .state import StateCache, StateGenerationMixin
 
 
 class SSMBlock(GradientCheckpointingLayer):
@@ -116,6 +117,8 @@ class SSMModel(SSMPreTrainedModel):
         hidden_states = self.norm_f(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+        if isinstance(cache_params, StateCache):
+            cache_params.advance(inputs_embeds.shape[1])
 
         if not return_dict:
             return tuple(v for v in (hidden_states, cache_params, all_hidden_states) if v is not None)
@@ -123,8 +126,9 @@ class SSMModel(SSMPreTrainedModel):
                               hidden_states=all_hidden_states)
 
 
-class SSMForCausalLM(SSMPreTrainedModel, GenerationMixin):
-    """The backbone (`backbone_class`) with a language-modelling head, tied to the embeddings if configured."""
+class SSMForCausalLM(SSMPreTrainedModel, StateGenerationMixin):
+    """The backbone (`backbone_class`) with a language-modelling head, tied to the embeddings if configured.
+    `generate()` can start from a given state (see `StateGenerationMixin`)."""
 
     backbone_class: type[SSMModel]
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
