@@ -53,7 +53,9 @@ def _add_convert(commands) -> None:
         "convert", help="convert a checkpoint folder into ssm-hf (--from) or out of it (--to)",
         description="Convert a checkpoint folder (config.json + safetensors or pytorch_model.bin, sharded or not). "
                     "--from FORMAT SRC OUT writes an ssm-hf save_pretrained folder; --to FORMAT SRC OUT reads an "
-                    "ssm-hf folder and writes FORMAT. OUT is written only when the conversion succeeds.")
+                    "ssm-hf folder and writes FORMAT. --from s4 reads state-spaces S4 / S4D checkpoints (config.json "
+                    "with state-spaces' options, weights as safetensors, .bin or one .ckpt/.pth/.pt file): see "
+                    "README.md. OUT is written only when the conversion succeeds.")
     direction = convert.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from", dest="from_format", choices=FROM_FORMATS, help="format of SRC")
     direction.add_argument("--to", dest="to_format", choices=TO_FORMATS, help="format to write to OUT")

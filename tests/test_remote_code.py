@@ -15,7 +15,8 @@ from transformers.dynamic_module_utils import get_imports, get_relative_import_f
 import ssm_hf
 from ssm_hf.remote_code import auto_classes, export_remote_code, flat_sources
 
-PRESETS = {"mamba": "mamba-tiny", "mamba2": "mamba2-tiny", "hybrid": "hybrid-tiny"}
+PRESETS = {"mamba": "mamba-tiny", "mamba2": "mamba2-tiny", "hybrid": "hybrid-tiny", "s4": "s4-tiny",
+           "s4d": "s4d-tiny"}
 
 
 def expected_outputs(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,8 +25,8 @@ def expected_outputs(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[t
 
 
 def test_exported_checkpoints_load_without_ssm_hf(tmp_path, one_thread):
-    """mamba, mamba2 and hybrid: same logits and greedy tokens from the exported code, in a Python where neither
-    ssm_hf nor Triton can be imported (the kernels' dispatch falls back to PyTorch)."""
+    """mamba, mamba2, hybrid, s4 and s4d: same logits and greedy tokens from the exported code, in a Python where
+    neither ssm_hf nor Triton can be imported (the kernels' dispatch falls back to PyTorch)."""
     jobs, expected = [], []
     generator = torch.Generator().manual_seed(1)
     for index, family in enumerate(PRESETS):

@@ -49,6 +49,8 @@ class S4Config(PreTrainedConfig):
         initializer_range: std of the normal init of embeddings and heads.
         classifier_pooling: how [`S4ForSequenceClassification`] pools the sequence: `"last"` real token or `"mean"`
             over the real tokens (Long Range Arena style).
+        head_bias: give `lm_head` / `score` a bias, as the `nn.Linear` decoder of state-spaces models has (set by
+            `ssm-hf convert --from s4`).
     """
 
     model_type = "ssm_s4"
@@ -72,6 +74,7 @@ class S4Config(PreTrainedConfig):
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     classifier_pooling: str = "last"
+    head_bias: bool = False
     pad_token_id: int | None = 0
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 0

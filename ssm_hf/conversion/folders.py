@@ -2,9 +2,11 @@
 
 `convert_checkpoint(SRC, OUT, from_format=...)` reads a checkpoint folder in another format and writes an ssm-hf
 `save_pretrained` folder (config.json + safetensors) that `AutoModelForCausalLM.from_pretrained` loads after
-`import ssm_hf`; `convert_checkpoint(SRC, OUT, to_format=...)` reads an ssm-hf folder and writes the other format
-(mamba_ssm: config.json + pytorch_model.bin, what `MambaLMHeadModel.from_pretrained` reads; transformers: the
-in-tree class's `save_pretrained` folder). OUT appears only once everything is written.
+`import ssm_hf` (`AutoModelForSequenceClassification` for a state-spaces S4 classifier; the SRC layout of
+state-spaces S4 checkpoints is described in `state_spaces_s4.py`); `convert_checkpoint(SRC, OUT, to_format=...)`
+reads an ssm-hf folder and writes the other format (mamba_ssm: config.json + pytorch_model.bin, what
+`MambaLMHeadModel.from_pretrained` reads; transformers: the in-tree class's `save_pretrained` folder). OUT appears
+only once everything is written.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .mamba_ssm import (
     ssm_hf_config_to_mamba_ssm,
     ssm_hf_to_mamba_ssm,
 )
+from .state_spaces_s4 import read_s4_state_dict, s4_config_to_ssm_hf, s4_to_ssm_hf
 from .transformers_intree import FAMILIES, ssm_hf_to_transformers, transformers_config, transformers_to_ssm_hf
 from .validation import ConversionError, check_state_dict
 
@@ -93,9 +96,6 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, from_f
     if to_format is not None and to_format not in TO_FORMATS:
         raise ConversionError(f"unknown target format {to_format!r}; choose one of {list(TO_FORMATS)}")
     src, out = Path(src), Path(out)
-    if from_format == "s4":
-        raise NotImplementedError("--from s4 is not available yet: S4 models are being added to ssm-hf; once they "
-                                  "land, state-spaces S4 checkpoints will convert here")
     if out.resolve() == src.resolve():
         raise ConversionError(f"OUT must differ from SRC ({src})")
 
@@ -104,19 +104,25 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, from_f
         config_dict = read_config(src)
         if from_format == "mamba_ssm":
             mamba_ssm_config_to_ssm_hf(config_dict)
+        elif from_format == "s4":
+            s4_config_to_ssm_hf(config_dict)
         elif from_format == "transformers":
             transformers_config(config_dict)
         elif to_format == "mamba_ssm":
             ssm_hf_config_to_mamba_ssm(ssm_hf_config(config_dict))
         else:
             ssm_hf_config(config_dict)
-        state_dict = read_state_dict(src, progress)
+        state_dict = read_s4_state_dict(src, progress) if from_format == "s4" else read_state_dict(src, progress)
         if from_format is not None:
-            if from_format == "mamba_ssm":
-                config, converted = mamba_ssm_to_ssm_hf(config_dict, state_dict)
+            if from_format == "s4":
+                model_class, config, converted = s4_to_ssm_hf(config_dict, state_dict)
             else:
-                config, converted = transformers_to_ssm_hf(config_dict, state_dict)
-            save_pretrained_from_state_dict(SSM_HF_CLASSES[config.model_type][1], config, converted, tmp)
+                if from_format == "mamba_ssm":
+                    config, converted = mamba_ssm_to_ssm_hf(config_dict, state_dict)
+                else:
+                    config, converted = transformers_to_ssm_hf(config_dict, state_dict)
+                model_class = SSM_HF_CLASSES[config.model_type][1]
+            save_pretrained_from_state_dict(model_class, config, converted, tmp)
         else:
             config, ours = ssm_hf_checkpoint(config_dict, state_dict)
             if to_format == "mamba_ssm":

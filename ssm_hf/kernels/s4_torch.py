@@ -298,6 +298,14 @@ def c_from_generating_c(C: torch.Tensor, Abar: torch.Tensor, length: int) -> tor
     return torch.linalg.solve(system, conj_full(C).unsqueeze(-1)).squeeze(-1)[..., :M]
 
 
+def generating_c_from_c(C: torch.Tensor, Abar: torch.Tensor, length: int) -> torch.Tensor:
+    """The inverse of `c_from_generating_c`: C̃ = C (I - Ā^L) attuned to length L, from the output vector C. C: (S, M)
+    half, Abar: (S, N, N) full. Returns (S, M)."""
+    M = C.shape[-1]
+    row = conj_full(C).unsqueeze(-2)                                    # (S, 1, N)
+    return (row - row @ torch.linalg.matrix_power(Abar, length)).squeeze(-2)[..., :M]
+
+
 class DPLRStep(NamedTuple):
     """Precomputed quantities of the O(N) bilinear step of a DPLR SSM (see `dplr_step_setup`)."""
 
@@ -403,6 +411,7 @@ __all__ = [
     "dplr_step_setup",
     "extend_generating_c",
     "fft_conv",
+    "generating_c_from_c",
     "hippo_legs",
     "hippo_legs_nplr",
     "ssm_init",

@@ -28,7 +28,7 @@ class LastTokenClassifierMixin:
         super().__init__(config)
         self.num_labels = config.num_labels
         self.backbone = self.backbone_class(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=getattr(config, "head_bias", False))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

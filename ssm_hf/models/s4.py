@@ -12,7 +12,7 @@ A_real to log_A_real and A_imag as is, and conjugate B, C and P (negate their [.
 of every conjugate pair; their `inv_dt` is log Δ for dt_transform="exp"; they share Δ, A, B, P across their
 `channels` (our `num_ssm_copies`, SSM index copy * H + h as in their (channels, H) layout) and across H/n_ssm
 groups, so those are repeated; their DPLR `C` is C̃ for the length in the `l_kernel` buffer (set l_max to it), or
-the plain C when that buffer is 0.
+the plain C when that buffer is 0. `ssm_hf/conversion/state_spaces_s4.py` implements this (`ssm-hf convert --from s4`).
 """
 
 from __future__ import annotations

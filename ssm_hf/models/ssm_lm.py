@@ -136,7 +136,8 @@ class SSMForCausalLM(SSMPreTrainedModel, StateGenerationMixin):
     def __init__(self, config: PreTrainedConfig):
         super().__init__(config)
         self.backbone = self.backbone_class(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # a config may ask for a bias (S4's `head_bias`, for checkpoints converted from state-spaces)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=getattr(config, "head_bias", False))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
