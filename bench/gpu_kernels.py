@@ -13,6 +13,7 @@ ssd      (on request) Mamba-2 SSD forward (+backward) beside mamba_ssm's and fla
 decode   (on request) greedy decoding tokens/s after long prompts, and peak memory for a 64k-token prompt.
 step     (on request) decoding by single-token forward calls (no generate()), and the cache's bytes.
 check_mamba2  (on request) Mamba-2's gated-norm and decoding-step kernels against PyTorch, timed beside it.
+s4       (on request) S4 / S4D on CUDA against the CPU, and prefill speed of the LRA-size presets.
 sweep    (on request) forward and forward+backward times for a few tile shapes of the Triton scan.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
          transformers' LlamaForCausalLM of the anchors' 130M shape with SDPA.
@@ -135,6 +136,36 @@ def check_mamba2_kernels():
     R["check_mamba2"] = rows
     for key, value in rows.items():
         print("check_mamba2", key, value, flush=True)
+
+
+def s4_on_gpu():
+    """S4 and S4D on CUDA: logits against the same model on the CPU (float32), greedy tokens equal, bf16 finite,
+    and prefill tokens/s of the LRA-size presets at 4 x 4096 in bf16."""
+    import copy
+
+    rows = {}
+    for name in ("s4-tiny", "s4d-tiny", "s4-lra-text", "s4d-lra-text"):
+        torch.manual_seed(0)
+        config = ssm_hf.preset_config(name)
+        cpu_model = ssm_hf.S4ForCausalLM(config).eval()
+        gpu_model = copy.deepcopy(cpu_model).to(DEV)
+        ids = torch.randint(1, config.vocab_size, (2, 300))
+        with torch.no_grad():
+            ref = cpu_model(ids).logits
+            out = gpu_model(ids.to(DEV)).logits
+            rows[f"{name} logits rel err cuda vs cpu fp32"] = rel(out.cpu(), ref)
+            greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+            rows[f"{name} greedy tokens equal cpu"] = bool(torch.equal(
+                gpu_model.generate(ids[:, :50].to(DEV), **greedy).cpu(), cpu_model.generate(ids[:, :50], **greedy)))
+            half = gpu_model.to(torch.bfloat16)
+            rows[f"{name} bf16 logits rel err"] = rel(half(ids.to(DEV)).logits, ref.to(DEV))
+            if "lra" in name:
+                long_ids = torch.randint(1, config.vocab_size, (4, 4096), device=DEV)
+                ms = do_bench(lambda: half(long_ids, use_cache=False), return_mode="median", warmup=1, rep=3)
+                rows[f"{name} prefill 4x4096 bf16 tok/s"] = long_ids.numel() / (ms * 1e-3)
+    R["s4"] = rows
+    for key, value in rows.items():
+        print("s4", key, value, flush=True)
 
 
 def sweep():
@@ -455,7 +486,7 @@ def main():
         start = time.time()
         try:
             {"check": check, "check_mamba2": check_mamba2_kernels, "time": time_scan,
-             "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd,
+             "s4": s4_on_gpu, "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]

@@ -51,7 +51,9 @@ class Experts(nn.Module):
             token, slot = torch.where(expert_index == expert)
             gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
             y = F.linear(self.act(gate) * up, self.down_proj[expert])
-            out.index_add_(0, token, (y * expert_weight[token, slot, None]).to(out.dtype))
+            # index_put_ with accumulate: the same sum as index_add_ (a token picks an expert at most once), and
+            # far cheaper on a busy multi-threaded CPU, where index_add_ was measured at tens of ms per call
+            out.index_put_((token,), (y * expert_weight[token, slot, None]).to(out.dtype), accumulate=True)
         return out
 
 
