@@ -13,6 +13,7 @@ ssd      (on request) Mamba-2 SSD forward (+backward) beside mamba_ssm's and fla
 decode   (on request) greedy decoding tokens/s after long prompts, and peak memory for a 64k-token prompt.
 step     (on request) decoding by single-token forward calls (no generate()), and the cache's bytes.
 check_mamba2  (on request) Mamba-2's gated-norm and decoding-step kernels against PyTorch, timed beside it.
+conv     (on request) the Triton causal conv1d against F.conv1d: errors and forward(+backward) times.
 s4       (on request) S4 / S4D on CUDA against the CPU, and prefill speed of the LRA-size presets.
 sweep    (on request) forward and forward+backward times for a few tile shapes of the Triton scan.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
@@ -136,6 +137,47 @@ def check_mamba2_kernels():
     R["check_mamba2"] = rows
     for key, value in rows.items():
         print("check_mamba2", key, value, flush=True)
+
+
+def conv():
+    """The Triton causal conv1d against the PyTorch form (F.conv1d) on real shapes: errors (forward with and without
+    cached inputs, gradients) and do_bench medians of forward+backward for mamba2-130m's conv (4 x 2048 x 1792)."""
+    from ssm_hf.kernels import causal_conv1d_torch
+    from ssm_hf.kernels.causal_conv1d_triton import causal_conv1d_triton
+
+    rows = {}
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for batch, seqlen, channels in ((4, 2048, 1792), (2, 4099, 3072), (3, 1, 100)):
+        x = torch.randn(batch, seqlen, channels, device=DEV, generator=g)
+        w = torch.randn(channels, 4, device=DEV, generator=g)
+        bias = torch.randn(channels, device=DEV, generator=g)
+        past = torch.randn(batch, channels, 4, device=DEV, generator=g)
+        for with_past in (False, True):
+            leaves = [t.clone().requires_grad_(True) for t in (x, w, bias)]
+            refs = [t.double().requires_grad_(True) for t in (x, w, bias)]
+            ours = causal_conv1d_triton(*leaves, past if with_past else None)
+            ref = causal_conv1d_torch.causal_conv1d(*refs, past.double() if with_past else None)
+            dy = torch.randn(ref.shape, device=DEV, generator=g)
+            ours.backward(dy)
+            ref.backward(dy.double())
+            key = f"conv {batch}x{seqlen}x{channels}{' past' if with_past else ''}"
+            rows[key + " fwd fp32"] = rel(ours, ref)
+            for name, a, b in zip(("x", "w", "bias"), leaves, refs):
+                rows[f"{key} grad {name}"] = rel(a.grad, b.grad)
+        rows[f"conv {batch}x{seqlen}x{channels} fwd bf16"] = rel(
+            causal_conv1d_triton(x.bfloat16(), w.bfloat16(), bias.bfloat16()),
+            causal_conv1d_torch.causal_conv1d(x.bfloat16(), w.bfloat16(), bias.bfloat16()))
+    x = torch.randn(4, 2048, 1792, device=DEV, generator=g).bfloat16().requires_grad_(True)
+    w = torch.randn(1792, 4, device=DEV, generator=g).bfloat16().requires_grad_(True)
+    bias = torch.randn(1792, device=DEV, generator=g).bfloat16().requires_grad_(True)
+    dy = torch.randn(4, 2048, 1792, device=DEV, generator=g).bfloat16()
+    for name, fn in (("triton", causal_conv1d_triton), ("torch", causal_conv1d_torch.causal_conv1d)):
+        rows[f"conv 4x2048x1792 bf16 fwd us, {name}"] = do_bench(lambda: fn(x, w, bias), return_mode="median") * 1e3
+        rows[f"conv 4x2048x1792 bf16 fwd+bwd us, {name}"] = do_bench(
+            lambda: fn(x, w, bias).backward(dy), grad_to_none=[x, w, bias], return_mode="median") * 1e3
+    R["conv"] = rows
+    for key, value in rows.items():
+        print("conv", key, value, flush=True)
 
 
 def s4_on_gpu():
@@ -486,7 +528,7 @@ def main():
         start = time.time()
         try:
             {"check": check, "check_mamba2": check_mamba2_kernels, "time": time_scan,
-             "s4": s4_on_gpu, "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd,
+             "s4": s4_on_gpu, "conv": conv, "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]

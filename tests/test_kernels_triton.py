@@ -223,3 +223,30 @@ def test_triton_rms_norm_gated_forward_and_gradients(hidden, group_size, gated):
     ref16 = norm_torch.rms_norm_gated(half[0].cpu(), half[1].cpu() if gated else None, half[-1].cpu(),
                                       group_size, 1e-5)
     assert out16.dtype == ref16.dtype == torch.float32 and _rel_err(out16.cpu(), ref16.double()) < 1e-2
+
+
+@pytest.mark.parametrize("batch,seqlen,channels,width,with_past,with_bias", [
+    (2, 1, 5, 4, True, True), (1, 37, 70, 4, False, True), (2, 9, 3, 2, True, False), (1, 3, 8, 4, False, False),
+])
+def test_triton_causal_conv1d_forward_and_gradients(batch, seqlen, channels, width, with_past, with_bias):
+    from ssm_hf.kernels import causal_conv1d_torch
+    from ssm_hf.kernels.causal_conv1d_triton import causal_conv1d_triton
+
+    g = torch.Generator().manual_seed(seqlen * 10 + width)
+    x = torch.randn(batch, seqlen, channels, dtype=torch.float64, generator=g)
+    weight = torch.randn(channels, width, dtype=torch.float64, generator=g)
+    bias = torch.randn(channels, dtype=torch.float64, generator=g) if with_bias else None
+    past = torch.randn(batch, channels, width + 1, dtype=torch.float64, generator=g) if with_past else None
+    leaves = [t.to(DEVICE, torch.float32).requires_grad_(True) for t in (x, weight, bias) if t is not None]
+    refs = [t.clone().requires_grad_(True) for t in (x, weight, bias) if t is not None]
+    ours = causal_conv1d_triton(leaves[0], leaves[1], leaves[2] if with_bias else None,
+                                past.to(DEVICE, torch.float32) if with_past else None)
+    ref = causal_conv1d_torch.causal_conv1d(refs[0], refs[1], refs[2] if with_bias else None, past)
+    assert ours.dtype == torch.float32 and _rel_err(ours.detach().cpu(), ref) < 1e-5
+    w = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    (ours * w.to(ours)).sum().backward()
+    (ref * w).sum().backward()
+    for leaf, r in zip(leaves, refs):
+        assert _rel_err(leaf.grad.cpu(), r.grad) < 1e-5
+    half = causal_conv1d_triton(leaves[0].detach().bfloat16(), leaves[1].detach(), None, None)
+    assert half.dtype == torch.bfloat16

@@ -3,8 +3,8 @@ never branch on the device themselves.
 
 `selective_scan` and `ssd_scan` run Triton kernels for CUDA tensors when Triton is installed, and the
 PyTorch chunked forms otherwise; both compute the same function; so do the single-token decoding steps
-`selective_state_update`, `ssd_state_update` and `causal_conv1d_update` (Triton only outside autograd), and
-Mamba-2's gated norm `rms_norm_gated`. Set the environment variable
+`selective_state_update`, `ssd_state_update` and `causal_conv1d_update` (Triton only outside autograd), the
+prefill conv `causal_conv1d` and Mamba-2's gated norm `rms_norm_gated`. Set the environment variable
 `SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for debugging).
 """
 
@@ -17,7 +17,6 @@ from functools import lru_cache
 import torch
 
 from . import causal_conv1d_torch, norm_torch, selective_scan_torch, ssd_torch
-from .causal_conv1d_torch import causal_conv1d
 from .selective_scan_torch import selective_scan_chunked, selective_scan_sequential
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked, ssd_scan_sequential
 
@@ -51,6 +50,16 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, *args, **kwargs
 
         return selective_state_update_triton(state, x, *args, **kwargs)
     return selective_scan_torch.selective_state_update(state, x, *args, **kwargs)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  past: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal conv of x (batch, seqlen, channels), no activation; as `causal_conv1d_torch.causal_conv1d`."""
+    if use_triton(x):
+        from .causal_conv1d_triton import causal_conv1d_triton
+
+        return causal_conv1d_triton(x, weight, bias, past)
+    return causal_conv1d_torch.causal_conv1d(x, weight, bias, past)
 
 
 def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,

@@ -1,0 +1,128 @@
+"""Causal depthwise conv1d as Triton kernels (forward and backward), time-major, without activation.
+
+Same function as `causal_conv1d_torch.causal_conv1d`: out[t, c] = bias[c] + Σ_k w[c, k] · in[t - (W-1) + k, c], where
+`in` is x preceded by the `past` inputs (zeros without them). It reads x in place ((batch, seqlen, channels),
+channels contiguous) instead of transposing, padding and slicing as the PyTorch form does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _inputs_at(x_ptr, past_ptr, b, s, c, c_mask, L, C, S, HAS_PAST: tl.constexpr):
+    # in[s, c] for s in [-(W-1), L): x where s >= 0, else the cached inputs (zeros without them)
+    value = tl.load(x_ptr + (b * L + tl.maximum(s, 0).to(tl.int64))[:, None] * C + c[None, :],
+                    mask=((s >= 0) & (s < L))[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_PAST:
+        from_past = tl.load(past_ptr + (b * C + c[None, :]) * S + (S + tl.minimum(s, 0))[:, None],
+                            mask=(s < 0)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        value += from_past
+    return value
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, out_ptr, L, C, S,
+                W: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(W):
+        w = tl.load(w_ptr + c * W + k, mask=c_mask, other=0.0).to(tl.float32)
+        acc += w[None, :] * _inputs_at(x_ptr, past_ptr, b, t - (W - 1) + k, c, c_mask, L, C, S, HAS_PAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + (b * L + t.to(tl.int64))[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(t < L)[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _bwd_kernel(x_ptr, past_ptr, w_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, L, C, S, n_tblocks,
+                W: tl.constexpr, HAS_PAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # dx[s] = Σ_k w[k] dout[s + (W-1) - k]; this block's share of dw and dbias goes to a partial-sum row
+    b = tl.program_id(0).to(tl.int64)
+    pid_t = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    t_mask = t < L
+    dout = tl.load(dout_ptr + (b * L + t.to(tl.int64))[:, None] * C + c[None, :],
+                   mask=t_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    dx = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    part = (b * n_tblocks + pid_t) * C + c
+    for k in tl.static_range(W):
+        w = tl.load(w_ptr + c * W + k, mask=c_mask, other=0.0).to(tl.float32)
+        later = t + (W - 1) - k
+        d_later = tl.load(dout_ptr + (b * L + tl.minimum(later, L - 1).to(tl.int64))[:, None] * C + c[None, :],
+                          mask=(later < L)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        dx += w[None, :] * d_later
+        inputs = _inputs_at(x_ptr, past_ptr, b, t - (W - 1) + k, c, c_mask, L, C, S, HAS_PAST)
+        tl.store(dw_ptr + part * W + k, tl.sum(dout * inputs, axis=0), mask=c_mask)
+    tl.store(dbias_ptr + part, tl.sum(dout, axis=0), mask=c_mask)
+    tl.store(dx_ptr + (b * L + t.to(tl.int64))[:, None] * C + c[None, :], dx, mask=t_mask[:, None] & c_mask[None, :])
+
+
+BLOCK_T, BLOCK_C = 32, 64
+
+
+def _device_guard(tensor: torch.Tensor):
+    # launch on the tensor's GPU, not the current one (a model split over GPUs); nothing to do in the interpreter
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+class _CausalConv1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, past):
+        batch, seqlen, channels = x.shape
+        width = weight.shape[-1]
+        x = x.contiguous()
+        weight = weight.contiguous()
+        past = past.contiguous() if past is not None else None
+        out = torch.empty_like(x)
+        grid = (batch, triton.cdiv(seqlen, BLOCK_T), triton.cdiv(channels, BLOCK_C))
+        with _device_guard(x):
+            _fwd_kernel[grid](x, past if past is not None else x, weight, bias if bias is not None else weight, out,
+                              seqlen, channels, past.shape[-1] if past is not None else 0,
+                              W=width, HAS_PAST=past is not None, HAS_BIAS=bias is not None,
+                              BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+        ctx.save_for_backward(x, weight, past)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, past = ctx.saved_tensors
+        batch, seqlen, channels = x.shape
+        width = weight.shape[-1]
+        n_tblocks = triton.cdiv(seqlen, BLOCK_T)
+        dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        dw = torch.empty(batch * n_tblocks, channels, width, dtype=torch.float32, device=x.device)
+        dbias = torch.empty(batch * n_tblocks, channels, dtype=torch.float32, device=x.device)
+        with _device_guard(x):
+            _bwd_kernel[(batch, n_tblocks, triton.cdiv(channels, BLOCK_C))](
+                x, past if past is not None else x, weight, dout.contiguous(), dx, dw, dbias,
+                seqlen, channels, past.shape[-1] if past is not None else 0, n_tblocks,
+                W=width, HAS_PAST=past is not None, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+        return (dx.to(x.dtype), dw.sum(0).to(weight.dtype), dbias.sum(0).to(weight.dtype) if ctx.has_bias else None,
+                None)
+
+
+def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         past: torch.Tensor | None = None) -> torch.Tensor:
+    """As `causal_conv1d_torch.causal_conv1d`: x (batch, seqlen, channels), weight (channels, width), past
+    (batch, channels, k ≥ width - 1) the inputs before x or None. Returns (batch, seqlen, channels) in x's dtype.
+    No gradient flows into `past` (a cache's state)."""
+    if x.shape[1] == 0:
+        return x.new_empty(x.shape)
+    if past is not None and past.shape[-1] < weight.shape[-1] - 1:
+        raise ValueError(f"past holds {past.shape[-1]} inputs; a width-{weight.shape[-1]} conv needs at least "
+                         f"{weight.shape[-1] - 1}")
+    return _CausalConv1d.apply(x, weight, bias, past.detach() if past is not None else None)
