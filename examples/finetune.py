@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 import ssm_hf
@@ -73,11 +74,13 @@ class JsonLinesLog(TrainerCallback):
         synchronize()
         elapsed = time.perf_counter() - self.timed_since if self.timed_since else None
         peaks = all_processes(peak_memory_gib())
+        model = kwargs.get("model")
+        fsdp_units = sum(isinstance(m, FSDPModule) for m in model.modules()) if model is not None else None
         self._write(state, {
             "summary": True, "steps": state.global_step, "world_size": world_size(),
             "tokens_per_step": self.tokens_per_step,
             "tokens_per_s": self.tokens_per_step * self.steps_timed / elapsed if elapsed and self.steps_timed else None,
-            "peak_memory_gib_per_process": peaks,
+            "peak_memory_gib_per_process": peaks, "fsdp_units": fsdp_units,
         })
 
 
@@ -163,15 +166,18 @@ def main(argv: list[str] | None = None) -> None:
 
     fsdp = {}
     if args.fsdp:
-        fsdp = dict(fsdp="full_shard auto_wrap",
-                    fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": list(model._no_split_modules),
-                                 "reshard_after_forward": True})
+        # FSDP2, one unit per block; the final save gathers a full state dict on the main process
+        fsdp = dict(fsdp=True, fsdp_config={
+            "version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+            "transformer_layer_cls_to_wrap": list(model._no_split_modules), "state_dict_type": "FULL_STATE_DICT",
+            # FSDP's own checkpointing: the TrainingArguments flag would add an all-gather in the backward pass
+            "activation_checkpointing": args.activation_checkpointing})
     training = TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         lr_scheduler_type="constant_with_warmup" if args.warmup_steps else "constant", optim=args.optim,
         max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed,
-        bf16=args.bf16, activation_checkpointing=args.activation_checkpointing, use_cpu=args.cpu,
+        bf16=args.bf16, activation_checkpointing=args.activation_checkpointing and not args.fsdp, use_cpu=args.cpu,
         dataloader_drop_last=True, ddp_find_unused_parameters=False, **fsdp,
     )
     callbacks = [JsonLinesLog(args.log_file, args.batch_size * args.seq_len)] if args.log_file else []
