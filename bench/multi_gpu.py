@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16, help="global batch (rows per step)")
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--text-chars", type=int, default=3_000_000)
+    parser.add_argument("--text-chars", type=int, default=2_000_000)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compare-steps", type=int, default=5, help="first steps whose losses are compared")
     args = parser.parse_args()
