@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_device_of
+
 
 @triton.jit
 def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, C, K, S,
@@ -47,9 +49,10 @@ def causal_conv1d_update_triton(x: torch.Tensor, conv_state: torch.Tensor, weigh
     block_k = triton.next_power_of_2(max(width, size))
     # the kernel indexes a row-major state; a strided view (e.g. after a cache crop) is updated through a copy
     state = conv_state if conv_state.is_contiguous() else conv_state.contiguous()
-    _conv_update_kernel[(batch, triton.cdiv(channels, 128))](
-        x.contiguous(), state, weight.contiguous(), bias if bias is not None else weight, out,
-        channels, width, size, HAS_BIAS=bias is not None, BLOCK_C=128, BLOCK_K=block_k)
+    with on_device_of(x):
+        _conv_update_kernel[(batch, triton.cdiv(channels, 128))](
+            x.contiguous(), state, weight.contiguous(), bias if bias is not None else weight, out,
+            channels, width, size, HAS_BIAS=bias is not None, BLOCK_C=128, BLOCK_K=block_k)
     if state is not conv_state:
         conv_state.copy_(state)
     return out
@@ -96,12 +99,13 @@ def selective_state_update_triton(state, x, delta, A, B, C, D=None, z=None, delt
     block_n = triton.next_power_of_2(d_state)
     block_d = max(16, 2048 // block_n)
     dummy = y
-    _state_update_kernel[(batch, triton.cdiv(d_inner, block_d))](
-        state.contiguous(), x.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
-        D if D is not None else dummy, z.contiguous() if z is not None else dummy,
-        delta_bias if delta_bias is not None else dummy, y, new, d_inner, d_state,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        BLOCK_D=block_d, BLOCK_N=block_n)
+    with on_device_of(x):
+        _state_update_kernel[(batch, triton.cdiv(d_inner, block_d))](
+            state.contiguous(), x.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
+            D if D is not None else dummy, z.contiguous() if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, y, new, d_inner, d_state,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+            BLOCK_D=block_d, BLOCK_N=block_n)
     return y, new
 
 
@@ -152,10 +156,11 @@ def ssd_state_update_triton(state, x, dt, A, B, C, D=None, dt_bias=None, dt_soft
     clamp = dt_limit is not None and (dt_limit[0] > 0.0 or dt_limit[1] != float("inf"))
     low, high = (float(dt_limit[0]), float(dt_limit[1])) if clamp else (0.0, 0.0)
     dummy = y
-    _ssd_update_kernel[(batch, heads, triton.cdiv(head_dim, block_p))](
-        state.contiguous(), x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
-        D if D is not None else dummy, dt_bias if dt_bias is not None else dummy, y, new,
-        heads, head_dim, d_state, heads // groups, low, high,
-        HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
-        BLOCK_P=block_p, BLOCK_N=block_n)
+    with on_device_of(x):
+        _ssd_update_kernel[(batch, heads, triton.cdiv(head_dim, block_p))](
+            state.contiguous(), x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
+            D if D is not None else dummy, dt_bias if dt_bias is not None else dummy, y, new,
+            heads, head_dim, d_state, heads // groups, low, high,
+            HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
+            BLOCK_P=block_p, BLOCK_N=block_n)
     return y, new

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_device_of
+
 
 @triton.jit
 def _gated_input(x_ptr, z_ptr, offs, mask, HAS_GATE: tl.constexpr):
@@ -78,10 +80,11 @@ class _RMSNormGated(torch.autograd.Function):
         y = torch.empty((rows, hidden), dtype=out_dtype, device=x.device)
         block = triton.next_power_of_2(group_size)
         if rows:
-            _fwd_kernel[(rows, hidden // group_size)](
-                x2, z2 if z2 is not None else x2, weight, y, hidden, group_size, eps,
-                HAS_GATE=gate is not None, ROUND_TO_INPUT=x.dtype != torch.float32, BLOCK=block,
-                num_warps=min(max(block // 256, 1), 8))
+            with on_device_of(x2):
+                _fwd_kernel[(rows, hidden // group_size)](
+                    x2, z2 if z2 is not None else x2, weight, y, hidden, group_size, eps,
+                    HAS_GATE=gate is not None, ROUND_TO_INPUT=x.dtype != torch.float32, BLOCK=block,
+                    num_warps=min(max(block // 256, 1), 8))
         ctx.save_for_backward(x2, z2, weight)
         ctx.group_size, ctx.eps, ctx.shape = group_size, eps, shape
         return y.reshape(shape)
@@ -99,10 +102,11 @@ class _RMSNormGated(torch.autograd.Function):
         dw = torch.zeros((programs, hidden), dtype=torch.float32, device=x2.device)
         block = triton.next_power_of_2(group_size)
         if rows:
-            _bwd_kernel[(programs, hidden // group_size)](
-                x2, z2 if z2 is not None else x2, weight, dy.reshape(rows, hidden).contiguous(), dx,
-                dz if dz is not None else dx, dw, rows, hidden, group_size, ctx.eps, rows_per_program,
-                HAS_GATE=z2 is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+            with on_device_of(x2):
+                _bwd_kernel[(programs, hidden // group_size)](
+                    x2, z2 if z2 is not None else x2, weight, dy.reshape(rows, hidden).contiguous(), dx,
+                    dz if dz is not None else dx, dw, rows, hidden, group_size, ctx.eps, rows_per_program,
+                    HAS_GATE=z2 is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
         shape = ctx.shape
         return (dx.to(x2.dtype).reshape(shape), dz.to(z2.dtype).reshape(shape) if dz is not None else None,
                 dw.sum(0).to(weight.dtype), None, None)

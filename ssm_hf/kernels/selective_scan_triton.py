@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_device_of
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -234,14 +236,15 @@ class _SelectiveScan(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         dummy = final
         grid = (batch, triton.cdiv(d_inner, block_d))
-        _fwd_kernel[grid](
-            x, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy, y, final, tiles,
-            seqlen, d_inner, d_state, n_tiles,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            HAS_H0=h0 is not None, STORE_TILES=store_tiles, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
-            num_warps=num_warps,
-        )
+        with on_device_of(x):
+            _fwd_kernel[grid](
+                x, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+                delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy, y, final, tiles,
+                seqlen, d_inner, d_state, n_tiles,
+                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+                HAS_H0=h0 is not None, STORE_TILES=store_tiles, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
+                num_warps=num_warps,
+            )
         ctx.save_for_backward(x, delta, A, B, C, D, z, delta_bias, tiles)
         ctx.delta_softplus = delta_softplus
         ctx.has_initial_state = initial_state is not None
@@ -265,17 +268,18 @@ class _SelectiveScan(torch.autograd.Function):
         dbias = torch.empty(batch, d_inner, **f32) if delta_bias is not None else None
         dh0 = torch.empty(batch, d_inner, d_state, **f32)
         dummy = dh0
-        _bwd_kernel[(batch, n_dblocks)](
-            x, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, tiles, dy.contiguous(),
-            dfinal.contiguous() if dfinal is not None else dummy,
-            dx, ddt, dz if dz is not None else dummy, dA, dB, dC, dD if dD is not None else dummy,
-            dbias if dbias is not None else dummy, dh0,
-            seqlen, d_inner, d_state, n_tiles, n_dblocks,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.delta_softplus, HAS_DHT=dfinal is not None,
-            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
-        )
+        with on_device_of(x):
+            _bwd_kernel[(batch, n_dblocks)](
+                x, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+                delta_bias if delta_bias is not None else dummy, tiles, dy.contiguous(),
+                dfinal.contiguous() if dfinal is not None else dummy,
+                dx, ddt, dz if dz is not None else dummy, dA, dB, dC, dD if dD is not None else dummy,
+                dbias if dbias is not None else dummy, dh0,
+                seqlen, d_inner, d_state, n_tiles, n_dblocks,
+                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=ctx.delta_softplus, HAS_DHT=dfinal is not None,
+                BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+            )
         return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
                 dD.sum(0).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
                 dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, None,

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_device_of
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked
 
 CHUNK = 64
@@ -118,13 +119,14 @@ class _SSDScan(torch.autograd.Function):
         final = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         grid = (batch * heads, triton.cdiv(head_dim, block_p))
-        _ssd_fwd_kernel[grid](
-            x_c, dt_c, A.float().contiguous(), B_c, C_c, D if D is not None else final,
-            h0 if h0 is not None else final, y, final,
-            seqlen, heads, head_dim, groups, d_state,
-            HAS_D=D is not None, HAS_H0=h0 is not None, IEEE=x.dtype == torch.float32,
-            BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
-        )
+        with on_device_of(x_c):
+            _ssd_fwd_kernel[grid](
+                x_c, dt_c, A.float().contiguous(), B_c, C_c, D if D is not None else final,
+                h0 if h0 is not None else final, y, final,
+                seqlen, heads, head_dim, groups, d_state,
+                HAS_D=D is not None, HAS_H0=h0 is not None, IEEE=x.dtype == torch.float32,
+                BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
+            )
         ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
         ctx.backward_chunk = backward_chunk
         return y, final

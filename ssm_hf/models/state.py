@@ -162,6 +162,10 @@ class StateCache(DynamicCache):
     forward by the model's backbone; `get_seq_length()` returns it for recurrent layers (a KV layer answers with its
     own length, which is the same number). `config` and `model_dtype` record the model that filled it, for
     `snapshot`. Made by every ssm-hf model when no cache is passed, and by `StateSnapshot.to_cache()`.
+
+    Its layers start empty and each mixer creates its layer's state from its own inputs (transformers' lazy
+    initialisation), so in a model split over devices (`device_map="auto"`) every state lives on its layer's
+    device; nothing here allocates on the embeddings' device.
     """
 
     def __init__(self, config: PreTrainedConfig | None = None):
