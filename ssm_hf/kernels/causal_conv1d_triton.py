@@ -7,11 +7,11 @@ channels contiguous) instead of transposing, padding and slicing as the PyTorch 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import on_device_of
 
 
 @triton.jit
@@ -73,11 +73,6 @@ def _bwd_kernel(x_ptr, past_ptr, w_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, L, 
 BLOCK_T, BLOCK_C = 32, 64
 
 
-def _device_guard(tensor: torch.Tensor):
-    # launch on the tensor's GPU, not the current one (a model split over GPUs); nothing to do in the interpreter
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, past):
@@ -88,7 +83,7 @@ class _CausalConv1d(torch.autograd.Function):
         past = past.contiguous() if past is not None else None
         out = torch.empty_like(x)
         grid = (batch, triton.cdiv(seqlen, BLOCK_T), triton.cdiv(channels, BLOCK_C))
-        with _device_guard(x):
+        with on_device_of(x):
             _fwd_kernel[grid](x, past if past is not None else x, weight, bias if bias is not None else weight, out,
                               seqlen, channels, past.shape[-1] if past is not None else 0,
                               W=width, HAS_PAST=past is not None, HAS_BIAS=bias is not None,
@@ -106,7 +101,7 @@ class _CausalConv1d(torch.autograd.Function):
         dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         dw = torch.empty(batch * n_tblocks, channels, width, dtype=torch.float32, device=x.device)
         dbias = torch.empty(batch * n_tblocks, channels, dtype=torch.float32, device=x.device)
-        with _device_guard(x):
+        with on_device_of(x):
             _bwd_kernel[(batch, n_tblocks, triton.cdiv(channels, BLOCK_C))](
                 x, past if past is not None else x, weight, dout.contiguous(), dx, dw, dbias,
                 seqlen, channels, past.shape[-1] if past is not None else 0, n_tblocks,
