@@ -203,7 +203,7 @@ def s4_on_gpu():
             rows[f"{name} bf16 logits rel err"] = rel(half(ids.to(DEV)).logits, ref.to(DEV))
             if "lra" in name:
                 long_ids = torch.randint(1, config.vocab_size, (4, 4096), device=DEV)
-                ms = do_bench(lambda: half(long_ids, use_cache=False), return_mode="median", warmup=1, rep=3)
+                ms = do_bench(lambda: half(long_ids, use_cache=False), return_mode="median", warmup=100, rep=500)
                 rows[f"{name} prefill 4x4096 bf16 tok/s"] = long_ids.numel() / (ms * 1e-3)
     R["s4"] = rows
     for key, value in rows.items():
@@ -498,7 +498,7 @@ def e2e():
         ids = torch.randint(0, 50000, (4, 2048), device=DEV)
         model.eval()
         with torch.no_grad():
-            prefill = do_bench(lambda: model(ids, use_cache=False), return_mode="median", warmup=1, rep=3)
+            prefill = do_bench(lambda: model(ids, use_cache=False), return_mode="median", warmup=200, rep=1000)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
@@ -508,7 +508,7 @@ def e2e():
             opt.zero_grad(set_to_none=True)
 
         torch.cuda.reset_peak_memory_stats()
-        train = do_bench(step, return_mode="median", warmup=1, rep=3)
+        train = do_bench(step, return_mode="median", warmup=500, rep=2000)
         rows[name] = dict(prefill_tok_s=ids.numel() / (prefill * 1e-3), train_tok_s=ids.numel() / (train * 1e-3),
                           train_peak_GB=torch.cuda.max_memory_allocated() / 1e9)
         print("e2e", name, rows[name], flush=True)
