@@ -7,6 +7,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .. import kernels
+from .offload import loaded_weights
 
 
 def cached_causal_conv(
@@ -20,6 +21,13 @@ def cached_causal_conv(
     tokens, the padded positions are skipped wherever they are (left, right or inside): each real token sees the
     real tokens before it, as if the padding were not there. Outputs at padded positions are meaningless.
     """
+    with loaded_weights(conv1d):
+        return _cached_causal_conv(conv1d, x, cache_params, layer_idx, mask)
+
+
+def _cached_causal_conv(
+    conv1d: nn.Conv1d, x: torch.Tensor, cache_params: Cache | None, layer_idx: int, mask: torch.Tensor | None,
+) -> torch.Tensor:
     weight, bias, width = conv1d.weight.squeeze(1), conv1d.bias, conv1d.kernel_size[0]
     past = cache_params.get_conv_state(layer_idx) if cache_params is not None else None
     if past is not None and x.shape[1] == 1:

@@ -13,6 +13,7 @@ from .. import kernels
 from ..configs.mamba import MambaConfig
 from .conv import cached_causal_conv
 from .norm import RMSNorm
+from .offload import loaded_weights
 from .ssm_init import inverse_softplus_dt
 
 
@@ -93,8 +94,9 @@ class MambaMixer(nn.Module):
         dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], -1)
         if self.inner_layernorms:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
-        dt = F.linear(dt, self.dt_proj.weight)
-        dt_bias = self.dt_proj.bias.float()
+        with loaded_weights(self.dt_proj):  # read, not called: offloaded weights are loaded here
+            dt = F.linear(dt, self.dt_proj.weight)
+            dt_bias = self.dt_proj.bias.float()
         dt_softplus = True
         if mask is not None:
             dt = F.softplus(dt.float() + dt_bias) * mask.float()

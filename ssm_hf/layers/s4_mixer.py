@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache
 
 from ..configs.s4 import S4Config
 from ..kernels import s4_torch as ops
+from .offload import loaded_weights
 
 
 def _as_complex(x: torch.Tensor, real_dtype: torch.dtype) -> torch.Tensor:
@@ -246,6 +247,11 @@ class S4Mixer(nn.Module):
         `seqlen` columns apply. Padding is skipped wherever it is: each real token sees the real tokens before it
         (and the cached state), as if the padding were not there; outputs at padded positions are meaningless.
         Returns (batch, seqlen, hidden_size)."""
+        with loaded_weights(self.kernel):  # its parameters are read through methods, not a call
+            return self._forward(hidden_states, cache_params, attention_mask)
+
+    def _forward(self, hidden_states: torch.Tensor, cache_params: Cache | None,
+                 attention_mask: torch.Tensor | None) -> torch.Tensor:
         batch, seqlen, _ = hidden_states.shape
         mask = attention_mask[:, -seqlen:].bool() if attention_mask is not None else None
         u = hidden_states.transpose(1, 2).to(self.kernel.real_dtype())
