@@ -59,6 +59,28 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def report(section: str, rows: dict) -> None:
+    """Keep a section's results for results.json and print them, one line each."""
+    R[section] = rows
+    for key, value in rows.items():
+        print(section, key, value, flush=True)
+
+
+def greedy_matches_reference(model) -> bool:
+    """Whether 16 greedy tokens after 2 random 64-token prompts (float32) are the same with the Triton paths as
+    with SSM_HF_FORCE_REFERENCE=1."""
+    model = model.to(DEV).eval()
+    prompt = torch.randint(1, 50000, (2, 64), device=DEV)
+    with torch.no_grad():
+        fast = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        os.environ["SSM_HF_FORCE_REFERENCE"] = "1"
+        try:
+            reference = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        finally:
+            os.environ.pop("SSM_HF_FORCE_REFERENCE")
+    return bool(torch.equal(fast, reference))
+
+
 def check():
     rows = []
     for batch, seqlen, d_inner, d_state in [(2, 1, 64, 16), (2, 7, 1000, 16), (4, 1024, 1536, 16),
@@ -126,17 +148,9 @@ def check_mamba2_kernels():
     rows["ssd step 64x24x64x128 y"], rows["ssd step state"] = rel(y, y_ref), rel(new, new_ref)
     for name, fn in (("triton", ssd_state_update_triton), ("torch", ssd_torch.ssd_state_update)):
         rows[f"ssd step us, {name}"] = do_bench(lambda: fn(**args, **kw), return_mode="median") * 1e3
-    model = ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")).to(DEV).eval()
-    prompt = torch.randint(1, 50000, (2, 64), device=DEV)
-    with torch.no_grad():
-        fast = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
-        os.environ["SSM_HF_FORCE_REFERENCE"] = "1"
-        reference = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
-        os.environ.pop("SSM_HF_FORCE_REFERENCE")
-    rows["mamba2 greedy tokens equal to the PyTorch path"] = bool(torch.equal(fast, reference))
-    R["check_mamba2"] = rows
-    for key, value in rows.items():
-        print("check_mamba2", key, value, flush=True)
+    rows["mamba2 greedy tokens equal to the PyTorch path"] = greedy_matches_reference(
+        ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))
+    report("check_mamba2", rows)
 
 
 def conv():
@@ -175,9 +189,7 @@ def conv():
         rows[f"conv 4x2048x1792 bf16 fwd us, {name}"] = do_bench(lambda: fn(x, w, bias), return_mode="median") * 1e3
         rows[f"conv 4x2048x1792 bf16 fwd+bwd us, {name}"] = do_bench(
             lambda: fn(x, w, bias).backward(dy), grad_to_none=[x, w, bias], return_mode="median") * 1e3
-    R["conv"] = rows
-    for key, value in rows.items():
-        print("conv", key, value, flush=True)
+    report("conv", rows)
 
 
 def s4_on_gpu():
@@ -205,9 +217,7 @@ def s4_on_gpu():
                 long_ids = torch.randint(1, config.vocab_size, (4, 4096), device=DEV)
                 ms = do_bench(lambda: half(long_ids, use_cache=False), return_mode="median", warmup=100, rep=500)
                 rows[f"{name} prefill 4x4096 bf16 tok/s"] = long_ids.numel() / (ms * 1e-3)
-    R["s4"] = rows
-    for key, value in rows.items():
-        print("s4", key, value, flush=True)
+    report("s4", rows)
 
 
 def sweep():
@@ -302,14 +312,8 @@ def decode():
                                      attn_implementation="sdpa")
     rows = {}
     # the Triton decode steps give the tokens of the PyTorch steps (float32, greedy)
-    model = ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m")).to(DEV).eval()
-    prompt = torch.randint(1, 50000, (2, 64), device=DEV)
-    with torch.no_grad():
-        fast = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
-        os.environ["SSM_HF_FORCE_REFERENCE"] = "1"
-        reference = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
-        os.environ.pop("SSM_HF_FORCE_REFERENCE")
-    rows["triton_decode_equals_reference_tokens"] = bool(torch.equal(fast, reference))
+    rows["triton_decode_equals_reference_tokens"] = greedy_matches_reference(
+        ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m")))
     print("decode tokens equal to the reference path:", rows["triton_decode_equals_reference_tokens"], flush=True)
     for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
                         ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),

@@ -202,8 +202,9 @@ def _relative_imports(module: str, tree: ast.Module) -> list[_RelativeImport]:
     return imports
 
 
-def _collect(roots: Iterable[str]) -> list[str]:
-    """The modules `roots` need, through every relative import (function-level ones included), sorted."""
+def _reachable(roots: Iterable[str], follow) -> set[str]:
+    """`roots` and every module reached from them through `follow(module, import_statement)`, which names the
+    modules that one relative import leads to."""
     seen: set[str] = set()
     todo = list(roots)
     while todo:
@@ -215,8 +216,13 @@ def _collect(roots: Iterable[str]) -> list[str]:
         seen.add(module)
         _, tree = _parse(module)
         for statement in _relative_imports(module, tree):
-            todo.extend(statement.dependencies())
-    return sorted(seen)
+            todo.extend(follow(statement))
+    return seen
+
+
+def _collect(roots: Iterable[str]) -> list[str]:
+    """The modules `roots` need, through every relative import (function-level ones included), sorted."""
+    return sorted(_reachable(roots, lambda statement: statement.dependencies()))
 
 
 def _flat_module(module: str, names: dict[str, str]) -> str:
@@ -287,7 +293,7 @@ def _entry_module(doc: str, classes: list[type], modules: list[str], names: dict
         by_module.setdefault(cls.__module__, []).append(cls.__name__)
     imports = [f"from .{names[module]} import {', '.join(sorted(class_names))}\n"
                for module, class_names in sorted(by_module.items())]
-    hidden = sorted(set(modules) - _discoverable(list(by_module), names))
+    hidden = sorted(set(modules) - _discoverable(list(by_module)))
     text = _header("the ssm-hf package") + f'"""{doc}"""\n\n'
     if hidden:
         text += "from typing import TYPE_CHECKING\n\n"
@@ -302,18 +308,9 @@ def _entry_module(doc: str, classes: list[type], modules: list[str], names: dict
     return text
 
 
-def _discoverable(roots: list[str], names: dict[str, str]) -> set[str]:
+def _discoverable(roots: list[str]) -> set[str]:
     """Modules that transformers' loader finds from `roots`: it follows only `from .X import` statements."""
-    seen: set[str] = set()
-    todo = list(roots)
-    while todo:
-        module = todo.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        _, tree = _parse(module)
-        todo.extend(statement.target for statement in _relative_imports(module, tree) if statement.attributes)
-    return seen
+    return _reachable(roots, lambda statement: [statement.target] if statement.attributes else [])
 
 
 def _some_name(module: str) -> str:

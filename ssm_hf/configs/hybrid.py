@@ -8,6 +8,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
+from .checks import check_positive_sizes
 from .mamba import MambaConfig
 from .mamba2 import Mamba2Config
 
@@ -147,9 +148,7 @@ class HybridConfig(PreTrainedConfig):
         )
 
     def validate_hybrid_layers(self):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"HybridConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        check_positive_sizes(self, ("vocab_size", "hidden_size", "num_hidden_layers"))
         if set(self.layers_mlp_type or ()) - {"none"} and self.intermediate_size <= 0:
             raise ValueError(f"HybridConfig.intermediate_size must be a positive integer (its layers have MLPs), got "
                              f"{self.intermediate_size}.")

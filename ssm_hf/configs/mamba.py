@@ -8,6 +8,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
+from .checks import check_positive_sizes
+
 
 @strict
 class MambaConfig(PreTrainedConfig):
@@ -94,11 +96,8 @@ class MambaConfig(PreTrainedConfig):
         return ["linear_attention"] * self.num_hidden_layers
 
     def validate_mamba_sizes(self):
-        for name in ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "conv_kernel",
-                     "scan_chunk_size"):
-            value = getattr(self, name)
-            if value <= 0:
-                raise ValueError(f"MambaConfig.{name} must be a positive integer, got {value}.")
+        check_positive_sizes(self, ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "conv_kernel",
+                                    "scan_chunk_size"))
         if self.expand <= 0:
             raise ValueError(f"MambaConfig.expand must be positive, got {self.expand}.")
         if not isinstance(self.intermediate_size, int):

@@ -8,6 +8,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
+from .checks import check_positive_sizes
+
 
 @strict
 class Mamba2Config(PreTrainedConfig):
@@ -76,11 +78,8 @@ class Mamba2Config(PreTrainedConfig):
         return ["linear_attention"] * self.num_hidden_layers
 
     def validate_mamba2_sizes(self):
-        for name in ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "num_heads", "head_dim",
-                     "n_groups", "conv_kernel", "chunk_size", "expand"):
-            value = getattr(self, name)
-            if value <= 0:
-                raise ValueError(f"Mamba2Config.{name} must be a positive integer, got {value}.")
+        check_positive_sizes(self, ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "num_heads",
+                                    "head_dim", "n_groups", "conv_kernel", "chunk_size", "expand"))
         if self.expand * self.hidden_size != self.num_heads * self.head_dim:
             raise ValueError(
                 f"Mamba2Config: expand * hidden_size ({self.expand * self.hidden_size}) must equal "

@@ -6,6 +6,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
+from .checks import check_positive_sizes
+
 KERNELS = ("dplr", "diag")
 S4_INITS = ("legs", "s4d_lin", "s4d_inv")
 DISCRETIZATIONS = ("zoh", "bilinear")
@@ -96,11 +98,8 @@ class S4Config(PreTrainedConfig):
         return ["linear_attention"] * self.num_hidden_layers
 
     def validate_s4_sizes(self):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "rank", "num_ssm_copies",
-                     "l_max"):
-            value = getattr(self, name)
-            if value <= 0:
-                raise ValueError(f"S4Config.{name} must be a positive integer, got {value}.")
+        check_positive_sizes(self, ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "rank",
+                                    "num_ssm_copies", "l_max"))
         if self.state_size % 2:
             raise ValueError(
                 f"S4Config.state_size must be even: the SSM keeps state_size/2 complex conjugate pairs; got "
