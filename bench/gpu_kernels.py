@@ -10,6 +10,9 @@ time     B8 D1536 T4096 N16 bf16: forward and forward+backward (triton.testing.d
          forward's bytes (copy bandwidth measured in the same run).
 latency  first call (forward+backward) in a fresh process with an empty Triton cache, then with the cache warm.
 ssd      (on request) Mamba-2 SSD forward (+backward) beside mamba_ssm's and fla's Triton kernels, when carried.
+check_ssd  (on request) the SSD kernels on real shapes (lengths 1 to 16k, odd sizes, groups, packed sequences,
+         float32/bf16/fp16) against the PyTorch chunked form in float32: outputs, final states and gradients.
+ssd_sweep  (on request) SSD forward and forward+backward times for a few chunk / warp / state-storage choices.
 decode   (on request) greedy decoding tokens/s after long prompts, and peak memory for a 64k-token prompt.
 step     (on request) decoding by single-token forward calls (no generate()), and the cache's bytes.
 check_mamba2  (on request) Mamba-2's gated-norm and decoding-step kernels against PyTorch, timed beside it.
@@ -244,10 +247,106 @@ def sweep():
     R["sweep"] = rows
 
 
+def ssd_inputs(b, t, h, p, g, n, dtype, seed=0):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    return dict(
+        x=torch.randn(b, t, h, p, device=DEV, generator=gen).to(dtype),
+        dt=(torch.randn(b, t, h, device=DEV, generator=gen) * 0.5 - 4).to(dtype),
+        A=-torch.exp(torch.rand(h, device=DEV, generator=gen) * 2.7),
+        B=torch.randn(b, t, g, n, device=DEV, generator=gen).to(dtype),
+        C=torch.randn(b, t, g, n, device=DEV, generator=gen).to(dtype),
+        D=torch.randn(h, device=DEV, generator=gen),
+        initial_state=torch.randn(b, h, p, n, device=DEV, generator=gen),
+    )
+
+
+def packed_reference(inputs: dict, seq_idx: torch.Tensor | None):
+    """The PyTorch chunked SSD run on each packed sequence alone (seq_idx equal across rows), joined."""
+    seqlen = inputs["x"].shape[1]
+    starts = [0] + ([] if seq_idx is None else
+                    (torch.nonzero(seq_idx[0, 1:] != seq_idx[0, :-1]).flatten() + 1).tolist()) + [seqlen]
+    ys, state = [], None
+    for begin, end in zip(starts[:-1], starts[1:]):
+        piece = {k: (v[:, begin:end] if k in ("x", "dt", "B", "C") else v) for k, v in inputs.items()}
+        if begin > 0:
+            piece.pop("initial_state")
+        y, state = kernels.ssd_scan_chunked(**piece, chunk_size=64, dt_softplus=True, return_final_state=True)
+        ys.append(y)
+    return torch.cat(ys, 1), state
+
+
+def check_ssd():
+    """The SSD kernels against the PyTorch chunked form (float32 compute) on real shapes, forward and gradients."""
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    rows = []
+    shapes = [(2, 1, 4, 64, 1, 128), (2, 7, 24, 64, 1, 128), (1, 4096, 24, 64, 1, 128), (1, 16384, 8, 64, 1, 128),
+              (2, 1000, 6, 48, 2, 64), (2, 300, 8, 64, 8, 16), (1, 517, 4, 32, 1, 256), (1, 300, 4, 128, 1, 128)]
+    for b, t, h, p, g, n in shapes:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            inp = ssd_inputs(b, t, h, p, g, n, dtype, seed=t)
+            y, fin = ssd_scan_triton(**inp, dt_softplus=True, return_final_state=True)
+            ref, fin_ref = kernels.ssd_scan_chunked(**{k: v.float() for k, v in inp.items()}, chunk_size=64,
+                                                    dt_softplus=True, return_final_state=True)
+            rows.append((f"ssd fwd {b}x{t}x{h}x{p} g{g} n{n} {str(dtype)[6:]}", rel(y, ref), rel(fin, fin_ref)))
+    for dtype in (torch.float32, torch.bfloat16):
+        for packed in (False, True):
+            inp = ssd_inputs(2, 2000, 8, 64, 2, 128, dtype, seed=5)
+            seq_idx = None
+            if packed:
+                seq_idx = torch.zeros(2, 2000, dtype=torch.int32, device=DEV)
+                for start in (1, 64, 700, 701, 1999):
+                    seq_idx[:, start:] += 1
+            leaves = {k: v.clone().requires_grad_(True) for k, v in inp.items()}
+            ref_leaves = {k: v.float().clone().requires_grad_(True) for k, v in inp.items()}
+            w = torch.randn(2, 2000, 8, 64, device=DEV)
+            wh = torch.randn(2, 8, 64, 128, device=DEV)
+            extra = {"seq_idx": seq_idx} if packed else {}
+            y, fin = ssd_scan_triton(**leaves, dt_softplus=True, return_final_state=True, **extra)
+            ref, fin_ref = packed_reference(ref_leaves, seq_idx)
+            ((y.float() * w).sum() + (fin * wh).sum()).backward()
+            ((ref * w).sum() + (fin_ref * wh).sum()).backward()
+            tag = f"{str(dtype)[6:]}{' packed' if packed else ''}"
+            rows.append((f"ssd fwd 2x2000x8x64 g2 n128 {tag}", rel(y, ref), rel(fin, fin_ref)))
+            for k in leaves:
+                rows.append((f"ssd grad {k} {tag}", rel(leaves[k].grad, ref_leaves[k].grad), float("nan")))
+    R["check_ssd"] = rows
+    for name, err, err_h in rows:
+        print(f"check {name}: rel err {err:.2e}" + ("" if err_h != err_h else f", state {err_h:.2e}"), flush=True)
+
+
+def ssd_sweep():
+    """Forward and forward+backward times of our SSD at the bench shape for a few kernel choices."""
+    from ssm_hf.kernels import ssd_triton
+
+    inp = ssd_inputs(8, 4096, 24, 64, 1, 128, torch.bfloat16)
+    inp.pop("initial_state")
+    leaves = {k: (v.clone().requires_grad_(True) if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+    dy = torch.randn_like(inp["x"])
+    saved = (ssd_triton.CHUNK, dict(ssd_triton.WARPS), ssd_triton.STATES_16BIT)
+    rows = {}
+    for chunk, out_warps, grad_warps, states16 in [(64, 4, 8, False), (64, 4, 8, True), (64, 8, 8, False),
+                                                    (32, 4, 4, False), (32, 4, 8, False), (128, 8, 8, False),
+                                                    (64, 4, 4, False)]:
+        ssd_triton.CHUNK, ssd_triton.STATES_16BIT = chunk, states16
+        ssd_triton.WARPS.update(output=out_warps, grads=grad_warps)
+        name = f"chunk {chunk} warps out {out_warps} grads {grad_warps}{' states16' if states16 else ''}"
+        try:
+            fwd = do_bench(lambda: ssd_triton.ssd_scan_triton(**inp, dt_softplus=True), return_mode="median") * 1e3
+            both = do_bench(lambda: ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True).backward(dy),
+                            return_mode="median", grad_to_none=[v for v in leaves.values() if v.requires_grad]) * 1e3
+            rows[name] = (fwd, both)
+        except Exception as err:
+            rows[name] = repr(err)[:200]
+        print("ssd_sweep", name, rows[name], flush=True)
+    ssd_triton.CHUNK, ssd_triton.STATES_16BIT = saved[0], saved[2]
+    ssd_triton.WARPS.update(saved[1])
+    R["ssd_sweep"] = rows
+
+
 def ssd():
-    """Mamba-2's SSD at B8 T4096 H24 P64 N128, one group, bf16: our Triton forward (and forward+backward, whose
-    backward recomputes through PyTorch) beside mamba_ssm's and flash-linear-attention's Triton kernels, if they
-    are importable (carried, see `anchors_gpu.py`)."""
+    """Mamba-2's SSD at B8 T4096 H24 P64 N128, one group, bf16: our Triton forward and forward+backward beside
+    mamba_ssm's and flash-linear-attention's Triton kernels, if they are importable (carried, see `anchors_gpu.py`)."""
     from ssm_hf.kernels.ssd_triton import ssd_scan_triton
 
     b, t, h, p, n = 8, 4096, 24, 64, 128
@@ -263,6 +362,11 @@ def ssd():
     y = ssd_scan_triton(x, dt, A, B, C, D=D, dt_softplus=True)
     torch.cuda.synchronize()
     rows["ours_first_call_s"] = time.perf_counter() - start
+    first = [v.clone().requires_grad_(True) for v in (x, dt, B, C)]
+    start = time.perf_counter()
+    ssd_scan_triton(first[0], first[1], A, first[2], first[3], D=D, dt_softplus=True).sum().backward()
+    torch.cuda.synchronize()
+    rows["ours_first_backward_call_s"] = time.perf_counter() - start
     ref = kernels.ssd_scan_chunked(x.float(), dt.float(), A, B.float(), C.float(), 64, D, dt_softplus=True)
     rows["ours_rel_err_vs_torch_fp32"] = rel(y, ref)
     rows["ours_fwd_us"] = do_bench(lambda: ssd_scan_triton(x, dt, A, B, C, D=D, dt_softplus=True),
@@ -533,6 +637,7 @@ def main():
         try:
             {"check": check, "check_mamba2": check_mamba2_kernels, "time": time_scan,
              "s4": s4_on_gpu, "conv": conv, "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd,
+             "check_ssd": check_ssd, "ssd_sweep": ssd_sweep,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]

@@ -250,3 +250,85 @@ def test_triton_causal_conv1d_forward_and_gradients(batch, seqlen, channels, wid
         assert _rel_err(leaf.grad.cpu(), r.grad) < 1e-5
     half = causal_conv1d_triton(leaves[0].detach().bfloat16(), leaves[1].detach(), None, None)
     assert half.dtype == torch.bfloat16
+
+
+def _segments_separately(inputs, seq_idx):
+    """The float64 recurrence run on each packed sequence alone (the initial state only for the first), joined."""
+    ys, state = [], None
+    row_inputs = {k: v for k, v in inputs.items()}
+    starts = [0] + [t for t in range(1, seq_idx.shape[1]) if seq_idx[0, t] != seq_idx[0, t - 1]] + [seq_idx.shape[1]]
+    for begin, end in zip(starts[:-1], starts[1:]):
+        piece = {k: (v[:, begin:end] if k in ("x", "dt", "B", "C") else v) for k, v in row_inputs.items()}
+        if begin > 0:
+            piece.pop("initial_state", None)
+        y, state = kernels.ssd_scan_sequential(**piece, dt_softplus=True, return_final_state=True)
+        ys.append(y)
+    return torch.cat(ys, 1), state
+
+
+@pytest.mark.parametrize("seqlen,d_state,boundaries", [(70, 16, (1, 5, 64, 65)), (45, 136, (30, 32)),
+                                                       (130, 8, ())])
+def test_triton_ssd_packed_sequences_and_gradients(seqlen, d_state, boundaries):
+    """seq_idx resets the state at each sequence start (also at a chunk's first token): values, final state and
+    every gradient equal the float64 recurrence run on each sequence alone."""
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    inputs = ssd_inputs(1, seqlen, 4, 8, 2, d_state, seed=seqlen + d_state)
+    seq_idx = torch.zeros(1, seqlen, dtype=torch.int32)
+    for t in boundaries:
+        seq_idx[:, t:] += 1
+    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
+    leaves_ref = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    weight = torch.randn(1, seqlen, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y, h = ssd_scan_triton(**leaves, dt_softplus=True, return_final_state=True, seq_idx=seq_idx.to(DEVICE))
+    y_ref, h_ref = _segments_separately(leaves_ref, seq_idx)
+    assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(h.cpu(), h_ref) < 1e-5
+    ((y * weight.to(y)).sum() + (h * h.detach()).sum()).backward()
+    ((y_ref * weight).sum() + (h_ref * h_ref.detach()).sum()).backward()
+    for key in inputs:
+        assert torch.isfinite(leaves[key].grad).all(), key
+        assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key
+
+
+def test_triton_ssd_gradient_of_final_state_alone_without_initial_state():
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    inputs = ssd_inputs(2, 67, 2, 16, 1, 16, seed=11)
+    inputs.pop("initial_state")
+    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
+    leaves_ref = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    _, h = ssd_scan_triton(**leaves, dt_softplus=True, return_final_state=True)
+    _, h_ref = kernels.ssd_scan_sequential(**leaves_ref, dt_softplus=True, return_final_state=True)
+    (h * h_ref.detach().to(h)).sum().backward()
+    (h_ref * h_ref.detach()).sum().backward()
+    unseen = {"C", "D"}   # the state does not depend on them: their gradients are exact zeros
+    assert all(leaves_ref[key].grad is None and not leaves[key].grad.any() for key in unseen)
+    for key in inputs.keys() - unseen:
+        assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key
+
+
+def test_triton_ssd_bf16_inputs_and_gradients():
+    """16-bit inputs: loads, stores and gradient dtypes (the interpreter multiplies in float32; the GPU check in
+    bench/gpu_kernels.py --sections check_ssd covers 16-bit products)."""
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    inputs = ssd_inputs(2, 100, 4, 16, 2, 32, seed=3)
+    half = {k: (v.to(torch.bfloat16) if k in ("x", "B", "C") else v.float()).to(DEVICE) for k, v in inputs.items()}
+    leaves = {k: v.clone().requires_grad_(True) for k, v in half.items()}
+    leaves_ref = {k: v.cpu().double().requires_grad_(True) for k, v in half.items()}
+    y, h = ssd_scan_triton(**leaves, dt_softplus=True, return_final_state=True)
+    y_ref, h_ref = kernels.ssd_scan_sequential(**leaves_ref, dt_softplus=True, return_final_state=True)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    assert _rel_err(y.cpu(), y_ref) < 1e-2 and _rel_err(h.cpu(), h_ref) < 1e-5
+    weight = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    (y.float() * weight.to(DEVICE, torch.float32)).sum().backward()
+    (y_ref * weight).sum().backward()
+    for key in inputs:
+        assert leaves[key].grad.dtype == half[key].dtype, key
+        assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-2, key

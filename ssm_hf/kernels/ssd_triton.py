@@ -1,13 +1,23 @@
-"""Mamba-2's SSD scan forward as a Triton kernel; the backward recomputes through the PyTorch chunked form.
+"""Mamba-2's SSD scan in Triton, forward and backward, in chunks of Q tokens.
 
-Same function and signature as `ssd_torch.ssd_scan_chunked`. One program owns one (batch row, head, block of
-head_dim) and walks the sequence in chunks of CHUNK tokens, keeping its (head_dim block x d_state) state in
-registers: inside a chunk the output is the masked product (C Bᵀ ∘ decay) (Δ x) plus C · state, both as `tl.dot`;
-the state then moves to the chunk's end. Segment sums of the log-decays are summed directly (never as differences
-of prefix sums), as in the PyTorch form.
+Same function and signature as `ssd_torch.ssd_scan_chunked`. Per (batch row, head), with a_t = Δ_t A ≤ 0, the
+state entering chunk k is H_k (head_dim x d_state) and, inside the chunk,
+
+    y_t = Σ_{s≤t} (C_t·B_s) exp(Σ_{s<j≤t} a_j) Δ_s x_s + exp(Σ_{j≤t} a_j) C_t H_kᵀ + D x_t
+    H_{k+1} = exp(Σ_j a_j) H_k + Σ_s exp(Σ_{j>s} a_j) Δ_s x_s B_sᵀ
+
+Forward: `_chunk_states_kernel` walks the chunks of one (row, head, state tile) in order and writes every H_k
+(one small matmul per chunk: the only sequential part); `_chunk_output_kernel` then computes each chunk's output
+independently, the intra-chunk part as two `tl.dot`s. Backward: the forward states are recomputed (nothing of size
+(chunks, head_dim, d_state) is kept between passes), `_chunk_state_grads_kernel` walks the chunks backwards for
+the gradient dH_{k+1} reaching each chunk's end, and `_chunk_grads_kernel` computes every input's gradient chunk
+by chunk. Segment sums of log-decays are always summed directly, never as differences of prefix sums, so small
+steps after a large one survive and a sequence start (`seq_idx`: a = -inf there) gives exact zeros, not NaNs.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -17,137 +27,353 @@ from .launch import on_device_of
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked
 
 CHUNK = 64
+# warps per kernel, and whether 16-bit inputs keep their chunk-boundary states in 16 bits between kernels (less
+# traffic, one rounding per chunk); module-level so that bench/gpu_kernels.py can sweep them
+WARPS = {"states": 4, "output": 4, "state_grads": 4, "grads": 8}
+STATES_16BIT = False
 
 
 @triton.jit
-def _ssd_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, hT_ptr,
-    L, H, P, G, N,
-    HAS_D: tl.constexpr, HAS_H0: tl.constexpr, IEEE: tl.constexpr,
+def _mm(a, b, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b accumulated in float32: full float32 for float32 inputs, else in the inputs' 16-bit type."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@triton.jit
+def _chunk_decays(dt_ptr, seq_ptr, row, head, start, L, H, A, HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Tokens of the chunk at `start`: (t, valid, Δ, a = ΔA with -inf where a sequence starts, is_start)."""
+    t = start + tl.arange(0, BLOCK_Q)
+    valid = t < L
+    dt = tl.load(dt_ptr + (row * L + t) * H + head, mask=valid, other=0.0).to(tl.float32)
+    a = dt * A
+    is_start = t < 0
+    if HAS_SEQ:
+        current = tl.load(seq_ptr + row * L + t, mask=valid, other=0)
+        previous = tl.load(seq_ptr + row * L + t - 1, mask=valid & (t > 0), other=0)
+        is_start = valid & (t > 0) & (current != previous)
+        a = tl.where(is_start, float("-inf"), a)
+    return t, valid, dt, a, is_start
+
+
+@triton.jit
+def _decay_to_end(a, BLOCK_Q: tl.constexpr):
+    """Σ_{j>s} a_j for each s of the chunk: (Q,)."""
+    j = tl.arange(0, BLOCK_Q)[:, None]
+    s = tl.arange(0, BLOCK_Q)[None, :]
+    return tl.sum(tl.where(j > s, a[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _decay_matrix(a, BLOCK_Q: tl.constexpr):
+    """exp(Σ_{s<j≤t} a_j) for t ≥ s, else 0: (Q, Q), rows t."""
+    t = tl.arange(0, BLOCK_Q)[:, None]
+    s = tl.arange(0, BLOCK_Q)[None, :]
+    seg = tl.cumsum(tl.where(t > s, a[:, None], 0.0), axis=0)
+    return tl.where(t >= s, tl.exp(seg), 0.0)
+
+
+@triton.jit
+def _chunk_states_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, seq_ptr, h0_ptr, states_ptr, final_ptr,
+    L, H, P, G, N, n_chunks,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """states[row, k, head] = H_k for every chunk k; final = the state after the last chunk.
+    Grid: (batch * heads, head_dim blocks, d_state blocks)."""
     bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
+    row = (bh // H).to(tl.int64)
     head = bh % H
     group = head // (H // G)
     p_offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    n_offs = tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_Q)
+    n_offs = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     p_mask, n_mask = p_offs < P, n_offs < N
     pn_mask = p_mask[:, None] & n_mask[None, :]
+    pn_offs = p_offs[:, None] * N + n_offs[None, :]
     A = tl.load(A_ptr + head).to(tl.float32)
-    Dh = 0.0
-    if HAS_D:
-        Dh = tl.load(D_ptr + head).to(tl.float32)
-    state_offs = ((b * H + head) * P + p_offs[:, None]) * N + n_offs[None, :]
     if HAS_H0:
-        state = tl.load(h0_ptr + state_offs, mask=pn_mask, other=0.0).to(tl.float32)
+        state = tl.load(h0_ptr + (row * H + head) * P * N + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    causal = rows[:, None] >= rows[None, :]
-    after = rows[:, None] > rows[None, :]
-    is_last = (rows == BLOCK_Q - 1)[:, None]
-    for start in range(0, L, BLOCK_Q):
-        t = start + rows
-        t_mask = t < L
-        dt = tl.load(dt_ptr + (b * L + t) * H + head, mask=t_mask, other=0.0).to(tl.float32)
-        a = dt * A                                                                   # (Q,) log-decays ≤ 0
-        x = tl.load(x_ptr + ((b * L + t[:, None]) * H + head) * P + p_offs[None, :],
-                    mask=t_mask[:, None] & p_mask[None, :], other=0.0).to(tl.float32)          # (Q, P)
-        bc_offs = ((b * L + t[:, None]) * G + group) * N + n_offs[None, :]
-        bc_mask = t_mask[:, None] & n_mask[None, :]
-        Bq = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)            # (Q, N)
-        Cq = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)
-        # seg[t, s] = Σ_{s<j≤t} a_j, summed along t for each s
-        seg = tl.cumsum(tl.where(after, a[:, None], 0.0), axis=0)                       # (Q, Q)
-        decay = tl.where(causal, tl.exp(seg), 0.0)
-        cum = tl.cumsum(a, axis=0)                                                       # Σ_{j≤t} a_j
-        xdt = x * dt[:, None]
-        if IEEE:
-            scores = tl.dot(Cq, tl.trans(Bq), input_precision="ieee")
-            y = tl.dot(scores * decay, xdt, input_precision="ieee")
-            y += tl.dot(Cq, tl.trans(state), input_precision="ieee") * tl.exp(cum)[:, None]
-        else:
-            scores = tl.dot(Cq, tl.trans(Bq))
-            y = tl.dot(scores * decay, xdt)
-            y += tl.dot(Cq, tl.trans(state)) * tl.exp(cum)[:, None]
-        if HAS_D:
-            y += Dh * x
-        tl.store(y_ptr + ((b * L + t[:, None]) * H + head) * P + p_offs[None, :],
-                 y.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & p_mask[None, :])
-        # move the state to the chunk's end: decay from each token to the end is the last row of seg
-        to_end = tl.exp(tl.sum(tl.where(is_last, seg, 0.0), axis=0))                   # (Q,)
-        total = tl.sum(a, axis=0)
-        if IEEE:
-            state = state * tl.exp(total) + tl.dot(tl.trans(xdt * to_end[:, None]), Bq, input_precision="ieee")
-        else:
-            state = state * tl.exp(total) + tl.dot(tl.trans(xdt * to_end[:, None]), Bq)
-    tl.store(hT_ptr + state_offs, state, mask=pn_mask)
+    for k in range(0, n_chunks):
+        tl.store(states_ptr + ((row * n_chunks + k) * H + head) * P * N + pn_offs,
+                 state.to(states_ptr.dtype.element_ty), mask=pn_mask)
+        t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
+        x = tl.load(x_ptr + ((row * L + t[:, None]) * H + head) * P + p_offs[None, :],
+                    mask=valid[:, None] & p_mask[None, :], other=0.0)
+        Bq = tl.load(B_ptr + ((row * L + t[:, None]) * G + group) * N + n_offs[None, :],
+                     mask=valid[:, None] & n_mask[None, :], other=0.0)
+        weight = dt * tl.exp(_decay_to_end(a, BLOCK_Q))
+        state = state * tl.exp(tl.sum(a, axis=0)) + _mm(tl.trans(x * weight[:, None]), Bq, x_ptr.dtype.element_ty,
+                                                         IEEE)
+    tl.store(final_ptr + (row * H + head) * P * N + pn_offs, state, mask=pn_mask)
 
 
-# Shared memory of the forward kernel (compiled for sm_90 and sm_80, bytes): (Q 64, P 64, N 128) ~230 KB, which
-# only an H100-class part offers per block; (32, 64, 128) ~128 KB; (32, 32, 256) ~107 KB; (32, 16, 256, float32)
-# ~158 KB. Wider states go to the PyTorch path (see `supports`).
-_BIG_SHARED_MEMORY = 232_448
+@triton.jit
+def _chunk_output_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, y_ptr,
+    L, H, P, G, N, n_chunks,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y of one chunk from its inputs and its entering state. Grid: (batch * heads, chunks, head_dim blocks)."""
+    bh = tl.program_id(0)
+    row = (bh // H).to(tl.int64)
+    head = bh % H
+    group = head // (H // G)
+    k = tl.program_id(1)
+    p_offs = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n_offs = tl.arange(0, BLOCK_N)
+    p_mask, n_mask = p_offs < P, n_offs < N
+    A = tl.load(A_ptr + head).to(tl.float32)
+    t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
+    tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
+    tp_mask = valid[:, None] & p_mask[None, :]
+    x = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0)
+    tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
+    tn_mask = valid[:, None] & n_mask[None, :]
+    Bq = tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0)
+    Cq = tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0)
+    state = tl.load(states_ptr + ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N + n_offs[None, :],
+                    mask=p_mask[:, None] & n_mask[None, :], other=0.0)
+    dot_dtype = x_ptr.dtype.element_ty
+    scores = _mm(Cq, tl.trans(Bq), dot_dtype, IEEE) * _decay_matrix(a, BLOCK_Q)
+    y = _mm(scores, x.to(tl.float32) * dt[:, None], dot_dtype, IEEE)
+    y += _mm(Cq, tl.trans(state), dot_dtype, IEEE) * tl.exp(tl.cumsum(a, axis=0))[:, None]
+    if HAS_D:
+        y += tl.load(D_ptr + head).to(tl.float32) * x.to(tl.float32)
+    tl.store(y_ptr + tp_offs, y.to(y_ptr.dtype.element_ty), mask=tp_mask)
 
 
-def supports(d_state: int) -> bool:
-    """Whether the kernel has tiles for this state size."""
-    return d_state <= 256
+@triton.jit
+def _chunk_state_grads_kernel(
+    dy_ptr, dt_ptr, A_ptr, C_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dh0_ptr,
+    L, H, P, G, N, n_chunks,
+    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dstates[row, k, head] = the gradient reaching the state after chunk k; dh0 = the gradient of the initial
+    state. Walks the chunks backwards. Grid: (batch * heads, head_dim blocks, d_state blocks)."""
+    bh = tl.program_id(0)
+    row = (bh // H).to(tl.int64)
+    head = bh % H
+    group = head // (H // G)
+    p_offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n_offs = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_mask, n_mask = p_offs < P, n_offs < N
+    pn_mask = p_mask[:, None] & n_mask[None, :]
+    pn_offs = p_offs[:, None] * N + n_offs[None, :]
+    A = tl.load(A_ptr + head).to(tl.float32)
+    if HAS_DFINAL:
+        grad = tl.load(dfinal_ptr + (row * H + head) * P * N + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)
+    else:
+        grad = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for i in range(0, n_chunks):
+        k = n_chunks - 1 - i
+        tl.store(dstates_ptr + ((row * n_chunks + k) * H + head) * P * N + pn_offs,
+                 grad.to(dstates_ptr.dtype.element_ty), mask=pn_mask)
+        t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
+        dy = tl.load(dy_ptr + ((row * L + t[:, None]) * H + head) * P + p_offs[None, :],
+                     mask=valid[:, None] & p_mask[None, :], other=0.0)
+        Cq = tl.load(C_ptr + ((row * L + t[:, None]) * G + group) * N + n_offs[None, :],
+                     mask=valid[:, None] & n_mask[None, :], other=0.0)
+        weighted = dy.to(tl.float32) * tl.exp(tl.cumsum(a, axis=0))[:, None]
+        grad = grad * tl.exp(tl.sum(a, axis=0)) + _mm(tl.trans(weighted), Cq, C_ptr.dtype.element_ty, IEEE)
+    tl.store(dh0_ptr + (row * H + head) * P * N + pn_offs, grad, mask=pn_mask)
 
 
-def _tiles(d_state: int, head_dim: int, ieee: bool, device: torch.device) -> tuple[int, int, int]:
-    block_n = max(16, triton.next_power_of_2(d_state))
-    block_p = max(16, min(64, triton.next_power_of_2(head_dim)))
-    if block_n <= 64:
-        return CHUNK, block_p, block_n
-    shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) \
-        if device.type == "cuda" else 0
-    if block_n == 128:
-        return (CHUNK, block_p, block_n) if shared >= _BIG_SHARED_MEMORY else (32, block_p, block_n)
-    return 32, min(block_p, 16 if ieee else 32), block_n
+@triton.jit
+def _chunk_grads_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
+    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
+    L, H, P, G, N, n_chunks,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Gradients of one chunk: dx, dΔ (after the Δ·A product), dB and dC of this head (summed over the heads of a
+    group afterwards), and this chunk's share of dA and dD. Grid: (batch * heads, chunks)."""
+    bh = tl.program_id(0)
+    row = (bh // H).to(tl.int64)
+    head = bh % H
+    group = head // (H // G)
+    k = tl.program_id(1)
+    p_offs = tl.arange(0, BLOCK_P)
+    n_offs = tl.arange(0, BLOCK_N)
+    p_mask, n_mask = p_offs < P, n_offs < N
+    A = tl.load(A_ptr + head).to(tl.float32)
+    t, valid, dt, a, is_start = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
+    tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
+    tp_mask = valid[:, None] & p_mask[None, :]
+    x = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
+    tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
+    tn_mask = valid[:, None] & n_mask[None, :]
+    Bq = tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0)
+    Cq = tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0)
+    pn_offs = ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N + n_offs[None, :]
+    pn_mask = p_mask[:, None] & n_mask[None, :]
+    state = tl.load(states_ptr + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)          # H_k
+    dnext = tl.load(dstates_ptr + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)         # dL/dH_{k+1}
+    dot_dtype = x_ptr.dtype.element_ty
+
+    rows_t = tl.arange(0, BLOCK_Q)[:, None]
+    cols_s = tl.arange(0, BLOCK_Q)[None, :]
+    decay = _decay_matrix(a, BLOCK_Q)                         # (t, s)
+    to_end = tl.exp(_decay_to_end(a, BLOCK_Q))                # (s,)
+    from_start = tl.exp(tl.cumsum(a, axis=0))                 # (t,)
+    xdt = x * dt[:, None]
+    scores = _mm(Cq, tl.trans(Bq), dot_dtype, IEEE)           # C_t·B_s
+    d_mixed = tl.where(rows_t >= cols_s, _mm(dy, tl.trans(xdt), dot_dtype, IEEE), 0.0)   # dL/d(scores ∘ decay)
+    d_scores = d_mixed * decay
+    # state path: dL/dxdt_s gets w_s (B_s · dH_{k+1}), dL/dB_s gets w_s (xdt_s dH_{k+1})
+    B_dnext = _mm(Bq, tl.trans(dnext), dot_dtype, IEEE)       # (s, p)
+    dxdt = _mm(tl.trans(scores * decay), dy, dot_dtype, IEEE) + to_end[:, None] * B_dnext
+    dC = _mm(d_scores, Bq, dot_dtype, IEEE) + from_start[:, None] * _mm(dy, state, dot_dtype, IEEE)
+    dB = _mm(tl.trans(d_scores), Cq, dot_dtype, IEEE) + to_end[:, None] * _mm(xdt, dnext, dot_dtype, IEEE)
+
+    # gradient of each log-decay a_j, through the three sums it enters (inside the chunk, from the chunk's start,
+    # to the chunk's end) and the chunk's total
+    d_seg = d_mixed * scores * decay                                                  # (t, s)
+    before = tl.cumsum(d_seg, axis=1) - d_seg                                         # Σ_{s<j} d_seg[t, s] at (t, j)
+    da = tl.sum(tl.where(rows_t >= cols_s, before, 0.0), axis=0)
+    C_state = _mm(Cq, tl.trans(state), dot_dtype, IEEE)                              # (t, p)
+    d_from_start = from_start * tl.sum(dy * C_state, axis=1)                         # (t,)
+    da += tl.sum(tl.where(rows_t >= cols_s, d_from_start[:, None], 0.0), axis=0)     # Σ_{t≥j}
+    d_to_end = to_end * tl.sum(B_dnext * xdt, axis=1)                               # (s,)
+    da += tl.sum(tl.where(rows_t < cols_s, d_to_end[:, None], 0.0), axis=0)         # Σ_{s<j}
+    da += tl.exp(tl.sum(a, axis=0)) * tl.sum(tl.sum(state * dnext, axis=1), axis=0)
+    da = tl.where(is_start | (t >= L), 0.0, da)      # a sequence start's decay is the constant -inf
+
+    dx = dxdt * dt[:, None]
+    if HAS_D:
+        Dh = tl.load(D_ptr + head).to(tl.float32)
+        dx += Dh * dy
+        tl.store(dD_ptr + bh * n_chunks + k, tl.sum(tl.sum(dy * x, axis=1), axis=0))
+    tl.store(dx_ptr + tp_offs, dx.to(dx_ptr.dtype.element_ty), mask=tp_mask)
+    tl.store(ddt_ptr + (row * L + t) * H + head, tl.sum(dxdt * x, axis=1) + A * da, mask=valid)
+    tl.store(dA_ptr + bh * n_chunks + k, tl.sum(da * dt, axis=0))
+    dbc_offs = ((row * L + t[:, None]) * H + head) * N + n_offs[None, :]
+    tl.store(dB_ptr + dbc_offs, dB, mask=tn_mask)
+    tl.store(dC_ptr + dbc_offs, dC, mask=tn_mask)
+
+
+# Tiles. The chunk is the same in every kernel (states sit at chunk boundaries); the state kernels split
+# (head_dim, d_state) into tiles for parallelism, the chunk kernels hold a whole d_state (and, for gradients, a
+# whole head_dim) in one program.
+MAX_D_STATE = 256
+MAX_HEAD_DIM = 128
+
+
+def supports(d_state: int, head_dim: int = 64) -> bool:
+    """Whether the kernels have tiles for this state size and head dimension."""
+    return d_state <= MAX_D_STATE and head_dim <= MAX_HEAD_DIM
+
+
+def _chunk(d_state: int, head_dim: int) -> int:
+    return CHUNK if d_state <= 128 and head_dim <= 64 else 32
+
+
+def _block(size: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+def _full_precision(x: torch.Tensor) -> bool:
+    # Triton's interpreter multiplies 16-bit tiles wrongly (Triton 3.9): there every product runs in float32
+    return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _states_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if STATES_16BIT and x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _forward_states(x, dt, A, B, seq_idx, h0, block_q):
+    """All chunk-entry states (batch, chunks, heads, head_dim, d_state) and the final state."""
+    batch, seqlen, heads, head_dim = x.shape
+    groups, d_state = B.shape[-2:]
+    n_chunks = triton.cdiv(seqlen, block_q)
+    states = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=x.device, dtype=_states_dtype(x))
+    final = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
+    block_p, block_n = _block(head_dim, 64), _block(d_state, 64)
+    grid = (batch * heads, triton.cdiv(head_dim, block_p), triton.cdiv(d_state, block_n))
+    _chunk_states_kernel[grid](
+        x, dt, A, B, seq_idx if seq_idx is not None else dt, h0 if h0 is not None else final, states, final,
+        seqlen, heads, head_dim, groups, d_state, n_chunks,
+        HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, IEEE=_full_precision(x),
+        BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=WARPS["states"],
+    )
+    return states, final
 
 
 class _SSDScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_state, backward_chunk):
+    def forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx):
         batch, seqlen, heads, head_dim = x.shape
         groups, d_state = B.shape[-2:]
-        block_q, block_p, block_n = _tiles(d_state, head_dim, x.dtype == torch.float32, x.device)
-        x_c, dt_c, B_c, C_c = x.contiguous(), dt.float().contiguous(), B.contiguous(), C.contiguous()
-        y = torch.empty_like(x_c)
-        final = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
+        block_q = _chunk(d_state, head_dim)
+        x, dt, A, B, C = x.contiguous(), dt.float().contiguous(), A.float().contiguous(), B.contiguous(), \
+            C.contiguous()
         h0 = initial_state.float().contiguous() if initial_state is not None else None
-        grid = (batch * heads, triton.cdiv(head_dim, block_p))
-        with on_device_of(x_c):
-            _ssd_fwd_kernel[grid](
-                x_c, dt_c, A.float().contiguous(), B_c, C_c, D if D is not None else final,
-                h0 if h0 is not None else final, y, final,
-                seqlen, heads, head_dim, groups, d_state,
-                HAS_D=D is not None, HAS_H0=h0 is not None, IEEE=x.dtype == torch.float32,
-                BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
+        seq = seq_idx.contiguous() if seq_idx is not None else None
+        y = torch.empty_like(x)
+        with on_device_of(x):
+            states, final = _forward_states(x, dt, A, B, seq, h0, block_q)
+            block_p = _block(head_dim, 64)
+            grid = (batch * heads, states.shape[1], triton.cdiv(head_dim, block_p))
+            _chunk_output_kernel[grid](
+                x, dt, A, B, C, D if D is not None else dt, seq if seq is not None else dt, states, y,
+                seqlen, heads, head_dim, groups, d_state, states.shape[1],
+                HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x),
+                BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=_block(d_state, 256), num_warps=WARPS["output"],
             )
-        ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
-        ctx.backward_chunk = backward_chunk
+        ctx.save_for_backward(x, dt, A, B, C, D, h0, seq)
+        ctx.block_q = block_q
+        ctx.initial_state_dtype = initial_state.dtype if initial_state is not None else None
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        saved = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) if t is not None else None
-                      for t, need in zip(saved, ctx.needs_input_grad[:7])]
-            x, dt, A, B, C, D, h0 = leaves
-            # already inside the backward pass: no second level of recomputation
-            y, final = ssd_scan_chunked(x, dt, A, B, C, ctx.backward_chunk, D, initial_state=h0,
-                                        return_final_state=True, recompute_in_backward=False)
-            outputs, grads = [y], [dy]
-            if dfinal is not None:
-                outputs.append(final)
-                grads.append(dfinal)
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
-        return (*(next(found) if t is not None and t.requires_grad else None for t in leaves), None)
+        x, dt, A, B, C, D, h0, seq = ctx.saved_tensors
+        batch, seqlen, heads, head_dim = x.shape
+        groups, d_state = B.shape[-2:]
+        block_q = ctx.block_q
+        dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
+        dfinal = dfinal.float().contiguous() if dfinal is not None else None
+        with on_device_of(x):
+            states, _ = _forward_states(x, dt, A, B, seq, h0, block_q)
+            n_chunks = states.shape[1]
+            dstates = torch.empty_like(states)
+            dh0 = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
+            block_p, block_n = _block(head_dim, 64), _block(d_state, 64)
+            grid = (batch * heads, triton.cdiv(head_dim, block_p), triton.cdiv(d_state, block_n))
+            _chunk_state_grads_kernel[grid](
+                dy, dt, A, C, seq if seq is not None else dt, dfinal if dfinal is not None else dh0, dstates, dh0,
+                seqlen, heads, head_dim, groups, d_state, n_chunks,
+                HAS_DFINAL=dfinal is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x),
+                BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=WARPS["state_grads"],
+            )
+            dx = torch.empty_like(x)
+            ddt = torch.empty_like(dt)
+            dB_heads = torch.empty(batch, seqlen, heads, d_state, device=x.device, dtype=torch.float32)
+            dC_heads = torch.empty_like(dB_heads)
+            dA_parts = torch.empty(batch * heads, n_chunks, device=x.device, dtype=torch.float32)
+            dD_parts = torch.empty_like(dA_parts)
+            _chunk_grads_kernel[(batch * heads, n_chunks)](
+                x, dt, A, B, C, D if D is not None else dt, seq if seq is not None else dt, states, dstates, dy,
+                dx, ddt, dB_heads, dC_heads, dA_parts, dD_parts,
+                seqlen, heads, head_dim, groups, d_state, n_chunks,
+                HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x),
+                BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128), BLOCK_N=_block(d_state, 256),
+                num_warps=WARPS["grads"],
+            )
+        dB = dB_heads.unflatten(2, (groups, heads // groups)).sum(3).to(B.dtype)
+        dC = dC_heads.unflatten(2, (groups, heads // groups)).sum(3).to(C.dtype)
+        dA = dA_parts.view(batch, heads, n_chunks).sum((0, 2))
+        dD = dD_parts.view(batch, heads, n_chunks).sum((0, 2)).to(D.dtype) if D is not None else None
+        dh0_out = dh0.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None
+        return dx, ddt, dA, dB, dC, dD, dh0_out, None
 
 
 def ssd_scan_triton(
@@ -164,13 +390,16 @@ def ssd_scan_triton(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     recompute_in_backward: bool = True,
+    seq_idx: torch.Tensor | None = None,
 ):
-    """SSD scan with the Triton forward kernel: same arguments and results as `ssd_scan_chunked`. The kernel uses
-    chunks of CHUNK tokens; `chunk_size` is the chunk of the PyTorch recomputation in the backward pass, which
-    always recomputes (`recompute_in_backward` is accepted for the common signature)."""
+    """SSD scan with the Triton kernels: same arguments and results as `ssd_scan_chunked`. The kernels use their
+    own chunk (CHUNK tokens, 32 for wide states); the result does not depend on the chunk, so `chunk_size` is
+    only used where the PyTorch form runs (d_state > 256 or head_dim > 128). The backward always recomputes the
+    chunk states (`recompute_in_backward` is accepted for the common signature)."""
     dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
-    if x.shape[1] == 0 or not supports(B.shape[-1]):
-        return ssd_scan_chunked(x, dt, A, B, C, CHUNK, D, initial_state=initial_state,
-                                return_final_state=return_final_state)
-    y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_state, chunk_size or CHUNK)
+    if x.shape[1] == 0 or not supports(B.shape[-1], x.shape[-1]):
+        packed = {"seq_idx": seq_idx} if seq_idx is not None else {}
+        return ssd_scan_chunked(x, dt, A, B, C, chunk_size or CHUNK, D, initial_state=initial_state,
+                                return_final_state=return_final_state, **packed)
+    y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_state, seq_idx)
     return (y, final) if return_final_state else y
