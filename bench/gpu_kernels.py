@@ -323,24 +323,37 @@ def ssd_sweep():
     inp.pop("initial_state")
     leaves = {k: (v.clone().requires_grad_(True) if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
     dy = torch.randn_like(inp["x"])
-    saved = (ssd_triton.CHUNK, dict(ssd_triton.WARPS), ssd_triton.STATES_16BIT)
+    saved = (ssd_triton.CHUNK, dict(ssd_triton.WARPS), ssd_triton.STATES_16BIT, ssd_triton.N_BLOCK)
+    grads = [v for v in leaves.values() if v.requires_grad]
     rows = {}
-    for chunk, out_warps, grad_warps, states16 in [(64, 4, 8, False), (64, 4, 8, True), (64, 8, 8, False),
-                                                    (32, 4, 4, False), (32, 4, 8, False), (128, 8, 8, False),
-                                                    (64, 4, 4, False)]:
-        ssd_triton.CHUNK, ssd_triton.STATES_16BIT = chunk, states16
+    for chunk, n_block, out_warps, grad_warps, states16 in [
+            (64, 64, 4, 4, True), (64, 64, 4, 4, False), (64, 32, 4, 4, True), (64, 128, 4, 8, True),
+            (64, 64, 8, 8, True), (128, 32, 4, 4, True), (128, 64, 8, 8, True), (32, 64, 4, 4, True)]:
+        ssd_triton.CHUNK, ssd_triton.N_BLOCK, ssd_triton.STATES_16BIT = chunk, n_block, states16
         ssd_triton.WARPS.update(output=out_warps, grads=grad_warps)
-        name = f"chunk {chunk} warps out {out_warps} grads {grad_warps}{' states16' if states16 else ''}"
+        name = f"chunk {chunk} n {n_block} warps {out_warps}/{grad_warps} states {16 if states16 else 32}"
         try:
             fwd = do_bench(lambda: ssd_triton.ssd_scan_triton(**inp, dt_softplus=True), return_mode="median") * 1e3
             both = do_bench(lambda: ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True).backward(dy),
-                            return_mode="median", grad_to_none=[v for v in leaves.values() if v.requires_grad]) * 1e3
+                            return_mode="median", grad_to_none=grads) * 1e3
             rows[name] = (fwd, both)
         except Exception as err:
             rows[name] = repr(err)[:200]
         print("ssd_sweep", name, rows[name], flush=True)
-    ssd_triton.CHUNK, ssd_triton.STATES_16BIT = saved[0], saved[2]
+    ssd_triton.CHUNK, ssd_triton.STATES_16BIT, ssd_triton.N_BLOCK = saved[0], saved[2], saved[3]
     ssd_triton.WARPS.update(saved[1])
+    # where the default's forward+backward time goes, kernel by kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True).backward(dy)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True).backward(dy)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    print(table, flush=True)
+    rows["profile"] = table
     R["ssd_sweep"] = rows
 
 

@@ -29,8 +29,10 @@ from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked
 CHUNK = 64
 # warps per kernel, and whether 16-bit inputs keep their chunk-boundary states in 16 bits between kernels (less
 # traffic, one rounding per chunk); module-level so that bench/gpu_kernels.py can sweep them
-WARPS = {"states": 4, "output": 4, "state_grads": 4, "grads": 8}
-STATES_16BIT = False
+WARPS = {"states": 4, "output": 4, "state_grads": 4, "grads": 4}
+STATES_16BIT = True
+# d_state block of the chunk kernels (they loop over d_state)
+N_BLOCK = 64
 
 
 @triton.jit
@@ -119,30 +121,36 @@ def _chunk_output_kernel(
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """y of one chunk from its inputs and its entering state. Grid: (batch * heads, chunks, head_dim blocks)."""
+    """y of one chunk from its inputs and its entering state; d_state is walked in blocks of BLOCK_N.
+    Grid: (batch * heads, chunks, head_dim blocks)."""
     bh = tl.program_id(0)
     row = (bh // H).to(tl.int64)
     head = bh % H
     group = head // (H // G)
     k = tl.program_id(1)
     p_offs = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
-    n_offs = tl.arange(0, BLOCK_N)
-    p_mask, n_mask = p_offs < P, n_offs < N
+    p_mask = p_offs < P
     A = tl.load(A_ptr + head).to(tl.float32)
     t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
     tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
     tp_mask = valid[:, None] & p_mask[None, :]
-    x = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0)
-    tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
-    tn_mask = valid[:, None] & n_mask[None, :]
-    Bq = tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0)
-    Cq = tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0)
-    state = tl.load(states_ptr + ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N + n_offs[None, :],
-                    mask=p_mask[:, None] & n_mask[None, :], other=0.0)
     dot_dtype = x_ptr.dtype.element_ty
-    scores = _mm(Cq, tl.trans(Bq), dot_dtype, IEEE) * _decay_matrix(a, BLOCK_Q)
-    y = _mm(scores, x.to(tl.float32) * dt[:, None], dot_dtype, IEEE)
-    y += _mm(Cq, tl.trans(state), dot_dtype, IEEE) * tl.exp(tl.cumsum(a, axis=0))[:, None]
+    scores = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    from_state = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n_offs < N
+        tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
+        tn_mask = valid[:, None] & n_mask[None, :]
+        Cq = tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0)
+        Bq = tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0)
+        state = tl.load(states_ptr + ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N
+                        + n_offs[None, :], mask=p_mask[:, None] & n_mask[None, :], other=0.0)
+        scores += _mm(Cq, tl.trans(Bq), dot_dtype, IEEE)
+        from_state += _mm(Cq, tl.trans(state), dot_dtype, IEEE)
+    x = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0)
+    y = _mm(scores * _decay_matrix(a, BLOCK_Q), x.to(tl.float32) * dt[:, None], dot_dtype, IEEE)
+    y += from_state * tl.exp(tl.cumsum(a, axis=0))[:, None]
     if HAS_D:
         y += tl.load(D_ptr + head).to(tl.float32) * x.to(tl.float32)
     tl.store(y_ptr + tp_offs, y.to(y_ptr.dtype.element_ty), mask=tp_mask)
@@ -194,57 +202,63 @@ def _chunk_grads_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Gradients of one chunk: dx, dΔ (after the Δ·A product), dB and dC of this head (summed over the heads of a
-    group afterwards), and this chunk's share of dA and dD. Grid: (batch * heads, chunks)."""
+    group afterwards), and this chunk's share of dA and dD. d_state is walked twice in blocks of BLOCK_N: first
+    for the products that contract it, then for dB and dC. Grid: (batch * heads, chunks)."""
     bh = tl.program_id(0)
     row = (bh // H).to(tl.int64)
     head = bh % H
     group = head // (H // G)
     k = tl.program_id(1)
     p_offs = tl.arange(0, BLOCK_P)
-    n_offs = tl.arange(0, BLOCK_N)
-    p_mask, n_mask = p_offs < P, n_offs < N
+    p_mask = p_offs < P
     A = tl.load(A_ptr + head).to(tl.float32)
     t, valid, dt, a, is_start = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
     tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
     tp_mask = valid[:, None] & p_mask[None, :]
     x = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
-    tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
-    tn_mask = valid[:, None] & n_mask[None, :]
-    Bq = tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0)
-    Cq = tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0)
-    pn_offs = ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N + n_offs[None, :]
-    pn_mask = p_mask[:, None] & n_mask[None, :]
-    state = tl.load(states_ptr + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)          # H_k
-    dnext = tl.load(dstates_ptr + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)         # dL/dH_{k+1}
+    xdt = x * dt[:, None]
+    state_base = ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N
     dot_dtype = x_ptr.dtype.element_ty
+
+    scores = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)      # C_t·B_s
+    C_state = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)     # C_t H_kᵀ
+    B_dnext = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)     # B_s dH_{k+1}ᵀ
+    state_dnext = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n_offs < N
+        tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
+        tn_mask = valid[:, None] & n_mask[None, :]
+        Bq = tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0)
+        Cq = tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0)
+        pn_mask = p_mask[:, None] & n_mask[None, :]
+        state = tl.load(states_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0)
+        dnext = tl.load(dstates_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0)
+        scores += _mm(Cq, tl.trans(Bq), dot_dtype, IEEE)
+        C_state += _mm(Cq, tl.trans(state), dot_dtype, IEEE)
+        B_dnext += _mm(Bq, tl.trans(dnext), dot_dtype, IEEE)
+        state_dnext += tl.sum(state.to(tl.float32) * dnext.to(tl.float32), axis=1)
 
     rows_t = tl.arange(0, BLOCK_Q)[:, None]
     cols_s = tl.arange(0, BLOCK_Q)[None, :]
     decay = _decay_matrix(a, BLOCK_Q)                         # (t, s)
     to_end = tl.exp(_decay_to_end(a, BLOCK_Q))                # (s,)
     from_start = tl.exp(tl.cumsum(a, axis=0))                 # (t,)
-    xdt = x * dt[:, None]
-    scores = _mm(Cq, tl.trans(Bq), dot_dtype, IEEE)           # C_t·B_s
     d_mixed = tl.where(rows_t >= cols_s, _mm(dy, tl.trans(xdt), dot_dtype, IEEE), 0.0)   # dL/d(scores ∘ decay)
-    d_scores = d_mixed * decay
-    # state path: dL/dxdt_s gets w_s (B_s · dH_{k+1}), dL/dB_s gets w_s (xdt_s dH_{k+1})
-    B_dnext = _mm(Bq, tl.trans(dnext), dot_dtype, IEEE)       # (s, p)
+    # dL/dxdt_s: through the chunk's outputs and, weighted by w_s = to_end, through the state it leaves
     dxdt = _mm(tl.trans(scores * decay), dy, dot_dtype, IEEE) + to_end[:, None] * B_dnext
-    dC = _mm(d_scores, Bq, dot_dtype, IEEE) + from_start[:, None] * _mm(dy, state, dot_dtype, IEEE)
-    dB = _mm(tl.trans(d_scores), Cq, dot_dtype, IEEE) + to_end[:, None] * _mm(xdt, dnext, dot_dtype, IEEE)
 
     # gradient of each log-decay a_j, through the three sums it enters (inside the chunk, from the chunk's start,
     # to the chunk's end) and the chunk's total
     d_seg = d_mixed * scores * decay                                                  # (t, s)
     before = tl.cumsum(d_seg, axis=1) - d_seg                                         # Σ_{s<j} d_seg[t, s] at (t, j)
     da = tl.sum(tl.where(rows_t >= cols_s, before, 0.0), axis=0)
-    C_state = _mm(Cq, tl.trans(state), dot_dtype, IEEE)                              # (t, p)
     d_from_start = from_start * tl.sum(dy * C_state, axis=1)                         # (t,)
     da += tl.sum(tl.where(rows_t >= cols_s, d_from_start[:, None], 0.0), axis=0)     # Σ_{t≥j}
     d_to_end = to_end * tl.sum(B_dnext * xdt, axis=1)                               # (s,)
     da += tl.sum(tl.where(rows_t < cols_s, d_to_end[:, None], 0.0), axis=0)         # Σ_{s<j}
-    da += tl.exp(tl.sum(a, axis=0)) * tl.sum(tl.sum(state * dnext, axis=1), axis=0)
+    da += tl.exp(tl.sum(a, axis=0)) * tl.sum(state_dnext, axis=0)
     da = tl.where(is_start | (t >= L), 0.0, da)      # a sequence start's decay is the constant -inf
 
     dx = dxdt * dt[:, None]
@@ -255,9 +269,23 @@ def _chunk_grads_kernel(
     tl.store(dx_ptr + tp_offs, dx.to(dx_ptr.dtype.element_ty), mask=tp_mask)
     tl.store(ddt_ptr + (row * L + t) * H + head, tl.sum(dxdt * x, axis=1) + A * da, mask=valid)
     tl.store(dA_ptr + bh * n_chunks + k, tl.sum(da * dt, axis=0))
-    dbc_offs = ((row * L + t[:, None]) * H + head) * N + n_offs[None, :]
-    tl.store(dB_ptr + dbc_offs, dB, mask=tn_mask)
-    tl.store(dC_ptr + dbc_offs, dC, mask=tn_mask)
+
+    d_scores = d_mixed * decay
+    for n0 in range(0, N, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n_offs < N
+        tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
+        tn_mask = valid[:, None] & n_mask[None, :]
+        Bq = tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0)
+        Cq = tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0)
+        pn_mask = p_mask[:, None] & n_mask[None, :]
+        state = tl.load(states_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0)
+        dnext = tl.load(dstates_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0)
+        dC = _mm(d_scores, Bq, dot_dtype, IEEE) + from_start[:, None] * _mm(dy, state, dot_dtype, IEEE)
+        dB = _mm(tl.trans(d_scores), Cq, dot_dtype, IEEE) + to_end[:, None] * _mm(xdt, dnext, dot_dtype, IEEE)
+        dbc_offs = ((row * L + t[:, None]) * H + head) * N + n_offs[None, :]
+        tl.store(dB_ptr + dbc_offs, dB, mask=tn_mask)
+        tl.store(dC_ptr + dbc_offs, dC, mask=tn_mask)
 
 
 # Tiles. The chunk is the same in every kernel (states sit at chunk boundaries); the state kernels split
@@ -273,7 +301,8 @@ def supports(d_state: int, head_dim: int = 64) -> bool:
 
 
 def _chunk(d_state: int, head_dim: int) -> int:
-    return CHUNK if d_state <= 128 and head_dim <= 64 else 32
+    # the chunk kernels hold (chunk x head_dim) tiles whole; d_state they walk in blocks
+    return CHUNK if head_dim <= 64 else 32
 
 
 def _block(size: int, cap: int) -> int:
@@ -326,7 +355,7 @@ class _SSDScan(torch.autograd.Function):
                 x, dt, A, B, C, D if D is not None else dt, seq if seq is not None else dt, states, y,
                 seqlen, heads, head_dim, groups, d_state, states.shape[1],
                 HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x),
-                BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=_block(d_state, 256), num_warps=WARPS["output"],
+                BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=_block(d_state, N_BLOCK), num_warps=WARPS["output"],
             )
         ctx.save_for_backward(x, dt, A, B, C, D, h0, seq)
         ctx.block_q = block_q
@@ -365,7 +394,7 @@ class _SSDScan(torch.autograd.Function):
                 dx, ddt, dB_heads, dC_heads, dA_parts, dD_parts,
                 seqlen, heads, head_dim, groups, d_state, n_chunks,
                 HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x),
-                BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128), BLOCK_N=_block(d_state, 256),
+                BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128), BLOCK_N=_block(d_state, N_BLOCK),
                 num_warps=WARPS["grads"],
             )
         dB = dB_heads.unflatten(2, (groups, heads // groups)).sum(3).to(B.dtype)
