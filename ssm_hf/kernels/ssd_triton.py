@@ -164,10 +164,15 @@ def ssd_scan_triton(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     recompute_in_backward: bool = True,
+    seq_idx: torch.Tensor | None = None,
 ):
     """SSD scan with the Triton forward kernel: same arguments and results as `ssd_scan_chunked`. The kernel uses
     chunks of CHUNK tokens; `chunk_size` is the chunk of the PyTorch recomputation in the backward pass, which
-    always recomputes (`recompute_in_backward` is accepted for the common signature)."""
+    always recomputes (`recompute_in_backward` is accepted for the common signature). Packed sequences
+    (`seq_idx`) run the PyTorch chunked form for now."""
+    if seq_idx is not None:
+        return ssd_scan_chunked(x, dt, A, B, C, chunk_size or CHUNK, D, dt_bias, dt_softplus, dt_limit, initial_state,
+                                return_final_state, recompute_in_backward, seq_idx=seq_idx)
     dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     if x.shape[1] == 0 or not supports(B.shape[-1]):
         return ssd_scan_chunked(x, dt, A, B, C, CHUNK, D, initial_state=initial_state,
