@@ -357,18 +357,6 @@ def test_from_pretrained_refuses_weights_of_extra_layers(tmp_path):
 
 
 @families
-def test_packed_sequences_are_refused(family):
-    config = tiny_config(family)
-    model = causal_lm_class(family)(config)
-    ids = torch.randint(1, config.vocab_size, (1, 8))
-    model(ids, labels=ids, position_ids=torch.arange(8)[None])  # plain positions are fine
-    with pytest.raises(NotImplementedError, match="packed"):
-        model(ids, labels=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
-    with pytest.raises(NotImplementedError, match="packed"):  # the backbone itself refuses them too
-        model.backbone(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
-
-
-@families
 def test_single_padded_decoding_step_leaves_the_state_alone(family):
     config = tiny_config(family)
     model = spread_weights(causal_lm_class(family)(config)).eval()

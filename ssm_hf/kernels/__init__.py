@@ -6,6 +6,9 @@ PyTorch chunked forms otherwise; both compute the same function; so do the singl
 `selective_state_update`, `ssd_state_update` and `causal_conv1d_update` (Triton only outside autograd), the
 prefill conv `causal_conv1d` and Mamba-2's gated norm `rms_norm_gated`. Set the environment variable
 `SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for debugging).
+
+`selective_scan`, `ssd_scan` and `causal_conv1d` take `seq_idx` (batch, seqlen) for packed sequences (several
+sequences end to end in a row, see `packing`): nothing crosses from one sequence to the next.
 """
 
 from __future__ import annotations
@@ -53,13 +56,13 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, *args, **kwargs
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  past: torch.Tensor | None = None) -> torch.Tensor:
+                  past: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal conv of x (batch, seqlen, channels), no activation; as `causal_conv1d_torch.causal_conv1d`."""
     if use_triton(x):
         from .causal_conv1d_triton import causal_conv1d_triton
 
-        return causal_conv1d_triton(x, weight, bias, past)
-    return causal_conv1d_torch.causal_conv1d(x, weight, bias, past)
+        return causal_conv1d_triton(x, weight, bias, past, seq_idx)
+    return causal_conv1d_torch.causal_conv1d(x, weight, bias, past, seq_idx)
 
 
 def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,

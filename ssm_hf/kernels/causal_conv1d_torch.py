@@ -5,17 +5,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .packing import segment_ids
+
 
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     past: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Depthwise causal convolution of x: (batch, seqlen, channels) with weight: (channels, width).
 
     `past` (batch, channels, k) holds the k ≥ width − 1 inputs before x (the conv state of a cache); without it
-    the sequence starts from zeros. Returns (batch, seqlen, channels); no activation is applied.
+    the sequence starts from zeros. `seq_idx` (batch, seqlen), non-decreasing integers, marks packed sequences:
+    a tap whose input belongs to another sequence reads zero, and `past` only feeds the row's first sequence.
+    Returns (batch, seqlen, channels); no activation is applied.
     """
     channels, width = weight.shape
     seqlen = x.shape[1]
@@ -24,8 +29,29 @@ def causal_conv1d(
         inputs = F.pad(inputs, (width - 1, 0))
     else:
         inputs = torch.cat([past[..., past.shape[-1] - (width - 1):].to(weight.dtype), inputs], dim=-1)
+    if seq_idx is not None:
+        return _masked_taps(inputs, weight, bias, seq_idx).transpose(1, 2).to(x.dtype)
     out = F.conv1d(inputs, weight.unsqueeze(1), bias, groups=channels)
     return out[..., -seqlen:].transpose(1, 2).to(x.dtype)
+
+
+def _masked_taps(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 seq_idx: torch.Tensor) -> torch.Tensor:
+    """The conv as a sum over its `width` taps, each masked where its input lies in another sequence.
+    inputs: (batch, channels, width - 1 + seqlen), the first width - 1 from `past` (or zeros). Returns
+    (batch, channels, seqlen)."""
+    width = weight.shape[-1]
+    seqlen = seq_idx.shape[1]
+    segments = segment_ids(seq_idx)
+    # the inputs before x count as the first sequence's (segment 0): a cache continues only that one
+    source = F.pad(segments, (width - 1, 0))
+    out = 0
+    for k in range(width):
+        same = (source[:, k : k + seqlen] == segments).unsqueeze(1)            # (batch, 1, seqlen)
+        out = out + weight[:, k, None] * inputs[..., k : k + seqlen] * same.to(inputs.dtype)
+    if bias is not None:
+        out = out + bias[:, None]
+    return out
 
 
 def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,

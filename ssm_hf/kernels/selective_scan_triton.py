@@ -5,7 +5,8 @@ owns one batch row and BLOCK_D channels and walks the sequence in tiles of BLOCK
 an associative scan over (decay, input) pairs, and the state is carried from tile to tile in registers. The forward
 keeps the state at the start of every tile (batch, n_tiles, d_inner, d_state); the backward recomputes each tile's
 states from it and runs the adjoint recurrence in reverse, so no (batch, seqlen, d_inner, d_state) tensor is ever
-stored.
+stored. With `seq_idx` (packed sequences), a token that starts a new sequence gets a decay of 0 inside the scan, so
+no state crosses the boundary in either direction.
 """
 
 from __future__ import annotations
@@ -50,11 +51,20 @@ def _delta(dt_ptr, bias, t_offs, d_offs, L, Dm, t_mask, d_mask, HAS_BIAS: tl.con
 
 
 @triton.jit
+def _starts_at(seq_ptr, t_offs, L):
+    # (T,) True where token t starts a new sequence (seq_idx differs from token t-1's); never at t = 0
+    inside = (t_offs >= 1) & (t_offs < L)
+    now = tl.load(seq_ptr + tl.minimum(t_offs, L - 1).to(tl.int64), mask=inside, other=0)
+    before = tl.load(seq_ptr + tl.maximum(t_offs - 1, 0).to(tl.int64), mask=inside, other=0)
+    return inside & (now != before)
+
+
+@triton.jit
 def _fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, hT_ptr, tile_states_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr, y_ptr, hT_ptr, tile_states_ptr,
     L, Dm, N, n_tiles,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_TILES: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_TILES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
@@ -80,6 +90,7 @@ def _fwd_kernel(
     z_ptr += b * L * Dm
     B_ptr += b * L * N
     C_ptr += b * L * N
+    seq_ptr += b * L
     for tile in range(0, n_tiles):
         if STORE_TILES:
             tl.store(tile_states_ptr + (b * n_tiles + tile) * Dm * N + state_offs, h, mask=dn_mask)
@@ -90,6 +101,8 @@ def _fwd_kernel(
         Bt = _load_tile(B_ptr, t_offs, n_offs, L, N, t_mask, n_mask)
         Ct = _load_tile(C_ptr, t_offs, n_offs, L, N, t_mask, n_mask)
         decay = tl.exp2(dt[:, :, None] * A[None, :, :])                    # (T, D, N)
+        if HAS_SEQ:  # a new sequence: nothing of the state before it survives
+            decay = tl.where(_starts_at(seq_ptr, t_offs, L)[:, None, None], 0.0, decay)
         inp = (dt * x)[:, :, None] * Bt[:, None, :]
         decay_cum, inp_cum = tl.associative_scan((decay, inp), 0, _combine)
         hs = decay_cum * h[None, :, :] + inp_cum
@@ -109,11 +122,11 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, tile_states_ptr, dy_ptr, dhT_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, tile_states_ptr, dy_ptr, dhT_ptr,
     dx_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     L, Dm, N, n_tiles, n_dblocks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DHT: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_DHT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -156,6 +169,10 @@ def _bwd_kernel(
         # recompute the tile's states from the state stored at its start
         h_start = tl.load(tile_states_ptr + (b * n_tiles + tile) * Dm * N + state_offs, mask=dn_mask, other=0.0)
         decay = tl.exp(dt[:, :, None] * A[None, :, :])
+        alpha = tl.exp(dt_next[:, :, None] * A[None, :, :])                  # exp(Δ_{t+1} A)
+        if HAS_SEQ:  # the zero decays of the forward: no gradient flows through them either
+            decay = tl.where(_starts_at(seq_ptr + b * L, t_offs, L)[:, None, None], 0.0, decay)
+            alpha = tl.where(_starts_at(seq_ptr + b * L, t_offs + 1, L)[:, None, None], 0.0, alpha)
         inp = (dt * x)[:, :, None] * Bt[:, None, :]
         decay_cum, inp_cum = tl.associative_scan((decay, inp), 0, _combine)
         hs = decay_cum * h_start[None, :, :] + inp_cum
@@ -170,7 +187,6 @@ def _bwd_kernel(
             dz = dy * y_pre * sig * (1.0 + z * (1.0 - sig))
             tl.store(dz_ptr + base + t_offs.to(tl.int64)[:, None] * Dm + d_offs[None, :], dz, mask=td_mask)
         # adjoint: u_t = dL/dh_t = C_t g_t + exp(Δ_{t+1} A) u_{t+1}, run backwards through the tile
-        alpha = tl.exp(dt_next[:, :, None] * A[None, :, :])
         src = Ct[:, None, :] * g[:, :, None]
         p_cum, q_cum = tl.associative_scan((alpha, src), 0, _combine, reverse=True)
         u = p_cum * carry[None, :, :] + q_cum
@@ -219,7 +235,7 @@ def _blocks(d_state: int) -> tuple[int, int, int, int]:
 
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    def forward(ctx, x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
         batch, seqlen, d_inner = x.shape
         d_state = A.shape[-1]
         block_t, block_d, block_n, num_warps = _blocks(d_state)
@@ -234,25 +250,27 @@ class _SelectiveScan(torch.autograd.Function):
         tiles = torch.empty((batch, n_tiles, d_inner, d_state) if store_tiles else (1,), device=x.device,
                             dtype=torch.float32)
         h0 = initial_state.float().contiguous() if initial_state is not None else None
+        seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         dummy = final
         grid = (batch, triton.cdiv(d_inner, block_d))
         with on_device_of(x):
             _fwd_kernel[grid](
                 x, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-                delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy, y, final, tiles,
+                delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy,
+                seq_idx if seq_idx is not None else dummy, y, final, tiles,
                 seqlen, d_inner, d_state, n_tiles,
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-                HAS_H0=h0 is not None, STORE_TILES=store_tiles, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
-                num_warps=num_warps,
+                HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, STORE_TILES=store_tiles,
+                BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
             )
-        ctx.save_for_backward(x, delta, A, B, C, D, z, delta_bias, tiles)
+        ctx.save_for_backward(x, delta, A, B, C, D, z, delta_bias, seq_idx, tiles)
         ctx.delta_softplus = delta_softplus
         ctx.has_initial_state = initial_state is not None
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, delta, A, B, C, D, z, delta_bias, tiles = ctx.saved_tensors
+        x, delta, A, B, C, D, z, delta_bias, seq_idx, tiles = ctx.saved_tensors
         batch, seqlen, d_inner = x.shape
         d_state = A.shape[-1]
         block_t, block_d, block_n, num_warps = _blocks(d_state)
@@ -271,19 +289,20 @@ class _SelectiveScan(torch.autograd.Function):
         with on_device_of(x):
             _bwd_kernel[(batch, n_dblocks)](
                 x, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-                delta_bias if delta_bias is not None else dummy, tiles, dy.contiguous(),
+                delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy, tiles,
+                dy.contiguous(),
                 dfinal.contiguous() if dfinal is not None else dummy,
                 dx, ddt, dz if dz is not None else dummy, dA, dB, dC, dD if dD is not None else dummy,
                 dbias if dbias is not None else dummy, dh0,
                 seqlen, d_inner, d_state, n_tiles, n_dblocks,
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=ctx.delta_softplus, HAS_DHT=dfinal is not None,
+                SOFTPLUS=ctx.delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DHT=dfinal is not None,
                 BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
             )
         return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
                 dD.sum(0).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
                 dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, None,
-                dh0 if ctx.has_initial_state else None)
+                dh0 if ctx.has_initial_state else None, None)
 
 
 def selective_scan_triton(
@@ -299,6 +318,7 @@ def selective_scan_triton(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     chunk_size: int | None = None,
+    seq_idx: torch.Tensor | None = None,
 ):
     """Selective scan with the Triton kernels: same arguments and results as `selective_scan_chunked`
     (`chunk_size` is accepted and ignored: the kernels pick their own tiles)."""
@@ -306,6 +326,6 @@ def selective_scan_triton(
         from .selective_scan_torch import selective_scan_chunked
 
         return selective_scan_chunked(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                      return_final_state)
-    y, final = _SelectiveScan.apply(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+                                      return_final_state, seq_idx=seq_idx)
+    y, final = _SelectiveScan.apply(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
     return (y, final) if return_final_state else y

@@ -8,7 +8,8 @@ Per head h (with a scalar decay A_h < 0) and its group's B, C:
 `ssd_scan_chunked` cuts the sequence into chunks of Q tokens: inside a chunk the output is a masked,
 attention-like product (the quadratic form, Q x Q per head); between chunks only the (head_dim x d_state) state
 is passed on, sequentially, one step per chunk. `ssd_scan_sequential` is the literal recurrence, the reference;
-`ssd_state_update` is one decoding step.
+`ssd_state_update` is one decoding step. With `seq_idx` (packed sequences, see `packing`), the state is reset to
+zero before each token that starts a new sequence.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .packing import segment_ids, sequence_starts
 
 
 def ssd_prepare_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool,
@@ -40,10 +43,10 @@ def _by_group(t: torch.Tensor, n_groups: int, dim: int) -> torch.Tensor:
     return t.unflatten(dim, (n_groups, -1))
 
 
-def _ssd_chunks(x, dt, A, B, C, h0, chunk_size):
+def _ssd_chunks(x, dt, A, B, C, h0, chunk_size, segments=None):
     """x: (b, seqlen, h, p), dt: (b, seqlen, h), A: (h,), B, C: (b, seqlen, g, n), h0: (b, h, p, n); all in the
-    compute dtype, seqlen a multiple of chunk_size. Returns y without the D term, (b, seqlen, h, p), and the final
-    state."""
+    compute dtype, seqlen a multiple of chunk_size; segments: None or (b, seqlen) `packing.segment_ids`. Returns y
+    without the D term, (b, seqlen, h, p), and the final state."""
     b, seqlen, h, p = x.shape
     g, n = B.shape[-2:]
     q = chunk_size
@@ -59,14 +62,30 @@ def _ssd_chunks(x, dt, A, B, C, h0, chunk_size):
     after = torch.ones(q, q, dtype=torch.bool, device=x.device).tril(-1)        # (j, s): j > s
     steps = log_decay.unsqueeze(3).expand(-1, -1, -1, q, -1, -1)                  # (b, c, j, s, g, r)
     seg = steps.masked_fill(~after[:, :, None, None], 0.0).cumsum(2)              # (b, c, t, s, g, r)
-    decay = torch.exp(seg.masked_fill(~causal[:, :, None, None], float("-inf")))
+    # packed sequences: every decay that spans a sequence start is 0. It is masked (log-decay -inf before exp)
+    # rather than folded into Δ A as a large negative step, which would make the differences of prefix sums
+    # below lose all precision; masked entries get zero gradient.
+    if segments is not None:
+        doc = segments.reshape(b, c, q)
+        entering = F.pad(doc[:, :-1, -1], (1, 0))                 # (b, c): sequence of the state entering a chunk
+        keep = causal & (doc[:, :, :, None] == doc[:, :, None, :])  # (b, c, t, s)
+        decay = torch.exp(seg.masked_fill(~keep[..., None, None], float("-inf")))
+    else:
+        decay = torch.exp(seg.masked_fill(~causal[:, :, None, None], float("-inf")))
     scores = torch.einsum("bctgn,bcsgn->bctsg", Cc, Bc)           # C_t · B_s per group
     xdt = x * dt.unsqueeze(-1)                                    # Δ_s x_s
     y = torch.einsum("bctsg,bctsgr,bcsgrp->bctgrp", scores, decay, xdt)
     # each chunk's own contribution to the state at its end
-    to_end = torch.exp(cum[:, :, -1:] - cum)                      # (b, c, q, g, r)
+    to_end = cum[:, :, -1:] - cum                                 # (b, c, q, g, r)
+    chunk_decay = cum[:, :, -1]                                   # (b, c, g, r)
+    from_start = cum
+    if segments is not None:  # only tokens of the chunk's last sequence reach its end; only the entering state's
+        # own sequence (none, if the chunk starts a new one) sees it decay
+        to_end = to_end.masked_fill((doc != doc[:, :, -1:])[..., None, None], float("-inf"))
+        chunk_decay = chunk_decay.masked_fill((doc[:, :, -1] != entering)[..., None, None], float("-inf"))
+        from_start = cum.masked_fill((doc != entering[:, :, None])[..., None, None], float("-inf"))
+    to_end, chunk_decay = torch.exp(to_end), torch.exp(chunk_decay)
     chunk_states = torch.einsum("bcsgn,bcsgr,bcsgrp->bcgrpn", Bc, to_end, xdt)
-    chunk_decay = torch.exp(cum[:, :, -1])                        # (b, c, g, r)
     # pass the state from chunk to chunk (one small step per chunk)
     state = _by_group(h0, g, 1)                                   # (b, g, r, p, n)
     starts = []
@@ -74,7 +93,7 @@ def _ssd_chunks(x, dt, A, B, C, h0, chunk_size):
         starts.append(state)
         state = chunk_decay[:, k, ..., None, None] * state + chunk_states[:, k]
     starts = torch.stack(starts, dim=1)                           # (b, c, g, r, p, n): state before each chunk
-    y = y + torch.einsum("bctgn,bctgr,bcgrpn->bctgrp", Cc, torch.exp(cum), starts)
+    y = y + torch.einsum("bctgn,bctgr,bcgrpn->bctgrp", Cc, torch.exp(from_start), starts)
     return y.reshape(b, seqlen, h, p), state.reshape(b, h, p, n)
 
 
@@ -92,13 +111,16 @@ def ssd_scan_chunked(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
     recompute_in_backward: bool = True,
+    seq_idx: torch.Tensor | None = None,
 ):
     """SSD scan over a sequence in chunks of `chunk_size` tokens.
 
     x: (batch, seqlen, heads, head_dim); dt: (batch, seqlen, heads); A, D, dt_bias: (heads,), A < 0;
     B, C: (batch, seqlen, groups, d_state), heads divisible by groups; initial_state: (batch, heads, head_dim,
-    d_state). Returns y: (batch, seqlen, heads, head_dim) in x's dtype, and with `return_final_state` the final
-    state in float32 (float64 for float64 inputs). Under autograd the chunk internals (the Q x Q decay and score
+    d_state); seq_idx: None or (batch, seqlen) integers, non-decreasing along a row: packed sequences, the state is
+    reset to zero before each token that starts a new one (the initial state only reaches the first). Returns y:
+    (batch, seqlen, heads, head_dim) in x's dtype, and with `return_final_state` the final state (of the row's last
+    sequence) in float32 (float64 for float64 inputs). Under autograd the chunk internals (the Q x Q decay and score
     tensors) are recomputed in the backward pass instead of being stored (`recompute_in_backward`).
     """
     b, seqlen, h, p = x.shape
@@ -111,13 +133,16 @@ def ssd_scan_chunked(
         y = x.new_zeros(b, 0, h, p)
         return (y, h0) if return_final_state else y
     pad = (-seqlen) % chunk_size
+    segments = segment_ids(seq_idx) if seq_idx is not None else None
     if pad:  # padded tokens have Δ = 0 and x = 0: they leave the state unchanged
         xs, dt, B_, C_ = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xs, dt, B_, C_))
+        if segments is not None:  # and belong to the last sequence
+            segments = torch.cat([segments, segments[:, -1:].expand(-1, pad)], dim=1)
     inputs = (xs, dt, A_, B_, C_, h0)
     if recompute_in_backward and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        y, state = checkpoint(_ssd_chunks, *inputs, chunk_size, use_reentrant=False)
+        y, state = checkpoint(_ssd_chunks, *inputs, chunk_size, segments, use_reentrant=False)
     else:
-        y, state = _ssd_chunks(*inputs, chunk_size)
+        y, state = _ssd_chunks(*inputs, chunk_size, segments)
     y = y[:, :seqlen]
     if D is not None:
         y = y + x.to(dtype) * D.to(dtype)[:, None]
@@ -137,14 +162,18 @@ def ssd_scan_sequential(
     dt_limit: tuple[float, float] | None = None,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
+    seq_idx: torch.Tensor | None = None,
 ):
     """The SSD recurrence token by token: the reference. Same arguments and results as `ssd_scan_chunked`."""
     b, seqlen, h, p = x.shape
     dtype = _compute_dtype(x)
     state = (torch.zeros(b, h, p, B.shape[-1], dtype=dtype, device=x.device) if initial_state is None
              else initial_state.to(dtype))
+    starts = sequence_starts(seq_idx) if seq_idx is not None else None
     ys = []
     for t in range(seqlen):
+        if starts is not None:  # a new sequence starts from a zero state
+            state = torch.where(starts[:, t, None, None, None], 0.0, state)
         y_t, state = ssd_state_update(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, dt_bias, dt_softplus,
                                       dt_limit)
         ys.append(y_t.to(dtype))

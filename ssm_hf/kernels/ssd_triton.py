@@ -26,13 +26,14 @@ import triton.language as tl
 from .launch import on_device_of
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked
 
-CHUNK = 64
+CHUNK = 32
 # warps per kernel, and whether 16-bit inputs keep their chunk-boundary states in 16 bits between kernels (less
 # traffic, one rounding per chunk); module-level so that bench/gpu_kernels.py can sweep them
 WARPS = {"states": 4, "output": 4, "state_grads": 4, "grads": 4}
 STATES_16BIT = True
-# d_state block of the chunk kernels (they loop over d_state)
+# d_state block of the chunk kernels (they loop over d_state); (head_dim, d_state) tile of the sequential kernels
 N_BLOCK = 64
+STATE_TILE = (64, 64)
 
 
 @triton.jit
@@ -302,7 +303,7 @@ def supports(d_state: int, head_dim: int = 64) -> bool:
 
 def _chunk(d_state: int, head_dim: int) -> int:
     # the chunk kernels hold (chunk x head_dim) tiles whole; d_state they walk in blocks
-    return CHUNK if head_dim <= 64 else 32
+    return CHUNK if head_dim <= 64 else min(CHUNK, 32)
 
 
 def _block(size: int, cap: int) -> int:
@@ -325,7 +326,7 @@ def _forward_states(x, dt, A, B, seq_idx, h0, block_q):
     n_chunks = triton.cdiv(seqlen, block_q)
     states = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=x.device, dtype=_states_dtype(x))
     final = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
-    block_p, block_n = _block(head_dim, 64), _block(d_state, 64)
+    block_p, block_n = _block(head_dim, STATE_TILE[0]), _block(d_state, STATE_TILE[1])
     grid = (batch * heads, triton.cdiv(head_dim, block_p), triton.cdiv(d_state, block_n))
     _chunk_states_kernel[grid](
         x, dt, A, B, seq_idx if seq_idx is not None else dt, h0 if h0 is not None else final, states, final,
@@ -375,7 +376,7 @@ class _SSDScan(torch.autograd.Function):
             n_chunks = states.shape[1]
             dstates = torch.empty_like(states)
             dh0 = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
-            block_p, block_n = _block(head_dim, 64), _block(d_state, 64)
+            block_p, block_n = _block(head_dim, STATE_TILE[0]), _block(d_state, STATE_TILE[1])
             grid = (batch * heads, triton.cdiv(head_dim, block_p), triton.cdiv(d_state, block_n))
             _chunk_state_grads_kernel[grid](
                 dy, dt, A, C, seq if seq is not None else dt, dfinal if dfinal is not None else dh0, dstates, dh0,
@@ -422,13 +423,12 @@ def ssd_scan_triton(
     seq_idx: torch.Tensor | None = None,
 ):
     """SSD scan with the Triton kernels: same arguments and results as `ssd_scan_chunked`. The kernels use their
-    own chunk (CHUNK tokens, 32 for wide states); the result does not depend on the chunk, so `chunk_size` is
-    only used where the PyTorch form runs (d_state > 256 or head_dim > 128). The backward always recomputes the
+    own chunk (CHUNK tokens); the result does not depend on the chunk, so `chunk_size` is only used where the
+    PyTorch form runs (d_state > 256 or head_dim > 128). The backward always recomputes the
     chunk states (`recompute_in_backward` is accepted for the common signature)."""
     dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     if x.shape[1] == 0 or not supports(B.shape[-1], x.shape[-1]):
-        packed = {"seq_idx": seq_idx} if seq_idx is not None else {}
         return ssd_scan_chunked(x, dt, A, B, C, chunk_size or CHUNK, D, initial_state=initial_state,
-                                return_final_state=return_final_state, **packed)
+                                return_final_state=return_final_state, seq_idx=seq_idx)
     y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_state, seq_idx)
     return (y, final) if return_final_state else y

@@ -12,7 +12,7 @@ from .offload import loaded_weights
 
 def cached_causal_conv(
     conv1d: nn.Conv1d, x: torch.Tensor, cache_params: Cache | None, layer_idx: int,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Depthwise causal conv of x: (batch, seqlen, channels), without activation.
 
@@ -20,13 +20,16 @@ def cached_causal_conv(
     is then replaced by the last `kernel_size` real inputs. With a padding `mask` (batch, seqlen), 1 for real
     tokens, the padded positions are skipped wherever they are (left, right or inside): each real token sees the
     real tokens before it, as if the padding were not there. Outputs at padded positions are meaningless.
+    With `seq_idx` (batch, seqlen) (packed sequences, no cache), each token sees only earlier tokens of its own
+    sequence.
     """
     with loaded_weights(conv1d):
-        return _cached_causal_conv(conv1d, x, cache_params, layer_idx, mask)
+        return _cached_causal_conv(conv1d, x, cache_params, layer_idx, mask, seq_idx)
 
 
 def _cached_causal_conv(
     conv1d: nn.Conv1d, x: torch.Tensor, cache_params: Cache | None, layer_idx: int, mask: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
 ) -> torch.Tensor:
     weight, bias, width = conv1d.weight.squeeze(1), conv1d.bias, conv1d.kernel_size[0]
     past = cache_params.get_conv_state(layer_idx) if cache_params is not None else None
@@ -39,7 +42,7 @@ def _cached_causal_conv(
             past.copy_(torch.where(mask.bool()[:, :1, None], past, before))
         return out
     if mask is None or bool(mask.all()):
-        out = kernels.causal_conv1d(x, weight, bias, past=past)
+        out = kernels.causal_conv1d(x, weight, bias, past=past, seq_idx=seq_idx)
         if cache_params is not None:
             # only after the conv: the cache overwrites its conv state in place
             cache_params.update_conv_state(x.transpose(1, 2), layer_idx, conv_kernel_size=width)
@@ -50,7 +53,10 @@ def _cached_causal_conv(
     order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)          # (batch, seqlen)
     index = order.unsqueeze(-1).expand_as(x)
     packed = x.gather(1, index)
-    out = torch.empty_like(x).scatter_(1, index, kernels.causal_conv1d(packed, weight, bias, past=past))
+    # packed sequences keep their ids through the reordering (a padded position's id only affects its own output)
+    packed_seq_idx = seq_idx.gather(1, order) if seq_idx is not None else None
+    out = torch.empty_like(x).scatter_(1, index, kernels.causal_conv1d(packed, weight, bias, past=past,
+                                                                       seq_idx=packed_seq_idx))
     if cache_params is not None:
         before = (packed.new_zeros(x.shape[0], width, x.shape[2]) if past is None
                   else past[..., -width:].transpose(1, 2).to(x.dtype))

@@ -61,9 +61,11 @@ class Mamba2Mixer(nn.Module):
         hidden_states: torch.Tensor,
         cache_params: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states: (batch, seqlen, hidden_size); attention_mask: (batch, ≥ seqlen), its last `seqlen`
-        columns apply; padded positions leave the state unchanged. Returns (batch, seqlen, hidden_size)."""
+        columns apply; padded positions leave the state unchanged. seq_idx: (batch, seqlen) packed sequences (see
+        `kernels.packing`): conv and scan restart at each new sequence. Returns (batch, seqlen, hidden_size)."""
         batch, seqlen, _ = hidden_states.shape
         padding = attention_mask[:, -seqlen:] if attention_mask is not None else None    # (batch, seqlen)
         mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
@@ -73,7 +75,7 @@ class Mamba2Mixer(nn.Module):
         if mask is not None:
             xBC = xBC * mask
 
-        xBC = self.act(cached_causal_conv(self.conv1d, xBC, cache_params, self.layer_idx, padding))
+        xBC = self.act(cached_causal_conv(self.conv1d, xBC, cache_params, self.layer_idx, padding, seq_idx))
         if mask is not None:
             xBC = xBC * mask
 
@@ -97,7 +99,7 @@ class Mamba2Mixer(nn.Module):
             y = y.unsqueeze(1)
         else:
             y, new_state = kernels.ssd_scan(x, dt, A, B, C, self.chunk_size, self.D, dt_bias, dt_softplus, dt_limit,
-                                            initial_state=state, return_final_state=True)
+                                            initial_state=state, return_final_state=True, seq_idx=seq_idx)
         if cache_params is not None:
             cache_params.update_recurrent_state(new_state, self.layer_idx)
         y = self.norm(y.flatten(-2), z)

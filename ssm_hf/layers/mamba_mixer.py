@@ -75,10 +75,12 @@ class MambaMixer(nn.Module):
         hidden_states: torch.Tensor,
         cache_params: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states: (batch, seqlen, hidden_size); attention_mask: (batch, ≥ seqlen), 1 for real tokens, its
         last `seqlen` columns apply. Padded positions contribute nothing: their inputs are zeroed and their Δ is
-        0, so the state passes through them unchanged. Returns (batch, seqlen, hidden_size)."""
+        0, so the state passes through them unchanged. seq_idx: (batch, seqlen) packed sequences (see
+        `kernels.packing`): conv and scan restart at each new sequence. Returns (batch, seqlen, hidden_size)."""
         seqlen = hidden_states.shape[1]
         padding = attention_mask[:, -seqlen:] if attention_mask is not None else None    # (batch, seqlen)
         mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
@@ -87,7 +89,7 @@ class MambaMixer(nn.Module):
         if mask is not None:
             x = x * mask
 
-        x = self.act(cached_causal_conv(self.conv1d, x, cache_params, self.layer_idx, padding))
+        x = self.act(cached_causal_conv(self.conv1d, x, cache_params, self.layer_idx, padding, seq_idx))
         if mask is not None:
             x = x * mask
 
@@ -115,7 +117,7 @@ class MambaMixer(nn.Module):
         else:
             y, new_state = kernels.selective_scan(
                 x, dt, A, B, C, self.D, z, delta_bias=dt_bias, delta_softplus=dt_softplus,
-                initial_state=state, return_final_state=True, chunk_size=self.scan_chunk_size,
+                initial_state=state, return_final_state=True, chunk_size=self.scan_chunk_size, seq_idx=seq_idx,
             )
         if cache_params is not None:
             cache_params.update_recurrent_state(new_state, self.layer_idx)

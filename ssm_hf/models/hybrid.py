@@ -19,6 +19,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import slice_logits_to_keep
 
 from ..configs.hybrid import HybridConfig
+from ..kernels.packing import positions_in_sequence
 from ..layers import Mamba2Mixer, MambaMixer, RMSNorm
 from ..layers.attention import Attention, causal_padding_mask
 from ..layers.mlp import GatedMLP, MoE, load_balancing_loss
@@ -54,12 +55,19 @@ class HybridBlock(GradientCheckpointingLayer):
     def forward(
         self, hidden_states: torch.Tensor, cache_params: Cache | None = None,
         attention_mask: torch.Tensor | None = None, attention_bias: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None, positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """attention_mask: (batch, seqlen) padding mask for SSM mixers; attention_bias: the boolean
-        (batch, 1, query, key) mask for attention mixers."""
-        mask = attention_bias if self.is_attention else attention_mask
-        hidden_states = hidden_states + self.mixer(self.norm(hidden_states), cache_params=cache_params,
-                                                   attention_mask=mask)
+        (batch, 1, query, key) mask for attention mixers (block-diagonal for packed sequences); seq_idx:
+        (batch, seqlen) packed sequences for SSM mixers; positions: rotary positions for attention mixers (None:
+        after the cached keys)."""
+        if self.is_attention:
+            mixed = self.mixer(self.norm(hidden_states), cache_params=cache_params, attention_mask=attention_bias,
+                               positions=positions)
+        else:
+            mixed = self.mixer(self.norm(hidden_states), cache_params=cache_params, attention_mask=attention_mask,
+                               seq_idx=seq_idx)
+        hidden_states = hidden_states + mixed
         if self.ffn is None:
             return hidden_states, None
         out = self.ffn(self.ffn_norm(hidden_states))
@@ -126,23 +134,30 @@ class HybridModel(HybridPreTrainedModel):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         cache_params: Cache | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple | MoeModelOutputWithPast:
         """input_ids: (batch, seqlen); attention_mask: (batch, past + seqlen) with 1 for real tokens.
-        router_logits (with `output_router_logits`): one (batch * seqlen, num_experts) tensor per MoE layer."""
+        router_logits (with `output_router_logits`): one (batch * seqlen, num_experts) tensor per MoE layer.
+        Packed sequences (several per row, no cache): `position_ids` restarting at each one, as
+        `DataCollatorWithFlattening` gives, or `seq_idx` (batch, seqlen); SSM layers restart their state and
+        attention layers attend within each sequence only."""
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_router_logits = (output_router_logits if output_router_logits is not None
                                 else config.output_router_logits)
         return_dict = return_dict if return_dict is not None else config.return_dict
-        inputs_embeds, cache = start_backbone(self, input_ids, inputs_embeds, attention_mask, cache_params,
-                                              past_key_values, use_cache, kwargs.get("position_ids"))
+        # position_ids stays out of the signature: generate() would otherwise build them from a left-padding mask
+        inputs_embeds, cache, seq_idx = start_backbone(self, input_ids, inputs_embeds, attention_mask, cache_params,
+                                                       past_key_values, use_cache, kwargs.get("position_ids"), seq_idx)
 
         seqlen = inputs_embeds.shape[1]
         attention_bias = None
         if "attention" in config.layers_block_type:
             past = cache.get_seq_length() if cache is not None else 0
-            attention_bias = causal_padding_mask(attention_mask, seqlen, past, inputs_embeds.device)
+            attention_bias = causal_padding_mask(attention_mask, seqlen, past, inputs_embeds.device, seq_idx)
+        # packed sequences: rotary positions restart with each sequence, as when it runs alone
+        positions = positions_in_sequence(seq_idx) if seq_idx is not None else None
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
@@ -151,7 +166,7 @@ class HybridModel(HybridPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, router_logits = block(hidden_states, cache_params=cache, attention_mask=attention_mask,
-                                                 attention_bias=attention_bias)
+                                                 attention_bias=attention_bias, seq_idx=seq_idx, positions=positions)
             if router_logits is not None:
                 all_router_logits += (router_logits,)
         hidden_states = self.norm_f(hidden_states)
@@ -199,15 +214,17 @@ class HybridForCausalLM(HybridPreTrainedModel, StateGenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache_params: Cache | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple | MoeCausalLMOutputWithPast:
-        """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored."""
+        """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored. Packed sequences:
+        `position_ids` or `seq_idx`, as for the backbone."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.backbone(
             input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             past_key_values=pick_cache(cache_params, past_key_values), use_cache=use_cache,
             output_hidden_states=output_hidden_states, output_router_logits=output_router_logits, return_dict=True,
-            position_ids=kwargs.get("position_ids"),
+            position_ids=kwargs.get("position_ids"), seq_idx=seq_idx,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()

@@ -6,6 +6,7 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -60,16 +61,33 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int, decoding: bool = F
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size}).")
 
 
-def check_not_packed(position_ids: torch.Tensor | None) -> None:
-    """Refuse packed sequences (position ids restarting inside a row, as DataCollatorWithFlattening makes): the
-    mixers would carry state across document boundaries. Plain increasing positions are accepted."""
-    if position_ids is None or position_ids.shape[-1] < 2 or torch.compiler.is_compiling():
-        return
-    if bool((position_ids.diff(dim=-1) != 1).any()):
-        raise NotImplementedError(
-            "position_ids restart inside a row (packed sequences): resetting the SSM state at document boundaries "
-            "is not implemented yet; pad the sequences instead of packing them."
-        )
+def packed_seq_idx(position_ids: torch.Tensor | None, seq_idx: torch.Tensor | None, batch: int,
+                   length: int) -> torch.Tensor | None:
+    """The (batch, length) sequence ids of packed rows (several sequences end to end, as transformers'
+    `DataCollatorWithFlattening` makes), or None when every row holds one sequence.
+
+    An explicit `seq_idx` (non-decreasing integers along a row) wins; otherwise a sequence starts wherever
+    `position_ids` (batch or 1, length) is not the previous position + 1 (positions 0..n1-1, 0..n2-1, ...).
+    Rows without any start give None, so plain positions keep the usual path exactly (one host synchronisation;
+    under torch.compile the ids are returned as they are, without it)."""
+    if seq_idx is None:
+        if position_ids is None or length < 2:
+            return None
+        position_ids = position_ids.reshape(-1, position_ids.shape[-1])
+        if position_ids.shape[-1] != length or position_ids.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids must have shape (batch={batch}, {length}) like the input; got "
+                             f"{tuple(position_ids.shape)}.")
+        seq_idx = F.pad((position_ids.diff(dim=-1) != 1).cumsum(-1), (1, 0)).expand(batch, -1)
+    elif seq_idx.shape != (batch, length):
+        raise ValueError(f"seq_idx must have shape (batch={batch}, {length}) like the input; got "
+                         f"{tuple(seq_idx.shape)}.")
+    if torch.compiler.is_compiling():
+        return seq_idx
+    steps = seq_idx.diff(dim=-1)
+    starts, decreasing = (bool(v) for v in torch.stack([(steps != 0).any(), (steps < 0).any()]).tolist())
+    if decreasing:
+        raise ValueError("seq_idx must be non-decreasing along each row (one id per packed sequence, in order).")
+    return seq_idx if starts else None
 
 
 def check_padding_mask(attention_mask: torch.Tensor | None, batch_and_length: tuple[int, int]) -> None:
@@ -127,16 +145,24 @@ def resolve_cache(
 def start_backbone(
     model: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | None, cache_params: Cache | None, past_key_values: Cache | None,
-    use_cache: bool | None, position_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Cache | None]:
-    """The checks and set-up every backbone's forward begins with: exactly one of ids or embeddings, no packed
-    sequences, the cache (`resolve_cache`; a StateCache records the model's dtype and refuses another), the
-    padding mask's shape, the token ids' range. Returns (inputs_embeds, cache); the backbone calls
-    `cache.advance(seqlen)` on a StateCache once its layers have run."""
+    use_cache: bool | None, position_ids: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Cache | None, torch.Tensor | None]:
+    """The checks and set-up every backbone's forward begins with: exactly one of ids or embeddings, packed
+    sequences (`packed_seq_idx`; they run without a cache), the cache (`resolve_cache`; a StateCache records the
+    model's dtype and refuses another), the padding mask's shape, the token ids' range. Returns (inputs_embeds,
+    cache, seq_idx or None); the backbone calls `cache.advance(seqlen)` on a StateCache once its layers have run."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-    check_not_packed(position_ids)
     batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    seq_idx = packed_seq_idx(position_ids, seq_idx, batch, length)
+    if seq_idx is not None:
+        # a cache after a packed row would mix sequences (conv inputs and attention keys of all of them)
+        if use_cache or pick_cache(cache_params, past_key_values) is not None:
+            raise ValueError(
+                "Packed sequences (position_ids restarting inside a row, or seq_idx) run without a cache: they are "
+                "for training and cache-free prefill. Drop the cache / use_cache=True, or pass one sequence per row."
+            )
+        use_cache = False
     cache = resolve_cache(pick_cache(cache_params, past_key_values), use_cache, model.config, model.training,
                           model.gradient_checkpointing, batch)
     check_padding_mask(attention_mask, (batch, length))
@@ -145,7 +171,7 @@ def start_backbone(
     if inputs_embeds is None:
         check_token_ids(input_ids, model.config.vocab_size, decoding=cache is not None)
         inputs_embeds = model.get_input_embeddings()(input_ids)
-    return inputs_embeds, cache
+    return inputs_embeds, cache, seq_idx
 
 
 def real_token_mask(

@@ -47,8 +47,14 @@ class S4Block(GradientCheckpointingLayer):
 
     def forward(
         self, hidden_states: torch.Tensor, cache_params: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if seq_idx is not None:
+            raise NotImplementedError(
+                "S4 / S4D do not support packed sequences (position_ids restarting inside a row, or seq_idx): the "
+                "FFT convolution runs over the whole row and cannot reset at a sequence start. Pad the sequences "
+                "instead (attention_mask), one per row."
+            )
         residual = hidden_states
         if self.prenorm:
             hidden_states = self.norm(hidden_states)

@@ -37,13 +37,14 @@ class SSMBlock(GradientCheckpointingLayer):
 
     def forward(
         self, hidden_states: torch.Tensor, cache_params: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
-        return residual + self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
+        return residual + self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask,
+                                     seq_idx=seq_idx)
 
     @staticmethod
     def final_norm(config: PreTrainedConfig) -> nn.Module:
@@ -97,23 +98,29 @@ class SSMModel(SSMPreTrainedModel):
         return_dict: bool | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple | SSMModelOutput:
         """input_ids: (batch, seqlen). `cache_params` (or `past_key_values`) continues from a previous state;
-        with `use_cache`, the returned `cache_params` holds the state after the last token."""
+        with `use_cache`, the returned `cache_params` holds the state after the last token. Packed sequences
+        (several per row, no cache): `position_ids` restarting at each one, as `DataCollatorWithFlattening` gives,
+        or `seq_idx` (batch, seqlen); each sequence is then computed as if it were alone."""
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        inputs_embeds, cache_params = start_backbone(self, input_ids, inputs_embeds, attention_mask, cache_params,
-                                                     past_key_values, use_cache, kwargs.get("position_ids"))
+        # position_ids stays out of the signature: generate() would otherwise build them from a left-padding mask
+        inputs_embeds, cache_params, seq_idx = start_backbone(
+            self, input_ids, inputs_embeds, attention_mask, cache_params, past_key_values, use_cache,
+            kwargs.get("position_ids"), seq_idx)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = block(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
+            hidden_states = block(hidden_states, cache_params=cache_params, attention_mask=attention_mask,
+                                  seq_idx=seq_idx)
         hidden_states = self.norm_f(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -171,14 +178,16 @@ class SSMForCausalLM(SSMPreTrainedModel, StateGenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple | SSMCausalLMOutput:
-        """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored."""
+        """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored. Packed sequences:
+        `position_ids` or `seq_idx`, as for the backbone."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.backbone(
             input_ids, inputs_embeds=inputs_embeds, cache_params=pick_cache(cache_params, past_key_values),
             use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
-            attention_mask=attention_mask, position_ids=kwargs.get("position_ids"),
+            attention_mask=attention_mask, position_ids=kwargs.get("position_ids"), seq_idx=seq_idx,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()

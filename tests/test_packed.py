@@ -1,0 +1,350 @@
+"""Packed sequences (padding-free training): several sequences end to end in one row, told apart by `seq_idx` or by
+position_ids that restart (transformers' `DataCollatorWithFlattening`). Every kernel and model must give what
+running each sequence alone gives: values, final states and gradients."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_to_scale, spread_weights, tiny_config
+from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+import ssm_hf
+from ssm_hf import StateCache, kernels
+from ssm_hf.kernels import causal_conv1d_torch
+from ssm_hf.kernels.packing import positions_in_sequence
+from ssm_hf.models import modeling_utils
+
+triton = pytest.importorskip("triton")
+from ssm_hf.kernels import causal_conv1d_triton, selective_scan_triton  # noqa: E402
+from ssm_hf.kernels.ssd_triton import ssd_scan_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _random_seq_idx(batch: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+    """Random non-decreasing ids: row 0 has a one-token sequence and a start at t = 8 (a tile / chunk edge in
+    the tests below), the other rows random starts and ids that do not begin at 0 or go up by 1."""
+    rows = []
+    for b in range(batch):
+        n_starts = int(torch.randint(1, 5, (1,), generator=generator))
+        starts = set(torch.randint(1, seqlen, (n_starts,), generator=generator).tolist())
+        if b == 0:
+            starts |= {3, 4, 8}
+        flags = torch.zeros(seqlen, dtype=torch.int64)
+        flags[sorted(starts)] = torch.randint(1, 4, (len(starts),), generator=generator)
+        rows.append(flags.cumsum(0) + int(torch.randint(0, 5, (1,), generator=generator)))
+    return torch.stack(rows)
+
+
+def _lengths(row: torch.Tensor) -> list[int]:
+    return torch.unique_consecutive(row, return_counts=True)[1].tolist()
+
+
+def _alone(scan, inputs: dict, seq_idx: torch.Tensor, per_token: tuple[str, ...], state_key: str, **kwargs):
+    """Run `scan` on each sequence of each row by itself (the initial state only for a row's first one) and
+    concatenate: (y, final state of each row's last sequence)."""
+    ys, finals = [], []
+    for b in range(seq_idx.shape[0]):
+        row, start = [], 0
+        for i, n in enumerate(_lengths(seq_idx[b])):
+            part = {k: (v[b : b + 1, start : start + n] if k in per_token else v) for k, v in inputs.items()}
+            if state_key in inputs:
+                part[state_key] = inputs[state_key][b : b + 1] if i == 0 else None
+            y, h = scan(**part, return_final_state=True, **kwargs)
+            row.append(y)
+            start += n
+        ys.append(torch.cat(row, dim=1))
+        finals.append(h)
+    return torch.cat(ys), torch.cat(finals)
+
+
+def _check_values_and_gradients(packed, alone, leaves: dict, refs: dict, tol: float = 1e-5, grad_tol: float = 1e-5,
+                                skip: tuple[str, ...] = ()):
+    """packed, alone: (y, final state) from float32 `leaves` and float64 `refs`; the same weighted sum of both is
+    differentiated and every input's gradient (but those in `skip`) compared."""
+    (y, h), (y_ref, h_ref) = packed, alone
+    assert_close_to_scale(y.cpu(), y_ref, tol)
+    assert_close_to_scale(h.cpu(), h_ref, tol)
+    g = torch.Generator().manual_seed(7)
+    w_y = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
+    w_h = torch.randn(h_ref.shape, generator=g, dtype=torch.float64)
+    ((y * w_y.to(y)).sum() + (h * w_h.to(h)).sum()).backward()
+    ((y_ref * w_y).sum() + (h_ref * w_h).sum()).backward()
+    for key, leaf in leaves.items():
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all(), key
+        if key not in skip:
+            assert_close_to_scale(leaf.grad.cpu(), refs[key].grad, grad_tol)
+
+
+def _selective_inputs(batch, seqlen, d_inner, d_state, seed, dt_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    return dict(x=r(batch, seqlen, d_inner), delta=r(batch, seqlen, d_inner) * dt_scale,
+                A=-torch.rand(d_inner, d_state, generator=g, dtype=torch.float64) * 8 - 0.1,
+                B=r(batch, seqlen, d_state), C=r(batch, seqlen, d_state), D=r(d_inner), z=r(batch, seqlen, d_inner),
+                delta_bias=r(d_inner), initial_state=r(batch, d_inner, d_state))
+
+
+SELECTIVE_TOKENS = ("x", "delta", "B", "C", "z")
+
+
+@pytest.mark.parametrize("impl,dt_scale", [("chunked", 1.0), ("chunked", 30.0), ("triton", 1.0)])
+def test_selective_scan_with_seq_idx_equals_each_sequence_alone(impl, dt_scale, monkeypatch):
+    # dt_scale 30: steps large enough that the chunked form scans some channels by recursive doubling
+    batch, seqlen = 3, 29
+    inputs = _selective_inputs(batch, seqlen, 10, 6, seed=int(dt_scale) + len(impl), dt_scale=dt_scale)
+    seq_idx = _random_seq_idx(batch, seqlen, torch.Generator().manual_seed(len(impl)))
+    refs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    alone = _alone(kernels.selective_scan_sequential, refs, seq_idx, SELECTIVE_TOKENS, "initial_state",
+                   delta_softplus=True)
+    leaves = {k: v.to(DEVICE, torch.float32).requires_grad_(True) for k, v in inputs.items()}
+    if impl == "chunked":
+        packed = kernels.selective_scan_chunked(**leaves, delta_softplus=True, return_final_state=True, chunk_size=8,
+                                                seq_idx=seq_idx.to(DEVICE))
+    else:  # small tiles: starts fall on a tile's first token, inside tiles, and in several channel blocks
+        monkeypatch.setattr(selective_scan_triton, "TILE_CONFIG",
+                            {**selective_scan_triton.TILE_CONFIG, "block_t": 8, "block_d": 4})
+        packed = selective_scan_triton.selective_scan_triton(**leaves, delta_softplus=True, return_final_state=True,
+                                                             seq_idx=seq_idx.to(DEVICE))
+    _check_values_and_gradients(packed, alone, leaves, refs, grad_tol=1e-4 if impl == "triton" else 1e-5)
+
+
+def test_sequential_references_with_seq_idx_are_exact():
+    # the float64 references with seq_idx against themselves run per sequence: resets and nothing else
+    inputs = _selective_inputs(2, 17, 4, 3, seed=3)
+    seq_idx = _random_seq_idx(2, 17, torch.Generator().manual_seed(3))
+    y, h = kernels.selective_scan_sequential(**inputs, delta_softplus=True, return_final_state=True, seq_idx=seq_idx)
+    y_ref, h_ref = _alone(kernels.selective_scan_sequential, inputs, seq_idx, SELECTIVE_TOKENS, "initial_state",
+                          delta_softplus=True)
+    assert_close_to_scale(y, y_ref, 1e-12)
+    assert_close_to_scale(h, h_ref, 1e-12)
+    inputs = _ssd_inputs(2, 17, 4, 3, 2, 5, seed=3)
+    y, h = kernels.ssd_scan_sequential(**inputs, dt_softplus=True, return_final_state=True, seq_idx=seq_idx)
+    y_ref, h_ref = _alone(kernels.ssd_scan_sequential, inputs, seq_idx, SSD_TOKENS, "initial_state", dt_softplus=True)
+    assert_close_to_scale(y, y_ref, 1e-12)
+    assert_close_to_scale(h, h_ref, 1e-12)
+
+
+def _ssd_inputs(batch, seqlen, heads, head_dim, groups, d_state, seed, dt_shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    return dict(x=r(batch, seqlen, heads, head_dim), dt=r(batch, seqlen, heads) + dt_shift,
+                A=-torch.rand(heads, generator=g, dtype=torch.float64) * 8 - 0.05,
+                B=r(batch, seqlen, groups, d_state), C=r(batch, seqlen, groups, d_state), D=r(heads),
+                dt_bias=r(heads), initial_state=r(batch, heads, head_dim, d_state))
+
+
+SSD_TOKENS = ("x", "dt", "B", "C")
+
+
+@pytest.mark.parametrize("impl,chunk,dt_shift", [("chunked", 8, 0.0), ("chunked", 16, 20.0), ("chunked", 64, 0.0),
+                                                 ("triton", 8, 0.0)])
+def test_ssd_scan_with_seq_idx_equals_each_sequence_alone(impl, chunk, dt_shift):
+    # chunk 8: starts on a chunk's first token and inside chunks, a chunk holding three sequences; dt_shift 20:
+    # decays of e^-160 inside a chunk; chunk 64: the whole row in one (padded) chunk
+    batch, seqlen = 3, 37
+    inputs = _ssd_inputs(batch, seqlen, 4, 3, 2, 5, seed=chunk, dt_shift=dt_shift)
+    seq_idx = _random_seq_idx(batch, seqlen, torch.Generator().manual_seed(chunk))
+    refs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    alone = _alone(kernels.ssd_scan_sequential, refs, seq_idx, SSD_TOKENS, "initial_state", dt_softplus=True)
+    leaves = {k: v.to(DEVICE, torch.float32).requires_grad_(True) for k, v in inputs.items()}
+    scan = kernels.ssd_scan_chunked if impl == "chunked" else ssd_scan_triton  # the latter falls back for now
+    packed = scan(**leaves, chunk_size=chunk, dt_softplus=True, return_final_state=True, seq_idx=seq_idx.to(DEVICE))
+    # with Δ ≈ 20 the final state's gradient w.r.t. A is ~1e-10 and float32 rounding in the chunked form swamps
+    # it, with or without seq_idx (the chunk-end decays are differences of prefix sums): A is not compared there
+    _check_values_and_gradients(packed, alone, leaves, refs, skip=("A",) if dt_shift else ())
+
+
+def _conv_alone(x, weight, bias, past, seq_idx):
+    rows = []
+    for b in range(x.shape[0]):
+        parts, start = [], 0
+        for i, n in enumerate(_lengths(seq_idx[b])):
+            first_past = past[b : b + 1] if past is not None and i == 0 else None
+            parts.append(causal_conv1d_torch.causal_conv1d(x[b : b + 1, start : start + n], weight, bias, first_past))
+            start += n
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("width,with_past,with_bias", [(4, True, True), (4, False, False), (2, True, False)])
+def test_causal_conv1d_with_seq_idx_equals_each_sequence_alone(impl, width, with_past, with_bias, monkeypatch):
+    g = torch.Generator().manual_seed(width * 4 + with_past * 2 + with_bias)
+    batch, seqlen, channels = 3, 21, 6
+    x = torch.randn(batch, seqlen, channels, dtype=torch.float64, generator=g)
+    weight = torch.randn(channels, width, dtype=torch.float64, generator=g)
+    bias = torch.randn(channels, dtype=torch.float64, generator=g) if with_bias else None
+    past = torch.randn(batch, channels, width + 1, dtype=torch.float64, generator=g) if with_past else None
+    seq_idx = _random_seq_idx(batch, seqlen, g)
+    refs = [t.clone().requires_grad_(True) for t in (x, weight, bias) if t is not None]
+    expected = _conv_alone(refs[0], refs[1], refs[2] if with_bias else None, past, seq_idx)
+    leaves = [t.to(DEVICE, torch.float32).requires_grad_(True) for t in (x, weight, bias) if t is not None]
+    args = (leaves[0], leaves[1], leaves[2] if with_bias else None,
+            past.to(DEVICE, torch.float32) if with_past else None)
+    if impl == "torch":
+        out = causal_conv1d_torch.causal_conv1d(*args, seq_idx=seq_idx.to(DEVICE))
+    else:  # blocks of 8 tokens: starts on a block's first token and taps that reach into the previous block
+        monkeypatch.setattr(causal_conv1d_triton, "BLOCK_T", 8)
+        out = causal_conv1d_triton.causal_conv1d_triton(*args, seq_idx=seq_idx.to(DEVICE))
+    assert_close_to_scale(out.cpu(), expected)
+    w = torch.randn(expected.shape, dtype=torch.float64, generator=g)
+    (out * w.to(out)).sum().backward()
+    (expected * w).sum().backward()
+    for leaf, ref in zip(leaves, refs):
+        assert_close_to_scale(leaf.grad.cpu(), ref.grad)
+
+
+def test_one_sequence_per_row_keeps_the_plain_results():
+    inputs = {k: v.float() for k, v in _selective_inputs(2, 20, 5, 4, seed=1).items()}
+    one = torch.full((2, 20), 3)
+    assert torch.equal(kernels.selective_scan_chunked(**inputs, delta_softplus=True, chunk_size=8),
+                       kernels.selective_scan_chunked(**inputs, delta_softplus=True, chunk_size=8, seq_idx=one))
+    inputs = {k: v.float() for k, v in _ssd_inputs(2, 20, 4, 3, 2, 5, seed=1).items()}
+    assert_close_to_scale(kernels.ssd_scan_chunked(**inputs, chunk_size=8, dt_softplus=True, seq_idx=one),
+                          kernels.ssd_scan_chunked(**inputs, chunk_size=8, dt_softplus=True))
+    assert positions_in_sequence(torch.tensor([[0, 0, 1, 1, 1, 4]])).tolist() == [[0, 1, 0, 1, 2, 0]]
+
+
+# ---- models ----------------------------------------------------------------------------------------------------
+
+HYBRID = dict(layers_block_type=["mamba", "attention", "mamba2", "attention"],
+              layers_mlp_type=["dense", "moe", "none", "moe"], mamba2_head_dim=16, mamba2_chunk_size=8)
+MODELS = {
+    "mamba": lambda: tiny_config("mamba", scan_chunk_size=8),
+    "mamba2": lambda: tiny_config("mamba2", chunk_size=8),
+    "hybrid": lambda: ssm_hf.preset_config("hybrid-tiny", bos_token_id=None, eos_token_id=None, **HYBRID),
+    "hybrid-rope": lambda: ssm_hf.preset_config("hybrid-tiny", bos_token_id=None, eos_token_id=None,
+                                                attention_rope_dim=4, attention_rope_theta=100.0, **HYBRID),
+}
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = MODELS[name]()
+    model = ssm_hf.HybridForCausalLM(config) if name.startswith("hybrid") else (
+        ssm_hf.MambaForCausalLM(config) if name == "mamba" else ssm_hf.Mamba2ForCausalLM(config))
+    return spread_weights(model, scale=0.1).eval()
+
+
+def _sequences(vocab_size: int, lengths=(7, 1, 12, 5, 10), seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab_size, (n,), generator=g) for n in lengths]
+
+
+def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_packed_row_equals_each_sequence_alone(name, one_thread):
+    # on a GPU this runs the Triton kernels inside the model
+    model = _model(name).to(DEVICE)
+    seqs = [s.to(DEVICE) for s in _sequences(model.config.vocab_size)]
+    batch = {k: v.to(DEVICE) for k, v in
+             DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in seqs]).items()}
+    assert batch["input_ids"].shape == (1, sum(len(s) for s in seqs))
+    out = model(**batch)
+    alone = [model(s[None]) for s in seqs]
+    assert_close_to_scale(out.logits, torch.cat([o.logits for o in alone], dim=1))
+    # the loss: the collator masks each sequence's first label, so it is the token-weighted mean of the losses alone
+    alone_loss = [model(s[None], labels=s[None]).loss for s in seqs if len(s) > 1]
+    weights = [len(s) - 1 for s in seqs if len(s) > 1]
+    expected = sum(w * loss for w, loss in zip(weights, alone_loss)) / sum(weights)
+    assert math.isclose(out.loss.item(), expected.item(), rel_tol=1e-5)
+    # the gradients of every weight
+    model.zero_grad()
+    _summed_loss(model(**batch).logits, batch["labels"]).backward()
+    packed_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    sum(_summed_loss(model(s[None]).logits, s[None]) for s in seqs).backward()
+    for key, param in model.named_parameters():
+        if param.grad is not None:
+            assert_close_to_scale(packed_grads[key], param.grad, 1e-4)
+    assert len(packed_grads) == sum(p.grad is not None for p in model.parameters())
+    # an explicit seq_idx (the collator's `return_seq_idx`) gives the same, in a batch of two rows too
+    with_idx = DataCollatorWithFlattening(return_seq_idx=True, return_position_ids=False)(
+        [{"input_ids": s.tolist()} for s in seqs])
+    assert_close_to_scale(model(with_idx["input_ids"].to(DEVICE), seq_idx=with_idx["seq_idx"].to(DEVICE)).logits,
+                          out.logits, 1e-6)
+    two_rows = model(batch["input_ids"].repeat(2, 1), position_ids=batch["position_ids"].repeat(2, 1)).logits
+    assert_close_to_scale(two_rows, out.logits.repeat(2, 1, 1))
+
+
+def test_padding_and_packing_together(one_thread):
+    # a right-padded batch of packed rows: the padded tail changes nothing
+    model = _model("hybrid")
+    seqs = _sequences(model.config.vocab_size, lengths=(4, 6, 3))
+    batch = DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in seqs])
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    padded_ids = torch.cat([ids, torch.zeros(1, 3, dtype=ids.dtype)], dim=1).repeat(2, 1)
+    padded_pos = torch.cat([pos, torch.arange(3)[None]], dim=1).repeat(2, 1)
+    mask = torch.ones_like(padded_ids)
+    mask[:, -3:] = 0
+    logits = model(padded_ids, attention_mask=mask, position_ids=padded_pos).logits
+    assert_close_to_scale(logits[:, : ids.shape[1]], model(ids, position_ids=pos).logits.repeat(2, 1, 1))
+
+
+def test_trainer_with_data_collator_with_flattening(tmp_path, monkeypatch, one_thread):
+    model = _model("hybrid").train()
+    g = torch.Generator().manual_seed(1)
+    dataset = [{"input_ids": torch.randint(1, model.config.vocab_size, (int(n),), generator=g).tolist()}
+               for n in torch.randint(3, 20, (12,), generator=g)]
+    seen = []
+    original = modeling_utils.packed_seq_idx
+
+    def spy(*args, **kwargs):
+        seq_idx = original(*args, **kwargs)
+        seen.append(None if seq_idx is None else len(torch.unique(seq_idx)))
+        return seq_idx
+
+    monkeypatch.setattr(modeling_utils, "packed_seq_idx", spy)
+    before = [p.detach().clone() for p in model.parameters()]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                             seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithFlattening())
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert seen and all(n == 4 for n in seen)  # every step saw one row of 4 packed sequences
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("preset", ["s4-tiny", "s4d-tiny"])
+def test_s4_refuses_packed_sequences(preset):
+    model = ssm_hf.S4ForCausalLM(ssm_hf.preset_config(preset, bos_token_id=None, eos_token_id=None)).eval()
+    ids = torch.randint(1, model.config.vocab_size, (1, 8))
+    model(ids, position_ids=torch.arange(8)[None])  # plain positions are fine
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model.backbone(ids, seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
+
+
+@pytest.mark.parametrize("name", ["mamba", "hybrid"])
+def test_packed_input_with_a_cache_is_refused_and_plain_generation_is_unchanged(name):
+    model = _model(name)
+    ids = torch.randint(1, model.config.vocab_size, (1, 8))
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="without a cache"):
+        model.generate(ids, position_ids=packed, max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="without a cache"):
+        model(ids, position_ids=packed, use_cache=True)
+    with pytest.raises(ValueError, match="without a cache"):
+        model(ids, seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]), past_key_values=StateCache(config=model.config))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        model(ids, seq_idx=torch.tensor([[0, 0, 0, 1, 1, 0, 0, 0]]))
+    plain = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(ids, position_ids=torch.arange(8)[None], max_new_tokens=4, do_sample=False),
+                       plain)
+
+
+def test_sequence_classification_refuses_packed_sequences():
+    model = ssm_hf.MambaForSequenceClassification(tiny_config("mamba", num_labels=3)).eval()
+    ids = torch.randint(1, model.config.vocab_size, (1, 8))
+    model(ids, position_ids=torch.arange(8)[None])
+    with pytest.raises(NotImplementedError, match="one sequence per row"):
+        model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
