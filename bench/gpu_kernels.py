@@ -323,15 +323,18 @@ def ssd_sweep():
     inp.pop("initial_state")
     leaves = {k: (v.clone().requires_grad_(True) if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
     dy = torch.randn_like(inp["x"])
-    saved = (ssd_triton.CHUNK, dict(ssd_triton.WARPS), ssd_triton.STATES_16BIT, ssd_triton.N_BLOCK)
+    knobs = ("CHUNK", "N_BLOCK", "STATE_TILE", "STATES_16BIT")
+    saved = {k: getattr(ssd_triton, k) for k in knobs} | {"WARPS": dict(ssd_triton.WARPS)}
     grads = [v for v in leaves.values() if v.requires_grad]
     rows = {}
-    for chunk, n_block, out_warps, grad_warps, states16 in [
-            (64, 64, 4, 4, True), (64, 64, 4, 4, False), (64, 32, 4, 4, True), (64, 128, 4, 8, True),
-            (64, 64, 8, 8, True), (128, 32, 4, 4, True), (128, 64, 8, 8, True), (32, 64, 4, 4, True)]:
-        ssd_triton.CHUNK, ssd_triton.N_BLOCK, ssd_triton.STATES_16BIT = chunk, n_block, states16
-        ssd_triton.WARPS.update(output=out_warps, grads=grad_warps)
-        name = f"chunk {chunk} n {n_block} warps {out_warps}/{grad_warps} states {16 if states16 else 32}"
+    for chunk, n_block, tile, warps, states16 in [
+            (32, 64, (64, 64), 4, True), (32, 64, (32, 64), 4, True), (32, 64, (64, 32), 4, True),
+            (32, 64, (32, 32), 4, True), (32, 32, (64, 64), 4, True), (32, 128, (64, 64), 4, True),
+            (32, 64, (64, 64), 2, True), (16, 64, (64, 64), 4, True), (64, 32, (64, 64), 4, True)]:
+        ssd_triton.CHUNK, ssd_triton.N_BLOCK, ssd_triton.STATE_TILE, ssd_triton.STATES_16BIT = \
+            chunk, n_block, tile, states16
+        ssd_triton.WARPS.update(output=warps, grads=warps)
+        name = f"chunk {chunk} n {n_block} tile {tile[0]}x{tile[1]} warps {warps} states {16 if states16 else 32}"
         try:
             fwd = do_bench(lambda: ssd_triton.ssd_scan_triton(**inp, dt_softplus=True), return_mode="median") * 1e3
             both = do_bench(lambda: ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True).backward(dy),
@@ -340,8 +343,9 @@ def ssd_sweep():
         except Exception as err:
             rows[name] = repr(err)[:200]
         print("ssd_sweep", name, rows[name], flush=True)
-    ssd_triton.CHUNK, ssd_triton.STATES_16BIT, ssd_triton.N_BLOCK = saved[0], saved[2], saved[3]
-    ssd_triton.WARPS.update(saved[1])
+    for key in knobs:
+        setattr(ssd_triton, key, saved[key])
+    ssd_triton.WARPS.update(saved["WARPS"])
     # where the default's forward+backward time goes, kernel by kernel
     from torch.profiler import ProfilerActivity, profile
 

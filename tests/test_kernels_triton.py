@@ -325,7 +325,8 @@ def test_triton_ssd_bf16_inputs_and_gradients():
     y, h = ssd_scan_triton(**leaves, dt_softplus=True, return_final_state=True)
     y_ref, h_ref = kernels.ssd_scan_sequential(**leaves_ref, dt_softplus=True, return_final_state=True)
     assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
-    assert _rel_err(y.cpu(), y_ref) < 1e-2 and _rel_err(h.cpu(), h_ref) < 1e-5
+    # the interpreter multiplies in float32 (the state is then float32-exact); a GPU multiplies in bf16
+    assert _rel_err(y.cpu(), y_ref) < 1e-2 and _rel_err(h.cpu(), h_ref) < (1e-5 if DEVICE == "cpu" else 1e-2)
     weight = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     (y.float() * weight.to(DEVICE, torch.float32)).sum().backward()
     (y_ref * weight).sum().backward()
