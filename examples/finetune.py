@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by processes ({processes}) x "
                          f"--grad-accum ({args.grad_accum})")
     per_device = args.batch_size // (processes * args.grad_accum)
+    if args.fsdp and (args.cpu or not torch.accelerator.is_available()):
+        # accelerate enables FSDP only on accelerators: on CPU, Trainer would quietly train with plain DDP
+        raise SystemExit("--fsdp needs GPUs (or another accelerator): accelerate does not shard on CPU and would "
+                         "train with plain DDP; drop --fsdp (DDP) or run on GPUs")
     torch.manual_seed(args.seed)
 
     text = python_stdlib_text(args.text_chars)

@@ -219,6 +219,33 @@ def test_router_logits_and_load_balancing_loss():
     assert model.backbone.layers[1].ffn.router.weight.grad.abs().sum() > 0
 
 
+def test_load_balancing_loss_weighted_by_share_of_num_items_in_batch():
+    """With `num_items_in_batch` (Trainer's count of the optimizer step's labelled tokens), the LM loss is a sum over
+    this call's tokens / num_items_in_batch, and the load-balancing loss is weighted by the same share, so that over
+    the step's micro-batches and processes it counts once (tests/test_distributed.py checks that under Trainer)."""
+    config = _tiny(router_aux_loss_coef=0.5)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(1, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, -3:] = -100  # 13 of the 16 shifted labels count
+    num_items = torch.tensor(52)  # this call holds a quarter of the step's tokens
+    out = model.eval()(ids, labels=labels, output_router_logits=True, num_items_in_batch=num_items)
+    lm_sum = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, config.vocab_size),
+                                               labels[:, 1:].reshape(-1), reduction="sum")
+    assert_close_to_scale(out.loss, lm_sum / 52 + 0.5 * out.aux_loss * 13 / 52)
+    # shift_labels (given by some collators) are counted as they are; without num_items_in_batch the weight is 1
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    shifted[1, :4] = -100  # 13 - 4 = 9 count
+    out = model(ids, labels=labels, shift_labels=shifted, output_router_logits=True, num_items_in_batch=num_items)
+    lm_sum = torch.nn.functional.cross_entropy(out.logits.reshape(-1, config.vocab_size), shifted.reshape(-1),
+                                               reduction="sum")
+    assert_close_to_scale(out.loss, lm_sum / 52 + 0.5 * out.aux_loss * 9 / 52)
+    out = model(ids, labels=labels, output_router_logits=True)
+    lm_mean = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, config.vocab_size),
+                                                labels[:, 1:].reshape(-1))
+    assert_close_to_scale(out.loss, lm_mean + 0.5 * out.aux_loss)
+
+
 def test_load_balancing_loss_values():
     uniform = torch.zeros(10, 4)
     assert torch.isclose(load_balancing_loss((uniform,), top_k=2), torch.tensor(2.0))

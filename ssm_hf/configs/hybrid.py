@@ -42,7 +42,8 @@ class HybridConfig(PreTrainedConfig):
         attention_qkv_bias, attention_out_bias: biases in q/k/v_proj and in o_proj (mamba_ssm's MHA has them).
         num_experts, num_experts_per_tok: MoE size and top-k.
         router_aux_loss_coef: weight of the load-balancing loss added to the LM loss when training (or when
-            `output_router_logits`).
+            `output_router_logits`); under Trainer it counts once per optimizer step (see
+            `models.hybrid.aux_loss_share`).
         mamba_d_state, mamba_d_conv, mamba_expand, mamba_dt_rank, mamba_conv_bias, mamba_proj_bias,
         mamba_inner_layernorms: the Mamba mixers' sizes (inner layernorms on Δ, B, C as in Jamba).
         mamba2_d_state, mamba2_head_dim, mamba2_n_groups, mamba2_chunk_size: the Mamba-2 mixers' sizes (their

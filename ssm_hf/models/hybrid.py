@@ -184,8 +184,9 @@ class HybridModel(HybridPreTrainedModel):
 
 class HybridForCausalLM(HybridPreTrainedModel, StateGenerationMixin):
     """Hybrid backbone with a language-modelling head; adds `router_aux_loss_coef` x the load-balancing loss to
-    the LM loss when training (or when `output_router_logits`). `generate()` can start from a given state (see
-    `StateGenerationMixin`), with or without attention layers."""
+    the LM loss when training (or when `output_router_logits`), weighted by `aux_loss_share` when Trainer passes
+    `num_items_in_batch`. `generate()` can start from a given state (see `StateGenerationMixin`), with or without
+    attention layers."""
 
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
 
@@ -236,12 +237,45 @@ class HybridForCausalLM(HybridPreTrainedModel, StateGenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             if aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+                # counted once per optimizer step under Trainer, whatever the processes and accumulation steps
+                share = aux_loss_share(labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"),
+                                       loss.device)
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device) * share
         output = MoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states, router_logits=outputs.router_logits,
         )
         return output if return_dict else output.to_tuple()
+
+
+def aux_loss_share(
+    labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None, shift_labels: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor | float:
+    """The weight of this forward's load-balancing loss: 1 for a plain call, and this forward's share of the
+    optimizer step's label tokens when the caller normalises the LM loss by `num_items_in_batch` (Trainer does).
+
+    Why: with `num_items_in_batch` (the labelled tokens of every micro-batch of the optimizer step, and of every
+    process when `average_tokens_across_devices` is on, the default), transformers' Trainer (5.23, `compute_loss`
+    and `training_step`) does not divide the loss by the gradient accumulation steps and multiplies it by the
+    number of processes, which DDP / FSDP's gradient averaging undoes. That is right for the LM loss (a sum over
+    tokens / num_items_in_batch), but a per-forward mean such as the load-balancing loss, added as is, counts
+    (accumulation steps x processes) times. Mixtral, Jamba and Qwen3-MoE in transformers 5.23 add it as is
+    (huggingface/transformers#48690 reports the DDP half). Weighted by its share of the step's tokens
+    (labels / num_items_in_batch, which sum to 1 over the step's micro-batches, over all processes or per process
+    as Trainer counts them), it enters each optimizer step once, as the token-weighted mean of the micro-batches'
+    load-balancing losses, whatever the number of processes and accumulation steps. The statistics stay those of
+    each forward (as in Jamba / Mixtral, not a global-batch balance), so N processes equal one process with N
+    accumulation steps over the same micro-batches exactly, and one process over the whole batch in one forward
+    up to the difference between the micro-batches' routing statistics and the whole batch's.
+    labels: (batch, seqlen) unshifted, or `shift_labels` (batch, seqlen) as Trainer counts them when given; the
+    share is returned on `device` (the loss's)."""
+    if num_items_in_batch is None:
+        return 1.0
+    counted = shift_labels if shift_labels is not None else labels[..., 1:]  # the tokens Trainer counts
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(device)
+    return counted.ne(-100).sum().to(device) / num_items_in_batch
 
 
 class HybridForSequenceClassification(LastTokenClassifierMixin, HybridPreTrainedModel):
