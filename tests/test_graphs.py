@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import tiny_lm
 from transformers import DynamicCache
+from transformers.cache_utils import LinearAttentionLayer
 
 import ssm_hf
 from ssm_hf.models.graphs import (
@@ -233,6 +234,20 @@ def test_a_failed_capture_restores_the_state_and_decodes_eagerly():
     finally:
         model.decode_capture = None
     assert torch.equal(out.sequences, plain.sequences) and out.past_key_values.decode_graphs == {}
+
+
+def test_a_step_that_replaces_state_tensors_is_not_graphed_and_keeps_its_state(monkeypatch):
+    def replacing_update(self, recurrent_states, state_idx=0, **kwargs):
+        self.recurrent_states[state_idx] = recurrent_states.clone()   # a new tensor each step
+        self.is_recurrent_states_initialized[state_idx] = True
+        return self.recurrent_states[state_idx]
+
+    monkeypatch.setattr(LinearAttentionLayer, "update_recurrent_state", replacing_update)
+    model = _model("s4d-tiny")  # S4 writes its state through update_recurrent_state at every step
+    ids = _ids(2, 6, 20)
+    plain = _generate(model, False, input_ids=ids, max_new_tokens=8, do_sample=False)
+    graphed = _generate(model, True, input_ids=ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(graphed.sequences, plain.sequences) and _replays(graphed) == []
 
 
 @pytest.mark.parametrize("preset", PRESETS)

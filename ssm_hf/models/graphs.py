@@ -183,18 +183,17 @@ class CapturedDecodeStep:
                 capture.warm_up(step, device)
                 self.replay, self.logits = capture.capture(step, device)
         finally:
-            for (*_, tensor), copy in zip(slots, saved):
+            replaced = []
+            for (index, attr, idx, tensor), copy in zip(slots, saved):
                 tensor.copy_(copy)
+                states = getattr(cache.layers[index], attr)
+                if states.get(idx) is not tensor:  # the cache gets the state it had back, also for eager steps
+                    replaced.append((index, attr, idx))
+                    states[idx] = tensor
             cache.seen_tokens = seen
-        replaced = [slot[:3] for slot in slots if self._current(cache, slot) is not slot[3]]
         if replaced:
             raise RuntimeError(f"The decoding step replaced the cache's state tensors {replaced} instead of updating "
                                f"them in place: it cannot be replayed from a graph.")
-
-    @staticmethod
-    def _current(cache: StateCache, slot: tuple) -> torch.Tensor | None:
-        index, attr, idx, _ = slot
-        return getattr(cache.layers[index], attr).get(idx)
 
     def bind(self, cache: StateCache) -> bool:
         """Make the cache hold the captured state tensors again: a tensor replaced since (a reorder that changed
@@ -217,6 +216,8 @@ class CapturedDecodeStep:
         return True
 
     def __call__(self, cache: StateCache, input_ids: torch.Tensor) -> SSMCausalLMOutput:
+        """Replay on input_ids (batch, 1): logits (batch, 1, vocab) in float32, the cache advanced by one token
+        (call `bind` first)."""
         self.input_ids.copy_(input_ids)
         seen = cache.seen_tokens
         self.replay()
