@@ -135,6 +135,33 @@ def test_triton_state_update_matches_torch():
     torch.testing.assert_close(args[0].cpu(), inputs["initial_state"].float())  # the input state is untouched
 
 
+def test_decoding_steps_write_the_new_state_in_place_when_asked():
+    """state_out=state (what the mixers pass when decoding outside autograd): the same results as a new state,
+    written into the given tensor, for the Triton steps and their PyTorch twins; a strided state_out is written
+    through a copy."""
+    from ssm_hf.kernels import selective_scan_torch, ssd_torch
+    from ssm_hf.kernels.decode_triton import selective_state_update_triton, ssd_state_update_triton
+
+    f = _to(_inputs(2, 1, 24, 6, seed=11), torch.float32)
+    mamba = (f["x"][:, 0], f["delta"][:, 0], f["A"], f["B"][:, 0], f["C"][:, 0], f["D"], f["z"][:, 0],
+             f["delta_bias"], True)
+    g = torch.Generator().manual_seed(12)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    ssd = (r(2, 4, 3), r(2, 4), -torch.rand(4, generator=g).to(DEVICE), r(2, 2, 5), r(2, 2, 5), r(4), r(4), True,
+           (1e-3, 0.5))
+    cases = [(selective_state_update_triton, selective_scan_torch.selective_state_update, f["initial_state"], mamba),
+             (ssd_state_update_triton, ssd_torch.ssd_state_update, r(2, 4, 3, 5), ssd)]
+    for triton_step, torch_step, state, args in cases:
+        for step in (triton_step, torch_step):
+            y_new, expected = step(state, *args)
+            in_place = state.clone()
+            y, new = step(in_place, *args, state_out=in_place)
+            assert new is in_place and torch.equal(y, y_new) and torch.equal(new, expected), step.__name__
+            strided = torch.zeros(*state.shape[:-1], 2 * state.shape[-1], device=DEVICE)[..., ::2]
+            _, new = step(state, *args, state_out=strided)
+            assert new is strided and torch.equal(strided, expected), step.__name__
+
+
 def test_triton_edge_cases_empty_sequence_strided_states_wide_ssd_state():
     from test_kernels_ssd import _inputs as ssd_inputs
 

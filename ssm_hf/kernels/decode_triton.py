@@ -89,13 +89,28 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
     tl.store(y_ptr + b * Dm + d, y.to(y_ptr.dtype.element_ty), mask=d_mask)
 
 
-def selective_state_update_triton(state, x, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """One decoding step, as `selective_scan_torch.selective_state_update`: returns (y, new state); `state` itself
-    is not modified."""
+def _new_state_buffer(state: torch.Tensor, state_out: torch.Tensor | None) -> torch.Tensor:
+    """Where a step kernel writes the new state: `state_out` itself when row-major (it may be `state`: each program
+    reads its tile of the state before writing the same tile), else a new row-major tensor."""
+    if state_out is not None and state_out.is_contiguous() and state_out.dtype == state.dtype:
+        return state_out
+    return torch.empty(state.shape, dtype=state.dtype, device=state.device)
+
+
+def _finish_state(new: torch.Tensor, state_out: torch.Tensor | None) -> torch.Tensor:
+    if state_out is None or new is state_out:
+        return new
+    return state_out.copy_(new)
+
+
+def selective_state_update_triton(state, x, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                                  state_out=None):
+    """One decoding step, as `selective_scan_torch.selective_state_update`: returns (y, new state), the new state
+    written into `state_out` if given (which may be `state`: in place), else a new tensor."""
     batch, d_inner = x.shape
     d_state = A.shape[-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)       # row-major, as the kernel writes them
-    new = torch.empty(state.shape, dtype=state.dtype, device=state.device)
+    new = _new_state_buffer(state, state_out)
     block_n = triton.next_power_of_2(d_state)
     block_d = max(16, 2048 // block_n)
     dummy = y
@@ -106,7 +121,7 @@ def selective_state_update_triton(state, x, delta, A, B, C, D=None, z=None, delt
             delta_bias if delta_bias is not None else dummy, y, new, d_inner, d_state,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             BLOCK_D=block_d, BLOCK_N=block_n)
-    return y, new
+    return y, _finish_state(new, state_out)
 
 
 @triton.jit
@@ -143,14 +158,15 @@ def _ssd_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bia
     tl.store(y_ptr + (b * H + head) * P + p, y.to(y_ptr.dtype.element_ty), mask=p_mask)
 
 
-def ssd_state_update_triton(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, dt_limit=None):
+def ssd_state_update_triton(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, dt_limit=None,
+                            state_out=None):
     """One Mamba-2 decoding step, as `ssd_torch.ssd_state_update`: state (batch, heads, head_dim, d_state); x
-    (batch, heads, head_dim); dt (batch, heads); B, C (batch, groups, d_state). Returns (y, new state); `state`
-    itself is not modified."""
+    (batch, heads, head_dim); dt (batch, heads); B, C (batch, groups, d_state). Returns (y, new state), the new
+    state written into `state_out` if given (which may be `state`: in place), else a new tensor."""
     batch, heads, head_dim = x.shape
     groups, d_state = B.shape[1], B.shape[2]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    new = torch.empty(state.shape, dtype=state.dtype, device=state.device)
+    new = _new_state_buffer(state, state_out)
     block_n = triton.next_power_of_2(d_state)
     block_p = min(triton.next_power_of_2(head_dim), max(4096 // block_n, 1))
     clamp = dt_limit is not None and (dt_limit[0] > 0.0 or dt_limit[1] != float("inf"))
@@ -163,4 +179,4 @@ def ssd_state_update_triton(state, x, dt, A, B, C, D=None, dt_bias=None, dt_soft
             heads, head_dim, d_state, heads // groups, low, high,
             HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
             BLOCK_P=block_p, BLOCK_N=block_n)
-    return y, new
+    return y, _finish_state(new, state_out)

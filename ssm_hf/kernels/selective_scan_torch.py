@@ -241,14 +241,23 @@ def selective_state_update(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
+    state_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step. state: (batch, d_inner, d_state); x, delta, z: (batch, d_inner); B, C: (batch, d_state).
 
-    Returns (y: (batch, d_inner) in x's dtype, new state in the state's dtype); `state` itself is not modified.
+    Returns (y: (batch, d_inner) in x's dtype, new state in the state's dtype). The new state is a new tensor, or
+    written into `state_out` if given (which may be `state` itself: an update in place) and returned.
     """
     dtype = torch.float64 if state.dtype == torch.float64 else torch.float32
     delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
     h = torch.exp(delta.unsqueeze(-1) * A.to(dtype)) * state.to(dtype)
     h = h + (delta * x.to(dtype)).unsqueeze(-1) * B.to(dtype).unsqueeze(1)
     y = torch.einsum("bdn,bn->bd", h, C.to(dtype))
-    return _finish(y, x, D, z, x.dtype), h.to(state.dtype)
+    return _finish(y, x, D, z, x.dtype), write_state(h, state, state_out)
+
+
+def write_state(new: torch.Tensor, state: torch.Tensor, state_out: torch.Tensor | None) -> torch.Tensor:
+    """The new state of a decoding step in the state's dtype: `new` cast, or copied into `state_out` if given."""
+    if state_out is None:
+        return new.to(state.dtype)
+    return state_out.copy_(new)

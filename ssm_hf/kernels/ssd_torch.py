@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .packing import segment_ids, sequence_starts
+from .selective_scan_torch import write_state
 
 
 def ssd_prepare_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool,
@@ -192,10 +193,11 @@ def ssd_state_update(
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] | None = None,
+    state_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step. state: (batch, heads, head_dim, d_state); x: (batch, heads, head_dim); dt: (batch, heads);
     B, C: (batch, groups, d_state). Returns (y: (batch, heads, head_dim) in x's dtype, new state in the state's
-    dtype); `state` itself is not modified."""
+    dtype): a new tensor, or `state_out` if given, written (it may be `state` itself: an update in place)."""
     dtype = torch.float64 if state.dtype == torch.float64 else torch.float32
     g = B.shape[1]
     dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
@@ -207,4 +209,4 @@ def ssd_state_update(
     y = torch.einsum("bgrpn,bgn->bgrp", new, C.to(dtype)).flatten(1, 2)
     if D is not None:
         y = y + x.to(dtype) * D.to(dtype)[:, None]
-    return y.to(x.dtype), new.flatten(1, 2).to(state.dtype)
+    return y.to(x.dtype), write_state(new.flatten(1, 2), state, state_out)

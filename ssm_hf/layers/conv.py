@@ -10,6 +10,20 @@ from .. import kernels
 from .offload import loaded_weights
 
 
+def decoding_state(cache_params: Cache | None, layer_idx: int, seqlen: int) -> tuple[torch.Tensor | None, bool]:
+    """The layer's recurrent state from the cache (None without one), and whether a step may update it in place.
+
+    A single-token step outside autograd writes the new state straight into the cache's tensor, so the tensor
+    keeps its address from token to token (what a captured CUDA graph replays on); under autograd the state is a
+    copy, since the old values may be needed for the backward pass and the cache is then updated by copying."""
+    state = cache_params.get_recurrent_state(layer_idx) if cache_params is not None else None
+    if state is None:
+        return None, False
+    if torch.is_grad_enabled():
+        return state.clone(), False
+    return state, seqlen == 1
+
+
 def cached_causal_conv(
     conv1d: nn.Conv1d, x: torch.Tensor, cache_params: Cache | None, layer_idx: int,
     mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,

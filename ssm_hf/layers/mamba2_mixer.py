@@ -10,7 +10,7 @@ from transformers.cache_utils import Cache
 
 from .. import kernels
 from ..configs.mamba2 import Mamba2Config
-from .conv import cached_causal_conv
+from .conv import cached_causal_conv, decoding_state
 from .norm import RMSNormGated
 from .ssm_init import inverse_softplus_dt
 
@@ -90,17 +90,16 @@ class Mamba2Mixer(nn.Module):
             dt = kernels.ssd_prepare_dt(dt, self.dt_bias, True, self.time_step_limit) * mask.float()
             dt_bias, dt_softplus, dt_limit = None, False, None
 
-        state = cache_params.get_recurrent_state(self.layer_idx) if cache_params is not None else None
-        if state is not None and torch.is_grad_enabled():
-            state = state.clone()  # the cache updates its tensor in place below; autograd may still need this one
+        state, in_place = decoding_state(cache_params, self.layer_idx, seqlen)
         if state is not None and seqlen == 1:
             y, new_state = kernels.ssd_state_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D,
-                                                    dt_bias, dt_softplus, dt_limit)
+                                                    dt_bias, dt_softplus, dt_limit,
+                                                    state_out=state if in_place else None)
             y = y.unsqueeze(1)
         else:
             y, new_state = kernels.ssd_scan(x, dt, A, B, C, self.chunk_size, self.D, dt_bias, dt_softplus, dt_limit,
                                             initial_state=state, return_final_state=True, seq_idx=seq_idx)
-        if cache_params is not None:
+        if cache_params is not None and not in_place:
             cache_params.update_recurrent_state(new_state, self.layer_idx)
         y = self.norm(y.flatten(-2), z)
         return self.out_proj(y.to(hidden_states.dtype))

@@ -11,7 +11,7 @@ from transformers.cache_utils import Cache
 
 from .. import kernels
 from ..configs.mamba import MambaConfig
-from .conv import cached_causal_conv
+from .conv import cached_causal_conv, decoding_state
 from .norm import RMSNorm
 from .offload import loaded_weights
 from .ssm_init import inverse_softplus_dt
@@ -105,13 +105,11 @@ class MambaMixer(nn.Module):
             dt_bias, dt_softplus = None, False
         A = -torch.exp(self.A_log.float())
 
-        state = cache_params.get_recurrent_state(self.layer_idx) if cache_params is not None else None
-        if state is not None and torch.is_grad_enabled():
-            state = state.clone()  # the cache updates its tensor in place below; autograd may still need this one
+        state, in_place = decoding_state(cache_params, self.layer_idx, seqlen)
         if state is not None and seqlen == 1:
             y, new_state = kernels.selective_state_update(
                 state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, z[:, 0],
-                delta_bias=dt_bias, delta_softplus=dt_softplus,
+                delta_bias=dt_bias, delta_softplus=dt_softplus, state_out=state if in_place else None,
             )
             y = y.unsqueeze(1)
         else:
@@ -119,6 +117,6 @@ class MambaMixer(nn.Module):
                 x, dt, A, B, C, self.D, z, delta_bias=dt_bias, delta_softplus=dt_softplus,
                 initial_state=state, return_final_state=True, chunk_size=self.scan_chunk_size, seq_idx=seq_idx,
             )
-        if cache_params is not None:
+        if cache_params is not None and not in_place:
             cache_params.update_recurrent_state(new_state, self.layer_idx)
         return self.out_proj(y)

@@ -189,6 +189,8 @@ class HybridForCausalLM(HybridPreTrainedModel, StateGenerationMixin):
     attention layers."""
 
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+    # PreTrainedModel comes first in the bases and has its own (torch.compile); decoding stays eager here
+    get_compiled_call = StateGenerationMixin.get_compiled_call
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)

@@ -139,6 +139,9 @@ class SSMForCausalLM(SSMPreTrainedModel, StateGenerationMixin):
 
     backbone_class: type[SSMModel]
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+    _supports_graphed_decoding = True  # decoding steps replay a CUDA graph (ssm_hf.models.graphs)
+    # PreTrainedModel comes first in the bases and has its own (torch.compile): take the mixin's
+    get_compiled_call = StateGenerationMixin.get_compiled_call
 
     def __init__(self, config: PreTrainedConfig):
         super().__init__(config)

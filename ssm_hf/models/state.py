@@ -124,12 +124,20 @@ def _set_layer_tensor(layer, name: str, tensor: torch.Tensor) -> None:
             layer.device = tensor.device
 
 
-def map_cache_tensors(cache: Cache, fn) -> None:
-    """Replace every state tensor t of `cache` by fn(t), in place (e.g. to repeat or select batch rows)."""
+def map_cache_tensors(cache: Cache, fn, keep_addresses: bool = False) -> None:
+    """Replace every state tensor t of `cache` by fn(t) (e.g. to repeat or select batch rows).
+
+    With `keep_addresses`, a result of t's shape, dtype and device is copied into t instead, so the tensor keeps its
+    storage: CUDA graphs captured on the cache's tensors (`ssm_hf.models.graphs`) stay valid."""
     for index, layer in enumerate(cache.layers):
         _check_layer(layer, index)
         for name, tensor in layer_tensors(layer).items():
-            _set_layer_tensor(layer, name, fn(tensor))
+            result = fn(tensor)
+            if (keep_addresses and result.shape == tensor.shape and result.dtype == tensor.dtype
+                    and result.device == tensor.device):
+                tensor.copy_(result)  # fn's result is a new tensor (indexing copies), so nothing aliases here
+            else:
+                _set_layer_tensor(layer, name, result)
 
 
 def cache_batch_size(cache: Cache) -> int | None:
@@ -173,6 +181,15 @@ class StateCache(DynamicCache):
         self.config = config
         self.seen_tokens = 0
         self.model_dtype: torch.dtype | None = None
+        # captured decoding steps (ssm_hf.models.graphs), by (model, batch size, dtype, device): they live and die
+        # with this cache, whose state tensors they were captured on
+        self.decode_graphs: dict = {}
+
+    def __getstate__(self) -> dict:
+        # copies (copy.deepcopy, pickle) get their own state tensors, which no captured graph refers to
+        state = dict(self.__dict__)
+        state["decode_graphs"] = {}
+        return state
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], DynamicLayer):
@@ -194,9 +211,12 @@ class StateCache(DynamicCache):
 
     @property
     def is_compileable(self) -> bool:
-        # generate() compiles the forward, and hands it 4D attention masks, for compileable caches other than a
-        # plain DynamicCache; our models take 2D padding masks, so they keep the DynamicCache behaviour.
-        return False
+        """True when every layer is recurrent (a fixed-size state updated in place), False with KV layers.
+
+        For a compileable cache on CUDA, generate() runs its decoding steps through `get_compiled_call`, which our
+        models answer with CUDA graphs (`StateGenerationMixin.get_compiled_call`), and prepares masks through
+        `create_masks_for_generate`, which our models answer with the 2D padding mask they take."""
+        return len(self.layers) > 0 and all(getattr(layer, "is_compileable", False) for layer in self.layers)
 
     @property
     def nbytes(self) -> int:
@@ -213,11 +233,15 @@ class StateCache(DynamicCache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every row `repeats` times along the batch (row i becomes rows i*repeats ... i*repeats+repeats-1)."""
-        map_cache_tensors(self, lambda t: t.repeat_interleave(repeats, dim=0))
+        map_cache_tensors(self, lambda t: t.repeat_interleave(repeats, dim=0), keep_addresses=True)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep the batch rows `indices`."""
-        map_cache_tensors(self, lambda t: t[indices.to(t.device)])
+        """Keep the batch rows `indices` (in place when as many rows are kept as there are)."""
+        map_cache_tensors(self, lambda t: t[indices.to(t.device)], keep_addresses=True)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Row i becomes row beam_idx[i] (beam search, every step), written into the same tensors."""
+        map_cache_tensors(self, lambda t: t.index_select(0, beam_idx.to(t.device)), keep_addresses=True)
 
 
 def as_state_cache(cache: Cache) -> StateCache:
@@ -452,7 +476,40 @@ class StateGenerationMixin(GenerationMixin):
     tokens first; transformers slices the cached prefix off (or pass only the new ids with an `attention_mask`
     covering the whole sequence). A cache of batch b given with `num_return_sequences` / `num_beams` k > 1 is
     repeated to b*k rows like the inputs. The cache is advanced in place: use a fresh `snapshot.to_cache()` per call.
+
+    On CUDA, the decoding steps of pure SSM models (`_supports_graphed_decoding`) replay a CUDA graph
+    (`ssm_hf.models.graphs`): transformers asks `get_compiled_call` for them when the cache is compileable.
+    `generate(..., disable_compile=True)` or SSM_HF_NO_CUDA_GRAPHS=1 keeps them eager.
     """
+
+    # Which models may replay their decoding steps from graphs: the pure SSM causal LMs set it (a hybrid's attention
+    # layers grow a KV cache, and its MoE routing is data-dependent).
+    _supports_graphed_decoding = False
+    # A capture strategy from ssm_hf.models.graphs set on a model (e.g. `EagerReplay()`) runs the graphed path's
+    # static-buffer logic on any device, for tests and debugging; None: CUDA graphs, on CUDA only.
+    decode_capture = None
+
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+        """The mask generate() hands the model when the cache is compileable: our models take the 2D padding mask
+        as it is (transformers' version would build a dict of masks per layer type)."""
+        return attention_mask
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        if super()._valid_auto_compile_criteria(model_kwargs, generation_config):
+            return True
+        # transformers takes the faster decoding call on accelerators only; a capture strategy set on the model
+        # takes it anywhere, with the same switch (disable_compile) and the same need for a compileable cache
+        cache = model_kwargs.get("past_key_values")
+        return (self.decode_capture is not None and not generation_config.disable_compile
+                and isinstance(cache, Cache) and cache.is_compileable)
+
+    def get_compiled_call(self, compile_config=None):
+        """The call generate() uses for its decoding steps: a `GraphedDecodeStep` for pure SSM models on CUDA,
+        the plain eager call otherwise (`compile_config` is not used: graphs replace torch.compile here)."""
+        from .graphs import GraphedDecodeStep, decode_capture_for
+
+        capture = decode_capture_for(self)
+        return self.__call__ if capture is None else GraphedDecodeStep(self, capture)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, batch_size: int,
                                       max_cache_length: int, *args, **kwargs) -> None:

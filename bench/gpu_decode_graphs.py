@@ -1,0 +1,154 @@
+"""GPU: generate() decoding speed with CUDA graphs (the default on CUDA for pure SSM models) against eager decoding
+steps (`disable_compile=True`), bf16, random weights.
+
+    python bench/gpu_decode_graphs.py [--models mamba-130m mamba2-130m] [--batches 1 64] [--prompt 2048] [--new 256]
+
+For each model and batch size: a random prompt of `--prompt` tokens, greedy, max_new_tokens = min_new_tokens =
+`--new` (EOS cannot stop it). Timed with torch.cuda.Event around whole generate() calls of 1 new token (the
+prefill and its token), 2 (plus the first decoding step: with graphs, the warm-up and capture) and `--new`:
+
+    decode tok/s  = batch * (new - 1) / (t_new - t_1)    every decoding step, the capture included
+    steady tok/s  = batch * (new - 2) / (t_new - t_2)    the steps after the first
+    first step ms = t_2 - t_1
+
+each after a warm-up call, measured twice (both runs reported). Each call makes a new cache, so each graphed call
+captures anew. It also checks that the graphed calls replayed a graph for every decoding step (the returned cache's
+`decode_graphs`) and the eager ones none, and compares the greedy tokens of the two paths.
+Prints a table; writes $OUT/decode_graphs.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's ssm_hf, installed or not
+
+import transformers  # noqa: E402
+
+import ssm_hf  # noqa: E402
+
+DEV = "cuda"
+
+
+def timed_generate(model, ids: torch.Tensor, new: int, graphs: bool) -> tuple[float, object]:
+    """Seconds (CUDA events) for one greedy generate() of exactly `new` tokens, and its output."""
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, disable_compile=not graphs)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    with torch.no_grad():
+        out = model.generate(ids, **kwargs)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3, out
+
+
+def replays(out) -> int:
+    """Decoding steps replayed from graphs in a generate() output (its cache's captured steps)."""
+    return sum(entry.replays for entry in getattr(out.past_key_values, "decode_graphs", {}).values())
+
+
+def measure(model, ids: torch.Tensor, new: int, graphs: bool, runs: int = 2) -> dict:
+    batch = ids.shape[0]
+    timed_generate(model, ids, new, graphs)  # warm-up: Triton compilation, allocator, cuBLAS
+    row = {"decode_tok_s": [], "steady_tok_s": [], "first_step_ms": [], "prefill_s": []}
+    for _ in range(runs):
+        t1, _ = timed_generate(model, ids, 1, graphs)
+        t2, _ = timed_generate(model, ids, 2, graphs)
+        tn, out = timed_generate(model, ids, new, graphs)
+        row["decode_tok_s"].append(batch * (new - 1) / (tn - t1))
+        row["steady_tok_s"].append(batch * (new - 2) / (tn - t2))
+        row["first_step_ms"].append((t2 - t1) * 1e3)
+        row["prefill_s"].append(t1)
+    row["replayed_steps"] = replays(out)
+    row["expected_replays"] = (new - 1) if graphs else 0
+    row["sequences"] = out.sequences
+    return row
+
+
+def compare(graphed: torch.Tensor, eager: torch.Tensor, prompt: int) -> dict:
+    """Whether the greedy tokens agree, and where they first differ (generated position) if not."""
+    same = (graphed[:, prompt:] == eager[:, prompt:])
+    differing = (~same).any(0).nonzero()
+    return {"tokens_equal": bool(same.all()), "matching_fraction": same.float().mean().item(),
+            "first_difference": None if differing.numel() == 0 else int(differing[0])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["mamba-130m", "mamba2-130m"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--prompt", type=int, default=2048)
+    parser.add_argument("--new", type=int, default=256)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("This benchmark needs a CUDA GPU.")
+    import triton
+
+    results = {"device": torch.cuda.get_device_name(), "prompt": args.prompt, "new_tokens": args.new,
+               "versions": dict(torch=torch.__version__, triton=triton.__version__,
+                                transformers=transformers.__version__), "rows": []}
+    print(results["device"], results["versions"], flush=True)
+    for name in args.models:
+        torch.manual_seed(0)
+        config = ssm_hf.preset_config(name)
+        model = transformers.AutoModelForCausalLM.from_config(config).to(DEV, torch.bfloat16).eval()
+        for batch in args.batches:
+            ids = torch.randint(1, config.vocab_size, (batch, args.prompt), device=DEV,
+                                generator=torch.Generator(device=DEV).manual_seed(batch))
+            rows = {}
+            for path, graphs in (("graphs", True), ("eager", False)):
+                try:
+                    rows[path] = measure(model, ids, args.new, graphs)
+                except torch.cuda.OutOfMemoryError:
+                    rows[path] = {"error": "out of memory"}
+                torch.cuda.empty_cache()
+            check = {}
+            if "sequences" in rows["graphs"] and "sequences" in rows["eager"]:
+                check = compare(rows["graphs"].pop("sequences"), rows["eager"].pop("sequences"), args.prompt)
+            for path, row in rows.items():
+                row.pop("sequences", None)
+                entry = {"model": name, "batch": batch, "path": path, **row, **check}
+                if "error" not in row:
+                    entry["graph_path_ran"] = row["replayed_steps"] == row["expected_replays"]
+                results["rows"].append(entry)
+                print(json.dumps(entry), flush=True)
+        model = None
+        torch.cuda.empty_cache()
+
+    print(f"\n{results['device']}: generate() decoding, bf16, random weights, prompt {args.prompt}, "
+          f"{args.new} new tokens (two runs each)\n")
+    print("| model | batch | path | decode tok/s | steady tok/s | first step ms | graph path ran | tokens equal |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results["rows"]:
+        if "error" in r:
+            print(f"| {r['model']} | {r['batch']} | {r['path']} | {r['error']} | | | | |")
+            continue
+        fmt = lambda values, spec: " / ".join(format(v, spec) for v in values)  # noqa: E731
+        print(f"| {r['model']} | {r['batch']} | {r['path']} | {fmt(r['decode_tok_s'], ',.0f')} | "
+              f"{fmt(r['steady_tok_s'], ',.0f')} | {fmt(r['first_step_ms'], '.1f')} | {r['graph_path_ran']} | "
+              f"{r.get('tokens_equal')} |")
+    speedups = {}
+    for r in results["rows"]:
+        if r["path"] == "graphs" and "error" not in r:
+            eager = next((e for e in results["rows"] if e["path"] == "eager" and e["model"] == r["model"]
+                          and e["batch"] == r["batch"] and "error" not in e), None)
+            if eager:
+                speedups[f"{r['model']} b{r['batch']}"] = max(r["decode_tok_s"]) / max(eager["decode_tok_s"])
+    results["speedup_decode"] = speedups
+    print("\nspeed-up of decode tok/s (best run of each):",
+          ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items()))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "decode_graphs.json"), "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Decoding steps replayed from CUDA graphs inside `generate()`, for pure SSM models (Mamba, Mamba-2, S4).
+
+A pure SSM decodes one token with a fixed amount of work on a fixed-size state, but that work is dozens of small
+kernels per layer: at small batches the launches and the Python around them cost more than the kernels. So the
+one-token forward is captured once in a `torch.cuda.CUDAGraph` and replayed for every later token.
+
+transformers' `generate()` already asks the model for "a faster call for the decoding steps": when the cache is
+compileable (`StateCache.is_compileable`: every layer recurrent) and the model is on CUDA, `_sample` runs the
+decoding steps through `model.get_compiled_call(...)` (the prefill stays eager). `StateGenerationMixin` answers
+that call with a `GraphedDecodeStep` instead of `torch.compile`. Turned off by `generate(..., disable_compile=True)`
+(transformers' own switch) or the environment variable `SSM_HF_NO_CUDA_GRAPHS=1`.
+
+How it stays correct:
+
+- the graph reads and writes the cache's state tensors at the addresses they had when it was captured; the
+  decoding step updates them in place (`layers.conv.decoding_state`, the conv update, `update_recurrent_state`),
+  and `StateCache`'s batch reorders copy into them. Before each replay the step checks that the cache still holds
+  those tensors; one that was replaced (same shape) is copied into the captured tensor, which goes back in its
+  place. A cache's graphs are stored on it (`StateCache.decode_graphs`), keyed by (model, batch size, dtype,
+  device), and hold the model and the state tensors alive: they go when the cache goes.
+- only plain decoding steps are replayed: `input_ids` of shape (batch, 1), no attention mask (our models'
+  `prepare_inputs_for_generation` passes none once the prompt is in the state: the new token is real, also in a
+  left-padded batch, and the mixers only read the mask's last `seqlen` columns), a cache that already holds a
+  state for every layer, no autograd, eval mode. Anything else (prefill chunks, hidden states requested, a mask)
+  runs the model eagerly, as does every hybrid with attention layers (its KV cache grows) and any model not on
+  CUDA.
+- capture runs the step on the real state (warm-up on a side stream, then the capture itself), so the state and
+  the cache's token count are saved before and put back after; each replay advances the count by one, as the
+  backbone's forward would.
+
+The capture is a strategy (`CudaGraphCapture` on CUDA); `EagerReplay` runs the same static-buffer path without a
+graph, on any device, which is how the CPU tests check the bookkeeping token for token against plain generate().
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from transformers.utils import logging
+
+from .outputs import SSMCausalLMOutput
+from .state import StateCache, pick_cache
+
+logger = logging.get_logger(__name__)
+
+DISABLE_ENV = "SSM_HF_NO_CUDA_GRAPHS"
+
+# The forward arguments a decoding step may carry; with any other argument set, the step runs eagerly.
+_STEP_ARGUMENTS = frozenset({"input_ids", "past_key_values", "cache_params", "attention_mask", "inputs_embeds",
+                             "use_cache", "return_dict", "logits_to_keep", "output_hidden_states", "position_ids",
+                             "labels"})
+
+
+class CaptureStrategy(Protocol):
+    """How a decoding step is turned into something replayable."""
+
+    def warm_up(self, step: Callable[[], torch.Tensor], device: torch.device) -> None:
+        """Run `step` as many times as capture needs beforehand (kernels compiled, libraries initialised)."""
+
+    def capture(self, step: Callable[[], torch.Tensor], device: torch.device
+                ) -> tuple[Callable[[], object], torch.Tensor]:
+        """(replay, output): calling `replay()` runs the step again and leaves its result in `output`."""
+
+
+class CudaGraphCapture:
+    """Capture into a `torch.cuda.CUDAGraph`, after `warmup_steps` eager steps on a side stream (the warm-up
+    compiles the Triton kernels and initialises cuBLAS outside the capture, as graph capture requires)."""
+
+    def __init__(self, warmup_steps: int = 2):
+        self.warmup_steps = warmup_steps
+
+    def warm_up(self, step: Callable[[], torch.Tensor], device: torch.device) -> None:
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_steps):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+
+    def capture(self, step: Callable[[], torch.Tensor], device: torch.device
+                ) -> tuple[Callable[[], object], torch.Tensor]:
+        with torch.cuda.device(device):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = step()
+        # graph.replay holds the graph (and its memory pool, where `output` lives), not the step's closure
+        return graph.replay, output
+
+
+class EagerReplay:
+    """No graph: `replay()` runs the step function again on the same static buffers and copies its result into the
+    static output. For CPU tests and debugging (set `model.decode_capture = EagerReplay()`): everything but the
+    graph itself (static inputs, the state saved and restored around capture, rebinding replaced state tensors,
+    the token count) runs as it does on CUDA."""
+
+    warmup_steps = 1
+
+    def warm_up(self, step: Callable[[], torch.Tensor], device: torch.device) -> None:
+        for _ in range(self.warmup_steps):
+            step()
+
+    def capture(self, step: Callable[[], torch.Tensor], device: torch.device
+                ) -> tuple[Callable[[], object], torch.Tensor]:
+        output = step()
+        return lambda: output.copy_(step()), output
+
+
+def graphs_disabled_by_env() -> bool:
+    """Whether `SSM_HF_NO_CUDA_GRAPHS` is set to something other than "" or "0" (read at each generate call)."""
+    return os.environ.get(DISABLE_ENV, "") not in ("", "0")
+
+
+def decode_capture_for(model: torch.nn.Module) -> CaptureStrategy | None:
+    """The capture strategy for `model`'s decoding steps in generate(), or None to keep its eager call.
+
+    None for models that do not support it (hybrids: `_supports_graphed_decoding`), with SSM_HF_NO_CUDA_GRAPHS
+    set, in training mode, and, unless a strategy was set on the model (`model.decode_capture`), off CUDA or with
+    the model spread over several devices (`device_map`)."""
+    if not getattr(model, "_supports_graphed_decoding", False) or graphs_disabled_by_env() or model.training:
+        return None
+    chosen = getattr(model, "decode_capture", None)
+    if chosen is not None:
+        return chosen
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return None
+    return CudaGraphCapture()
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    """What a graph baked in besides the state: the weights' storage and versions (values derived from them and
+    kept between calls, such as S4's discretised step, are recomputed after an in-place update, into new tensors),
+    and the kernels' path switch."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return (tuple((t.data_ptr(), t._version) for t in tensors), os.environ.get("SSM_HF_FORCE_REFERENCE", ""))
+
+
+def _state_slots(cache: StateCache) -> list[tuple[int, str, int, torch.Tensor]] | None:
+    """(layer index, "conv_states" or "recurrent_states", state index, tensor) for every state tensor of a cache
+    whose layers are all recurrent and hold a state; None otherwise (then a step would not be a plain decode)."""
+    slots = []
+    for index, layer in enumerate(cache.layers):
+        if not getattr(layer, "is_compileable", False) or getattr(layer, "record_past", False):
+            return None
+        flags = layer.has_previous_state
+        for attr in ("conv_states", "recurrent_states"):
+            for idx, tensor in getattr(layer, attr).items():
+                if tensor is None:
+                    continue
+                if not flags.get(idx, False):
+                    return None
+                slots.append((index, attr, idx, tensor))
+    return slots or None
+
+
+class CapturedDecodeStep:
+    """One captured decoding step of `model` for one batch size on one cache: the static token buffer, the state
+    tensors the step reads and writes, the static logits, and `replay`. Counts its replays in `replays`."""
+
+    def __init__(self, model: torch.nn.Module, cache: StateCache, input_ids: torch.Tensor,
+                 capture: CaptureStrategy, fingerprint: tuple):
+        slots = _state_slots(cache)
+        if slots is None:
+            raise ValueError("The cache holds no state for some layer: nothing to capture a decoding step on.")
+        self.model, self.fingerprint, self.replays = model, fingerprint, 0
+        self.input_ids = input_ids.clone()
+        self.slots = slots
+        device = input_ids.device
+
+        def step() -> torch.Tensor:
+            return model(input_ids=self.input_ids, past_key_values=cache, use_cache=True, return_dict=True,
+                         logits_to_keep=1, output_hidden_states=False).logits
+
+        # warm-up and capture run the step on the real state: keep it, and the token count, to put them back
+        saved = [tensor.clone() for *_, tensor in slots]
+        seen = cache.seen_tokens
+        try:
+            with torch.no_grad():
+                capture.warm_up(step, device)
+                self.replay, self.logits = capture.capture(step, device)
+        finally:
+            replaced = []
+            for (index, attr, idx, tensor), copy in zip(slots, saved):
+                tensor.copy_(copy)
+                states = getattr(cache.layers[index], attr)
+                if states.get(idx) is not tensor:  # the cache gets the state it had back, also for eager steps
+                    replaced.append((index, attr, idx))
+                    states[idx] = tensor
+            cache.seen_tokens = seen
+        if replaced:
+            raise RuntimeError(f"The decoding step replaced the cache's state tensors {replaced} instead of updating "
+                               f"them in place: it cannot be replayed from a graph.")
+
+    def bind(self, cache: StateCache) -> bool:
+        """Make the cache hold the captured state tensors again: a tensor replaced since (a reorder that changed
+        the storage, a state set by hand) is copied into the captured one, which takes its place. False when the
+        cache's states no longer fit (another layout or shape, a layer without a state): then run eagerly."""
+        if len(cache.layers) <= self.slots[-1][0]:
+            return False
+        for slot in self.slots:
+            index, attr, idx, captured = slot
+            layer = cache.layers[index]
+            if not layer.has_previous_state.get(idx, False):
+                return False
+            current = getattr(layer, attr).get(idx)
+            if current is captured:
+                continue
+            if current is None or current.shape != captured.shape or current.dtype != captured.dtype:
+                return False
+            captured.copy_(current)
+            getattr(layer, attr)[idx] = captured
+        return True
+
+    def __call__(self, cache: StateCache, input_ids: torch.Tensor) -> SSMCausalLMOutput:
+        """Replay on input_ids (batch, 1): logits (batch, 1, vocab) in float32, the cache advanced by one token
+        (call `bind` first)."""
+        self.input_ids.copy_(input_ids)
+        seen = cache.seen_tokens
+        self.replay()
+        cache.seen_tokens = seen + 1  # what the backbone's forward does, which a replay does not run
+        self.replays += 1
+        # the static logits: valid until the next step (generate() copies the last position right away)
+        return SSMCausalLMOutput(logits=self.logits, cache_params=cache)
+
+
+class GraphedDecodeStep:
+    """What `get_compiled_call` returns for a pure SSM model: called like the model, it replays a captured
+    decoding step for plain one-token steps (see the module docstring) and runs the model eagerly otherwise.
+
+    Made per generate() call (cheap: the graphs live on the cache). `eager_calls` counts the calls it passed on
+    to the model; the replays are counted on the captured steps (`cache.decode_graphs[...].replays`)."""
+
+    def __init__(self, model: torch.nn.Module, capture: CaptureStrategy):
+        self.model, self.capture = model, capture
+        self.device, self.dtype = model.device, model.dtype
+        self.eager_calls = 0
+        self._fingerprint: tuple | None = None
+        self._checked: set = set()   # keys whose stored graph was checked against the weights in this call
+        self._failed: set = set()    # keys whose capture failed in this call: eager from then on
+
+    def __call__(self, **kwargs):
+        cache = self._plain_step_cache(kwargs)
+        if cache is None:
+            return self._eager(kwargs)
+        input_ids = kwargs["input_ids"]
+        key = (id(self.model), input_ids.shape[0], self.dtype, self.device)
+        if key in self._failed:
+            return self._eager(kwargs)
+        entry = cache.decode_graphs.get(key)
+        if entry is not None and key not in self._checked and entry.fingerprint != self.fingerprint():
+            entry = None   # the weights moved (e.g. reloaded) since this graph was captured
+        self._checked.add(key)
+        if entry is not None and not entry.bind(cache):
+            entry = None
+        if entry is None:
+            entry = self._capture(cache, input_ids, key)
+            if entry is None:
+                return self._eager(kwargs)
+        return entry(cache, input_ids)
+
+    def fingerprint(self) -> tuple:
+        if self._fingerprint is None:
+            self._fingerprint = _fingerprint(self.model)
+        return self._fingerprint
+
+    def _eager(self, kwargs: dict):
+        self.eager_calls += 1
+        return self.model(**kwargs)
+
+    def _capture(self, cache: StateCache, input_ids: torch.Tensor, key: tuple) -> CapturedDecodeStep | None:
+        slots = _state_slots(cache)
+        if slots is None or any(tensor.shape[0] != input_ids.shape[0] for *_, tensor in slots):
+            return None  # no state yet (e.g. after reset()), or one of another batch: the model's own call decides
+        cache.decode_graphs.pop(key, None)
+        try:
+            entry = CapturedDecodeStep(self.model, cache, input_ids, self.capture, self.fingerprint())
+        except Exception as err:  # a step that cannot be captured still decodes, eagerly
+            logger.warning(f"Capturing the decoding step in a CUDA graph failed; decoding eagerly instead "
+                           f"(set {DISABLE_ENV}=1 to skip the attempt): {err!r}")
+            self._failed.add(key)
+            return None
+        cache.decode_graphs[key] = entry
+        return entry
+
+    def _plain_step_cache(self, kwargs: dict) -> StateCache | None:
+        """The StateCache of a plain one-token decoding step, or None when the call must run eagerly."""
+        if any(value is not None for name, value in kwargs.items() if name not in _STEP_ARGUMENTS):
+            return None
+        config = self.model.config
+        input_ids = kwargs.get("input_ids")
+        if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] != 1
+                or input_ids.device != self.device or input_ids.dtype != torch.long):
+            return None
+        if any(kwargs.get(name) is not None for name in ("attention_mask", "inputs_embeds", "labels")):
+            return None
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and position_ids.shape[-1] != 1:
+            return None
+        if kwargs.get("use_cache") is False or not isinstance(kwargs.get("logits_to_keep", 0), int):
+            return None
+        if not (kwargs.get("return_dict") if kwargs.get("return_dict") is not None else config.return_dict):
+            return None
+        hidden = kwargs.get("output_hidden_states")
+        if hidden if hidden is not None else config.output_hidden_states:
+            return None
+        if torch.is_grad_enabled() or self.model.training:
+            return None
+        cache = pick_cache(kwargs.get("cache_params"), kwargs.get("past_key_values"))
+        if not isinstance(cache, StateCache) or not cache.is_compileable:
+            return None
+        return cache
+
+
+__all__ = ["CaptureStrategy", "CapturedDecodeStep", "CudaGraphCapture", "DISABLE_ENV", "EagerReplay",
+           "GraphedDecodeStep", "decode_capture_for", "graphs_disabled_by_env"]

@@ -1,0 +1,296 @@
+"""Graphed decoding in generate() (ssm_hf.models.graphs).
+
+On CPU the capture strategy is `EagerReplay`: the same static buffers, state save/restore around capture, rebinding
+of replaced state tensors and token counting as on CUDA, with the step function run instead of a graph; every
+result is compared token for token with plain generate(). The last test runs real CUDA graphs when a GPU is there.
+"""
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import tiny_lm
+from transformers import DynamicCache
+from transformers.cache_utils import LinearAttentionLayer
+
+import ssm_hf
+from ssm_hf.models.graphs import (
+    DISABLE_ENV,
+    CapturedDecodeStep,
+    EagerReplay,
+    GraphedDecodeStep,
+    decode_capture_for,
+)
+from ssm_hf.models.state import layer_tensors
+
+PRESETS = ["mamba-tiny", "mamba2-tiny", "s4-tiny", "s4d-tiny"]
+
+
+def _model(preset: str, seed: int = 0) -> torch.nn.Module:
+    # a random S4 with tied embeddings mostly repeats its input token; untied, its continuations vary
+    return tiny_lm(preset, seed=seed, **({"tie_word_embeddings": False} if preset.startswith("s4") else {}))
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def model(request):
+    return _model(request.param)
+
+
+def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(1, 512, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _generate(model, graphed: bool, seed: int | None = None, **kwargs):
+    """generate() with the dict output, plainly or through the graphed decoding path (EagerReplay)."""
+    model.decode_capture = EagerReplay() if graphed else None
+    try:
+        if seed is not None:
+            torch.manual_seed(seed)
+        return model.generate(return_dict_in_generate=True, **kwargs)
+    finally:
+        model.decode_capture = None
+
+
+def _replays(out) -> list[int]:
+    return [entry.replays for entry in out.past_key_values.decode_graphs.values()]
+
+
+def test_greedy_decoding_replays_every_step_and_matches_plain_generate(model):
+    ids = _ids(2, 9, 0)
+    plain = _generate(model, False, input_ids=ids, max_new_tokens=16, do_sample=False)
+    graphed = _generate(model, True, input_ids=ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(graphed.sequences, plain.sequences)
+    assert len(set(plain.sequences[:, 9:].flatten().tolist())) > 4  # a real continuation
+    assert _replays(graphed) == [15] and _replays(plain) == []      # the prefill's token, then 15 replays
+    assert graphed.past_key_values.seen_tokens == plain.past_key_values.seen_tokens == 9 + 15
+
+
+def test_seeded_sampling_matches_plain_generate(model):
+    kwargs = dict(input_ids=_ids(3, 6, 1), max_new_tokens=14, do_sample=True, top_k=50, temperature=1.5)
+    plain = _generate(model, False, seed=7, **kwargs)
+    graphed = _generate(model, True, seed=7, **kwargs)
+    assert torch.equal(graphed.sequences, plain.sequences) and _replays(graphed) == [13]
+
+
+def test_left_padded_batch_matches_plain_generate_and_each_prompt_alone(model):
+    lengths, width = (4, 11, 7), 11
+    ids, mask = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:], mask[row, width - n:] = _ids(1, n, 10 + row)[0], 1
+    plain = _generate(model, False, input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    graphed = _generate(model, True, input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(graphed.sequences, plain.sequences) and _replays(graphed) == [9]
+    for row, n in enumerate(lengths):
+        alone = _generate(model, True, input_ids=ids[row:row + 1, width - n:], max_new_tokens=10, do_sample=False)
+        assert torch.equal(alone.sequences[0, n:], graphed.sequences[row, width:]), row
+
+
+def test_beam_search_matches_plain_generate(model):
+    # transformers' beam search calls the model itself (not the faster decoding call): it stays eager
+    kwargs = dict(input_ids=_ids(1, 6, 3), max_new_tokens=8, num_beams=4, num_return_sequences=2, do_sample=False)
+    plain = _generate(model, False, **kwargs)
+    graphed = _generate(model, True, **kwargs)
+    assert torch.equal(graphed.sequences, plain.sequences)
+    assert graphed.sequences.shape == (2, 14) and _replays(graphed) == []
+
+
+def test_chunked_prefill_and_requested_hidden_states_run_eagerly():
+    model = _model("mamba-tiny")
+    ids = _ids(2, 10, 4)
+    kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False, prefill_chunk_size=3)
+    plain, graphed = _generate(model, False, **kwargs), _generate(model, True, **kwargs)
+    # chunks of 3, 3, 3, 1: the last, one unpadded token on a state, is a decoding step like the 5 after it
+    assert torch.equal(graphed.sequences, plain.sequences) and _replays(graphed) == [6]
+    kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False, output_hidden_states=True)
+    plain, graphed = _generate(model, False, **kwargs), _generate(model, True, **kwargs)
+    assert torch.equal(graphed.sequences, plain.sequences) and _replays(graphed) == []
+    assert len(graphed.hidden_states) == 6
+
+
+@pytest.mark.parametrize("preset", ["mamba-tiny", "mamba2-tiny", "s4d-tiny"])
+def test_replays_follow_beam_reorders_in_place_and_replaced_state_tensors(preset):
+    """Beam search's reorder every step: StateCache.reorder_cache copies into the same tensors; transformers'
+    own reorder (DynamicCache.reorder_cache) replaces them, and the next replay copies them back into the
+    captured ones. Each step's logits equal an eager step on a cache reordered by transformers."""
+    model = _model(preset)
+    ids = _ids(4, 7, 5)
+    with torch.no_grad():
+        graphed_cache = model(ids, use_cache=True).cache_params
+        eager_cache = copy.deepcopy(graphed_cache)
+        step = GraphedDecodeStep(model, EagerReplay())
+        token = _ids(4, 1, 6)
+        for i in range(6):
+            out = step(input_ids=token, past_key_values=graphed_cache, use_cache=True, return_dict=True,
+                       logits_to_keep=1)
+            ref = model(token, past_key_values=eager_cache, use_cache=True, logits_to_keep=1)
+            assert torch.equal(out.logits, ref.logits), i
+            # what a graph reads: the captured tensors, which the cache holds again after each replay
+            (entry,) = graphed_cache.decode_graphs.values()
+            held = [t for layer in graphed_cache.layers for t in layer_tensors(layer).values()]
+            assert len(held) == len(entry.slots) and all(a is b for a, (*_, b) in zip(held, entry.slots))
+            beams = torch.randint(0, 4, (4,), generator=torch.Generator().manual_seed(i))
+            pointers = [t.data_ptr() for t in held]
+            if i % 2:
+                graphed_cache.reorder_cache(beams)
+                assert pointers == [t.data_ptr() for layer in graphed_cache.layers
+                                    for t in layer_tensors(layer).values()]
+            else:
+                DynamicCache.reorder_cache(graphed_cache, beams)  # new tensors
+            DynamicCache.reorder_cache(eager_cache, beams)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+    (entry,) = graphed_cache.decode_graphs.values()
+    assert entry.replays == 6 and step.eager_calls == 0
+    assert graphed_cache.seen_tokens == eager_cache.seen_tokens == 7 + 6
+
+
+def test_hybrids_disable_compile_the_environment_and_cpu_keep_the_eager_call(monkeypatch):
+    ids = _ids(2, 5, 8)
+    for preset, layers in (("hybrid-tiny", None), ("hybrid-tiny", ["mamba", "mamba2", "mamba", "mamba"])):
+        hybrid = tiny_lm(preset, **({"layers_block_type": layers} if layers else {}))
+        hybrid.decode_capture = EagerReplay()
+        out = hybrid.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        assert out.past_key_values.is_compileable == (layers is not None)   # attention layers grow a KV cache
+        assert out.past_key_values.decode_graphs == {}
+        assert hybrid.get_compiled_call(None) == hybrid.__call__
+    model = _model("mamba-tiny")
+    assert _replays(_generate(model, True, input_ids=ids, max_new_tokens=4, disable_compile=True)) == []
+    assert model.get_compiled_call(None) == model.__call__       # on CPU without a strategy: eager
+    model.decode_capture = EagerReplay()
+    assert isinstance(model.get_compiled_call(None), GraphedDecodeStep)
+    model.train()
+    assert decode_capture_for(model) is None                    # dropout would be frozen into a graph
+    model.eval()
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    assert decode_capture_for(model) is None
+    model.decode_capture = None
+    assert _replays(_generate(model, True, input_ids=ids, max_new_tokens=4)) == []
+
+
+def test_compileable_cache_gets_the_2d_padding_mask():
+    model = _model("mamba-tiny")
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert model.create_masks_for_generate(config=model.config, inputs_embeds=torch.empty(2, 3, 0),
+                                           attention_mask=mask, past_key_values=None) is mask
+    cache = ssm_hf.StateCache(config=model.config)
+    inputs = model.prepare_inputs_for_generation(torch.ones(2, 3, dtype=torch.long), past_key_values=cache,
+                                                 attention_mask=mask, use_cache=True, is_first_iteration=True)
+    assert cache.is_compileable and inputs["attention_mask"] is mask
+
+
+def test_a_returned_cache_keeps_its_graph_and_moved_weights_are_recaptured():
+    model = _model("mamba2-tiny")
+    ids = _ids(2, 8, 9)
+    first = _generate(model, True, input_ids=ids, max_new_tokens=5, do_sample=False)
+    cache = first.past_key_values
+    (entry,) = cache.decode_graphs.values()
+
+    def continue_both(sequence):
+        reference = copy.deepcopy(cache)   # a copy holds no graphs
+        assert reference.decode_graphs == {}
+        plain = _generate(model, False, input_ids=sequence, past_key_values=reference, max_new_tokens=5,
+                          do_sample=False)
+        graphed = _generate(model, True, input_ids=sequence, past_key_values=cache, max_new_tokens=5,
+                            do_sample=False)
+        assert torch.equal(graphed.sequences, plain.sequences)
+        return graphed.sequences
+
+    # the whole sequence, of which the cache holds all but the last token (generated, not fed yet)
+    sequence = continue_both(first.sequences)
+    assert list(cache.decode_graphs.values()) == [entry] and entry.replays == 4 + 4
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()  # new storage: the old graph would read freed memory
+    continue_both(sequence)
+    (new_entry,) = cache.decode_graphs.values()
+    assert new_entry is not entry and new_entry.replays == 4
+
+
+def test_graphs_live_and_die_with_their_cache():
+    model = _model("mamba-tiny")
+    out = _generate(model, True, input_ids=_ids(1, 5, 13), max_new_tokens=3, do_sample=False)
+    (entry,) = out.past_key_values.decode_graphs.values()
+    ref = weakref.ref(entry)
+    assert isinstance(entry, CapturedDecodeStep) and entry.model is model
+    del entry, out
+    gc.collect()
+    assert ref() is None
+
+
+class _FailingCapture(EagerReplay):
+    def capture(self, step, device):
+        step()  # changes the state, as a failed capture may have: it must be put back
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_restores_the_state_and_decodes_eagerly():
+    model = _model("s4d-tiny")
+    ids = _ids(2, 6, 14)
+    plain = _generate(model, False, input_ids=ids, max_new_tokens=8, do_sample=False)
+    model.decode_capture = _FailingCapture()
+    try:
+        out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    finally:
+        model.decode_capture = None
+    assert torch.equal(out.sequences, plain.sequences) and out.past_key_values.decode_graphs == {}
+
+
+def test_a_step_that_replaces_state_tensors_is_not_graphed_and_keeps_its_state(monkeypatch):
+    def replacing_update(self, recurrent_states, state_idx=0, **kwargs):
+        self.recurrent_states[state_idx] = recurrent_states.clone()   # a new tensor each step
+        self.is_recurrent_states_initialized[state_idx] = True
+        return self.recurrent_states[state_idx]
+
+    monkeypatch.setattr(LinearAttentionLayer, "update_recurrent_state", replacing_update)
+    model = _model("s4d-tiny")  # S4 writes its state through update_recurrent_state at every step
+    ids = _ids(2, 6, 20)
+    plain = _generate(model, False, input_ids=ids, max_new_tokens=8, do_sample=False)
+    graphed = _generate(model, True, input_ids=ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(graphed.sequences, plain.sequences) and _replays(graphed) == []
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_decoding_step_updates_the_state_tensors_in_place(preset):
+    model = _model(preset)
+    with torch.no_grad():
+        cache = model(_ids(2, 5, 15), use_cache=True).cache_params
+        tensors = [t for layer in cache.layers for t in layer_tensors(layer).values()]
+        before = [(t.data_ptr(), t.clone()) for t in tensors]
+        model(_ids(2, 1, 16), past_key_values=cache, use_cache=True)
+    after = [t for layer in cache.layers for t in layer_tensors(layer).values()]
+    assert all(a is t for a, t in zip(after, tensors))
+    for t, (pointer, old) in zip(after, before):
+        assert t.data_ptr() == pointer and not torch.equal(t, old)
+
+
+def test_state_cache_row_selection_keeps_addresses_when_the_shape_stays():
+    model = _model("mamba-tiny")
+    with torch.no_grad():
+        cache = model(_ids(3, 4, 17), use_cache=True).cache_params
+    state = cache.layers[0].recurrent_states[0]
+    expected = state[[2, 0, 1]].clone()
+    cache.batch_select_indices(torch.tensor([2, 0, 1]))
+    assert cache.layers[0].recurrent_states[0] is state and torch.equal(state, expected)
+    cache.batch_select_indices(torch.tensor([1]))                      # fewer rows: new tensors
+    assert cache.layers[0].recurrent_states[0].shape[0] == 1 and torch.equal(cache.layers[0].recurrent_states[0],
+                                                                            expected[1:2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("preset", ["mamba-tiny", "mamba2-tiny", "s4d-tiny"])
+def test_cuda_graphed_generate_equals_eager_generate(preset):
+    model = _model(preset).cuda()
+    ids, mask = _ids(3, 12, 18).cuda(), torch.ones(3, 12, dtype=torch.long, device="cuda")
+    mask[0, :5] = 0
+    for kwargs in (dict(do_sample=False), dict(do_sample=True, top_k=20)):
+        torch.manual_seed(19)
+        eager = model.generate(ids, attention_mask=mask, max_new_tokens=24, disable_compile=True,
+                               return_dict_in_generate=True, **kwargs)
+        torch.manual_seed(19)
+        graphed = model.generate(ids, attention_mask=mask, max_new_tokens=24, return_dict_in_generate=True,
+                                 **kwargs)
+        assert torch.equal(graphed.sequences, eager.sequences), kwargs
+        assert _replays(graphed) == [23] and _replays(eager) == []
+        (entry,) = graphed.past_key_values.decode_graphs.values()
+        assert isinstance(entry.replay.__self__, torch.cuda.CUDAGraph)   # a real graph was replayed
