@@ -84,6 +84,13 @@ def greedy_matches_reference(model) -> bool:
     return bool(torch.equal(fast, reference))
 
 
+def report_errors(section: str, rows: list) -> None:
+    """Keep rows of (name, output error, state error or NaN) under R[section] and print them."""
+    R[section] = rows
+    for name, err, err_h in rows:
+        print(f"check {name}: rel err {err:.2e}" + ("" if err_h != err_h else f", state {err_h:.2e}"), flush=True)
+
+
 def check():
     rows = []
     for batch, seqlen, d_inner, d_state in [(2, 1, 64, 16), (2, 7, 1000, 16), (4, 1024, 1536, 16),
@@ -104,9 +111,7 @@ def check():
     (kernels.selective_scan_chunked(**ref, delta_softplus=True) * w).sum().backward()
     for k in inp:
         rows.append((f"grad {k} 2x1024x256x16 fp32", rel(inp[k].grad, ref[k].grad), float("nan")))
-    R["check"] = rows
-    for name, err, err_h in rows:
-        print(f"check {name}: rel err y {err:.2e}" + ("" if err_h != err_h else f", state {err_h:.2e}"), flush=True)
+    report_errors("check", rows)
 
 
 def check_mamba2_kernels():
@@ -310,9 +315,7 @@ def check_ssd():
             rows.append((f"ssd fwd 2x2000x8x64 g2 n128 {tag}", rel(y, ref), rel(fin, fin_ref)))
             for k in leaves:
                 rows.append((f"ssd grad {k} {tag}", rel(leaves[k].grad, ref_leaves[k].grad), float("nan")))
-    R["check_ssd"] = rows
-    for name, err, err_h in rows:
-        print(f"check {name}: rel err {err:.2e}" + ("" if err_h != err_h else f", state {err_h:.2e}"), flush=True)
+    report_errors("check_ssd", rows)
 
 
 def ssd_sweep():

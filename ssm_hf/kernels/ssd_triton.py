@@ -79,6 +79,24 @@ def _decay_matrix(a, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _program_head(H, G):
+    """(program's batch*heads index, batch row as int64, head, group) of a program on grid axis 0."""
+    bh = tl.program_id(0)
+    head = bh % H
+    return bh, (bh // H).to(tl.int64), head, head // (H // G)
+
+
+@triton.jit
+def _state_tile(P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (head_dim, d_state) tile of grid axes 1 and 2: its head_dim and d_state offsets and masks, and its
+    offsets and mask inside one state."""
+    p_offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n_offs = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_mask, n_mask = p_offs < P, n_offs < N
+    return p_offs, n_offs, p_mask, n_mask, p_offs[:, None] * N + n_offs[None, :], p_mask[:, None] & n_mask[None, :]
+
+
+@triton.jit
 def _chunk_states_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, seq_ptr, h0_ptr, states_ptr, final_ptr,
     L, H, P, G, N, n_chunks,
@@ -87,15 +105,8 @@ def _chunk_states_kernel(
 ):
     """states[row, k, head] = H_k for every chunk k; final = the state after the last chunk.
     Grid: (batch * heads, head_dim blocks, d_state blocks)."""
-    bh = tl.program_id(0)
-    row = (bh // H).to(tl.int64)
-    head = bh % H
-    group = head // (H // G)
-    p_offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    n_offs = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_mask, n_mask = p_offs < P, n_offs < N
-    pn_mask = p_mask[:, None] & n_mask[None, :]
-    pn_offs = p_offs[:, None] * N + n_offs[None, :]
+    _, row, head, group = _program_head(H, G)
+    p_offs, n_offs, p_mask, n_mask, pn_offs, pn_mask = _state_tile(P, N, BLOCK_P, BLOCK_N)
     A = tl.load(A_ptr + head).to(tl.float32)
     if HAS_H0:
         state = tl.load(h0_ptr + (row * H + head) * P * N + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)
@@ -124,10 +135,7 @@ def _chunk_output_kernel(
 ):
     """y of one chunk from its inputs and its entering state; d_state is walked in blocks of BLOCK_N.
     Grid: (batch * heads, chunks, head_dim blocks)."""
-    bh = tl.program_id(0)
-    row = (bh // H).to(tl.int64)
-    head = bh % H
-    group = head // (H // G)
+    bh, row, head, group = _program_head(H, G)
     k = tl.program_id(1)
     p_offs = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p_offs < P
@@ -166,15 +174,8 @@ def _chunk_state_grads_kernel(
 ):
     """dstates[row, k, head] = the gradient reaching the state after chunk k; dh0 = the gradient of the initial
     state. Walks the chunks backwards. Grid: (batch * heads, head_dim blocks, d_state blocks)."""
-    bh = tl.program_id(0)
-    row = (bh // H).to(tl.int64)
-    head = bh % H
-    group = head // (H // G)
-    p_offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    n_offs = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_mask, n_mask = p_offs < P, n_offs < N
-    pn_mask = p_mask[:, None] & n_mask[None, :]
-    pn_offs = p_offs[:, None] * N + n_offs[None, :]
+    _, row, head, group = _program_head(H, G)
+    p_offs, n_offs, p_mask, n_mask, pn_offs, pn_mask = _state_tile(P, N, BLOCK_P, BLOCK_N)
     A = tl.load(A_ptr + head).to(tl.float32)
     if HAS_DFINAL:
         grad = tl.load(dfinal_ptr + (row * H + head) * P * N + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)
@@ -195,6 +196,20 @@ def _chunk_state_grads_kernel(
 
 
 @triton.jit
+def _grad_inputs_block(B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N,
+                       BLOCK_N: tl.constexpr):
+    """B and C of the chunk's tokens, H_k and dH_{k+1} for d_state block n0 (with its offsets and token mask)."""
+    n_offs = n0 + tl.arange(0, BLOCK_N)
+    n_mask = n_offs < N
+    tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
+    tn_mask = valid[:, None] & n_mask[None, :]
+    pn_mask = p_mask[:, None] & n_mask[None, :]
+    return (tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0), tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0),
+            tl.load(states_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0),
+            tl.load(dstates_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0), n_offs, tn_mask)
+
+
+@triton.jit
 def _chunk_grads_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
@@ -205,10 +220,7 @@ def _chunk_grads_kernel(
     """Gradients of one chunk: dx, dΔ (after the Δ·A product), dB and dC of this head (summed over the heads of a
     group afterwards), and this chunk's share of dA and dD. d_state is walked twice in blocks of BLOCK_N: first
     for the products that contract it, then for dB and dC. Grid: (batch * heads, chunks)."""
-    bh = tl.program_id(0)
-    row = (bh // H).to(tl.int64)
-    head = bh % H
-    group = head // (H // G)
+    bh, row, head, group = _program_head(H, G)
     k = tl.program_id(1)
     p_offs = tl.arange(0, BLOCK_P)
     p_mask = p_offs < P
@@ -227,15 +239,8 @@ def _chunk_grads_kernel(
     B_dnext = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)     # B_s dH_{k+1}ᵀ
     state_dnext = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        n_offs = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n_offs < N
-        tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
-        tn_mask = valid[:, None] & n_mask[None, :]
-        Bq = tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0)
-        Cq = tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0)
-        pn_mask = p_mask[:, None] & n_mask[None, :]
-        state = tl.load(states_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0)
-        dnext = tl.load(dstates_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0)
+        Bq, Cq, state, dnext, n_offs, tn_mask = _grad_inputs_block(
+            B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N, BLOCK_N)
         scores += _mm(Cq, tl.trans(Bq), dot_dtype, IEEE)
         C_state += _mm(Cq, tl.trans(state), dot_dtype, IEEE)
         B_dnext += _mm(Bq, tl.trans(dnext), dot_dtype, IEEE)
@@ -273,15 +278,8 @@ def _chunk_grads_kernel(
 
     d_scores = d_mixed * decay
     for n0 in range(0, N, BLOCK_N):
-        n_offs = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n_offs < N
-        tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
-        tn_mask = valid[:, None] & n_mask[None, :]
-        Bq = tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0)
-        Cq = tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0)
-        pn_mask = p_mask[:, None] & n_mask[None, :]
-        state = tl.load(states_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0)
-        dnext = tl.load(dstates_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0)
+        Bq, Cq, state, dnext, n_offs, tn_mask = _grad_inputs_block(
+            B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N, BLOCK_N)
         dC = _mm(d_scores, Bq, dot_dtype, IEEE) + from_start[:, None] * _mm(dy, state, dot_dtype, IEEE)
         dB = _mm(tl.trans(d_scores), Cq, dot_dtype, IEEE) + to_end[:, None] * _mm(xdt, dnext, dot_dtype, IEEE)
         dbc_offs = ((row * L + t[:, None]) * H + head) * N + n_offs[None, :]
