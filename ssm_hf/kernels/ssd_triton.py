@@ -105,7 +105,7 @@ def _chunk_states_kernel(
 ):
     """states[row, k, head] = H_k for every chunk k; final = the state after the last chunk.
     Grid: (batch * heads, head_dim blocks, d_state blocks)."""
-    _, row, head, group = _program_head(H, G)
+    bh, row, head, group = _program_head(H, G)
     p_offs, n_offs, p_mask, n_mask, pn_offs, pn_mask = _state_tile(P, N, BLOCK_P, BLOCK_N)
     A = tl.load(A_ptr + head).to(tl.float32)
     if HAS_H0:
@@ -174,7 +174,7 @@ def _chunk_state_grads_kernel(
 ):
     """dstates[row, k, head] = the gradient reaching the state after chunk k; dh0 = the gradient of the initial
     state. Walks the chunks backwards. Grid: (batch * heads, head_dim blocks, d_state blocks)."""
-    _, row, head, group = _program_head(H, G)
+    bh, row, head, group = _program_head(H, G)
     p_offs, n_offs, p_mask, n_mask, pn_offs, pn_mask = _state_tile(P, N, BLOCK_P, BLOCK_N)
     A = tl.load(A_ptr + head).to(tl.float32)
     if HAS_DFINAL:
