@@ -1,7 +1,12 @@
 """GPU: generate() decoding speed with CUDA graphs (the default on CUDA for pure SSM models) against eager decoding
 steps (`disable_compile=True`), bf16, random weights.
 
-    python bench/gpu_decode_graphs.py [--models mamba-130m mamba2-130m] [--batches 1 64] [--prompt 2048] [--new 256]
+    python bench/gpu_decode_graphs.py [--models mamba-130m mamba2-130m llama-130m] [--batches 1 64] [--prompt 2048]
+        [--new 256]
+
+`llama-130m` is the peer: transformers' LlamaForCausalLM of the anchors' 130M shape (12 x 768, SDPA), decoded
+with a static KV cache, which generate() compiles with CUDA graphs ("graphs" row: `cache_implementation="static"`),
+and with its default dynamic cache, eager ("eager" row).
 
 For each model and batch size: a random prompt of `--prompt` tokens, greedy, max_new_tokens = min_new_tokens =
 `--new` (EOS cannot stop it). Timed with torch.cuda.Event around whole generate() calls of 1 new token (the
@@ -36,10 +41,28 @@ import ssm_hf  # noqa: E402
 DEV = "cuda"
 
 
+LLAMA = "llama-130m"
+
+
+def build(name: str):
+    """One of our presets, or the Llama peer (anchors' 130M shape), bf16 on the GPU, random weights."""
+    if name == LLAMA:
+        config = transformers.LlamaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=12,
+                                          num_attention_heads=12, num_key_value_heads=12, intermediate_size=3072,
+                                          max_position_embeddings=1 << 17, attn_implementation="sdpa")
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = ssm_hf.preset_config(name)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return config, model.to(DEV, torch.bfloat16).eval()
+
+
 def timed_generate(model, ids: torch.Tensor, new: int, graphs: bool) -> tuple[float, object]:
     """Seconds (CUDA events) for one greedy generate() of exactly `new` tokens, and its output."""
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
                   return_dict_in_generate=True, disable_compile=not graphs)
+    if graphs and isinstance(model, transformers.LlamaForCausalLM):
+        kwargs["cache_implementation"] = "static"   # the Llama peer's compiled (CUDA-graphed) decoding
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -57,7 +80,8 @@ def replays(out) -> int:
 
 def measure(model, ids: torch.Tensor, new: int, graphs: bool, runs: int = 2) -> dict:
     batch = ids.shape[0]
-    timed_generate(model, ids, new, graphs)  # warm-up: Triton compilation, allocator, cuBLAS
+    for length in (1, 2, new):  # warm-up: Triton / torch.compile (one graph per static-cache length), allocator
+        timed_generate(model, ids, length, graphs)
     row = {"decode_tok_s": [], "steady_tok_s": [], "first_step_ms": [], "prefill_s": []}
     for _ in range(runs):
         t1, _ = timed_generate(model, ids, 1, graphs)
@@ -68,7 +92,7 @@ def measure(model, ids: torch.Tensor, new: int, graphs: bool, runs: int = 2) -> 
         row["first_step_ms"].append((t2 - t1) * 1e3)
         row["prefill_s"].append(t1)
     row["replayed_steps"] = replays(out)
-    row["expected_replays"] = (new - 1) if graphs else 0
+    row["expected_replays"] = (new - 1) if graphs and not isinstance(model, transformers.LlamaForCausalLM) else 0
     row["sequences"] = out.sequences
     return row
 
@@ -83,7 +107,7 @@ def compare(graphed: torch.Tensor, eager: torch.Tensor, prompt: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", nargs="+", default=["mamba-130m", "mamba2-130m"])
+    parser.add_argument("--models", nargs="+", default=["mamba-130m", "mamba2-130m", LLAMA])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--new", type=int, default=256)
@@ -98,8 +122,7 @@ def main() -> None:
     print(results["device"], results["versions"], flush=True)
     for name in args.models:
         torch.manual_seed(0)
-        config = ssm_hf.preset_config(name)
-        model = transformers.AutoModelForCausalLM.from_config(config).to(DEV, torch.bfloat16).eval()
+        config, model = build(name)
         for batch in args.batches:
             ids = torch.randint(1, config.vocab_size, (batch, args.prompt), device=DEV,
                                 generator=torch.Generator(device=DEV).manual_seed(batch))
@@ -116,8 +139,9 @@ def main() -> None:
             for path, row in rows.items():
                 row.pop("sequences", None)
                 entry = {"model": name, "batch": batch, "path": path, **row, **check}
-                if "error" not in row:
-                    entry["graph_path_ran"] = row["replayed_steps"] == row["expected_replays"]
+                if "error" not in row:   # (the Llama peer's compiled steps are not counted)
+                    entry["graph_path_ran"] = (None if name == LLAMA
+                                               else row["replayed_steps"] == row["expected_replays"])
                 results["rows"].append(entry)
                 print(json.dumps(entry), flush=True)
         model = None
@@ -145,6 +169,16 @@ def main() -> None:
     results["speedup_decode"] = speedups
     print("\nspeed-up of decode tok/s (best run of each):",
           ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items()))
+    against_llama = {}
+    for r in results["rows"]:
+        peer = next((e for e in results["rows"] if e["model"] == LLAMA and e["path"] == r["path"]
+                     and e["batch"] == r["batch"] and "error" not in e), None)
+        if r["model"] != LLAMA and "error" not in r and peer:
+            key = f"{r['model']} b{r['batch']} {r['path']}"
+            against_llama[key] = max(r["decode_tok_s"]) / max(peer["decode_tok_s"])
+    results["against_llama"] = against_llama
+    print("decode tok/s against the Llama peer on the same path (graphs: its static cache, compiled):",
+          ", ".join(f"{k} {v:.2f}x" for k, v in against_llama.items()))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "decode_graphs.json"), "w") as f:
             json.dump(results, f, indent=2)
