@@ -9,10 +9,11 @@ from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
 from .checks import check_positive_sizes
+from .recurrent import ExpandedRecurrentLayers
 
 
 @strict
-class MambaConfig(PreTrainedConfig):
+class MambaConfig(ExpandedRecurrentLayers, PreTrainedConfig):
     r"""Configuration for [`MambaModel`] and its heads.
 
     Field names, meanings and defaults follow transformers' in-tree `MambaConfig`, so that
@@ -83,17 +84,6 @@ class MambaConfig(PreTrainedConfig):
         if self.time_step_rank == "auto":
             self.time_step_rank = math.ceil(self.hidden_size / 16)
         super().__post_init__(**kwargs)
-
-    @property
-    def intermediate_size(self) -> int | float:
-        """Width of the mixer (`d_inner`): expand * hidden_size, always derived, so it cannot go stale."""
-        width = self.expand * self.hidden_size
-        return int(width) if float(width).is_integer() else width
-
-    @property
-    def layer_types(self) -> list[str]:
-        """Cache layer type per layer: each Mamba block keeps a conv state and a recurrent state."""
-        return ["linear_attention"] * self.num_hidden_layers
 
     def validate_mamba_sizes(self):
         check_positive_sizes(self, ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "conv_kernel",
