@@ -605,12 +605,31 @@ print(time.perf_counter() - start)
 """
 
 
+SSD_LATENCY_SNIPPET = """
+import time, torch, sys
+sys.path.insert(0, '.')
+start = time.perf_counter()
+from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+x = torch.randn(2, 512, 8, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+dt = torch.randn(2, 512, 8, device='cuda'); A = -torch.rand(8, device='cuda')
+B = torch.randn(2, 512, 1, 128, device='cuda', dtype=torch.bfloat16)
+C = torch.randn(2, 512, 1, 128, device='cuda', dtype=torch.bfloat16)
+ssd_scan_triton(x, dt, A, B, C, dt_softplus=True).float().sum().backward()
+torch.cuda.synchronize()
+print(time.perf_counter() - start)
+"""
+
+
 def latency():
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, TRITON_CACHE_DIR=cache)
-        runs = [float(subprocess.run([sys.executable, "-c", LATENCY_SNIPPET], env=env, capture_output=True,
-                                     text=True, check=True).stdout.split()[-1]) for _ in range(2)]
-    R["latency"] = dict(cold_s=runs[0], warm_s=runs[1])
+    """First call (forward + backward) of the selective scan and of the SSD in fresh processes: the first with an
+    empty Triton cache, the second with the cache the first filled."""
+    R["latency"] = {}
+    for name, snippet in (("scan", LATENCY_SNIPPET), ("ssd", SSD_LATENCY_SNIPPET)):
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, TRITON_CACHE_DIR=cache)
+            runs = [float(subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True,
+                                         text=True, check=True).stdout.split()[-1]) for _ in range(2)]
+        R["latency"] |= {f"{name}_cold_s": runs[0], f"{name}_warm_s": runs[1]}
     print("latency", R["latency"], flush=True)
 
 
