@@ -361,3 +361,79 @@ def test_triton_ssd_bf16_inputs_and_gradients():
         assert leaves[key].grad.dtype == half[key].dtype, key
         # bf16 products on a GPU: Δ's bias sums 200 rounded terms per head
         assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < (1e-2 if DEVICE == "cpu" else 3e-2), key
+
+
+@pytest.mark.parametrize("case", ["odd_sizes_packed", "no_D_no_initial_state", "only_A_and_h0_need_grad",
+                                  "projection_slices"])
+def test_triton_ssd_edge_cases_against_the_recurrence(case):
+    """Cases the tests above leave out: head_dim not a power of 2 with d_state not a multiple of 16, groups > 1,
+    int64 seq_idx and starts on a chunk's first and last tokens; no D and no initial state; gradients wanted only
+    for A and an initial state whose final state is not used (dfinal None); x, Δ, B and C as slices of one
+    projection (not contiguous), as the mixer passes them, with a (1, seqlen) seq_idx shared by both rows."""
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    shapes = {"odd_sizes_packed": (2, 70, 6, 5, 3, 20), "no_D_no_initial_state": (1, 40, 2, 16, 1, 16),
+              "only_A_and_h0_need_grad": (2, 45, 4, 3, 2, 5), "projection_slices": (2, 37, 4, 3, 2, 5)}[case]
+    batch, seqlen = shapes[:2]
+    inputs = ssd_inputs(*shapes, seed=len(case))
+    if case == "no_D_no_initial_state":
+        del inputs["D"], inputs["initial_state"]
+    seq_idx = None
+    if case in ("odd_sizes_packed", "only_A_and_h0_need_grad"):
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int64)
+        for t in (1, 31, 32, 64):
+            seq_idx[:, t:] += 1
+        seq_idx[1:, 50:] += 1
+    elif case == "projection_slices":
+        seq_idx = torch.zeros(1, seqlen, dtype=torch.int64)
+        seq_idx[:, 5:] += 1
+        seq_idx[:, 33:] += 1
+    wants_grad = {"A", "initial_state"} if case == "only_A_and_h0_need_grad" else set(inputs)
+    refs = {k: v.clone().requires_grad_(k in wants_grad) for k, v in inputs.items()}
+    leaves = {k: v.to(DEVICE, torch.float32).requires_grad_(k in wants_grad) for k, v in inputs.items()}
+    args = dict(leaves)
+    if case == "projection_slices":
+        # one (batch, seqlen, 5 + width) projection, x, B, C and Δ views into it at an odd offset
+        parts = [leaves["x"].flatten(2), leaves["B"].flatten(2), leaves["C"].flatten(2), leaves["dt"]]
+        proj = torch.cat([torch.zeros(batch, seqlen, 5, device=DEVICE)] + [p.detach() for p in parts], -1)
+        proj.requires_grad_(True)
+        x, B, C, dt = proj[..., 5:].split([p.shape[-1] for p in parts], -1)
+        args.update(x=x.unflatten(-1, leaves["x"].shape[2:]), B=B.unflatten(-1, leaves["B"].shape[2:]),
+                    C=C.unflatten(-1, leaves["C"].shape[2:]), dt=dt)
+        assert not args["x"].is_contiguous() and not args["B"].is_contiguous()
+    with_final = case != "only_A_and_h0_need_grad"
+    seq = seq_idx.to(DEVICE) if seq_idx is not None else None
+    out = ssd_scan_triton(**args, dt_softplus=True, return_final_state=with_final, seq_idx=seq)
+    ref = kernels.ssd_scan_sequential(**refs, dt_softplus=True, return_final_state=with_final,
+                                      seq_idx=seq_idx.expand(batch, -1) if seq_idx is not None else None)
+    out, ref = (out, ref) if with_final else ((out,), (ref,))   # (y, final state) or (y,)
+    g = torch.Generator().manual_seed(6)
+    weights = [torch.randn(want.shape, dtype=torch.float64, generator=g) for want in ref]
+    for got, want in zip(out, ref):
+        assert _rel_err(got.cpu(), want) < 1e-5
+    sum((got * w.to(got)).sum() for got, w in zip(out, weights)).backward()
+    sum((want * w).sum() for want, w in zip(ref, weights)).backward()
+    for key in inputs:
+        if key not in wants_grad:
+            assert leaves[key].grad is None, key
+        elif case == "projection_slices" and key in ("x", "B", "C", "dt"):
+            continue
+        else:
+            assert _rel_err(leaves[key].grad.cpu(), refs[key].grad) < 1e-4, key
+    if case == "projection_slices":
+        grads = proj.grad[..., 5:].split([p.shape[-1] for p in parts], -1)
+        for key, grad in zip(("x", "B", "C", "dt"), grads):
+            assert _rel_err(grad.reshape(refs[key].shape).cpu(), refs[key].grad) < 1e-4, key
+        assert not proj.grad[..., :5].any()
+
+
+def test_triton_ssd_refuses_groups_that_do_not_divide_the_heads():
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    inputs = _to(ssd_inputs(1, 8, 3, 4, 2, 5), torch.float32)  # 3 heads, 2 groups: head 2 would read group 2
+    with pytest.raises(ValueError, match="groups"):
+        ssd_scan_triton(**inputs, dt_softplus=True)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .launch import on_device_of
+from .packing import kernel_segment_ids
 
 
 @triton.jit
@@ -135,8 +136,11 @@ class _CausalConv1d(torch.autograd.Function):
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                          past: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
     """As `causal_conv1d_torch.causal_conv1d`: x (batch, seqlen, channels), weight (channels, width), past
-    (batch, channels, k ≥ width - 1) the inputs before x or None, seq_idx (batch, seqlen) packed sequences or None.
+    (batch, channels, k ≥ width - 1) the inputs before x or None, seq_idx (batch or 1, seqlen) packed sequences or
+    None.
     Returns (batch, seqlen, channels) in x's dtype. No gradient flows into `past` (a cache's state)."""
+    if seq_idx is not None:  # the kernels compare ids for equality: give them ids that change where a sequence starts
+        seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     if x.shape[1] == 0:
         return x.new_empty(x.shape)
     if past is not None and past.shape[-1] < weight.shape[-1] - 1:

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .launch import on_device_of
+from .packing import kernel_segment_ids
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -322,6 +323,8 @@ def selective_scan_triton(
 ):
     """Selective scan with the Triton kernels: same arguments and results as `selective_scan_chunked`
     (`chunk_size` is accepted and ignored: the kernels pick their own tiles)."""
+    if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
+        seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     if x.shape[1] == 0:  # nothing to launch: the state passes through unchanged
         from .selective_scan_torch import selective_scan_chunked
 
