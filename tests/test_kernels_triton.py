@@ -437,3 +437,52 @@ def test_triton_ssd_refuses_groups_that_do_not_divide_the_heads():
     inputs = _to(ssd_inputs(1, 8, 3, 4, 2, 5), torch.float32)  # 3 heads, 2 groups: head 2 would read group 2
     with pytest.raises(ValueError, match="groups"):
         ssd_scan_triton(**inputs, dt_softplus=True)
+
+
+@pytest.mark.parametrize("op", ["ssd_scan", "selective_scan", "causal_conv1d", "selective_update", "ssd_update",
+                                "rms_norm_gated"])
+def test_triton_ops_read_strided_parameter_vectors(op):
+    """Per-channel vectors (D, Δ's bias, the conv bias, the norm weight) that are views with a stride (every other
+    element of a longer tensor) give what the PyTorch forms give: the kernels index them as if contiguous."""
+    from ssm_hf.kernels import causal_conv1d_torch, norm_torch, ssd_torch
+    from ssm_hf.kernels.causal_conv1d_triton import causal_conv1d_triton
+    from ssm_hf.kernels.decode_triton import selective_state_update_triton, ssd_state_update_triton
+    from ssm_hf.kernels.norm_triton import rms_norm_gated_triton
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    g = torch.Generator().manual_seed(9)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    strided = lambda n: r(2 * n)[::2]  # noqa: E731
+    batch, seqlen, heads, head_dim, d_state, d_inner = 2, 11, 4, 3, 5, 6
+    if op == "ssd_scan":
+        args = (r(batch, seqlen, heads, head_dim), r(batch, seqlen, heads), -r(heads).abs(),
+                r(batch, seqlen, 2, d_state), r(batch, seqlen, 2, d_state))
+        kwargs = dict(D=strided(heads), dt_bias=strided(heads), dt_softplus=True)
+        pair = ssd_scan_triton, kernels.ssd_scan_chunked
+    elif op == "selective_scan":
+        args = (r(batch, seqlen, d_inner), r(batch, seqlen, d_inner), -r(d_inner, d_state).abs(),
+                r(batch, seqlen, d_state), r(batch, seqlen, d_state), strided(d_inner), r(batch, seqlen, d_inner))
+        kwargs = dict(delta_bias=strided(d_inner), delta_softplus=True)
+        pair = selective_scan_triton, kernels.selective_scan_chunked
+    elif op == "causal_conv1d":
+        args, kwargs = (r(batch, seqlen, d_inner), r(d_inner, 4), strided(d_inner)), {}
+        pair = causal_conv1d_triton, causal_conv1d_torch.causal_conv1d
+    elif op == "selective_update":
+        args = (r(batch, d_inner, d_state), r(batch, d_inner), r(batch, d_inner), -r(d_inner, d_state).abs(),
+                r(batch, d_state), r(batch, d_state), strided(d_inner), r(batch, d_inner))
+        kwargs = dict(delta_bias=strided(d_inner), delta_softplus=True)
+        pair = selective_state_update_triton, kernels.selective_scan_torch.selective_state_update
+    elif op == "ssd_update":
+        args = (r(batch, heads, head_dim, d_state), r(batch, heads, head_dim), r(batch, heads), -r(heads).abs(),
+                r(batch, 2, d_state), r(batch, 2, d_state), strided(heads), strided(heads))
+        kwargs = dict(dt_softplus=True)
+        pair = ssd_state_update_triton, ssd_torch.ssd_state_update
+    else:
+        args, kwargs = (r(batch, seqlen, 8), r(batch, seqlen, 8), strided(8), 4, 1e-5), {}
+        pair = rms_norm_gated_triton, norm_torch.rms_norm_gated
+    triton_op, torch_op = pair
+    got = triton_op(*[a.to(DEVICE) if torch.is_tensor(a) else a for a in args],
+                    **{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kwargs.items()})
+    want = torch_op(*args, **kwargs)
+    for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert _rel_err(a.cpu(), b) < 1e-5

@@ -101,6 +101,7 @@ class _CausalConv1d(torch.autograd.Function):
         width = weight.shape[-1]
         x = x.contiguous()
         weight = weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None  # indexed as bias_ptr + channel
         past = past.contiguous() if past is not None else None
         seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         out = torch.empty_like(x)

@@ -243,6 +243,9 @@ class _SelectiveScan(torch.autograd.Function):
         n_tiles = triton.cdiv(seqlen, block_t)
         x, delta, B, C = x.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
         z = z.contiguous() if z is not None else None
+        # per-channel vectors too: the kernels index them as ptr + channel
+        D = D.contiguous() if D is not None else None
+        delta_bias = delta_bias.contiguous() if delta_bias is not None else None
         A = A.float().contiguous()
         y = torch.empty_like(x)
         final = torch.empty(batch, d_inner, d_state, device=x.device, dtype=torch.float32)

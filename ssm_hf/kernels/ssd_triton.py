@@ -345,6 +345,7 @@ class _SSDScan(torch.autograd.Function):
         x, dt, A, B, C = x.contiguous(), dt.float().contiguous(), A.float().contiguous(), B.contiguous(), \
             C.contiguous()
         h0 = initial_state.float().contiguous() if initial_state is not None else None
+        D = D.contiguous() if D is not None else None  # the kernels index it as D_ptr + head
         seq = seq_idx.contiguous() if seq_idx is not None else None
         y = torch.empty_like(x)
         with on_device_of(x):
