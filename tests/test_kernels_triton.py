@@ -486,3 +486,18 @@ def test_triton_ops_read_strided_parameter_vectors(op):
     want = torch_op(*args, **kwargs)
     for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
         assert _rel_err(a.cpu(), b) < 1e-5
+
+
+def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
+    """One program per 32 tokens on a grid axis that CUDA caps at 65535: a longer row must raise a clear error
+    before launching (on a GPU the launch fails with 'invalid argument'; the interpreter has no such cap)."""
+    from ssm_hf.kernels.causal_conv1d_triton import causal_conv1d_triton
+    from ssm_hf.kernels.launch import MAX_GRID_YZ
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    seqlen = MAX_GRID_YZ * 32 + 1
+    x = torch.zeros(1, seqlen, 1, 1, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="split the row"):
+        ssd_scan_triton(x, x[..., 0], -torch.ones(1, device=DEVICE), x, x)
+    with pytest.raises(NotImplementedError, match="split the row"):
+        causal_conv1d_triton(x[..., 0], torch.ones(1, 4, device=DEVICE))

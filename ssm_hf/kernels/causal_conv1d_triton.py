@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of
+from .launch import check_grid_axis, on_device_of
 from .packing import kernel_segment_ids
 
 
@@ -144,6 +144,8 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     if x.shape[1] == 0:
         return x.new_empty(x.shape)
+    check_grid_axis(triton.cdiv(x.shape[1], BLOCK_T), f"A causal conv over {x.shape[1]} tokens")
+    check_grid_axis(triton.cdiv(x.shape[2], BLOCK_C), f"A causal conv over {x.shape[2]} channels")
     if past is not None and past.shape[-1] < weight.shape[-1] - 1:
         raise ValueError(f"past holds {past.shape[-1]} inputs; a width-{weight.shape[-1]} conv needs at least "
                          f"{weight.shape[-1] - 1}")

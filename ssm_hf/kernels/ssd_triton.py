@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of
+from .launch import check_grid_axis, on_device_of
 from .packing import kernel_segment_ids
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked
 
@@ -426,10 +426,12 @@ def ssd_scan_triton(
     own chunk (CHUNK tokens); the result does not depend on the chunk, so `chunk_size` is only used where the
     PyTorch form runs (d_state > 256 or head_dim > 128). The backward always recomputes the
     chunk states (`recompute_in_backward` is accepted for the common signature)."""
-    heads, groups = x.shape[2], B.shape[-2]
+    heads, head_dim, groups, d_state = x.shape[2], x.shape[3], B.shape[-2], B.shape[-1]
     if heads % groups or C.shape[-2] != groups:  # the kernels would read B and C of groups that do not exist
         raise ValueError(f"B and C must have a number of groups that divides the {heads} heads; got B "
                          f"{tuple(B.shape)}, C {tuple(C.shape)}.")
+    if supports(d_state, head_dim):  # the chunk kernels run one program per chunk on grid axis 1
+        check_grid_axis(triton.cdiv(x.shape[1], _chunk(d_state, head_dim)), f"An SSD scan of {x.shape[1]} tokens")
     if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
         seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
