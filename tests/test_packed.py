@@ -309,7 +309,10 @@ def test_packed_rows_with_left_and_right_padding(name, one_thread):
         assert_close_to_scale(logits[row : row + 1, where], alone)
 
 
-def test_trainer_with_data_collator_with_flattening(tmp_path, monkeypatch, one_thread):
+@pytest.mark.parametrize("collator_options", [{}, dict(return_position_ids=False, return_flash_attn_kwargs=True),
+                                             dict(return_position_ids=False, return_seq_idx=True)])
+def test_trainer_with_data_collator_with_flattening(collator_options, tmp_path, monkeypatch, one_thread):
+    # the boundaries reach the model as position_ids, as cu_seq_lens_q/k only, or as seq_idx only
     model = _model("hybrid").train()
     g = torch.Generator().manual_seed(1)
     dataset = [{"input_ids": torch.randint(1, model.config.vocab_size, (int(n),), generator=g).tolist()}
@@ -327,7 +330,8 @@ def test_trainer_with_data_collator_with_flattening(tmp_path, monkeypatch, one_t
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
                              seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithFlattening())
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      data_collator=DataCollatorWithFlattening(**collator_options))
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
