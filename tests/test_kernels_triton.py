@@ -361,3 +361,143 @@ def test_triton_ssd_bf16_inputs_and_gradients():
         assert leaves[key].grad.dtype == half[key].dtype, key
         # bf16 products on a GPU: Δ's bias sums 200 rounded terms per head
         assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < (1e-2 if DEVICE == "cpu" else 3e-2), key
+
+
+@pytest.mark.parametrize("case", ["odd_sizes_packed", "no_D_no_initial_state", "only_A_and_h0_need_grad",
+                                  "projection_slices"])
+def test_triton_ssd_edge_cases_against_the_recurrence(case):
+    """Cases the tests above leave out: head_dim not a power of 2 with d_state not a multiple of 16, groups > 1,
+    int64 seq_idx and starts on a chunk's first and last tokens; no D and no initial state; gradients wanted only
+    for A and an initial state whose final state is not used (dfinal None); x, Δ, B and C as slices of one
+    projection (not contiguous), as the mixer passes them, with a (1, seqlen) seq_idx shared by both rows."""
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    shapes = {"odd_sizes_packed": (2, 70, 6, 5, 3, 20), "no_D_no_initial_state": (1, 40, 2, 16, 1, 16),
+              "only_A_and_h0_need_grad": (2, 45, 4, 3, 2, 5), "projection_slices": (2, 37, 4, 3, 2, 5)}[case]
+    batch, seqlen = shapes[:2]
+    inputs = ssd_inputs(*shapes, seed=len(case))
+    if case == "no_D_no_initial_state":
+        del inputs["D"], inputs["initial_state"]
+    seq_idx = None
+    if case in ("odd_sizes_packed", "only_A_and_h0_need_grad"):
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int64)
+        for t in (1, 31, 32, 64):
+            seq_idx[:, t:] += 1
+        seq_idx[1:, 50:] += 1
+    elif case == "projection_slices":
+        seq_idx = torch.zeros(1, seqlen, dtype=torch.int64)
+        seq_idx[:, 5:] += 1
+        seq_idx[:, 33:] += 1
+    wants_grad = {"A", "initial_state"} if case == "only_A_and_h0_need_grad" else set(inputs)
+    refs = {k: v.clone().requires_grad_(k in wants_grad) for k, v in inputs.items()}
+    leaves = {k: v.to(DEVICE, torch.float32).requires_grad_(k in wants_grad) for k, v in inputs.items()}
+    args = dict(leaves)
+    if case == "projection_slices":
+        # one (batch, seqlen, 5 + width) projection, x, B, C and Δ views into it at an odd offset
+        parts = [leaves["x"].flatten(2), leaves["B"].flatten(2), leaves["C"].flatten(2), leaves["dt"]]
+        proj = torch.cat([torch.zeros(batch, seqlen, 5, device=DEVICE)] + [p.detach() for p in parts], -1)
+        proj.requires_grad_(True)
+        x, B, C, dt = proj[..., 5:].split([p.shape[-1] for p in parts], -1)
+        args.update(x=x.unflatten(-1, leaves["x"].shape[2:]), B=B.unflatten(-1, leaves["B"].shape[2:]),
+                    C=C.unflatten(-1, leaves["C"].shape[2:]), dt=dt)
+        assert not args["x"].is_contiguous() and not args["B"].is_contiguous()
+    with_final = case != "only_A_and_h0_need_grad"
+    seq = seq_idx.to(DEVICE) if seq_idx is not None else None
+    out = ssd_scan_triton(**args, dt_softplus=True, return_final_state=with_final, seq_idx=seq)
+    ref = kernels.ssd_scan_sequential(**refs, dt_softplus=True, return_final_state=with_final,
+                                      seq_idx=seq_idx.expand(batch, -1) if seq_idx is not None else None)
+    out, ref = (out, ref) if with_final else ((out,), (ref,))   # (y, final state) or (y,)
+    g = torch.Generator().manual_seed(6)
+    weights = [torch.randn(want.shape, dtype=torch.float64, generator=g) for want in ref]
+    for got, want in zip(out, ref):
+        assert _rel_err(got.cpu(), want) < 1e-5
+    sum((got * w.to(got)).sum() for got, w in zip(out, weights)).backward()
+    sum((want * w).sum() for want, w in zip(ref, weights)).backward()
+    for key in inputs:
+        if key not in wants_grad:
+            assert leaves[key].grad is None, key
+        elif case == "projection_slices" and key in ("x", "B", "C", "dt"):
+            continue
+        else:
+            assert _rel_err(leaves[key].grad.cpu(), refs[key].grad) < 1e-4, key
+    if case == "projection_slices":
+        grads = proj.grad[..., 5:].split([p.shape[-1] for p in parts], -1)
+        for key, grad in zip(("x", "B", "C", "dt"), grads):
+            assert _rel_err(grad.reshape(refs[key].shape).cpu(), refs[key].grad) < 1e-4, key
+        assert not proj.grad[..., :5].any()
+
+
+def test_triton_ssd_refuses_groups_that_do_not_divide_the_heads():
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    inputs = _to(ssd_inputs(1, 8, 3, 4, 2, 5), torch.float32)  # 3 heads, 2 groups: head 2 would read group 2
+    with pytest.raises(ValueError, match="groups"):
+        ssd_scan_triton(**inputs, dt_softplus=True)
+
+
+@pytest.mark.parametrize("op", ["ssd_scan", "selective_scan", "causal_conv1d", "selective_update", "ssd_update",
+                                "rms_norm_gated"])
+def test_triton_ops_read_strided_parameter_vectors(op):
+    """Per-channel vectors (D, Δ's bias, the conv bias, the norm weight) that are views with a stride (every other
+    element of a longer tensor) give what the PyTorch forms give: the kernels index them as if contiguous."""
+    from ssm_hf.kernels import causal_conv1d_torch, norm_torch, ssd_torch
+    from ssm_hf.kernels.causal_conv1d_triton import causal_conv1d_triton
+    from ssm_hf.kernels.decode_triton import selective_state_update_triton, ssd_state_update_triton
+    from ssm_hf.kernels.norm_triton import rms_norm_gated_triton
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    g = torch.Generator().manual_seed(9)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    strided = lambda n: r(2 * n)[::2]  # noqa: E731
+    batch, seqlen, heads, head_dim, d_state, d_inner = 2, 11, 4, 3, 5, 6
+    if op == "ssd_scan":
+        args = (r(batch, seqlen, heads, head_dim), r(batch, seqlen, heads), -r(heads).abs(),
+                r(batch, seqlen, 2, d_state), r(batch, seqlen, 2, d_state))
+        kwargs = dict(D=strided(heads), dt_bias=strided(heads), dt_softplus=True)
+        pair = ssd_scan_triton, kernels.ssd_scan_chunked
+    elif op == "selective_scan":
+        args = (r(batch, seqlen, d_inner), r(batch, seqlen, d_inner), -r(d_inner, d_state).abs(),
+                r(batch, seqlen, d_state), r(batch, seqlen, d_state), strided(d_inner), r(batch, seqlen, d_inner))
+        kwargs = dict(delta_bias=strided(d_inner), delta_softplus=True)
+        pair = selective_scan_triton, kernels.selective_scan_chunked
+    elif op == "causal_conv1d":
+        args, kwargs = (r(batch, seqlen, d_inner), r(d_inner, 4), strided(d_inner)), {}
+        pair = causal_conv1d_triton, causal_conv1d_torch.causal_conv1d
+    elif op == "selective_update":
+        args = (r(batch, d_inner, d_state), r(batch, d_inner), r(batch, d_inner), -r(d_inner, d_state).abs(),
+                r(batch, d_state), r(batch, d_state), strided(d_inner), r(batch, d_inner))
+        kwargs = dict(delta_bias=strided(d_inner), delta_softplus=True)
+        pair = selective_state_update_triton, kernels.selective_scan_torch.selective_state_update
+    elif op == "ssd_update":
+        args = (r(batch, heads, head_dim, d_state), r(batch, heads, head_dim), r(batch, heads), -r(heads).abs(),
+                r(batch, 2, d_state), r(batch, 2, d_state), strided(heads), strided(heads))
+        kwargs = dict(dt_softplus=True)
+        pair = ssd_state_update_triton, ssd_torch.ssd_state_update
+    else:
+        args, kwargs = (r(batch, seqlen, 8), r(batch, seqlen, 8), strided(8), 4, 1e-5), {}
+        pair = rms_norm_gated_triton, norm_torch.rms_norm_gated
+    triton_op, torch_op = pair
+    got = triton_op(*[a.to(DEVICE) if torch.is_tensor(a) else a for a in args],
+                    **{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kwargs.items()})
+    want = torch_op(*args, **kwargs)
+    for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert _rel_err(a.cpu(), b) < 1e-5
+
+
+def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
+    """One program per 32 tokens on a grid axis that CUDA caps at 65535: a longer row must raise a clear error
+    before launching (on a GPU the launch fails with 'invalid argument'; the interpreter has no such cap)."""
+    from ssm_hf.kernels.causal_conv1d_triton import causal_conv1d_triton
+    from ssm_hf.kernels.launch import MAX_GRID_YZ
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    seqlen = MAX_GRID_YZ * 32 + 1
+    x = torch.zeros(1, seqlen, 1, 1, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="split the row"):
+        ssd_scan_triton(x, x[..., 0], -torch.ones(1, device=DEVICE), x, x)
+    with pytest.raises(NotImplementedError, match="split the row"):
+        causal_conv1d_triton(x[..., 0], torch.ones(1, 4, device=DEVICE))

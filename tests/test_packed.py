@@ -150,7 +150,7 @@ def test_ssd_scan_with_seq_idx_equals_each_sequence_alone(impl, chunk, dt_shift)
     refs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
     alone = _alone(kernels.ssd_scan_sequential, refs, seq_idx, SSD_TOKENS, "initial_state", dt_softplus=True)
     leaves = {k: v.to(DEVICE, torch.float32).requires_grad_(True) for k, v in inputs.items()}
-    scan = kernels.ssd_scan_chunked if impl == "chunked" else ssd_scan_triton  # the latter falls back for now
+    scan = kernels.ssd_scan_chunked if impl == "chunked" else ssd_scan_triton
     packed = scan(**leaves, chunk_size=chunk, dt_softplus=True, return_final_state=True, seq_idx=seq_idx.to(DEVICE))
     # with Δ ≈ 20 the final state's gradient w.r.t. A is ~1e-10 and float32 rounding in the chunked form swamps
     # it, with or without seq_idx (the chunk-end decays are differences of prefix sums): A is not compared there
@@ -287,7 +287,32 @@ def test_padding_and_packing_together(one_thread):
     assert_close_to_scale(logits[:, : ids.shape[1]], model(ids, position_ids=pos).logits.repeat(2, 1, 1))
 
 
-def test_trainer_with_data_collator_with_flattening(tmp_path, monkeypatch, one_thread):
+@pytest.mark.parametrize("name", list(MODELS))
+def test_packed_rows_with_left_and_right_padding(name, one_thread):
+    # two rows packed differently, one right-padded and one left-padded (padding's position_ids 0 and 1, as
+    # collators and generate() write them): every real token gets what its sequence alone gives
+    model = _model(name)
+    seqs = _sequences(model.config.vocab_size, lengths=(5, 7, 3, 4, 6))
+    rows, length = [seqs[:2], seqs[2:]], 20
+    ids = torch.zeros(2, length, dtype=torch.long)
+    positions = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    real = [slice(0, 12), slice(length - 13, length)]                        # right padding, left padding
+    positions[1, : real[1].start] = 1
+    for row, (parts, where) in enumerate(zip(rows, real)):
+        ids[row, where] = torch.cat(parts)
+        positions[row, where] = torch.cat([torch.arange(len(part)) for part in parts])
+        mask[row, where] = 1
+    logits = model(ids, attention_mask=mask, position_ids=positions).logits
+    for row, (parts, where) in enumerate(zip(rows, real)):
+        alone = torch.cat([model(part[None]).logits for part in parts], dim=1)
+        assert_close_to_scale(logits[row : row + 1, where], alone)
+
+
+@pytest.mark.parametrize("collator_options", [{}, dict(return_position_ids=False, return_flash_attn_kwargs=True),
+                                             dict(return_position_ids=False, return_seq_idx=True)])
+def test_trainer_with_data_collator_with_flattening(collator_options, tmp_path, monkeypatch, one_thread):
+    # the boundaries reach the model as position_ids, as cu_seq_lens_q/k only, or as seq_idx only
     model = _model("hybrid").train()
     g = torch.Generator().manual_seed(1)
     dataset = [{"input_ids": torch.randint(1, model.config.vocab_size, (int(n),), generator=g).tolist()}
@@ -305,7 +330,8 @@ def test_trainer_with_data_collator_with_flattening(tmp_path, monkeypatch, one_t
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
                              seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithFlattening())
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      data_collator=DataCollatorWithFlattening(**collator_options))
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
@@ -322,6 +348,8 @@ def test_s4_refuses_packed_sequences(preset):
         model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
     with pytest.raises(NotImplementedError, match="packed sequences"):
         model.backbone(ids, seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model(ids, cu_seq_lens_q=torch.tensor([0, 3, 8], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("name", ["mamba", "hybrid"])
@@ -348,3 +376,143 @@ def test_sequence_classification_refuses_packed_sequences():
     model(ids, position_ids=torch.arange(8)[None])
     with pytest.raises(NotImplementedError, match="one sequence per row"):
         model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
+    with pytest.raises(NotImplementedError, match="one sequence per row"):
+        model(ids, cu_seq_lens_q=torch.tensor([0, 3, 8], dtype=torch.int32))
+
+
+# ---- review fixes: the collator's other outputs, labels at sequence starts, ids as the kernels read them --------
+
+
+@pytest.mark.parametrize("name", ["mamba2", "hybrid"])
+def test_flash_attention_kwargs_alone_mark_the_sequences(name, one_thread):
+    # DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False) hands over only
+    # cu_seq_lens_q/k (and max_length_q/k): the boundaries must come from them, not be silently dropped
+    model = _model(name)
+    seqs = _sequences(model.config.vocab_size)
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False)(
+        [{"input_ids": s.tolist()} for s in seqs])
+    assert "position_ids" not in batch and "seq_idx" not in batch and "cu_seq_lens_q" in batch
+    alone = torch.cat([model(s[None]).logits for s in seqs], dim=1)
+    assert_close_to_scale(model(**batch).logits, alone)
+    ids, cu = batch["input_ids"], batch["cu_seq_lens_k"]
+    assert_close_to_scale(model(ids, cu_seq_lens_k=cu).logits, alone)  # either name
+    assert_close_to_scale(model.backbone(ids, cu_seq_lens_q=cu).last_hidden_state,
+                          model(**batch, output_hidden_states=True).hidden_states[-1])
+    # two rows of the same packing: cu_seq_lens then count the tokens of both rows, as flash attention's do
+    total = ids.shape[1]
+    two = model(ids.repeat(2, 1), cu_seq_lens_q=torch.cat([cu, cu[1:] + total])).logits
+    assert_close_to_scale(two, alone.repeat(2, 1, 1))
+    for bad in (torch.tensor([0, 5, total - 1]), torch.tensor([1, 5, total]), torch.tensor([0, 9, 5, total])):
+        with pytest.raises(ValueError, match="cu_seq_lens"):
+            model(ids, cu_seq_lens_q=bad.to(torch.int32))
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "hybrid"])
+def test_packed_loss_never_predicts_a_sequence_start_from_the_previous_sequence(name, one_thread):
+    # the collator puts -100 at each sequence's first label; labels = input_ids (as the docstrings say to pass
+    # them) with position_ids or seq_idx must give the same loss: the last token of one sequence is never
+    # trained to predict the first token of the next
+    model = _model(name)
+    seqs = _sequences(model.config.vocab_size)
+    feats = [{"input_ids": s.tolist()} for s in seqs]
+    batch = DataCollatorWithFlattening()(feats)
+    expected = model(**batch).loss
+    ids = batch["input_ids"]
+    assert (batch["labels"] != ids).sum() == len(seqs)  # the collator masked exactly the starts
+    seq_idx = DataCollatorWithFlattening(return_seq_idx=True)(feats)["seq_idx"]
+    for packing in (dict(position_ids=batch["position_ids"]), dict(seq_idx=seq_idx)):
+        loss = model(ids, labels=ids.clone(), **packing).loss
+        assert math.isclose(loss.item(), expected.item(), rel_tol=1e-6), packing.keys()
+        # Trainer may pass the labels already shifted (shift_labels): same rule
+        shifted = F.pad(ids[:, 1:], (0, 1), value=-100)
+        loss = model(ids, labels=ids.clone(), shift_labels=shifted, **packing).loss
+        assert math.isclose(loss.item(), expected.item(), rel_tol=1e-6), packing.keys()
+    # the caller's labels are not modified in place
+    labels = ids.clone()
+    model(ids, labels=labels, position_ids=batch["position_ids"])
+    assert torch.equal(labels, ids)
+
+
+@pytest.mark.parametrize("name", ["mamba", "hybrid"])
+def test_packed_gradients_with_gradient_checkpointing(name, one_thread):
+    model = _model(name).train()
+    seqs = _sequences(model.config.vocab_size)
+    batch = DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in seqs])
+    model(**batch).loss.backward()
+    plain = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_enable()  # gradient_checkpointing_enable's name from transformers 5.x
+    calls = []
+    # a pre-hook: the recomputation stops once it has what the backward needs, before the mixer returns
+    hook = model.backbone.layers[0].mixer.register_forward_pre_hook(lambda *args: calls.append(1))
+    model(**batch).loss.backward()
+    hook.remove()
+    assert len(calls) == 2  # the block ran again in the backward pass
+    for key, param in model.named_parameters():
+        if key in plain:
+            assert_close_to_scale(param.grad, plain[key], 1e-5)
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "hybrid"])
+def test_packed_under_bf16_autocast(name, one_thread):
+    # the packed row under autocast stays as close to the sequences alone as bf16 rounding allows (leaking
+    # across a boundary moves the logits by tens of percent of their scale, see the plain test above)
+    model = _model(name)
+    seqs = _sequences(model.config.vocab_size)
+    batch = DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in seqs])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+        alone = torch.cat([model(s[None]).logits for s in seqs], dim=1)
+    assert torch.isfinite(out.loss)
+    assert_close_to_scale(out.logits, alone, 6e-2)
+
+
+def test_seq_idx_ids_under_compile_are_read_where_they_change(monkeypatch, one_thread):
+    # under torch.compile the ids are not checked (no host synchronisation): ids that repeat an earlier sequence's
+    # (A B A) must still mean three sequences in every layer, attention included
+    model = _model("hybrid")
+    ids = torch.randint(1, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    canonical = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3]]).repeat(2, 1)
+    expected = model(ids, seq_idx=canonical).logits
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    odd = torch.tensor([[4, 4, 4, 9, 9, 4, 4, 4, 4, 2**40, 2**40, 2**40]]).repeat(2, 1)
+    assert_close_to_scale(model(ids, seq_idx=odd).logits, expected, 1e-6)
+
+
+KERNEL_CASES = ["conv-torch", "conv-triton", "selective-chunked", "selective-triton", "ssd-chunked", "ssd-triton"]
+
+
+def _kernel_run(case: str, seq_idx: torch.Tensor, batch: int = 2, seqlen: int = 12):
+    g = torch.Generator().manual_seed(5)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)  # noqa: E731
+    if case.startswith("conv"):
+        fn = causal_conv1d_torch.causal_conv1d if case == "conv-torch" else causal_conv1d_triton.causal_conv1d_triton
+        return fn(r(batch, seqlen, 4), r(4, 4), r(4), r(batch, 4, 3), seq_idx=seq_idx.to(DEVICE))
+    if case.startswith("selective"):
+        fn = (kernels.selective_scan_chunked if case == "selective-chunked"
+              else selective_scan_triton.selective_scan_triton)
+        y, h = fn(r(batch, seqlen, 4), r(batch, seqlen, 4), -r(4, 3).abs(), r(batch, seqlen, 3), r(batch, seqlen, 3),
+                  delta_softplus=True, initial_state=r(batch, 4, 3), return_final_state=True,
+                  seq_idx=seq_idx.to(DEVICE))
+        return torch.cat([y.flatten(), h.flatten()])
+    fn = kernels.ssd_scan_chunked if case == "ssd-chunked" else ssd_scan_triton
+    y, h = fn(r(batch, seqlen, 2, 3), r(batch, seqlen, 2), -r(2).abs(), r(batch, seqlen, 1, 5), r(batch, seqlen, 1, 5),
+              chunk_size=8, dt_softplus=True, initial_state=r(batch, 2, 3, 5), return_final_state=True,
+              seq_idx=seq_idx.to(DEVICE))
+    return torch.cat([y.flatten(), h.flatten()])
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_kernels_read_seq_idx_where_it_changes_and_share_one_row(case):
+    # what counts is where the id changes (packing.py): ids that go back to an earlier sequence's value or do not
+    # fit in int32 give the same result as 0, 1, 2, ...; a (1, seqlen) seq_idx is shared by every row, as the
+    # PyTorch forms broadcast it (the Triton kernels read past the end of it before)
+    canonical = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2]])
+    odd = torch.tensor([[7, 7, 7, 3, 3, 7, 7, 7, 7, 2**32 + 3, 2**32 + 3, 2**32 + 3],
+                        [2**33, 5, 5, 5, 5, 5, 5, 5, 2**33 + 5, 2**33 + 5, 2**33 + 5, 2**33 + 5]])
+    expected = _kernel_run(case, canonical)
+    assert_close_to_scale(_kernel_run(case, odd).cpu(), expected.cpu(), 1e-6)
+    assert_close_to_scale(_kernel_run(case, canonical[:1]).cpu(), _kernel_run(case, canonical[:1].expand(2, -1)).cpu(),
+                          1e-6)
+    with pytest.raises(ValueError, match="seq_idx"):
+        _kernel_run(case, canonical[:, :-1])

@@ -7,8 +7,9 @@ PyTorch chunked forms otherwise; both compute the same function; so do the singl
 prefill conv `causal_conv1d` and Mamba-2's gated norm `rms_norm_gated`. Set the environment variable
 `SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for debugging).
 
-`selective_scan`, `ssd_scan` and `causal_conv1d` take `seq_idx` (batch, seqlen) for packed sequences (several
-sequences end to end in a row, see `packing`): nothing crosses from one sequence to the next.
+`selective_scan`, `ssd_scan` and `causal_conv1d` take `seq_idx` (batch or 1, seqlen) for packed sequences (several
+sequences end to end in a row, a new one wherever the id changes, see `packing`): nothing crosses from one
+sequence to the next.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def rms_norm_gated(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Ten
 
 
 def ssd_scan(x: torch.Tensor, *args, **kwargs):
-    """Mamba-2's SSD scan; arguments and results as `ssd_scan_chunked`, on the best path for x's device (the
-    Triton path runs the forward as a kernel and recomputes through the PyTorch form for gradients)."""
+    """Mamba-2's SSD scan; arguments and results as `ssd_scan_chunked`, on the best path for x's device (Triton
+    kernels forward and backward for CUDA tensors, see `ssd_triton`)."""
     if use_triton(x):
         from .ssd_triton import ssd_scan_triton
 

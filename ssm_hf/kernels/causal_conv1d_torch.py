@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .packing import segment_ids
+from .packing import rows, segment_ids
 
 
 def causal_conv1d(
@@ -18,8 +18,9 @@ def causal_conv1d(
     """Depthwise causal convolution of x: (batch, seqlen, channels) with weight: (channels, width).
 
     `past` (batch, channels, k) holds the k ≥ width − 1 inputs before x (the conv state of a cache); without it
-    the sequence starts from zeros. `seq_idx` (batch, seqlen), non-decreasing integers, marks packed sequences:
-    a tap whose input belongs to another sequence reads zero, and `past` only feeds the row's first sequence.
+    the sequence starts from zeros. `seq_idx` (batch or 1, seqlen) integers mark packed sequences (a new one
+    wherever the id changes, see `packing`): a tap whose input belongs to another sequence reads zero, and `past`
+    only feeds the row's first sequence.
     Returns (batch, seqlen, channels); no activation is applied.
     """
     channels, width = weight.shape
@@ -30,6 +31,7 @@ def causal_conv1d(
     else:
         inputs = torch.cat([past[..., past.shape[-1] - (width - 1):].to(weight.dtype), inputs], dim=-1)
     if seq_idx is not None:
+        seq_idx = rows(seq_idx, x.shape[0], seqlen)
         return _masked_taps(inputs, weight, bias, seq_idx).transpose(1, 2).to(x.dtype)
     out = F.conv1d(inputs, weight.unsqueeze(1), bias, groups=channels)
     return out[..., -seqlen:].transpose(1, 2).to(x.dtype)

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of
+from .launch import check_grid_axis, on_device_of
+from .packing import kernel_segment_ids
 
 
 @triton.jit
@@ -100,6 +101,7 @@ class _CausalConv1d(torch.autograd.Function):
         width = weight.shape[-1]
         x = x.contiguous()
         weight = weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None  # indexed as bias_ptr + channel
         past = past.contiguous() if past is not None else None
         seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         out = torch.empty_like(x)
@@ -135,10 +137,15 @@ class _CausalConv1d(torch.autograd.Function):
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                          past: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
     """As `causal_conv1d_torch.causal_conv1d`: x (batch, seqlen, channels), weight (channels, width), past
-    (batch, channels, k ≥ width - 1) the inputs before x or None, seq_idx (batch, seqlen) packed sequences or None.
+    (batch, channels, k ≥ width - 1) the inputs before x or None, seq_idx (batch or 1, seqlen) packed sequences or
+    None.
     Returns (batch, seqlen, channels) in x's dtype. No gradient flows into `past` (a cache's state)."""
+    if seq_idx is not None:  # the kernels compare ids for equality: give them ids that change where a sequence starts
+        seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     if x.shape[1] == 0:
         return x.new_empty(x.shape)
+    check_grid_axis(triton.cdiv(x.shape[1], BLOCK_T), f"A causal conv over {x.shape[1]} tokens")
+    check_grid_axis(triton.cdiv(x.shape[2], BLOCK_C), f"A causal conv over {x.shape[2]} channels")
     if past is not None and past.shape[-1] < weight.shape[-1] - 1:
         raise ValueError(f"past holds {past.shape[-1]} inputs; a width-{weight.shape[-1]} conv needs at least "
                          f"{weight.shape[-1] - 1}")

@@ -117,8 +117,8 @@ def selective_state_update_triton(state, x, delta, A, B, C, D=None, z=None, delt
     with on_device_of(x):
         _state_update_kernel[(batch, triton.cdiv(d_inner, block_d))](
             state.contiguous(), x.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
-            D if D is not None else dummy, z.contiguous() if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, y, new, d_inner, d_state,
+            D.contiguous() if D is not None else dummy, z.contiguous() if z is not None else dummy,
+            delta_bias.contiguous() if delta_bias is not None else dummy, y, new, d_inner, d_state,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             BLOCK_D=block_d, BLOCK_N=block_n)
     return y, _finish_state(new, state_out)
@@ -175,7 +175,7 @@ def ssd_state_update_triton(state, x, dt, A, B, C, D=None, dt_bias=None, dt_soft
     with on_device_of(x):
         _ssd_update_kernel[(batch, heads, triton.cdiv(head_dim, block_p))](
             state.contiguous(), x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
-            D if D is not None else dummy, dt_bias if dt_bias is not None else dummy, y, new,
+            D.contiguous() if D is not None else dummy, dt_bias.contiguous() if dt_bias is not None else dummy, y, new,
             heads, head_dim, d_state, heads // groups, low, high,
             HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
             BLOCK_P=block_p, BLOCK_N=block_n)

@@ -14,3 +14,16 @@ def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     may live on cuda:1 while the current device is cuda:0, so every launch site enters this first. CPU tensors
     (Triton's interpreter, in tests) need no guard."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+# CUDA's limit on the second and third axes of a launch grid (the first may reach 2**31 - 1)
+MAX_GRID_YZ = 65535
+
+
+def check_grid_axis(programs: int, what: str) -> None:
+    """NotImplementedError naming `what` when `programs` (a grid's second or third axis) exceeds CUDA's limit: the
+    launch would fail with an opaque 'invalid argument' (Triton's interpreter has no such limit, so CPU tests would
+    never show it)."""
+    if programs > MAX_GRID_YZ:
+        raise NotImplementedError(f"{what} needs {programs} programs on one launch-grid axis, above CUDA's "
+                                  f"{MAX_GRID_YZ}: split the row (e.g. pack the sequences into several rows).")

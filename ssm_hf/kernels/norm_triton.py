@@ -75,6 +75,7 @@ class _RMSNormGated(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         z2 = gate.reshape(-1, shape[-1]).contiguous() if gate is not None else None
+        weight = weight.contiguous()  # indexed as weight_ptr + column
         rows, hidden = x2.shape
         out_dtype = torch.promote_types(weight.dtype, x.dtype)
         y = torch.empty((rows, hidden), dtype=out_dtype, device=x.device)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .packing import sequence_starts
+from .packing import rows, sequence_starts
 
 # Inside a chunk, states are expressed relative to the chunk's middle token m: with S_t = Σ_{s≤t} Δ_s,
 #   h_t = E_t ⊙ (exp(A S_m) h_prev + Σ_{s≤t} b_s / E_s),   E_t = exp(A (S_t − S_m)),   b_s = Δ_s B_s x_s.
@@ -163,16 +163,16 @@ def selective_scan_chunked(
     """Selective scan over a whole sequence, chunk by chunk.
 
     x, delta, z: (batch, seqlen, d_inner); A: (d_inner, d_state), negative real; B, C: (batch, seqlen, d_state);
-    D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state); seq_idx: None or (batch, seqlen)
-    integers, non-decreasing along a row: packed sequences, the state is reset to zero before each token that
-    starts a new one (the initial state only reaches the first).
+    D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state); seq_idx: None or (batch or 1, seqlen)
+    integers: packed sequences, a new one wherever the id changes along a row (see `packing`); the state is reset
+    to zero before each token that starts one (the initial state only reaches the first).
     Returns y: (batch, seqlen, d_inner) in x's dtype, and with `return_final_state` the final state
     (batch, d_inner, d_state) in float32 (float64 for float64 inputs). Under autograd the (batch, chunk, d_inner,
     d_state) intermediates are recomputed in the backward pass instead of being stored (`recompute_in_backward`),
     so training memory stays O(seqlen * d_inner) per layer.
     """
     u, delta, A, B, C, h = _prepare(x, delta, A, B, C, delta_bias, delta_softplus, initial_state)
-    starts = sequence_starts(seq_idx) if seq_idx is not None else None
+    starts = sequence_starts(rows(seq_idx, *x.shape[:2])) if seq_idx is not None else None
     if recompute_in_backward and _tracks_grad(u, delta, A, B, C, h):
         y, h = checkpoint(_scan_chunks, u, delta, A, B, C, h, chunk_size, starts, use_reentrant=False)
     else:
@@ -218,7 +218,7 @@ def selective_scan_sequential(
     """
     batch, seqlen, d_inner = x.shape
     u, delta, A, B, C, h = _prepare(x, delta, A, B, C, delta_bias, delta_softplus, initial_state)
-    starts = sequence_starts(seq_idx) if seq_idx is not None else None
+    starts = sequence_starts(rows(seq_idx, batch, seqlen)) if seq_idx is not None else None
     ys = []
     for t in range(seqlen):
         if starts is not None:  # a new sequence starts from a zero state

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .launch import on_device_of
+from .packing import kernel_segment_ids
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -242,6 +243,9 @@ class _SelectiveScan(torch.autograd.Function):
         n_tiles = triton.cdiv(seqlen, block_t)
         x, delta, B, C = x.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
         z = z.contiguous() if z is not None else None
+        # per-channel vectors too: the kernels index them as ptr + channel
+        D = D.contiguous() if D is not None else None
+        delta_bias = delta_bias.contiguous() if delta_bias is not None else None
         A = A.float().contiguous()
         y = torch.empty_like(x)
         final = torch.empty(batch, d_inner, d_state, device=x.device, dtype=torch.float32)
@@ -322,6 +326,8 @@ def selective_scan_triton(
 ):
     """Selective scan with the Triton kernels: same arguments and results as `selective_scan_chunked`
     (`chunk_size` is accepted and ignored: the kernels pick their own tiles)."""
+    if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
+        seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     if x.shape[1] == 0:  # nothing to launch: the state passes through unchanged
         from .selective_scan_torch import selective_scan_chunked
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .packing import segment_ids, sequence_starts
+from .packing import rows, segment_ids, sequence_starts
 from .selective_scan_torch import write_state
 
 
@@ -118,11 +118,12 @@ def ssd_scan_chunked(
 
     x: (batch, seqlen, heads, head_dim); dt: (batch, seqlen, heads); A, D, dt_bias: (heads,), A < 0;
     B, C: (batch, seqlen, groups, d_state), heads divisible by groups; initial_state: (batch, heads, head_dim,
-    d_state); seq_idx: None or (batch, seqlen) integers, non-decreasing along a row: packed sequences, the state is
-    reset to zero before each token that starts a new one (the initial state only reaches the first). Returns y:
-    (batch, seqlen, heads, head_dim) in x's dtype, and with `return_final_state` the final state (of the row's last
-    sequence) in float32 (float64 for float64 inputs). Under autograd the chunk internals (the Q x Q decay and score
-    tensors) are recomputed in the backward pass instead of being stored (`recompute_in_backward`).
+    d_state); seq_idx: None or (batch or 1, seqlen) integers: packed sequences, a new one wherever the id changes
+    along a row (see `packing`); the state is reset to zero before each token that starts one (the initial state
+    only reaches the first). Returns y: (batch, seqlen, heads, head_dim) in x's dtype, and with
+    `return_final_state` the final state (of the row's last sequence) in float32 (float64 for float64 inputs).
+    Under autograd the chunk internals (the Q x Q decay and score tensors) are recomputed in the backward pass
+    instead of being stored (`recompute_in_backward`).
     """
     b, seqlen, h, p = x.shape
     dtype = _compute_dtype(x)
@@ -134,7 +135,7 @@ def ssd_scan_chunked(
         y = x.new_zeros(b, 0, h, p)
         return (y, h0) if return_final_state else y
     pad = (-seqlen) % chunk_size
-    segments = segment_ids(seq_idx) if seq_idx is not None else None
+    segments = segment_ids(rows(seq_idx, b, seqlen)) if seq_idx is not None else None
     if pad:  # padded tokens have Δ = 0 and x = 0: they leave the state unchanged
         xs, dt, B_, C_ = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xs, dt, B_, C_))
         if segments is not None:  # and belong to the last sequence
@@ -170,7 +171,7 @@ def ssd_scan_sequential(
     dtype = _compute_dtype(x)
     state = (torch.zeros(b, h, p, B.shape[-1], dtype=dtype, device=x.device) if initial_state is None
              else initial_state.to(dtype))
-    starts = sequence_starts(seq_idx) if seq_idx is not None else None
+    starts = sequence_starts(rows(seq_idx, b, seqlen)) if seq_idx is not None else None
     ys = []
     for t in range(seqlen):
         if starts is not None:  # a new sequence starts from a zero state

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of
+from .launch import check_grid_axis, on_device_of
+from .packing import kernel_segment_ids
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked
 
 CHUNK = 32
@@ -344,6 +345,7 @@ class _SSDScan(torch.autograd.Function):
         x, dt, A, B, C = x.contiguous(), dt.float().contiguous(), A.float().contiguous(), B.contiguous(), \
             C.contiguous()
         h0 = initial_state.float().contiguous() if initial_state is not None else None
+        D = D.contiguous() if D is not None else None  # the kernels index it as D_ptr + head
         seq = seq_idx.contiguous() if seq_idx is not None else None
         y = torch.empty_like(x)
         with on_device_of(x):
@@ -424,6 +426,14 @@ def ssd_scan_triton(
     own chunk (CHUNK tokens); the result does not depend on the chunk, so `chunk_size` is only used where the
     PyTorch form runs (d_state > 256 or head_dim > 128). The backward always recomputes the
     chunk states (`recompute_in_backward` is accepted for the common signature)."""
+    heads, head_dim, groups, d_state = x.shape[2], x.shape[3], B.shape[-2], B.shape[-1]
+    if heads % groups or C.shape[-2] != groups:  # the kernels would read B and C of groups that do not exist
+        raise ValueError(f"B and C must have a number of groups that divides the {heads} heads; got B "
+                         f"{tuple(B.shape)}, C {tuple(C.shape)}.")
+    if supports(d_state, head_dim):  # the chunk kernels run one program per chunk on grid axis 1
+        check_grid_axis(triton.cdiv(x.shape[1], _chunk(d_state, head_dim)), f"An SSD scan of {x.shape[1]} tokens")
+    if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
+        seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     if x.shape[1] == 0 or not supports(B.shape[-1], x.shape[-1]):
         return ssd_scan_chunked(x, dt, A, B, C, chunk_size or CHUNK, D, initial_state=initial_state,

@@ -7,7 +7,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .modeling_utils import last_token_indices, packed_seq_idx, real_token_mask
+from .modeling_utils import cu_seq_lens_of, last_token_indices, packed_seq_idx, real_token_mask
 
 POOLINGS = ("last", "mean")
 
@@ -51,9 +51,10 @@ class LastTokenClassifierMixin:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         inputs = input_ids if input_ids is not None else inputs_embeds
         if inputs is not None and packed_seq_idx(kwargs.get("position_ids"), kwargs.get("seq_idx"),
-                                                 *inputs.shape[:2]) is not None:
+                                                 *inputs.shape[:2], cu_seq_lens_of(kwargs)) is not None:
             raise NotImplementedError("Sequence classification takes one sequence per row (one label each): packed "
-                                      "sequences (position_ids restarting inside a row, or seq_idx) are not supported.")
+                                      "sequences (position_ids restarting inside a row, seq_idx or cu_seq_lens_q) "
+                                      "are not supported.")
         outputs = self.backbone(
             input_ids, inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,
             return_dict=True, attention_mask=attention_mask, position_ids=kwargs.get("position_ids"),

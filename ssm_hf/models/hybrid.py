@@ -26,7 +26,10 @@ from ..layers.mlp import GatedMLP, MoE, load_balancing_loss
 from .heads import LastTokenClassifierMixin
 from .modeling_utils import (
     StrictLoadingMixin,
+    cu_seq_lens_of,
     init_module_weights,
+    mask_sequence_starts,
+    packed_seq_idx,
     pick_cache,
     start_backbone,
 )
@@ -140,8 +143,9 @@ class HybridModel(HybridPreTrainedModel):
         """input_ids: (batch, seqlen); attention_mask: (batch, past + seqlen) with 1 for real tokens.
         router_logits (with `output_router_logits`): one (batch * seqlen, num_experts) tensor per MoE layer.
         Packed sequences (several per row, no cache): `position_ids` restarting at each one, as
-        `DataCollatorWithFlattening` gives, or `seq_idx` (batch, seqlen); SSM layers restart their state and
-        attention layers attend within each sequence only."""
+        `DataCollatorWithFlattening` gives, or `seq_idx` (batch, seqlen), or flash attention's `cu_seq_lens_q` (the
+        collator's `return_flash_attn_kwargs`); SSM layers restart their state and attention layers attend within
+        each sequence only."""
         config = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_router_logits = (output_router_logits if output_router_logits is not None
@@ -149,7 +153,8 @@ class HybridModel(HybridPreTrainedModel):
         return_dict = return_dict if return_dict is not None else config.return_dict
         # position_ids stays out of the signature: generate() would otherwise build them from a left-padding mask
         inputs_embeds, cache, seq_idx = start_backbone(self, input_ids, inputs_embeds, attention_mask, cache_params,
-                                                       past_key_values, use_cache, kwargs.get("position_ids"), seq_idx)
+                                                       past_key_values, use_cache, kwargs.get("position_ids"), seq_idx,
+                                                       cu_seq_lens_of(kwargs))
 
         seqlen = inputs_embeds.shape[1]
         attention_bias = None
@@ -221,13 +226,17 @@ class HybridForCausalLM(HybridPreTrainedModel, StateGenerationMixin):
         **kwargs,
     ) -> tuple | MoeCausalLMOutputWithPast:
         """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored. Packed sequences:
-        `position_ids` or `seq_idx`, as for the backbone."""
+        `position_ids`, `seq_idx` or `cu_seq_lens_q`, as for the backbone; the first token of each packed sequence
+        is then never a target (see `mask_sequence_starts`)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (input_ids is None) != (inputs_embeds is None):  # else the backbone says what is wrong
+            inputs = input_ids if input_ids is not None else inputs_embeds
+            seq_idx = packed_seq_idx(kwargs.get("position_ids"), seq_idx, *inputs.shape[:2], cu_seq_lens_of(kwargs))
         outputs = self.backbone(
             input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             past_key_values=pick_cache(cache_params, past_key_values), use_cache=use_cache,
             output_hidden_states=output_hidden_states, output_router_logits=output_router_logits, return_dict=True,
-            position_ids=kwargs.get("position_ids"), seq_idx=seq_idx,
+            seq_idx=seq_idx,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
@@ -237,6 +246,7 @@ class HybridForCausalLM(HybridPreTrainedModel, StateGenerationMixin):
             mask = attention_mask[:, -seqlen:] if attention_mask is not None else None
             aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, mask)
         if labels is not None:
+            labels, kwargs = mask_sequence_starts(labels, seq_idx, kwargs)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             if aux_loss is not None:
                 # counted once per optimizer step under Trainer, whatever the processes and accumulation steps

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAttentionLayer
 
+from ..kernels.packing import segment_ids, sequence_starts
 from ..layers import RMSNorm, RMSNormGated
 from ..layers.mlp import Experts, Router
 from .state import StateCache, cache_batch_size, pick_cache
@@ -61,15 +62,42 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int, decoding: bool = F
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size}).")
 
 
+def cu_seq_lens_of(kwargs: dict) -> torch.Tensor | None:
+    """Flash attention's cumulative sequence lengths from a forward's keyword arguments (`cu_seq_lens_q`, else
+    `cu_seq_lens_k`), as `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` hands them over, or None."""
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    return cu_seq_lens if cu_seq_lens is not None else kwargs.get("cu_seq_lens_k")
+
+
+def _seq_idx_from_cu_seq_lens(cu_seq_lens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """(batch, length) sequence ids from cumulative lengths (n + 1,) over the batch's batch * length tokens taken
+    row after row (0, len_1, len_1 + len_2, ..., batch * length), as flash attention reads them."""
+    cu_seq_lens = cu_seq_lens.reshape(-1)
+    total = batch * length
+    if not torch.compiler.is_compiling():
+        ok = cu_seq_lens.numel() >= 2 and bool(torch.stack([
+            cu_seq_lens[0] == 0, cu_seq_lens[-1] == total, (cu_seq_lens.diff() >= 0).all()]).all())
+        if not ok:
+            raise ValueError(f"cu_seq_lens_q / cu_seq_lens_k must rise from 0 to the {total} tokens of the input "
+                             f"(batch={batch} x {length}); got {cu_seq_lens.tolist()}.")
+    tokens = torch.arange(total, device=cu_seq_lens.device)
+    # a token's sequence: how many sequence ends lie at or before it
+    return torch.searchsorted(cu_seq_lens[1:].contiguous(), tokens, right=True).view(batch, length)
+
+
 def packed_seq_idx(position_ids: torch.Tensor | None, seq_idx: torch.Tensor | None, batch: int,
-                   length: int) -> torch.Tensor | None:
+                   length: int, cu_seq_lens: torch.Tensor | None = None) -> torch.Tensor | None:
     """The (batch, length) sequence ids of packed rows (several sequences end to end, as transformers'
     `DataCollatorWithFlattening` makes), or None when every row holds one sequence.
 
-    An explicit `seq_idx` (non-decreasing integers along a row) wins; otherwise a sequence starts wherever
-    `position_ids` (batch or 1, length) is not the previous position + 1 (positions 0..n1-1, 0..n2-1, ...).
-    Rows without any start give None, so plain positions keep the usual path exactly (one host synchronisation;
-    under torch.compile the ids are returned as they are, without it)."""
+    An explicit `seq_idx` (non-decreasing integers along a row) wins; then `cu_seq_lens` (flash attention's
+    cumulative sequence lengths, the collator's `return_flash_attn_kwargs`; see `cu_seq_lens_of`); otherwise a
+    sequence starts wherever `position_ids` (batch or 1, length) is not the previous position + 1 (positions
+    0..n1-1, 0..n2-1, ...). The ids come back as `packing.segment_ids` (0, 1, 2, ... along each row), so that
+    every layer reads the same boundaries. Rows without any start give None, so plain positions keep the usual
+    path exactly (one host synchronisation; under torch.compile the ids are returned without that check)."""
+    if seq_idx is None and cu_seq_lens is not None:
+        seq_idx = _seq_idx_from_cu_seq_lens(cu_seq_lens, batch, length)
     if seq_idx is None:
         if position_ids is None or length < 2:
             return None
@@ -82,12 +110,32 @@ def packed_seq_idx(position_ids: torch.Tensor | None, seq_idx: torch.Tensor | No
         raise ValueError(f"seq_idx must have shape (batch={batch}, {length}) like the input; got "
                          f"{tuple(seq_idx.shape)}.")
     if torch.compiler.is_compiling():
-        return seq_idx
+        # unchecked: attention compares ids for equality, the scans look for changes; segment ids agree on both
+        return segment_ids(seq_idx)
     steps = seq_idx.diff(dim=-1)
     starts, decreasing = (bool(v) for v in torch.stack([(steps != 0).any(), (steps < 0).any()]).tolist())
     if decreasing:
         raise ValueError("seq_idx must be non-decreasing along each row (one id per packed sequence, in order).")
-    return seq_idx if starts else None
+    return segment_ids(seq_idx) if starts else None
+
+
+def mask_sequence_starts(labels: torch.Tensor, seq_idx: torch.Tensor | None, kwargs: dict
+                         ) -> tuple[torch.Tensor, dict]:
+    """Labels (batch, seqlen) with -100 at the first token of every packed sequence but a row's first, so that the
+    loss never asks a sequence's last token to predict the next sequence's first (DataCollatorWithFlattening
+    already puts -100 there; labels = input_ids with position_ids or seq_idx would not). A `shift_labels` in
+    `kwargs` (labels already shifted by one, as Trainer may pass them) gets the same, one position earlier.
+    Returns new tensors (the caller's are left as they are) and the keyword arguments to pass on."""
+    if seq_idx is None:
+        return labels, kwargs
+    starts = sequence_starts(seq_idx)
+    if labels.shape == starts.shape:
+        labels = labels.masked_fill(starts.to(labels.device), -100)
+    shift_labels = kwargs.get("shift_labels")
+    if shift_labels is not None and shift_labels.shape == starts.shape:
+        kwargs = {**kwargs, "shift_labels": shift_labels.masked_fill(
+            F.pad(starts[:, 1:], (0, 1)).to(shift_labels.device), -100)}
+    return labels, kwargs
 
 
 def check_padding_mask(attention_mask: torch.Tensor | None, batch_and_length: tuple[int, int]) -> None:
@@ -146,6 +194,7 @@ def start_backbone(
     model: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | None, cache_params: Cache | None, past_key_values: Cache | None,
     use_cache: bool | None, position_ids: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Cache | None, torch.Tensor | None]:
     """The checks and set-up every backbone's forward begins with: exactly one of ids or embeddings, packed
     sequences (`packed_seq_idx`; they run without a cache), the cache (`resolve_cache`; a StateCache records the
@@ -154,13 +203,14 @@ def start_backbone(
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
     batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-    seq_idx = packed_seq_idx(position_ids, seq_idx, batch, length)
+    seq_idx = packed_seq_idx(position_ids, seq_idx, batch, length, cu_seq_lens)
     if seq_idx is not None:
         # a cache after a packed row would mix sequences (conv inputs and attention keys of all of them)
         if use_cache or pick_cache(cache_params, past_key_values) is not None:
             raise ValueError(
-                "Packed sequences (position_ids restarting inside a row, or seq_idx) run without a cache: they are "
-                "for training and cache-free prefill. Drop the cache / use_cache=True, or pass one sequence per row."
+                "Packed sequences (position_ids restarting inside a row, seq_idx or cu_seq_lens_q) run without a "
+                "cache: they are for training and cache-free prefill. Drop the cache / use_cache=True, or pass one "
+                "sequence per row."
             )
         use_cache = False
     cache = resolve_cache(pick_cache(cache_params, past_key_values), use_cache, model.config, model.training,

@@ -18,7 +18,10 @@ from ..layers import RMSNorm
 from .heads import LastTokenClassifierMixin
 from .modeling_utils import (
     StrictLoadingMixin,
+    cu_seq_lens_of,
     init_module_weights,
+    mask_sequence_starts,
+    packed_seq_idx,
     pick_cache,
     start_backbone,
 )
@@ -104,7 +107,8 @@ class SSMModel(SSMPreTrainedModel):
         """input_ids: (batch, seqlen). `cache_params` (or `past_key_values`) continues from a previous state;
         with `use_cache`, the returned `cache_params` holds the state after the last token. Packed sequences
         (several per row, no cache): `position_ids` restarting at each one, as `DataCollatorWithFlattening` gives,
-        or `seq_idx` (batch, seqlen); each sequence is then computed as if it were alone."""
+        or `seq_idx` (batch, seqlen), or flash attention's `cu_seq_lens_q` (the collator's
+        `return_flash_attn_kwargs`); each sequence is then computed as if it were alone."""
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -112,7 +116,7 @@ class SSMModel(SSMPreTrainedModel):
         # position_ids stays out of the signature: generate() would otherwise build them from a left-padding mask
         inputs_embeds, cache_params, seq_idx = start_backbone(
             self, input_ids, inputs_embeds, attention_mask, cache_params, past_key_values, use_cache,
-            kwargs.get("position_ids"), seq_idx)
+            kwargs.get("position_ids"), seq_idx, cu_seq_lens_of(kwargs))
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
@@ -185,17 +189,22 @@ class SSMForCausalLM(SSMPreTrainedModel, StateGenerationMixin):
         **kwargs,
     ) -> tuple | SSMCausalLMOutput:
         """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored. Packed sequences:
-        `position_ids` or `seq_idx`, as for the backbone."""
+        `position_ids`, `seq_idx` or `cu_seq_lens_q`, as for the backbone; the first token of each packed sequence
+        is then never a target (see `mask_sequence_starts`)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (input_ids is None) != (inputs_embeds is None):  # else the backbone says what is wrong
+            inputs = input_ids if input_ids is not None else inputs_embeds
+            seq_idx = packed_seq_idx(kwargs.get("position_ids"), seq_idx, *inputs.shape[:2], cu_seq_lens_of(kwargs))
         outputs = self.backbone(
             input_ids, inputs_embeds=inputs_embeds, cache_params=pick_cache(cache_params, past_key_values),
             use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
-            attention_mask=attention_mask, position_ids=kwargs.get("position_ids"), seq_idx=seq_idx,
+            attention_mask=attention_mask, seq_idx=seq_idx,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
         loss = None
         if labels is not None:
+            labels, kwargs = mask_sequence_starts(labels, seq_idx, kwargs)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if not return_dict:
             output = tuple(v for v in (logits, outputs.cache_params, outputs.hidden_states) if v is not None)
