@@ -1,8 +1,9 @@
 """Graphed decoding in generate() (ssm_hf.models.graphs).
 
-On CPU the capture strategy is `EagerReplay`: the same static buffers, state save/restore around capture, rebinding
-of replaced state tensors and token counting as on CUDA, with the step function run instead of a graph; every
-result is compared token for token with plain generate(). The last test runs real CUDA graphs when a GPU is there.
+On CPU the capture strategy is `TracedReplay`: the step's tensor operations are recorded once (an op tape holding the
+tensors it read and wrote, as a CUDA graph holds their addresses) and replayed without the model's Python, so a
+replay computes what a graph would: the captured weights, state tensors, hooks and flags as they were at capture.
+Every result is compared token for token with plain generate(). The CUDA tests run real graphs when a GPU is there.
 """
 
 import copy
@@ -21,6 +22,7 @@ from ssm_hf.models.graphs import (
     CapturedDecodeStep,
     EagerReplay,
     GraphedDecodeStep,
+    TracedReplay,
     decode_capture_for,
 )
 from ssm_hf.models.state import layer_tensors
@@ -43,8 +45,8 @@ def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
 
 
 def _generate(model, graphed: bool, seed: int | None = None, **kwargs):
-    """generate() with the dict output, plainly or through the graphed decoding path (EagerReplay)."""
-    model.decode_capture = EagerReplay() if graphed else None
+    """generate() with the dict output, plainly or through the graphed decoding path (TracedReplay)."""
+    model.decode_capture = TracedReplay() if graphed else None
     try:
         if seed is not None:
             torch.manual_seed(seed)
@@ -119,7 +121,7 @@ def test_replays_follow_beam_reorders_in_place_and_replaced_state_tensors(preset
     with torch.no_grad():
         graphed_cache = model(ids, use_cache=True).cache_params
         eager_cache = copy.deepcopy(graphed_cache)
-        step = GraphedDecodeStep(model, EagerReplay())
+        step = GraphedDecodeStep(model, TracedReplay())
         token = _ids(4, 1, 6)
         for i in range(6):
             out = step(input_ids=token, past_key_values=graphed_cache, use_cache=True, return_dict=True,
@@ -149,7 +151,7 @@ def test_hybrids_disable_compile_the_environment_and_cpu_keep_the_eager_call(mon
     ids = _ids(2, 5, 8)
     for preset, layers in (("hybrid-tiny", None), ("hybrid-tiny", ["mamba", "mamba2", "mamba", "mamba"])):
         hybrid = tiny_lm(preset, **({"layers_block_type": layers} if layers else {}))
-        hybrid.decode_capture = EagerReplay()
+        hybrid.decode_capture = TracedReplay()
         out = hybrid.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
         assert out.past_key_values.is_compileable == (layers is not None)   # attention layers grow a KV cache
         assert out.past_key_values.decode_graphs == {}
@@ -157,7 +159,7 @@ def test_hybrids_disable_compile_the_environment_and_cpu_keep_the_eager_call(mon
     model = _model("mamba-tiny")
     assert _replays(_generate(model, True, input_ids=ids, max_new_tokens=4, disable_compile=True)) == []
     assert model.get_compiled_call(None) == model.__call__       # on CPU without a strategy: eager
-    model.decode_capture = EagerReplay()
+    model.decode_capture = TracedReplay()
     assert isinstance(model.get_compiled_call(None), GraphedDecodeStep)
     model.train()
     assert decode_capture_for(model) is None                    # dropout would be frozen into a graph
@@ -275,6 +277,25 @@ def test_state_cache_row_selection_keeps_addresses_when_the_shape_stays():
     cache.batch_select_indices(torch.tensor([1]))                      # fewer rows: new tensors
     assert cache.layers[0].recurrent_states[0].shape[0] == 1 and torch.equal(cache.layers[0].recurrent_states[0],
                                                                             expected[1:2])
+
+
+def test_traced_replay_runs_no_python_like_a_graph():
+    """The CPU stand-in for a graph must not run the model's Python on replay, or the tests below could not see
+    what a graph skips: a forward hook runs for the warm-up and the recording only, not for the replays."""
+    model = _model("mamba-tiny")
+    calls = []
+    handle = model.backbone.norm_f.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            cache = model(_ids(1, 4, 40), use_cache=True).cache_params
+            calls.clear()
+            entry = CapturedDecodeStep(model, cache, _ids(1, 1, 41), TracedReplay(), fingerprint=None)
+            captured = len(calls)
+            for seed in range(3):
+                entry(cache, _ids(1, 1, 42 + seed))
+    finally:
+        handle.remove()
+    assert captured == 2 and len(calls) == 2 and entry.replays == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -28,8 +28,10 @@ How it stays correct:
   the cache's token count are saved before and put back after; each replay advances the count by one, as the
   backbone's forward would.
 
-The capture is a strategy (`CudaGraphCapture` on CUDA); `EagerReplay` runs the same static-buffer path without a
-graph, on any device, which is how the CPU tests check the bookkeeping token for token against plain generate().
+The capture is a strategy (`CudaGraphCapture` on CUDA). `TracedReplay` records the step's tensor operations
+(`make_fx`) and replays that tape on the captured tensors, without the model's Python, on any device: the CPU
+tests use it to check token for token that a replay computes what plain generate() does. `EagerReplay` runs the
+step function again on the same static buffers (it does run the model's Python).
 """
 
 from __future__ import annotations
@@ -93,9 +95,10 @@ class CudaGraphCapture:
 
 class EagerReplay:
     """No graph: `replay()` runs the step function again on the same static buffers and copies its result into the
-    static output. For CPU tests and debugging (set `model.decode_capture = EagerReplay()`): everything but the
-    graph itself (static inputs, the state saved and restored around capture, rebinding replaced state tensors,
-    the token count) runs as it does on CUDA."""
+    static output. For debugging (set `model.decode_capture = EagerReplay()`): the bookkeeping (static inputs,
+    the state saved and restored around capture, rebinding replaced state tensors, the token count) runs as on
+    CUDA, but unlike a graph each replay runs the model's Python and reads the cache's current tensors; see
+    `TracedReplay` for a replay that behaves like a graph."""
 
     warmup_steps = 1
 
@@ -107,6 +110,32 @@ class EagerReplay:
                 ) -> tuple[Callable[[], object], torch.Tensor]:
         output = step()
         return lambda: output.copy_(step()), output
+
+
+class TracedReplay:
+    """No graph, but replayed like one: capture records the step's tensor operations once (`make_fx`: an op tape
+    holding the very tensors the step read and wrote) and `replay()` runs that tape, without the model's Python
+    (no module code, hooks or flags run again), on the tensors captured. On any device; what CPU tests use to see
+    what a CUDA graph would compute."""
+
+    def warm_up(self, step: Callable[[], torch.Tensor], device: torch.device) -> None:
+        step()
+
+    def capture(self, step: Callable[[], torch.Tensor], device: torch.device
+                ) -> tuple[Callable[[], object], torch.Tensor]:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        tape = make_fx(step)()
+        # the tape refers to the step's tensors as objects (parameters, the state); a graph refers to their memory.
+        # Aliases of the memory they had at capture (same storage, same version counter) make the tape read what
+        # a graph would after `param.data = new` or a state tensor replaced in the cache.
+        for node in tape.graph.nodes:
+            if node.op == "get_attr":
+                value = getattr(tape, node.target)
+                delattr(tape, node.target)
+                setattr(tape, node.target, value.detach())
+        output = tape()
+        return lambda: output.copy_(tape()), output
 
 
 def graphs_disabled_by_env() -> bool:
@@ -316,4 +345,4 @@ class GraphedDecodeStep:
 
 
 __all__ = ["CaptureStrategy", "CapturedDecodeStep", "CudaGraphCapture", "DISABLE_ENV", "EagerReplay",
-           "GraphedDecodeStep", "decode_capture_for", "graphs_disabled_by_env"]
+           "GraphedDecodeStep", "TracedReplay", "decode_capture_for", "graphs_disabled_by_env"]
