@@ -531,18 +531,21 @@ def test_cuda_graphed_generate_equals_eager_generate(preset):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_capture_in_one_thread_leaves_other_threads_decoding():
-    """A capture in one thread must not break CUDA work another thread does meanwhile (a server answering two
-    requests): graphs are captured in thread-local mode, so only the capturing thread is restricted."""
+    """A capture in one thread must not break CUDA work another thread does meanwhile (a server answering several
+    requests): graphs are captured in thread-local mode, one capture at a time. Two threads decode with graphs
+    (each call captures anew on a fresh cache) while two decode eagerly; every call gives the eager tokens and
+    every graphed call replays all its steps (a capture broken by another thread would have fallen back)."""
     models = [_model("mamba-tiny").cuda(), _model("mamba2-tiny").cuda()]
     ids = _ids(2, 8, 46).cuda()
     expected = [m.generate(ids, max_new_tokens=16, do_sample=False, disable_compile=True) for m in models]
-    errors, results = [], {}
+    errors, results = [], []
 
     def run(index: int, graphed: bool):
         try:
-            for attempt in range(6):    # each call captures anew on a fresh cache
-                out = models[index].generate(ids, max_new_tokens=16, do_sample=False, disable_compile=not graphed)
-                results.setdefault((index, graphed), []).append(out)
+            for _ in range(6):
+                out = models[index].generate(ids, max_new_tokens=16, do_sample=False, disable_compile=not graphed,
+                                             return_dict_in_generate=True)
+                results.append((index, graphed, out))
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(repr(err))
 
@@ -551,6 +554,7 @@ def test_cuda_capture_in_one_thread_leaves_other_threads_decoding():
         thread.start()
     for thread in threads:
         thread.join()
-    assert errors == []
-    for (index, _), outs in results.items():
-        assert all(torch.equal(out, expected[index]) for out in outs)
+    assert errors == [] and len(results) == 24
+    for index, graphed, out in results:
+        assert torch.equal(out.sequences, expected[index])
+        assert _replays(out) == ([15] if graphed else [])

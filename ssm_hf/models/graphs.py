@@ -48,6 +48,7 @@ step function again on the same static buffers (it does run the model's Python).
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Protocol
@@ -80,13 +81,18 @@ class CaptureStrategy(Protocol):
         """(replay, output): calling `replay()` runs the step again and leaves its result in `output`."""
 
 
+_CAPTURE_LOCK = threading.Lock()
+
+
 class CudaGraphCapture:
     """Capture into a `torch.cuda.CUDAGraph`, after `warmup_steps` eager steps on a side stream (the warm-up
     compiles the Triton kernels and initialises cuBLAS outside the capture, as graph capture requires).
 
     The capture mode is "thread_local": only this thread is barred from calls that are unsafe while capturing
     (a synchronisation, a cudaMalloc); with PyTorch's default ("global"), another thread's eager generate() on the
-    same GPU would fail, or invalidate the capture, whenever it synchronises during one."""
+    same GPU would fail, or invalidate the capture, whenever it synchronises during one. Captures themselves take
+    a process-wide lock: `torch.cuda.graph` synchronises the device on entry, which must not happen while another
+    thread is capturing."""
 
     def __init__(self, warmup_steps: int = 2):
         self.warmup_steps = warmup_steps
@@ -102,7 +108,7 @@ class CudaGraphCapture:
 
     def capture(self, step: Callable[[], torch.Tensor], device: torch.device
                 ) -> tuple[Callable[[], object], torch.Tensor]:
-        with torch.cuda.device(device):
+        with _CAPTURE_LOCK, torch.cuda.device(device):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 output = step()
