@@ -1,12 +1,15 @@
 """Graphed decoding in generate() (ssm_hf.models.graphs).
 
-On CPU the capture strategy is `EagerReplay`: the same static buffers, state save/restore around capture, rebinding
-of replaced state tensors and token counting as on CUDA, with the step function run instead of a graph; every
-result is compared token for token with plain generate(). The last test runs real CUDA graphs when a GPU is there.
+On CPU the capture strategy is `TracedReplay`: the step's tensor operations are recorded once (an op tape holding the
+tensors it read and wrote, as a CUDA graph holds their addresses) and replayed without the model's Python, so a
+replay computes what a graph would: the captured weights, state tensors, hooks and flags as they were at capture.
+Every result is compared token for token with plain generate(). The CUDA tests run real graphs when a GPU is there.
 """
 
+import contextlib
 import copy
 import gc
+import threading
 import weakref
 
 import pytest
@@ -21,6 +24,7 @@ from ssm_hf.models.graphs import (
     CapturedDecodeStep,
     EagerReplay,
     GraphedDecodeStep,
+    TracedReplay,
     decode_capture_for,
 )
 from ssm_hf.models.state import layer_tensors
@@ -42,13 +46,14 @@ def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(1, 512, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _generate(model, graphed: bool, seed: int | None = None, **kwargs):
-    """generate() with the dict output, plainly or through the graphed decoding path (EagerReplay)."""
-    model.decode_capture = EagerReplay() if graphed else None
+def _generate(model, graphed: bool, seed: int | None = None, caller=None, **kwargs):
+    """generate() with the dict output, plainly or through the graphed decoding path (TracedReplay); `caller`:
+    a wrapper of `model` (e.g. a PEFT model) to call generate() on instead."""
+    model.decode_capture = TracedReplay() if graphed else None
     try:
         if seed is not None:
             torch.manual_seed(seed)
-        return model.generate(return_dict_in_generate=True, **kwargs)
+        return (model if caller is None else caller).generate(return_dict_in_generate=True, **kwargs)
     finally:
         model.decode_capture = None
 
@@ -119,7 +124,7 @@ def test_replays_follow_beam_reorders_in_place_and_replaced_state_tensors(preset
     with torch.no_grad():
         graphed_cache = model(ids, use_cache=True).cache_params
         eager_cache = copy.deepcopy(graphed_cache)
-        step = GraphedDecodeStep(model, EagerReplay())
+        step = GraphedDecodeStep(model, TracedReplay())
         token = _ids(4, 1, 6)
         for i in range(6):
             out = step(input_ids=token, past_key_values=graphed_cache, use_cache=True, return_dict=True,
@@ -149,7 +154,7 @@ def test_hybrids_disable_compile_the_environment_and_cpu_keep_the_eager_call(mon
     ids = _ids(2, 5, 8)
     for preset, layers in (("hybrid-tiny", None), ("hybrid-tiny", ["mamba", "mamba2", "mamba", "mamba"])):
         hybrid = tiny_lm(preset, **({"layers_block_type": layers} if layers else {}))
-        hybrid.decode_capture = EagerReplay()
+        hybrid.decode_capture = TracedReplay()
         out = hybrid.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
         assert out.past_key_values.is_compileable == (layers is not None)   # attention layers grow a KV cache
         assert out.past_key_values.decode_graphs == {}
@@ -157,7 +162,7 @@ def test_hybrids_disable_compile_the_environment_and_cpu_keep_the_eager_call(mon
     model = _model("mamba-tiny")
     assert _replays(_generate(model, True, input_ids=ids, max_new_tokens=4, disable_compile=True)) == []
     assert model.get_compiled_call(None) == model.__call__       # on CPU without a strategy: eager
-    model.decode_capture = EagerReplay()
+    model.decode_capture = TracedReplay()
     assert isinstance(model.get_compiled_call(None), GraphedDecodeStep)
     model.train()
     assert decode_capture_for(model) is None                    # dropout would be frozen into a graph
@@ -277,6 +282,234 @@ def test_state_cache_row_selection_keeps_addresses_when_the_shape_stays():
                                                                             expected[1:2])
 
 
+def test_traced_replay_runs_no_python_like_a_graph():
+    """The CPU stand-in for a graph must not run the model's Python on replay, or the tests below could not see
+    what a graph skips: a forward hook runs for the warm-up and the recording only, not for the replays."""
+    model = _model("mamba-tiny")
+    calls = []
+    handle = model.backbone.norm_f.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            cache = model(_ids(1, 4, 40), use_cache=True).cache_params
+            calls.clear()
+            entry = CapturedDecodeStep(model, cache, _ids(1, 1, 41), TracedReplay(), fingerprint=None)
+            captured = len(calls)
+            for seed in range(3):
+                entry(cache, _ids(1, 1, 42 + seed))
+    finally:
+        handle.remove()
+    assert captured == 2 and len(calls) == 2 and entry.replays == 3
+
+
+def test_stored_logits_and_scores_are_copies_of_the_replayed_output(model):
+    """generate() keeps every step's logits (output_logits) and processed scores (output_scores): each must be
+    its own tensor, equal to plain generate's, and none the graph's output buffer, which the next replay
+    overwrites."""
+    kwargs = dict(input_ids=_ids(2, 5, 21), max_new_tokens=7, do_sample=False, output_logits=True,
+                  output_scores=True, repetition_penalty=1.3)
+    plain = _generate(model, False, **kwargs)
+    graphed = _generate(model, True, **kwargs)
+    assert _replays(graphed) == [6] and torch.equal(graphed.sequences, plain.sequences)
+    for name in ("logits", "scores"):
+        got, expected = getattr(graphed, name), getattr(plain, name)
+        assert len(got) == 7 and all(torch.equal(a, b) for a, b in zip(got, expected)), name
+    (entry,) = graphed.past_key_values.decode_graphs.values()
+    pointers = {t.data_ptr() for t in (*graphed.logits, *graphed.scores)}
+    assert len(pointers) == 14 and entry.logits.data_ptr() not in pointers
+
+
+def test_rows_finishing_at_eos_in_a_padded_batch_match_plain_generate():
+    """A row that reaches EOS is fed padding from then on (its state still advances): the graphed steps must keep
+    doing what plain generate does, for the finished rows and the others."""
+    model = _model("mamba2-tiny")
+    ids, mask = _ids(3, 8, 22), torch.ones(3, 8, dtype=torch.long)
+    ids[1, :3], mask[1, :3] = 0, 0
+    free = _generate(model, False, input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    eos = int(free.sequences[0, 8 + 2])         # row 0 emits it at its third new token
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos)
+    plain, graphed = _generate(model, False, **kwargs), _generate(model, True, **kwargs)
+    assert torch.equal(graphed.sequences, plain.sequences)
+    assert (plain.sequences[0, 8 + 3:] == model.config.pad_token_id).all()   # row 0 did finish early
+    assert (plain.sequences[1:, 8:] != model.config.pad_token_id).any() and _replays(graphed) != []
+
+
+def test_one_or_two_new_tokens():
+    """max_new_tokens=1 is the prefill alone (nothing to capture); 2 captures and replays once."""
+    model = _model("mamba-tiny")
+    for new, replays in ((1, []), (2, [1])):
+        kwargs = dict(input_ids=_ids(2, 5, 47), max_new_tokens=new, do_sample=False)
+        plain, graphed = _generate(model, False, **kwargs), _generate(model, True, **kwargs)
+        assert torch.equal(graphed.sequences, plain.sequences) and graphed.sequences.shape == (2, 5 + new)
+        assert _replays(graphed) == replays
+
+
+def test_a_dtype_round_trip_between_calls_on_a_kept_cache():
+    """A cache of the float32 model, kept while the model goes to bfloat16 (and decodes there, with its own
+    graphs) and back: its graph is captured again for the new weights, and the tokens stay those of plain
+    generate. A cache of one dtype is refused by the other in both paths."""
+    model = _model("s4d-tiny")
+
+    def to_bfloat16_and_back():
+        model.to(torch.bfloat16)
+        kwargs = dict(input_ids=_ids(1, 5, 48), max_new_tokens=4, do_sample=False)
+        assert torch.equal(_generate(model, True, **kwargs).sequences, _generate(model, False, **kwargs).sequences)
+        model.to(torch.float32)
+
+    plain, graphed, cache = _continue_twice(model, dict(max_new_tokens=4), dict(max_new_tokens=6),
+                                            between=to_bfloat16_and_back)
+    assert torch.equal(graphed.sequences, plain.sequences)
+    assert sorted(e.replays for e in cache.decode_graphs.values()) == [5]
+    model.to(torch.bfloat16)
+    for graphed in (False, True):
+        with pytest.raises(ValueError, match="float32 model"):
+            _generate(model, graphed, input_ids=plain.sequences, past_key_values=cache,
+                      max_new_tokens=2, do_sample=False)
+
+
+def _continue_twice(model, first: dict, second: dict, between=None, caller=None, first_context=contextlib.nullcontext):
+    """Prefill a cache, then two seeded generate() calls (greedy unless told) that continue it, the second from
+    the first's output, plainly and graphed on separate copies of the cache; `between()` runs between the calls,
+    the first call runs inside `first_context()`. `caller` is what generate() is called on (a wrapper of `model`,
+    which gets the capture strategy). Returns the plain and graphed outputs of the second call and the graphed
+    cache."""
+    ids = _ids(2, 6, 30)
+    with torch.no_grad():
+        graphed_cache = (model if caller is None else caller)(input_ids=ids, use_cache=True).cache_params
+    plain_cache = copy.deepcopy(graphed_cache)
+    outputs = {}
+    for index, kwargs in enumerate((first, second)):
+        if index == 1 and between is not None:
+            between()
+        for graphed, cache in ((False, plain_cache), (True, graphed_cache)):
+            start = outputs[graphed].sequences if index else torch.cat([ids, _ids(2, 1, 31)], 1)
+            with first_context() if index == 0 else contextlib.nullcontext():
+                outputs[graphed] = _generate(model, graphed, seed=32 + index, caller=caller, input_ids=start,
+                                             past_key_values=cache, **({"do_sample": False} | kwargs))
+        if index == 0:
+            assert torch.equal(outputs[True].sequences, outputs[False].sequences) and _replays(outputs[True])
+    return outputs[False], outputs[True], graphed_cache
+
+
+def test_a_graph_captured_in_inference_mode_is_not_replayed_outside_it():
+    """Buffers made under inference_mode are inference tensors, which cannot be written outside it: a cache
+    continued first under inference_mode, then normally, must decode in both (as it does eagerly)."""
+    plain, graphed, cache = _continue_twice(_model("mamba-tiny"), dict(max_new_tokens=4), dict(max_new_tokens=4),
+                                            first_context=torch.inference_mode)
+    assert torch.equal(graphed.sequences, plain.sequences)
+    assert sorted(e.replays for e in cache.decode_graphs.values()) == [3, 3]   # one graph per mode
+
+
+def test_a_graph_captured_under_autocast_is_not_replayed_without_it():
+    """A capture freezes the precision autocast chose: a cache continued under autocast and then without it must
+    get full-precision steps in the second call (one graph per autocast setting)."""
+    plain, graphed, cache = _continue_twice(
+        _model("mamba2-tiny"), dict(max_new_tokens=5), dict(max_new_tokens=5, output_logits=True),
+        first_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert all(torch.equal(a, b) for a, b in zip(graphed.logits, plain.logits))
+    assert sorted(e.replays for e in cache.decode_graphs.values()) == [4, 4]
+
+
+def test_forward_hooks_keep_decoding_eager():
+    """A graph replays no Python, so a hook would silently stop running after the capture: a recording hook
+    must see every step, and a hook registered after a cache's capture must act on its next call."""
+    model = _model("mamba-tiny")
+    calls = {False: [], True: []}
+    for graphed in (False, True):
+        handle = model.backbone.layers[1].register_forward_hook(lambda *args, g=graphed: calls[g].append(1))
+        try:
+            out = _generate(model, graphed, input_ids=_ids(2, 5, 36), max_new_tokens=6, do_sample=False)
+        finally:
+            handle.remove()
+    assert len(calls[True]) == len(calls[False]) == 6 and _replays(out) == []
+    hooks = []
+    plain, graphed, cache = _continue_twice(
+        model, dict(max_new_tokens=4), dict(max_new_tokens=6),
+        between=lambda: hooks.append(model.backbone.layers[1].register_forward_hook(lambda m, a, out: out * -3)))
+    hooks[0].remove()
+    assert torch.equal(graphed.sequences, plain.sequences)
+    assert not torch.equal(plain.sequences[:, -5:], _continue_twice(model, dict(max_new_tokens=4),
+                                                                    dict(max_new_tokens=6))[0].sequences[:, -5:])
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)   # global hooks too
+    try:
+        assert decode_capture_for(model) is None
+    finally:
+        handle.remove()
+
+
+def test_a_submodule_in_training_mode_keeps_decoding_eager():
+    """Dropout and other training-mode behaviour would be frozen into a graph: any module in training mode, not
+    only the top one, keeps the decoding eager."""
+    model = _model("s4d-tiny")
+    model.decode_capture = TracedReplay()
+    try:
+        assert decode_capture_for(model) is not None
+        model.backbone.layers[0].train()
+        assert decode_capture_for(model) is None
+    finally:
+        model.decode_capture = None
+        model.eval()
+
+
+def test_switching_a_peft_adapter_off_between_calls_is_seen():
+    """A LoRA adapter switched off (PEFT's disable_adapter, a flag on its layers) changes no weight; a cache's
+    graph captured with the adapter on must not be replayed once it is off."""
+    peft = pytest.importorskip("peft")
+    base = _model("mamba-tiny")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["out_proj"], init_lora_weights=False))
+    lora.eval()
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(generator=torch.Generator().manual_seed(37))
+    plain, graphed, cache = _continue_twice(base, dict(max_new_tokens=4), dict(max_new_tokens=6), caller=lora,
+                                            between=lambda: lora.base_model.disable_adapter_layers())
+    lora.base_model.enable_adapter_layers()
+    assert torch.equal(graphed.sequences, plain.sequences)
+    assert sorted(e.replays for e in cache.decode_graphs.values()) == [5]    # captured again after the switch
+
+
+def test_weights_replaced_at_reused_addresses_are_recaptured(monkeypatch):
+    """The allocator hands freed memory out again, so new weights may sit at the old weights' addresses; a
+    graph's weights are told apart by their storage, not by their address (simulated: every address reads 0)."""
+    model = _model("mamba2-tiny")
+
+    def replace_weights():
+        generator = torch.Generator().manual_seed(38)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data + 0.3 * torch.randn(param.shape, generator=generator)
+
+    monkeypatch.setattr(torch.Tensor, "data_ptr", lambda self: 0)
+    plain, graphed, cache = _continue_twice(model, dict(max_new_tokens=4), dict(max_new_tokens=6),
+                                            between=replace_weights)
+    assert torch.equal(graphed.sequences, plain.sequences)
+    assert sorted(e.replays for e in cache.decode_graphs.values()) == [5]
+
+
+def test_a_returned_cache_does_not_keep_the_model_alive():
+    """Users keep returned caches (to continue a chat); the captured steps on them must not pin the model and its
+    weights once the model is dropped."""
+    model = _model("mamba-tiny")
+    out = _generate(model, True, input_ids=_ids(1, 5, 39), max_new_tokens=3, do_sample=False)
+    (entry,) = out.past_key_values.decode_graphs.values()
+    assert entry.model is model
+    ref = weakref.ref(model)
+    del model, entry
+    gc.collect()
+    assert ref() is None and len(out.past_key_values.decode_graphs) == 1
+
+
+def test_captures_for_a_batch_the_cache_no_longer_has_are_dropped():
+    """num_return_sequences repeats a given cache's rows into new state tensors: the step captured for the old
+    batch (holding the old tensors and its graph memory) goes when the new one is captured."""
+    model = _model("mamba-tiny")
+    plain, graphed, cache = _continue_twice(
+        model, dict(max_new_tokens=4), dict(max_new_tokens=5, num_return_sequences=3, do_sample=True))
+    assert torch.equal(graphed.sequences, plain.sequences) and graphed.sequences.shape[0] == 6
+    (entry,) = cache.decode_graphs.values()
+    assert entry.input_ids.shape[0] == 6 and entry.replays == 4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("preset", ["mamba-tiny", "mamba2-tiny", "s4d-tiny"])
 def test_cuda_graphed_generate_equals_eager_generate(preset):
@@ -294,3 +527,34 @@ def test_cuda_graphed_generate_equals_eager_generate(preset):
         assert _replays(graphed) == [23] and _replays(eager) == []
         (entry,) = graphed.past_key_values.decode_graphs.values()
         assert isinstance(entry.replay.__self__, torch.cuda.CUDAGraph)   # a real graph was replayed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_capture_in_one_thread_leaves_other_threads_decoding():
+    """A capture in one thread must not break CUDA work another thread does meanwhile (a server answering several
+    requests): graphs are captured in thread-local mode, one capture at a time. Two threads decode with graphs
+    (each call captures anew on a fresh cache) while two decode eagerly; every call gives the eager tokens and
+    every graphed call replays all its steps (a capture broken by another thread would have fallen back)."""
+    models = [_model("mamba-tiny").cuda(), _model("mamba2-tiny").cuda()]
+    ids = _ids(2, 8, 46).cuda()
+    expected = [m.generate(ids, max_new_tokens=16, do_sample=False, disable_compile=True) for m in models]
+    errors, results = [], []
+
+    def run(index: int, graphed: bool):
+        try:
+            for _ in range(6):
+                out = models[index].generate(ids, max_new_tokens=16, do_sample=False, disable_compile=not graphed,
+                                             return_dict_in_generate=True)
+                results.append((index, graphed, out))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=run, args=(i, g)) for i in range(2) for g in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(results) == 24
+    for index, graphed, out in results:
+        assert torch.equal(out.sequences, expected[index])
+        assert _replays(out) == ([15] if graphed else [])

@@ -10,35 +10,51 @@ decoding steps through `model.get_compiled_call(...)` (the prefill stays eager).
 that call with a `GraphedDecodeStep` instead of `torch.compile`. Turned off by `generate(..., disable_compile=True)`
 (transformers' own switch) or the environment variable `SSM_HF_NO_CUDA_GRAPHS=1`.
 
-How it stays correct:
+How it stays correct. A graph is a recording of kernels on fixed addresses: a replay runs no Python (no module
+code, hooks or flags), reads the weights and state at the addresses they had at capture, and redoes whatever
+precision and mode choices were made then. So:
 
-- the graph reads and writes the cache's state tensors at the addresses they had when it was captured; the
-  decoding step updates them in place (`layers.conv.decoding_state`, the conv update, `update_recurrent_state`),
-  and `StateCache`'s batch reorders copy into them. Before each replay the step checks that the cache still holds
-  those tensors; one that was replaced (same shape) is copied into the captured tensor, which goes back in its
-  place. A cache's graphs are stored on it (`StateCache.decode_graphs`), keyed by (model, batch size, dtype,
-  device), and hold the model and the state tensors alive: they go when the cache goes.
+- the state: the graph reads and writes the cache's state tensors at the addresses they had when it was
+  captured; the decoding step updates them in place (`layers.conv.decoding_state`, the conv update,
+  `update_recurrent_state`), and `StateCache`'s batch reorders copy into them. Before each replay the step
+  checks that the cache still holds those tensors; one that was replaced (same shape) is copied into the captured
+  tensor, which goes back in its place. Capture runs the step on the real state (warm-up, then the capture
+  itself), so the state and the cache's token count are saved before and put back after; each replay advances
+  the count by one, as the backbone's forward would.
+- what is stored where: a cache's captured steps live on it (`StateCache.decode_graphs`) and go with it. They are
+  keyed by (model, batch size, dtype, device, `capture_context()`: inference mode, autocast, matmul precision),
+  hold the model only weakly (a kept cache does not keep the model's weights alive), and a capture for a new key
+  drops the steps whose state tensors the cache no longer holds (another batch size) or whose model is gone.
+- reusing a stored step (a cache continued by a later generate() call) requires the model to be unchanged where a
+  replay cannot see it (`ModelFingerprint`): the same weight storages (not just addresses, which the allocator
+  hands out again) and versions, and the same module types and plain settings (a PEFT adapter switched off, a
+  dropout rate); otherwise it is captured again.
 - only plain decoding steps are replayed: `input_ids` of shape (batch, 1), no attention mask (our models'
   `prepare_inputs_for_generation` passes none once the prompt is in the state: the new token is real, also in a
   left-padded batch, and the mixers only read the mask's last `seqlen` columns), a cache that already holds a
   state for every layer, no autograd, eval mode. Anything else (prefill chunks, hidden states requested, a mask)
-  runs the model eagerly, as does every hybrid with attention layers (its KV cache grows) and any model not on
-  CUDA.
-- capture runs the step on the real state (warm-up on a side stream, then the capture itself), so the state and
-  the cache's token count are saved before and put back after; each replay advances the count by one, as the
-  backbone's forward would.
+  runs the model eagerly, as does every hybrid with attention layers (its KV cache grows), any model not on
+  CUDA, and a model whose forward must run its Python at every step (`python_per_step`: forward hooks, which a
+  replay would skip, or a submodule in training mode).
+- the logits a replay returns are the graph's output buffer, overwritten by the next replay; transformers copies
+  the last position at once (`_sample`), as it must for torch.compile's CUDA graphs too.
 
-The capture is a strategy (`CudaGraphCapture` on CUDA); `EagerReplay` runs the same static-buffer path without a
-graph, on any device, which is how the CPU tests check the bookkeeping token for token against plain generate().
+The capture is a strategy (`CudaGraphCapture` on CUDA). `TracedReplay` records the step's tensor operations
+(`make_fx`) and replays that tape on the captured tensors, without the model's Python, on any device: the CPU
+tests use it to check token for token that a replay computes what plain generate() does. `EagerReplay` runs the
+step function again on the same static buffers (it does run the model's Python).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from transformers.utils import logging
 
 from .outputs import SSMCausalLMOutput
@@ -65,9 +81,18 @@ class CaptureStrategy(Protocol):
         """(replay, output): calling `replay()` runs the step again and leaves its result in `output`."""
 
 
+_CAPTURE_LOCK = threading.Lock()
+
+
 class CudaGraphCapture:
     """Capture into a `torch.cuda.CUDAGraph`, after `warmup_steps` eager steps on a side stream (the warm-up
-    compiles the Triton kernels and initialises cuBLAS outside the capture, as graph capture requires)."""
+    compiles the Triton kernels and initialises cuBLAS outside the capture, as graph capture requires).
+
+    The capture mode is "thread_local": only this thread is barred from calls that are unsafe while capturing
+    (a synchronisation, a cudaMalloc); with PyTorch's default ("global"), another thread's eager generate() on the
+    same GPU would fail, or invalidate the capture, whenever it synchronises during one. Captures themselves take
+    a process-wide lock: `torch.cuda.graph` synchronises the device on entry, which must not happen while another
+    thread is capturing."""
 
     def __init__(self, warmup_steps: int = 2):
         self.warmup_steps = warmup_steps
@@ -83,9 +108,9 @@ class CudaGraphCapture:
 
     def capture(self, step: Callable[[], torch.Tensor], device: torch.device
                 ) -> tuple[Callable[[], object], torch.Tensor]:
-        with torch.cuda.device(device):
+        with _CAPTURE_LOCK, torch.cuda.device(device):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 output = step()
         # graph.replay holds the graph (and its memory pool, where `output` lives), not the step's closure
         return graph.replay, output
@@ -93,9 +118,10 @@ class CudaGraphCapture:
 
 class EagerReplay:
     """No graph: `replay()` runs the step function again on the same static buffers and copies its result into the
-    static output. For CPU tests and debugging (set `model.decode_capture = EagerReplay()`): everything but the
-    graph itself (static inputs, the state saved and restored around capture, rebinding replaced state tensors,
-    the token count) runs as it does on CUDA."""
+    static output. For debugging (set `model.decode_capture = EagerReplay()`): the bookkeeping (static inputs,
+    the state saved and restored around capture, rebinding replaced state tensors, the token count) runs as on
+    CUDA, but unlike a graph each replay runs the model's Python and reads the cache's current tensors; see
+    `TracedReplay` for a replay that behaves like a graph."""
 
     warmup_steps = 1
 
@@ -109,18 +135,67 @@ class EagerReplay:
         return lambda: output.copy_(step()), output
 
 
+class TracedReplay:
+    """No graph, but replayed like one: capture records the step's tensor operations once (`make_fx`: an op tape
+    holding the very tensors the step read and wrote) and `replay()` runs that tape, without the model's Python
+    (no module code, hooks or flags run again), on the tensors captured. On any device; what CPU tests use to see
+    what a CUDA graph would compute."""
+
+    def warm_up(self, step: Callable[[], torch.Tensor], device: torch.device) -> None:
+        step()
+
+    def capture(self, step: Callable[[], torch.Tensor], device: torch.device
+                ) -> tuple[Callable[[], object], torch.Tensor]:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        tape = make_fx(step)()
+        # the tape refers to the step's tensors as objects (parameters, the state); a graph refers to their memory.
+        # Aliases of the memory they had at capture (same storage, same version counter) make the tape read what
+        # a graph would after `param.data = new` or a state tensor replaced in the cache.
+        for node in tape.graph.nodes:
+            if node.op == "get_attr":
+                value = getattr(tape, node.target)
+                delattr(tape, node.target)
+                setattr(tape, node.target, value.detach())
+        output = tape()
+        return lambda: output.copy_(tape()), output
+
+
 def graphs_disabled_by_env() -> bool:
     """Whether `SSM_HF_NO_CUDA_GRAPHS` is set to something other than "" or "0" (read at each generate call)."""
     return os.environ.get(DISABLE_ENV, "") not in ("", "0")
+
+
+def python_per_step(model: torch.nn.Module) -> str | None:
+    """Why `model`'s forward must run its Python at every decoding step, which a graph replay does not, or None.
+
+    Forward hooks and pre-hooks (the module's, global ones, accelerate's `_hf_hook` wrappers) would run for the
+    capture only: a hook recording activations would miss the replayed steps, and one added later would be
+    ignored. A module left in training mode (not only the top one) keeps it eager too: its dropout and other
+    training behaviour are for eager steps, not for a replay of what the capture did."""
+    module_hooks = torch.nn.modules.module
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return "global forward hooks are registered"
+    for name, module in model.named_modules():
+        if module.training:
+            return f"module {name or type(module).__name__!r} is in training mode"
+        if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+            return f"module {name or type(module).__name__!r} has forward hooks"
+    return None
 
 
 def decode_capture_for(model: torch.nn.Module) -> CaptureStrategy | None:
     """The capture strategy for `model`'s decoding steps in generate(), or None to keep its eager call.
 
     None for models that do not support it (hybrids: `_supports_graphed_decoding`), with SSM_HF_NO_CUDA_GRAPHS
-    set, in training mode, and, unless a strategy was set on the model (`model.decode_capture`), off CUDA or with
-    the model spread over several devices (`device_map`)."""
-    if not getattr(model, "_supports_graphed_decoding", False) or graphs_disabled_by_env() or model.training:
+    set, when the forward must run its Python at every step (`python_per_step`: hooks, training mode), and,
+    unless a strategy was set on the model (`model.decode_capture`), off CUDA or with the model spread over
+    several devices (`device_map`)."""
+    if not getattr(model, "_supports_graphed_decoding", False) or graphs_disabled_by_env():
+        return None
+    reason = python_per_step(model)
+    if reason is not None:
+        logger.info_once(f"Decoding steps run eagerly, not from a CUDA graph: {reason}.")
         return None
     chosen = getattr(model, "decode_capture", None)
     if chosen is not None:
@@ -131,12 +206,85 @@ def decode_capture_for(model: torch.nn.Module) -> CaptureStrategy | None:
     return CudaGraphCapture()
 
 
-def _fingerprint(model: torch.nn.Module) -> tuple:
-    """What a graph baked in besides the state: the weights' storage and versions (values derived from them and
-    kept between calls, such as S4's discretised step, are recomputed after an in-place update, into new tensors),
-    and the kernels' path switch."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return (tuple((t.data_ptr(), t._version) for t in tensors), os.environ.get("SSM_HF_FORCE_REFERENCE", ""))
+def capture_context(device: torch.device) -> tuple:
+    """The global settings a capture freezes into the graph beside the model, part of a captured step's key:
+    inference mode (buffers made in it are inference tensors, which cannot be written outside it), autocast (the
+    dtype of each op) and the float32 matmul precision (the kernels cuBLAS picks)."""
+    autocast = tuple((kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                     for kind in sorted({device.type, "cpu"}))
+    matmul = torch.backends.cuda.matmul
+    precision = (torch.get_float32_matmul_precision(), getattr(matmul, "fp32_precision", None),
+                 matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction)
+    return torch.is_inference_mode_enabled(), autocast, precision
+
+
+_NOT_PLAIN = object()
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, torch.dtype, torch.device)
+
+
+def _plain(value: object, depth: int = 0) -> object:
+    """`value` as an immutable, comparable copy if it is a plain setting (a number, string, flag, or a small
+    container of those), else `_NOT_PLAIN` (tensors, modules, configs: their changes are seen elsewhere)."""
+    if isinstance(value, _PLAIN_TYPES):
+        return value
+    if depth >= 2:
+        return _NOT_PLAIN
+    if isinstance(value, (tuple, list)):
+        items = tuple(_plain(item, depth + 1) for item in value)
+    elif isinstance(value, (set, frozenset)):
+        items = tuple(sorted((_plain(item, depth + 1) for item in value), key=repr))
+    elif isinstance(value, dict):
+        items = tuple((_plain(k, depth + 1), _plain(v, depth + 1)) for k, v in value.items())
+        return _NOT_PLAIN if any(_NOT_PLAIN in pair for pair in items) else (dict, items)
+    else:
+        return _NOT_PLAIN
+    return _NOT_PLAIN if _NOT_PLAIN in items else (type(value), items)
+
+
+# torch.nn.Module's own bookkeeping (parameter, buffer, submodule and hook dicts): seen elsewhere, or no settings
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
+
+
+def _plain_settings(module: torch.nn.Module) -> tuple:
+    """The module's plain attributes (`_plain`), by name: what its forward's Python may branch on."""
+    found = []
+    for name, value in vars(module).items():
+        if name in _MODULE_INTERNALS:
+            continue
+        frozen = _plain(value)
+        if frozen is not _NOT_PLAIN:
+            found.append((name, frozen))
+    return tuple(found)
+
+
+class ModelFingerprint:
+    """What a captured step took from the model besides the state, to tell whether a stored step may be replayed
+    for the model as it is now (`matches`):
+
+    - every parameter and buffer: its storage, held by a weak reference (a replay reads that memory, and a new
+      storage may sit at a freed one's address, so addresses alone cannot tell), and its offset, shape, strides,
+      dtype and version (an in-place update also changes values the model derives from the weights and keeps
+      between calls, such as S4's discretised step, which the graph read at their old addresses);
+    - every module's name, type and plain settings (numbers, strings, flags, e.g. a PEFT adapter switched off):
+      the Python a replay skips branched on them;
+    - the kernels' path switch (SSM_HF_FORCE_REFERENCE)."""
+
+    def __init__(self, model: torch.nn.Module):
+        tensors = [*model.parameters(), *model.buffers()]
+        self._storages = [StorageWeakRef(t.untyped_storage()) for t in tensors]
+        self._layouts = tuple((t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+                              for t in tensors)
+        self._modules = tuple((name, type(module), _plain_settings(module))
+                              for name, module in model.named_modules())
+        self._env = os.environ.get("SSM_HF_FORCE_REFERENCE", "")
+
+    def matches(self, current: ModelFingerprint) -> bool:
+        """Whether a step captured when this fingerprint was taken is valid for a model fingerprinted `current`."""
+        if (self._layouts != current._layouts or self._modules != current._modules or self._env != current._env
+                or len(self._storages) != len(current._storages)):
+            return False
+        return all(not mine.expired() and mine.cdata == now.cdata
+                   for mine, now in zip(self._storages, current._storages))
 
 
 def _state_slots(cache: StateCache) -> list[tuple[int, str, int, torch.Tensor]] | None:
@@ -158,15 +306,20 @@ def _state_slots(cache: StateCache) -> list[tuple[int, str, int, torch.Tensor]] 
 
 
 class CapturedDecodeStep:
-    """One captured decoding step of `model` for one batch size on one cache: the static token buffer, the state
-    tensors the step reads and writes, the static logits, and `replay`. Counts its replays in `replays`."""
+    """One captured decoding step of `model` for one batch size on one cache: the static token buffer
+    `input_ids` (batch, 1), the state tensors the step reads and writes (`slots`), the static `logits`
+    (batch, 1, vocab), `replay`, and the model's `fingerprint` at capture. Counts its replays in `replays`.
+
+    The model is held weakly (`model` is None once it is gone): the cache the step lives on may be kept long after
+    the model, and must not keep its weights alive."""
 
     def __init__(self, model: torch.nn.Module, cache: StateCache, input_ids: torch.Tensor,
-                 capture: CaptureStrategy, fingerprint: tuple):
+                 capture: CaptureStrategy, fingerprint: ModelFingerprint | None):
         slots = _state_slots(cache)
         if slots is None:
             raise ValueError("The cache holds no state for some layer: nothing to capture a decoding step on.")
-        self.model, self.fingerprint, self.replays = model, fingerprint, 0
+        self._model = weakref.ref(model)
+        self.fingerprint, self.replays = fingerprint, 0
         self.input_ids = input_ids.clone()
         self.slots = slots
         device = input_ids.device
@@ -194,6 +347,15 @@ class CapturedDecodeStep:
         if replaced:
             raise RuntimeError(f"The decoding step replaced the cache's state tensors {replaced} instead of updating "
                                f"them in place: it cannot be replayed from a graph.")
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return self._model()
+
+    def holds_state_of(self, cache: StateCache) -> bool:
+        """Whether the cache holds exactly the captured state tensors (no copy needed before a replay)."""
+        return all(index < len(cache.layers) and getattr(cache.layers[index], attr).get(idx) is captured
+                   for index, attr, idx, captured in self.slots)
 
     def bind(self, cache: StateCache) -> bool:
         """Make the cache hold the captured state tensors again: a tensor replaced since (a reorder that changed
@@ -231,15 +393,18 @@ class GraphedDecodeStep:
     """What `get_compiled_call` returns for a pure SSM model: called like the model, it replays a captured
     decoding step for plain one-token steps (see the module docstring) and runs the model eagerly otherwise.
 
-    Made per generate() call (cheap: the graphs live on the cache). `eager_calls` counts the calls it passed on
-    to the model; the replays are counted on the captured steps (`cache.decode_graphs[...].replays`)."""
+    Made per generate() call (cheap: the graphs live on the cache), inside generate()'s grad, inference and
+    autocast modes, which it records (`capture_context`) for the keys of the steps it captures and replays.
+    `eager_calls` counts the calls it passed on to the model; the replays are counted on the captured steps
+    (`cache.decode_graphs[...].replays`)."""
 
     def __init__(self, model: torch.nn.Module, capture: CaptureStrategy):
         self.model, self.capture = model, capture
         self.device, self.dtype = model.device, model.dtype
+        self.context = capture_context(self.device)
         self.eager_calls = 0
-        self._fingerprint: tuple | None = None
-        self._checked: set = set()   # keys whose stored graph was checked against the weights in this call
+        self._fingerprint: ModelFingerprint | None = None
+        self._checked: set = set()   # keys whose stored graph was checked against the model in this call
         self._failed: set = set()    # keys whose capture failed in this call: eager from then on
 
     def __call__(self, **kwargs):
@@ -247,12 +412,13 @@ class GraphedDecodeStep:
         if cache is None:
             return self._eager(kwargs)
         input_ids = kwargs["input_ids"]
-        key = (id(self.model), input_ids.shape[0], self.dtype, self.device)
+        key = (id(self.model), input_ids.shape[0], self.dtype, self.device, self.context)
         if key in self._failed:
             return self._eager(kwargs)
         entry = cache.decode_graphs.get(key)
-        if entry is not None and key not in self._checked and entry.fingerprint != self.fingerprint():
-            entry = None   # the weights moved (e.g. reloaded) since this graph was captured
+        if entry is not None and key not in self._checked and (
+                entry.model is not self.model or not entry.fingerprint.matches(self.fingerprint())):
+            entry = None   # another model at a reused id, or this one changed since the capture
         self._checked.add(key)
         if entry is not None and not entry.bind(cache):
             entry = None
@@ -262,9 +428,10 @@ class GraphedDecodeStep:
                 return self._eager(kwargs)
         return entry(cache, input_ids)
 
-    def fingerprint(self) -> tuple:
+    def fingerprint(self) -> ModelFingerprint:
+        """The model's fingerprint, taken once per call (the model does not change during a generate())."""
         if self._fingerprint is None:
-            self._fingerprint = _fingerprint(self.model)
+            self._fingerprint = ModelFingerprint(self.model)
         return self._fingerprint
 
     def _eager(self, kwargs: dict):
@@ -283,6 +450,11 @@ class GraphedDecodeStep:
                            f"(set {DISABLE_ENV}=1 to skip the attempt): {err!r}")
             self._failed.add(key)
             return None
+        # the steps captured for state tensors the cache no longer holds (another batch size) or for a model that
+        # is gone hold those tensors and their graph's memory for nothing: drop them
+        for other_key, other in list(cache.decode_graphs.items()):
+            if other.model is None or not other.holds_state_of(cache):
+                del cache.decode_graphs[other_key]
         cache.decode_graphs[key] = entry
         return entry
 
@@ -316,4 +488,5 @@ class GraphedDecodeStep:
 
 
 __all__ = ["CaptureStrategy", "CapturedDecodeStep", "CudaGraphCapture", "DISABLE_ENV", "EagerReplay",
-           "GraphedDecodeStep", "decode_capture_for", "graphs_disabled_by_env"]
+           "GraphedDecodeStep", "ModelFingerprint", "TracedReplay", "capture_context", "decode_capture_for",
+           "graphs_disabled_by_env", "python_per_step"]

@@ -485,8 +485,8 @@ class StateGenerationMixin(GenerationMixin):
     # Which models may replay their decoding steps from graphs: the pure SSM causal LMs set it (a hybrid's attention
     # layers grow a KV cache, and its MoE routing is data-dependent).
     _supports_graphed_decoding = False
-    # A capture strategy from ssm_hf.models.graphs set on a model (e.g. `EagerReplay()`) runs the graphed path's
-    # static-buffer logic on any device, for tests and debugging; None: CUDA graphs, on CUDA only.
+    # A capture strategy from ssm_hf.models.graphs set on a model (e.g. `TracedReplay()`, which replays like a graph)
+    # runs the graphed path on any device, for tests and debugging; None: CUDA graphs, on CUDA only.
     decode_capture = None
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
