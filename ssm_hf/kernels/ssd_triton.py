@@ -300,7 +300,7 @@ def supports(d_state: int, head_dim: int = 64) -> bool:
     return d_state <= MAX_D_STATE and head_dim <= MAX_HEAD_DIM
 
 
-def _chunk(d_state: int, head_dim: int) -> int:
+def _chunk(head_dim: int) -> int:
     # the chunk kernels hold (chunk x head_dim) tiles whole; d_state they walk in blocks
     return CHUNK if head_dim <= 64 else min(CHUNK, 32)
 
@@ -318,6 +318,12 @@ def _states_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if STATES_16BIT and x.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def _state_walk_grid(batch: int, heads: int, head_dim: int, d_state: int) -> tuple[tuple[int, int, int], int, int]:
+    """Grid and (head_dim, d_state) tile of the two kernels that walk the chunks in order, one program per tile."""
+    block_p, block_n = _block(head_dim, STATE_TILE[0]), _block(d_state, STATE_TILE[1])
+    return (batch * heads, triton.cdiv(head_dim, block_p), triton.cdiv(d_state, block_n)), block_p, block_n
+
+
 def _forward_states(x, dt, A, B, seq_idx, h0, block_q):
     """All chunk-entry states (batch, chunks, heads, head_dim, d_state) and the final state."""
     batch, seqlen, heads, head_dim = x.shape
@@ -325,8 +331,7 @@ def _forward_states(x, dt, A, B, seq_idx, h0, block_q):
     n_chunks = triton.cdiv(seqlen, block_q)
     states = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=x.device, dtype=_states_dtype(x))
     final = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
-    block_p, block_n = _block(head_dim, STATE_TILE[0]), _block(d_state, STATE_TILE[1])
-    grid = (batch * heads, triton.cdiv(head_dim, block_p), triton.cdiv(d_state, block_n))
+    grid, block_p, block_n = _state_walk_grid(batch, heads, head_dim, d_state)
     _chunk_states_kernel[grid](
         x, dt, A, B, seq_idx if seq_idx is not None else dt, h0 if h0 is not None else final, states, final,
         seqlen, heads, head_dim, groups, d_state, n_chunks,
@@ -341,7 +346,7 @@ class _SSDScan(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx):
         batch, seqlen, heads, head_dim = x.shape
         groups, d_state = B.shape[-2:]
-        block_q = _chunk(d_state, head_dim)
+        block_q = _chunk(head_dim)
         x, dt, A, B, C = x.contiguous(), dt.float().contiguous(), A.float().contiguous(), B.contiguous(), \
             C.contiguous()
         h0 = initial_state.float().contiguous() if initial_state is not None else None
@@ -376,8 +381,7 @@ class _SSDScan(torch.autograd.Function):
             n_chunks = states.shape[1]
             dstates = torch.empty_like(states)
             dh0 = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
-            block_p, block_n = _block(head_dim, STATE_TILE[0]), _block(d_state, STATE_TILE[1])
-            grid = (batch * heads, triton.cdiv(head_dim, block_p), triton.cdiv(d_state, block_n))
+            grid, block_p, block_n = _state_walk_grid(batch, heads, head_dim, d_state)
             _chunk_state_grads_kernel[grid](
                 dy, dt, A, C, seq if seq is not None else dt, dfinal if dfinal is not None else dh0, dstates, dh0,
                 seqlen, heads, head_dim, groups, d_state, n_chunks,
@@ -431,11 +435,11 @@ def ssd_scan_triton(
         raise ValueError(f"B and C must have a number of groups that divides the {heads} heads; got B "
                          f"{tuple(B.shape)}, C {tuple(C.shape)}.")
     if supports(d_state, head_dim):  # the chunk kernels run one program per chunk on grid axis 1
-        check_grid_axis(triton.cdiv(x.shape[1], _chunk(d_state, head_dim)), f"An SSD scan of {x.shape[1]} tokens")
+        check_grid_axis(triton.cdiv(x.shape[1], _chunk(head_dim)), f"An SSD scan of {x.shape[1]} tokens")
     if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
         seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
-    if x.shape[1] == 0 or not supports(B.shape[-1], x.shape[-1]):
+    if x.shape[1] == 0 or not supports(d_state, head_dim):
         return ssd_scan_chunked(x, dt, A, B, C, chunk_size or CHUNK, D, initial_state=initial_state,
                                 return_final_state=return_final_state, seq_idx=seq_idx)
     y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_state, seq_idx)
