@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's ssm_hf, installed or not
 
 import transformers  # noqa: E402
+from llama_peer import llama_130m_config  # noqa: E402
 
 import ssm_hf  # noqa: E402
 
@@ -47,9 +48,7 @@ LLAMA = "llama-130m"
 def build(name: str):
     """One of our presets, or the Llama peer (anchors' 130M shape), bf16 on the GPU, random weights."""
     if name == LLAMA:
-        config = transformers.LlamaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=12,
-                                          num_attention_heads=12, num_key_value_heads=12, intermediate_size=3072,
-                                          max_position_embeddings=1 << 17, attn_implementation="sdpa")
+        config = llama_130m_config()
         model = transformers.LlamaForCausalLM(config)
     else:
         config = ssm_hf.preset_config(name)

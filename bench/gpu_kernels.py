@@ -37,6 +37,7 @@ import time
 import torch
 import transformers
 import triton
+from llama_peer import llama_130m_config
 from triton.testing import do_bench
 
 import ssm_hf
@@ -431,9 +432,7 @@ def ssd():
 def decode():
     """Greedy decoding speed and memory, bf16: 64 new tokens after a 16k-token prompt at batch 1, after a 1k-token
     prompt at batch 64, and peak memory for a 64k-token prompt (batch 1, 8 new tokens)."""
-    llama = transformers.LlamaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                     num_key_value_heads=12, intermediate_size=3072, max_position_embeddings=131072,
-                                     attn_implementation="sdpa")
+    llama = llama_130m_config()
     rows = {}
     # the Triton decode steps give the tokens of the PyTorch steps (float32, greedy)
     rows["triton_decode_equals_reference_tokens"] = greedy_matches_reference(
@@ -507,9 +506,7 @@ def step():
     """Decoding without generate(): after a prompt, time `model(next_token, cache)` calls in a loop (eager, greedy
     feedback), bf16; for our models also the step captured in a CUDA graph; and the bytes the cache holds after
     the prompt."""
-    llama = transformers.LlamaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                     num_key_value_heads=12, intermediate_size=3072, max_position_embeddings=131072,
-                                     attn_implementation="sdpa")
+    llama = llama_130m_config()
     rows = {}
     for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
                         ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
@@ -635,9 +632,7 @@ def latency():
 
 def e2e():
     rows = {}
-    llama = transformers.LlamaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                     num_key_value_heads=12, intermediate_size=3072, max_position_embeddings=4096,
-                                     attn_implementation="sdpa")
+    llama = llama_130m_config(max_position_embeddings=4096)
     for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
                         ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
                         ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):
