@@ -19,6 +19,7 @@ check_mamba2  (on request) Mamba-2's gated-norm and decoding-step kernels agains
 conv     (on request) the Triton causal conv1d against F.conv1d: errors and forward(+backward) times.
 s4       (on request) S4 / S4D on CUDA against the CPU, and prefill speed of the LRA-size presets.
 sweep    (on request) forward and forward+backward times for a few tile shapes of the Triton scan.
+fwd_sweep  (on request) forward times of the Triton scan for a few FORWARD_CONFIG choices.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
          transformers' LlamaForCausalLM of the anchors' 130M shape with SDPA.
 Prints a table last; writes results.json under $OUT if set.
@@ -251,6 +252,30 @@ def sweep():
         print("sweep", rows[-1], flush=True)
     module.TILE_CONFIG.update(default)
     R["sweep"] = rows
+
+
+def fwd_sweep():
+    """Forward time of the Triton scan (B8 D1536 T4096 N16 bf16) for a few FORWARD_CONFIG choices: without
+    gradients (prefill: no states kept) and with (the states every TILE_CONFIG['block_t'] tokens are stored)."""
+    from ssm_hf.kernels import selective_scan_triton as module
+
+    inp = scan_inputs(8, 4096, 1536, 16, torch.bfloat16, seed=1)
+    leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inp.items()}
+    rows = []
+    default = dict(module.FORWARD_CONFIG)
+    for block_d, unroll, warps, prefetch in [(32, 4, 1, True), (32, 4, 1, False), (32, 2, 1, True),
+                                             (16, 4, 1, True), (64, 4, 2, True)]:
+        module.FORWARD_CONFIG.update(block_d=block_d, unroll=unroll, num_warps=warps, prefetch=prefetch)
+        try:
+            with torch.no_grad():
+                fwd = do_bench(lambda: selective_scan_triton(**inp, delta_softplus=True), return_mode="median")
+            fwd_grad = do_bench(lambda: selective_scan_triton(**leaves, delta_softplus=True), return_mode="median")
+            rows.append((block_d, unroll, warps, prefetch, fwd * 1e3, fwd_grad * 1e3))
+        except Exception as err:
+            rows.append((block_d, unroll, warps, prefetch, repr(err)[:120], None))
+        print("fwd_sweep", rows[-1], flush=True)
+    module.FORWARD_CONFIG.update(default)
+    R["fwd_sweep"] = rows
 
 
 def ssd_inputs(b, t, h, p, g, n, dtype, seed=0):
@@ -671,7 +696,7 @@ def main():
         try:
             {"check": check, "check_mamba2": check_mamba2_kernels, "time": time_scan,
              "s4": s4_on_gpu, "conv": conv, "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd,
-             "check_ssd": check_ssd, "ssd_sweep": ssd_sweep,
+             "check_ssd": check_ssd, "ssd_sweep": ssd_sweep, "fwd_sweep": fwd_sweep,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]
