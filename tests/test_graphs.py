@@ -399,6 +399,30 @@ def test_a_graph_captured_in_inference_mode_is_not_replayed_outside_it():
     assert sorted(e.replays for e in cache.decode_graphs.values()) == [3, 3]   # one graph per mode
 
 
+@pytest.mark.parametrize("preset", ["mamba-tiny", "s4d-tiny"])
+def test_a_model_made_in_inference_mode_is_graphed_and_its_in_place_edits_are_seen(preset):
+    """Weights made under inference_mode are inference tensors, without a version counter: they are still
+    fingerprinted (by storage and layout), and an in-place edit between calls is read by the replay, which reads
+    the weights' memory (S4 then derives its step values inside the graph)."""
+    with torch.inference_mode():
+        model = _model(preset)
+        ids = _ids(2, 7, 40)
+        plain = _generate(model, False, input_ids=ids, max_new_tokens=5, do_sample=False)
+        graphed = _generate(model, True, input_ids=ids, max_new_tokens=5, do_sample=False)
+        assert torch.equal(graphed.sequences, plain.sequences) and _replays(graphed) == [4]
+        unedited = _generate(model, False, input_ids=plain.sequences, max_new_tokens=6, do_sample=False,
+                             past_key_values=copy.deepcopy(plain.past_key_values))
+        generator = torch.Generator().manual_seed(41)
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=generator))
+        plain = _generate(model, False, input_ids=plain.sequences, past_key_values=plain.past_key_values,
+                          max_new_tokens=6, do_sample=False)
+        graphed = _generate(model, True, input_ids=graphed.sequences, past_key_values=graphed.past_key_values,
+                            max_new_tokens=6, do_sample=False)
+    assert torch.equal(graphed.sequences, plain.sequences) and not torch.equal(plain.sequences, unedited.sequences)
+    assert _replays(graphed) == [4 + 5]
+
+
 def test_a_graph_captured_under_autocast_is_not_replayed_without_it():
     """A capture freezes the precision autocast chose: a cache continued under autocast and then without it must
     get full-precision steps in the second call (one graph per autocast setting)."""
