@@ -366,16 +366,17 @@ def test_a_dtype_round_trip_between_calls_on_a_kept_cache():
                       max_new_tokens=2, do_sample=False)
 
 
-def _continue_twice(model, first: dict, second: dict, between=None, caller=None, first_context=contextlib.nullcontext):
+def _continue_twice(model, first: dict, second: dict, between=None, caller=None, first_context=contextlib.nullcontext,
+                    prefill_context=torch.no_grad):
     """Prefill a cache, then two seeded generate() calls (greedy unless told) that continue it, the second from
     the first's output, plainly and graphed on separate copies of the cache; `between()` runs between the calls,
-    the first call runs inside `first_context()`. `caller` is what generate() is called on (a wrapper of `model`,
-    which gets the capture strategy). Returns the plain and graphed outputs of the second call and the graphed
-    cache."""
+    the first call runs inside `first_context()`, the prefill inside `prefill_context()`. `caller` is what
+    generate() is called on (a wrapper of `model`, which gets the capture strategy). Returns the plain and graphed
+    outputs of the second call and the graphed cache."""
     ids = _ids(2, 6, 30)
-    with torch.no_grad():
+    with prefill_context():
         graphed_cache = (model if caller is None else caller)(input_ids=ids, use_cache=True).cache_params
-    plain_cache = copy.deepcopy(graphed_cache)
+        plain_cache = copy.deepcopy(graphed_cache)
     outputs = {}
     for index, kwargs in enumerate((first, second)):
         if index == 1 and between is not None:
@@ -397,6 +398,19 @@ def test_a_graph_captured_in_inference_mode_is_not_replayed_outside_it():
                                             first_context=torch.inference_mode)
     assert torch.equal(graphed.sequences, plain.sequences)
     assert sorted(e.replays for e in cache.decode_graphs.values()) == [3, 3]   # one graph per mode
+
+
+@pytest.mark.parametrize("preset", ["mamba2-tiny", "s4-tiny"])
+def test_a_cache_filled_in_inference_mode_is_graphed_outside_it(preset):
+    """A prefill and a first generate() under inference_mode leave inference tensors in the cache (and a graph
+    captured on them); a later call outside it decodes from normal copies of them, graphed as eagerly."""
+    plain, graphed, cache = _continue_twice(_model(preset), dict(max_new_tokens=4), dict(max_new_tokens=5),
+                                            first_context=torch.inference_mode, prefill_context=torch.inference_mode)
+    assert torch.equal(graphed.sequences, plain.sequences)
+    states = [t for layer in cache.layers for t in layer_tensors(layer).values()]
+    assert not any(t.is_inference() for t in states)
+    # the graph captured on the inference tensors the cache no longer holds was dropped for the new one
+    assert [e.replays for e in cache.decode_graphs.values()] == [4]
 
 
 @pytest.mark.parametrize("preset", ["mamba-tiny", "s4d-tiny"])

@@ -58,7 +58,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from transformers.utils import logging
 
 from .outputs import SSMCausalLMOutput
-from .state import StateCache, pick_cache
+from .state import StateCache, pick_cache, release_inference_tensors
 
 logger = logging.get_logger(__name__)
 
@@ -443,6 +443,9 @@ class GraphedDecodeStep:
         return self.model(**kwargs)
 
     def _capture(self, cache: StateCache, input_ids: torch.Tensor, key: tuple) -> CapturedDecodeStep | None:
+        # states filled under inference_mode become normal tensors outside it before they are captured (the
+        # forward would replace them during the capture otherwise); `bind` only reads the cache's tensors
+        release_inference_tensors(cache)
         slots = _state_slots(cache)
         if slots is None or any(tensor.shape[0] != input_ids.shape[0] for *_, tensor in slots):
             return None  # no state yet (e.g. after reset()), or one of another batch: the model's own call decides

@@ -124,6 +124,29 @@ def _set_layer_tensor(layer, name: str, tensor: torch.Tensor) -> None:
             layer.device = tensor.device
 
 
+def release_inference_tensors(cache: Cache) -> None:
+    """Outside `torch.inference_mode()`, give the cache normal copies of the recurrent states it holds as inference
+    tensors, in their place.
+
+    States created under inference_mode (a prefill or `generate()` run inside it, `snapshot.to_cache()` called
+    there) are inference tensors, which PyTorch refuses to update in place outside it; the models update their
+    states in place (`LinearAttentionLayer.update_*`, the decoding steps). Called at the start of every forward:
+    the first one outside inference mode copies such states once, after which they are updated in place as usual;
+    a cache without inference tensors (the common case) is left untouched, and inside inference mode nothing is
+    done (in-place updates of any tensor are allowed there). Keys and values of attention layers grow by
+    concatenation, which reads inference tensors without trouble: they are left as they are."""
+    if torch.is_inference_mode_enabled():
+        return
+    for layer in cache.layers:
+        for attr in ("conv_states", "recurrent_states"):
+            states = getattr(layer, attr, None)
+            if not isinstance(states, dict):
+                continue
+            for idx, tensor in states.items():
+                if tensor is not None and tensor.is_inference():
+                    states[idx] = tensor.clone()
+
+
 def map_cache_tensors(cache: Cache, fn, keep_addresses: bool = False) -> None:
     """Replace every state tensor t of `cache` by fn(t) (e.g. to repeat or select batch rows).
 
@@ -133,7 +156,9 @@ def map_cache_tensors(cache: Cache, fn, keep_addresses: bool = False) -> None:
         _check_layer(layer, index)
         for name, tensor in layer_tensors(layer).items():
             result = fn(tensor)
-            if (keep_addresses and result.shape == tensor.shape and result.dtype == tensor.dtype
+            # an inference tensor (see `release_inference_tensors`) can only be written inside inference_mode
+            writable = torch.is_inference_mode_enabled() or not tensor.is_inference()
+            if (keep_addresses and writable and result.shape == tensor.shape and result.dtype == tensor.dtype
                     and result.device == tensor.device):
                 tensor.copy_(result)  # fn's result is a new tensor (indexing copies), so nothing aliases here
             else:
@@ -224,6 +249,7 @@ class StateCache(DynamicCache):
         return cache_nbytes(self)
 
     def reset(self) -> None:
+        release_inference_tensors(self)   # the layers zero their states in place
         super().reset()
         self.seen_tokens = 0
 
