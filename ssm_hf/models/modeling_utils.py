@@ -199,7 +199,8 @@ def start_backbone(
     """The checks and set-up every backbone's forward begins with: exactly one of ids or embeddings, packed
     sequences (`packed_seq_idx`; they run without a cache), the cache (`resolve_cache`; a StateCache records the
     model's dtype and refuses another; states it holds as inference tensors are copied outside inference mode,
-    `release_inference_tensors`), the padding mask's shape, the token ids' range. Returns (inputs_embeds,
+    `release_inference_tensors`; a recording one keeps what `crop` needs), the padding mask's shape, the token
+    ids' range. Returns (inputs_embeds,
     cache, seq_idx or None); the backbone calls `cache.advance(seqlen)` on a StateCache once its layers have run."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -224,6 +225,8 @@ def start_backbone(
     if inputs_embeds is None:
         check_token_ids(input_ids, model.config.vocab_size, decoding=cache is not None)
         inputs_embeds = model.get_input_embeddings()(input_ids)
+    if isinstance(cache, StateCache) and cache.recording:
+        cache.record_inputs(model, inputs_embeds, attention_mask)   # what `crop` rolls back (assisted decoding)
     return inputs_embeds, cache, seq_idx
 
 
