@@ -366,16 +366,17 @@ def test_a_dtype_round_trip_between_calls_on_a_kept_cache():
                       max_new_tokens=2, do_sample=False)
 
 
-def _continue_twice(model, first: dict, second: dict, between=None, caller=None, first_context=contextlib.nullcontext):
+def _continue_twice(model, first: dict, second: dict, between=None, caller=None, first_context=contextlib.nullcontext,
+                    prefill_context=torch.no_grad):
     """Prefill a cache, then two seeded generate() calls (greedy unless told) that continue it, the second from
     the first's output, plainly and graphed on separate copies of the cache; `between()` runs between the calls,
-    the first call runs inside `first_context()`. `caller` is what generate() is called on (a wrapper of `model`,
-    which gets the capture strategy). Returns the plain and graphed outputs of the second call and the graphed
-    cache."""
+    the first call runs inside `first_context()`, the prefill inside `prefill_context()`. `caller` is what
+    generate() is called on (a wrapper of `model`, which gets the capture strategy). Returns the plain and graphed
+    outputs of the second call and the graphed cache."""
     ids = _ids(2, 6, 30)
-    with torch.no_grad():
+    with prefill_context():
         graphed_cache = (model if caller is None else caller)(input_ids=ids, use_cache=True).cache_params
-    plain_cache = copy.deepcopy(graphed_cache)
+        plain_cache = copy.deepcopy(graphed_cache)
     outputs = {}
     for index, kwargs in enumerate((first, second)):
         if index == 1 and between is not None:
@@ -397,6 +398,43 @@ def test_a_graph_captured_in_inference_mode_is_not_replayed_outside_it():
                                             first_context=torch.inference_mode)
     assert torch.equal(graphed.sequences, plain.sequences)
     assert sorted(e.replays for e in cache.decode_graphs.values()) == [3, 3]   # one graph per mode
+
+
+@pytest.mark.parametrize("preset", ["mamba2-tiny", "s4-tiny"])
+def test_a_cache_filled_in_inference_mode_is_graphed_outside_it(preset):
+    """A prefill and a first generate() under inference_mode leave inference tensors in the cache (and a graph
+    captured on them); a later call outside it decodes from normal copies of them, graphed as eagerly."""
+    plain, graphed, cache = _continue_twice(_model(preset), dict(max_new_tokens=4), dict(max_new_tokens=5),
+                                            first_context=torch.inference_mode, prefill_context=torch.inference_mode)
+    assert torch.equal(graphed.sequences, plain.sequences)
+    states = [t for layer in cache.layers for t in layer_tensors(layer).values()]
+    assert not any(t.is_inference() for t in states)
+    # the graph captured on the inference tensors the cache no longer holds was dropped for the new one
+    assert [e.replays for e in cache.decode_graphs.values()] == [4]
+
+
+@pytest.mark.parametrize("preset", ["mamba-tiny", "s4d-tiny"])
+def test_a_model_made_in_inference_mode_is_graphed_and_its_in_place_edits_are_seen(preset):
+    """Weights made under inference_mode are inference tensors, without a version counter: they are still
+    fingerprinted (by storage and layout), and an in-place edit between calls is read by the replay, which reads
+    the weights' memory (S4 then derives its step values inside the graph)."""
+    with torch.inference_mode():
+        model = _model(preset)
+        ids = _ids(2, 7, 40)
+        plain = _generate(model, False, input_ids=ids, max_new_tokens=5, do_sample=False)
+        graphed = _generate(model, True, input_ids=ids, max_new_tokens=5, do_sample=False)
+        assert torch.equal(graphed.sequences, plain.sequences) and _replays(graphed) == [4]
+        unedited = _generate(model, False, input_ids=plain.sequences, max_new_tokens=6, do_sample=False,
+                             past_key_values=copy.deepcopy(plain.past_key_values))
+        generator = torch.Generator().manual_seed(41)
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=generator))
+        plain = _generate(model, False, input_ids=plain.sequences, past_key_values=plain.past_key_values,
+                          max_new_tokens=6, do_sample=False)
+        graphed = _generate(model, True, input_ids=graphed.sequences, past_key_values=graphed.past_key_values,
+                            max_new_tokens=6, do_sample=False)
+    assert torch.equal(graphed.sequences, plain.sequences) and not torch.equal(plain.sequences, unedited.sequences)
+    assert _replays(graphed) == [4 + 5]
 
 
 def test_a_graph_captured_under_autocast_is_not_replayed_without_it():

@@ -5,6 +5,7 @@ Generation with and without the cache, left-padded batches, save/load through th
 text-generation pipeline and padding anywhere run for the `s4` and `s4d` families in the generic tests
 (tests/conftest.py FAMILIES)."""
 
+import copy
 import math
 
 import pytest
@@ -238,12 +239,96 @@ def test_decoding_uses_the_memoized_step_until_the_parameters_change():
     with torch.no_grad():
         cache = model(ids, use_cache=True).cache_params
         model(ids[:, :1], cache_params=cache)
-        first = mixer.kernel._memo["step"][1]
+        first = mixer.kernel._memo["step"][-1]
         model(ids[:, :1], cache_params=cache)
-        assert mixer.kernel._memo["step"][1] is first
+        assert mixer.kernel._memo["step"][-1] is first
         mixer.kernel.log_dt.add_(0.1)
         model(ids[:, :1], cache_params=cache)
-        assert mixer.kernel._memo["step"][1] is not first
+        assert mixer.kernel._memo["step"][-1] is not first
+
+
+def _copy_under_no_grad(model, name, new):
+    with torch.no_grad():
+        model.get_parameter(name).copy_(new)
+
+
+def _copy_in_inference_mode(model, name, new):
+    with torch.inference_mode():
+        model.get_parameter(name).copy_(new)
+
+
+def _optimizer_step(model, name, new):
+    param = model.get_parameter(name)
+    param.grad = param.detach() - new                  # one SGD step of rate 1 lands exactly on `new`
+    torch.optim.SGD([param], lr=1.0).step()
+    param.grad = None
+
+
+def _replaced_at_a_reused_address(model, name, new):
+    # `param.data = t` keeps the parameter's own version counter; the allocator may hand t the freed storage's
+    # address (torch.Tensor.data_ptr reads 0 for every tensor in this test, so every address is "reused")
+    model.get_parameter(name).data = new.clone()
+
+
+PARAMETER_EDITS = {
+    "copy_ under no_grad": _copy_under_no_grad,
+    "copy_ in inference_mode": _copy_in_inference_mode,
+    "optimizer step": _optimizer_step,
+    "load_state_dict": lambda model, name, new: model.load_state_dict({name: new}, strict=False),
+    "load_state_dict(assign=True)": lambda model, name, new: model.load_state_dict({name: new.clone()}, strict=False,
+                                                                                   assign=True),
+    "replaced at a reused address": _replaced_at_a_reused_address,
+}
+
+
+@pytest.mark.parametrize("edit", list(PARAMETER_EDITS))
+@pytest.mark.parametrize("family", ["s4", "s4d"])
+def test_parameter_edits_between_decoding_steps_change_the_output_as_in_a_fresh_model(family, edit, monkeypatch):
+    """The decoding step reuses values derived from the SSM parameters (`S4Kernel._memoized`); an edit of any
+    parameter between two steps must give what a freshly built model with the edited weights gives."""
+    if edit == "replaced at a reused address":
+        monkeypatch.setattr(torch.Tensor, "data_ptr", lambda self: 0)
+    model = _s4(family)
+    generator = torch.Generator().manual_seed(11)
+    ids = torch.randint(1, 512, (2, 9), generator=generator)
+    names = [name for name, _ in model.named_parameters() if ".layers.1.mixer.kernel." in name]
+    assert len(names) == (6 if family == "s4" else 5)
+    for name in names:
+        with torch.no_grad():
+            cache = model(ids[:, :6], use_cache=True).cache_params
+            model(ids[:, 6:7], cache_params=cache)            # a decoding step: derives and keeps the step values
+            before = copy.deepcopy(cache)
+            unchanged = model(ids[:, 7:8], cache_params=copy.deepcopy(cache)).logits
+        old = model.get_parameter(name).detach().clone()
+        new = old + 0.05 * torch.randn(old.shape, generator=generator)
+        PARAMETER_EDITS[edit](model, name, new)
+        assert torch.equal(model.get_parameter(name), new)
+        with torch.no_grad():
+            got = model(ids[:, 7:8], cache_params=cache).logits
+            fresh = ssm_hf.S4ForCausalLM(model.config).eval()
+            fresh.load_state_dict(model.state_dict())
+            expected = fresh(ids[:, 7:8], cache_params=before).logits
+        assert not torch.equal(expected, unchanged), name
+        assert torch.equal(got, expected), f"{name}: the step used values derived from the old weights"
+        PARAMETER_EDITS[edit](model, name, old)               # back to the weights the next parameter starts from
+
+
+def test_decoding_a_model_made_in_inference_mode():
+    """Parameters made under inference_mode are inference tensors, which have no version counter: the step
+    values are then derived at every step (an in-place edit is still seen)."""
+    with torch.inference_mode():
+        model = _s4("s4d")
+        ids = torch.randint(1, 512, (1, 8), generator=torch.Generator().manual_seed(12))
+        cache = model(ids[:, :6], use_cache=True).cache_params
+        step = model(ids[:, 6:7], cache_params=cache).logits
+        assert model.backbone.layers[0].mixer.kernel.log_dt.is_inference()
+        assert_close_to_scale(step[:, 0], model(ids[:, :7]).logits[:, -1])
+        before = copy.deepcopy(cache)
+        model.backbone.layers[0].mixer.kernel.log_dt.add_(0.2)
+        after = model(ids[:, 7:8], cache_params=cache).logits
+        fresh = ssm_hf.S4ForCausalLM(model.config).eval()   # never stepped: derives its step values afresh
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(after, fresh(ids[:, 7:8], cache_params=before).logits)
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

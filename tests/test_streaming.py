@@ -12,6 +12,7 @@ from conftest import assert_close_to_scale, spread_weights, tiny_config
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import ssm_hf
+from ssm_hf.models.state import layer_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -276,6 +277,89 @@ def test_left_padded_batch_continues_from_its_snapshot():
     got = model.generate(ids, attention_mask=mask, past_key_values=ssm_hf.snapshot(cache).to_cache(),
                          max_new_tokens=8, do_sample=False)
     assert torch.equal(got, expected)
+
+
+def _inference_tensors(cache) -> list[str]:
+    return [f"{i}.{name}" for i, layer in enumerate(cache.layers) for name, t in layer_tensors(layer).items()
+            if t.is_inference()]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_state_filled_in_inference_mode_continues_outside_it(name):
+    """A prefill under torch.inference_mode() leaves inference tensors in the cache, which cannot be updated in
+    place outside it: the model continues such a cache (decoding steps, a chunk, under autograd too) as if the
+    state had been filled normally, and then updates its own copies in place."""
+    model = _model(name)
+    ids = _ids(2, 30, seed=40)
+    with torch.no_grad():
+        full = model(ids).logits
+    with torch.inference_mode():
+        cache = _state(model(ids[:, :20], use_cache=True))
+    assert _inference_tensors(cache)
+    pieces = []
+    with torch.no_grad():
+        pieces.append(model(ids[:, 20:21], past_key_values=cache).logits)
+        assert not _inference_tensors(cache)
+        kept = {name: t for name, t in layer_tensors(cache.layers[0]).items() if "states" in name}
+        for start, stop in ((21, 22), (22, 27)):                # decoding steps, then a chunk
+            pieces.append(model(ids[:, start:stop], past_key_values=cache).logits)
+        # from then on the state tensors are updated in place, as for any cache
+        assert all(layer_tensors(cache.layers[0])[name] is t for name, t in kept.items())
+    last = model(ids[:, 27:], past_key_values=cache).logits   # under autograd
+    last.float().pow(2).mean().backward()
+    assert_close_to_scale(torch.cat([*pieces, last.detach()], 1), full[:, 20:], tol=1e-4)
+    assert cache.get_seq_length() == 30
+
+
+@pytest.mark.parametrize("name", ["mamba", "hybrid", "s4d"])
+def test_generate_in_inference_mode_then_continue_outside_it(name):
+    model = _model(name)
+    ids = _ids(1, 10, seed=41)
+    with torch.inference_mode():
+        first = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        snap = ssm_hf.snapshot(first.past_key_values)
+        inference_cache = snap.to_cache()
+    follow_up = torch.cat([first.sequences, _ids(1, 3, seed=42)], dim=1)
+    expected = model.generate(follow_up, max_new_tokens=6, do_sample=False)
+    assert _inference_tensors(first.past_key_values) and _inference_tensors(inference_cache)
+    for cache in (first.past_key_values, inference_cache, snap.to_cache()):
+        assert torch.equal(model.generate(follow_up, past_key_values=cache, max_new_tokens=6, do_sample=False),
+                           expected)
+    # forked, sampled, and searched with beams (whose row reorders write into the state tensors)
+    sample = dict(max_new_tokens=6, do_sample=True, temperature=1.5)
+    torch.manual_seed(5)
+    rows = model.generate(follow_up.repeat(3, 1), past_key_values=snap.fork(3).to_cache(), **sample)
+    torch.manual_seed(5)
+    assert torch.equal(rows, model.generate(follow_up.repeat(3, 1), **sample))
+    beams = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False)
+    with torch.inference_mode():
+        beam_cache = snap.fork(3).to_cache()
+    assert torch.equal(model.generate(follow_up.repeat(3, 1), past_key_values=beam_cache, **beams),
+                       model.generate(follow_up.repeat(3, 1), **beams))
+
+
+def test_row_operations_on_a_state_made_in_inference_mode():
+    """Reordering, selecting and resetting a cache write into its tensors; outside inference_mode they work on a
+    cache filled inside it too."""
+    model = _model("mamba")
+    ids = _ids(3, 12, seed=43)
+    with torch.no_grad():
+        reference = _state(model(ids[:, :8], use_cache=True))
+    with torch.inference_mode():
+        cache = _state(model(ids[:, :8], use_cache=True))
+    order = torch.tensor([2, 0, 1])
+    for each in (cache, reference):
+        each.reorder_cache(order)
+        each.batch_select_indices(torch.tensor([0, 2]))
+    with torch.no_grad():
+        got = model(ids[[2, 1], 8:], past_key_values=cache).logits
+        expected = model(ids[[2, 1], 8:], past_key_values=reference).logits
+    assert torch.equal(got, expected)
+    with torch.inference_mode():
+        cache = _state(model(ids[:, :8], use_cache=True))
+    cache.reset()
+    with torch.no_grad():
+        assert torch.equal(model(ids, past_key_values=cache).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("name", ["mamba", "mamba2", "s4d"])

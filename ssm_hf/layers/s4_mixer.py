@@ -58,8 +58,9 @@ class S4Kernel(nn.Module):
         self.C = nn.Parameter(torch.empty(S, M, 2))
         if self.kernel_type == "dplr":
             self.P = nn.Parameter(torch.empty(config.rank, S, M, 2))
-        # Discretised quantities of the recurrent view, kept while the parameters are unchanged (outside autograd).
-        self._memo: dict[str, tuple[tuple, object]] = {}
+        # Discretised quantities of the recurrent view, kept while the parameters are unchanged (outside autograd):
+        # name -> (key, the parameters' storages, value), see `_memoized`.
+        self._memo: dict[str, tuple[tuple, list[torch.Tensor], object]] = {}
 
     def _apply(self, fn, recurse=True):
         # 8 mantissa bits move Δ = exp(log_dt) and the mode frequencies by a percent or more, which shifts the
@@ -104,17 +105,27 @@ class S4Kernel(nn.Module):
         return torch.exp(self.log_dt.to(rd)), A, _as_complex(self.B, rd), _as_complex(self.C, rd), P
 
     def _memoized(self, name: str, compute):
-        """compute(), reused while no parameter changed (same storage, no in-place update); recomputed under
-        autograd, where the result must carry gradients."""
+        """compute(), reused while no parameter changed; recomputed under autograd, where the result must carry
+        gradients.
+
+        A parameter counts as unchanged while it is the same memory (its storage, not its address: the allocator
+        hands freed addresses out again; the entry holds the storages it was computed from, so that none of them
+        can be freed and replaced unseen) with the same layout and the same version (bumped by every in-place
+        update through the parameter: optimizer steps, `load_state_dict`, `p.copy_(...)` under no_grad or
+        inference_mode). Writes that bypass the parameter's version counter, through `p.data` (`p.data.copy_(t)`)
+        or through another tensor sharing its memory, are not seen, as autograd does not see them either: update
+        the parameter itself. Parameters that are inference tensors (a model made under inference_mode) have no
+        version counter: then the values are computed at every call."""
         params = list(self.parameters())
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or any(p.is_inference() for p in params):
             return compute()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        key = tuple((p.untyped_storage()._cdata, p.storage_offset(), p.shape, p.stride(), p.dtype, p.device,
+                     p._version) for p in params)
         hit = self._memo.get(name)
         if hit is not None and hit[0] == key:
-            return hit[1]
+            return hit[2]
         value = compute()
-        self._memo[name] = (key, value)
+        self._memo[name] = (key, [p.detach() for p in params], value)
         return value
 
     def generating_length(self, length: int) -> int:

@@ -58,7 +58,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from transformers.utils import logging
 
 from .outputs import SSMCausalLMOutput
-from .state import StateCache, pick_cache
+from .state import StateCache, pick_cache, release_inference_tensors
 
 logger = logging.get_logger(__name__)
 
@@ -264,7 +264,8 @@ class ModelFingerprint:
     - every parameter and buffer: its storage, held by a weak reference (a replay reads that memory, and a new
       storage may sit at a freed one's address, so addresses alone cannot tell), and its offset, shape, strides,
       dtype and version (an in-place update also changes values the model derives from the weights and keeps
-      between calls, such as S4's discretised step, which the graph read at their old addresses);
+      between calls, such as S4's discretised step, which the graph read at their old addresses; inference
+      tensors have no version);
     - every module's name, type and plain settings (numbers, strings, flags, e.g. a PEFT adapter switched off):
       the Python a replay skips branched on them;
     - the kernels' path switch (SSM_HF_FORCE_REFERENCE)."""
@@ -272,8 +273,11 @@ class ModelFingerprint:
     def __init__(self, model: torch.nn.Module):
         tensors = [*model.parameters(), *model.buffers()]
         self._storages = [StorageWeakRef(t.untyped_storage()) for t in tensors]
-        self._layouts = tuple((t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
-                              for t in tensors)
+        # inference tensors (weights made under inference_mode) have no version counter: their in-place edits
+        # are not seen here, which is right for a replay that reads their memory (S4 then derives its step values
+        # inside the graph, `S4Kernel._memoized`)
+        self._layouts = tuple((t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+                               None if t.is_inference() else t._version) for t in tensors)
         self._modules = tuple((name, type(module), _plain_settings(module))
                               for name, module in model.named_modules())
         self._env = os.environ.get("SSM_HF_FORCE_REFERENCE", "")
@@ -439,6 +443,9 @@ class GraphedDecodeStep:
         return self.model(**kwargs)
 
     def _capture(self, cache: StateCache, input_ids: torch.Tensor, key: tuple) -> CapturedDecodeStep | None:
+        # states filled under inference_mode become normal tensors outside it before they are captured (the
+        # forward would replace them during the capture otherwise); `bind` only reads the cache's tensors
+        release_inference_tensors(cache)
         slots = _state_slots(cache)
         if slots is None or any(tensor.shape[0] != input_ids.shape[0] for *_, tensor in slots):
             return None  # no state yet (e.g. after reset()), or one of another batch: the model's own call decides

@@ -87,7 +87,8 @@ class HybridPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     _no_split_modules = ["HybridBlock"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _is_stateful = True  # SSM states cannot be rolled back: no assisted or prompt-lookup decoding
+    # transformers reads this flag only to refuse assisted decoding; our StateCache rolls back (`crop`)
+    _is_stateful = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

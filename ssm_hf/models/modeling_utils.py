@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAt
 from ..kernels.packing import segment_ids, sequence_starts
 from ..layers import RMSNorm, RMSNormGated
 from ..layers.mlp import Experts, Router
-from .state import StateCache, cache_batch_size, pick_cache
+from .state import StateCache, cache_batch_size, pick_cache, release_inference_tensors
 
 
 @torch.no_grad()
@@ -198,7 +198,9 @@ def start_backbone(
 ) -> tuple[torch.Tensor, Cache | None, torch.Tensor | None]:
     """The checks and set-up every backbone's forward begins with: exactly one of ids or embeddings, packed
     sequences (`packed_seq_idx`; they run without a cache), the cache (`resolve_cache`; a StateCache records the
-    model's dtype and refuses another), the padding mask's shape, the token ids' range. Returns (inputs_embeds,
+    model's dtype and refuses another; states it holds as inference tensors are copied outside inference mode,
+    `release_inference_tensors`; a recording one keeps what `crop` needs), the padding mask's shape, the token
+    ids' range. Returns (inputs_embeds,
     cache, seq_idx or None); the backbone calls `cache.advance(seqlen)` on a StateCache once its layers have run."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -216,11 +218,15 @@ def start_backbone(
     cache = resolve_cache(pick_cache(cache_params, past_key_values), use_cache, model.config, model.training,
                           model.gradient_checkpointing, batch)
     check_padding_mask(attention_mask, (batch, length))
+    if cache is not None:
+        release_inference_tensors(cache)   # states filled under inference_mode, continued outside it
     if isinstance(cache, StateCache):
         cache.bind(model.config, model.dtype)
     if inputs_embeds is None:
         check_token_ids(input_ids, model.config.vocab_size, decoding=cache is not None)
         inputs_embeds = model.get_input_embeddings()(input_ids)
+    if isinstance(cache, StateCache) and cache.recording:
+        cache.record_inputs(model, inputs_embeds, attention_mask)   # what `crop` rolls back (assisted decoding)
     return inputs_embeds, cache, seq_idx
 
 

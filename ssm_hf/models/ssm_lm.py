@@ -64,7 +64,8 @@ class SSMPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     base_model_prefix = "backbone"
     _no_split_modules = ["SSMBlock"]
     supports_gradient_checkpointing = True
-    _is_stateful = True
+    # transformers reads this flag only to refuse assisted decoding; our StateCache rolls back (`crop`)
+    _is_stateful = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

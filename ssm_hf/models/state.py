@@ -12,7 +12,14 @@ An SSM remembers the past in a fixed-size state: per layer a conv window and a r
   an architecture hash, the dtype, the layer layout and the token count), loaded for a matching model
   (`load_snapshot`), turned into fresh caches as often as needed (`to_cache`) and forked into a batch (`fork`).
 - `stream(model, chunks)`: feeds chunks one after the other through one state, yielding each chunk's output.
-- `StateGenerationMixin`: what the causal LMs need so that `generate()` starts from a given cache.
+- `StateGenerationMixin`: what the causal LMs need so that `generate()` starts from a given cache, and for assisted
+  decoding (an ssm-hf model as the main model or as the assistant).
+
+A recurrent state cannot drop its last tokens the way a KV cache does (`crop`), which assisted decoding needs for
+the candidate tokens a model rejects. While recording (`StateCache.activate_past_recording()`, which transformers
+calls for assisted decoding), a StateCache keeps a rollback point: a copy of the state at the first forward since
+the last `crop`, and the embeddings read since. `crop(-n)` puts the state back to that point and reads the kept
+inputs but the last n again, in one forward of the model that filled the cache.
 
 Everything here works layer by layer on the layers' tensors (`conv_states` / `recurrent_states` dicts, `keys` /
 `values`), so any `LinearAttentionLayer` subclass holding its state in those attributes is covered too.
@@ -24,6 +31,7 @@ import hashlib
 import importlib.metadata
 import json
 import re
+import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -124,6 +132,29 @@ def _set_layer_tensor(layer, name: str, tensor: torch.Tensor) -> None:
             layer.device = tensor.device
 
 
+def release_inference_tensors(cache: Cache) -> None:
+    """Outside `torch.inference_mode()`, give the cache normal copies of the recurrent states it holds as inference
+    tensors, in their place.
+
+    States created under inference_mode (a prefill or `generate()` run inside it, `snapshot.to_cache()` called
+    there) are inference tensors, which PyTorch refuses to update in place outside it; the models update their
+    states in place (`LinearAttentionLayer.update_*`, the decoding steps). Called at the start of every forward:
+    the first one outside inference mode copies such states once, after which they are updated in place as usual;
+    a cache without inference tensors (the common case) is left untouched, and inside inference mode nothing is
+    done (in-place updates of any tensor are allowed there). Keys and values of attention layers grow by
+    concatenation, which reads inference tensors without trouble: they are left as they are."""
+    if torch.is_inference_mode_enabled():
+        return
+    for layer in cache.layers:
+        for attr in ("conv_states", "recurrent_states"):
+            states = getattr(layer, attr, None)
+            if not isinstance(states, dict):
+                continue
+            for idx, tensor in states.items():
+                if tensor is not None and tensor.is_inference():
+                    states[idx] = tensor.clone()
+
+
 def map_cache_tensors(cache: Cache, fn, keep_addresses: bool = False) -> None:
     """Replace every state tensor t of `cache` by fn(t) (e.g. to repeat or select batch rows).
 
@@ -133,7 +164,9 @@ def map_cache_tensors(cache: Cache, fn, keep_addresses: bool = False) -> None:
         _check_layer(layer, index)
         for name, tensor in layer_tensors(layer).items():
             result = fn(tensor)
-            if (keep_addresses and result.shape == tensor.shape and result.dtype == tensor.dtype
+            # an inference tensor (see `release_inference_tensors`) can only be written inside inference_mode
+            writable = torch.is_inference_mode_enabled() or not tensor.is_inference()
+            if (keep_addresses and writable and result.shape == tensor.shape and result.dtype == tensor.dtype
                     and result.device == tensor.device):
                 tensor.copy_(result)  # fn's result is a new tensor (indexing copies), so nothing aliases here
             else:
@@ -161,6 +194,79 @@ def _kv_length(cache: Cache) -> int | None:
     return None
 
 
+# --- rolling back ---------------------------------------------------------------------------------------------
+
+class _RollbackPoint:
+    """Where a recording StateCache can go back to: per layer, copies of its recurrent states, their
+    `has_previous_state` flags and the length of its keys and values (None without any); the token count; and the
+    inputs read since, as the backbone saw them (embeddings (batch, n, hidden) and mask columns (batch, n) or
+    None, one pair per forward)."""
+
+    def __init__(self, cache: StateCache):
+        self.layers = []
+        for index, layer in enumerate(cache.layers):
+            _check_layer(layer, index)
+            states = {(attr, idx): tensor.clone()
+                      for attr in ("conv_states", "recurrent_states")
+                      for idx, tensor in (getattr(layer, attr, None) or {}).items() if tensor is not None}
+            keys = getattr(layer, "keys", None)
+            kv = (keys.shape[-2] if isinstance(layer, DynamicLayer) and layer.is_initialized and keys is not None
+                  and keys.dim() == 4 else None)
+            self.layers.append((states, dict(getattr(layer, "has_previous_state", {})), kv))
+        self.seen_tokens = cache.seen_tokens
+        self.embeds: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor | None] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.shape[1] for e in self.embeds)
+
+    def record(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        length = inputs_embeds.shape[1]
+        self.embeds.append(inputs_embeds.detach())
+        self.masks.append(None if attention_mask is None else attention_mask[:, -length:].detach())
+
+    def inputs(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first `length` recorded inputs: embeddings (batch, length, hidden), mask (batch, length) or None
+        when every one of them is real."""
+        embeds = torch.cat(self.embeds, 1)[:, :length]
+        if all(m is None for m in self.masks):
+            return embeds, None
+        mask = torch.cat([torch.ones(e.shape[:2], dtype=torch.long, device=e.device) if m is None
+                          else m.to(device=e.device, dtype=torch.long) for e, m in zip(self.embeds, self.masks)], 1)
+        mask = mask[:, :length]
+        return embeds, None if bool(mask.all()) else mask
+
+    def restore(self, cache: StateCache) -> None:
+        """Put the cache's states back as they were (written into its tensors, which keep their addresses)."""
+        release_inference_tensors(cache)
+        for layer, (states, flags, kv) in zip(cache.layers, self.layers):
+            for attr in ("conv_states", "recurrent_states"):
+                live = getattr(layer, attr, None)
+                for idx, tensor in (live or {}).items():
+                    saved = states.get((attr, idx))
+                    if tensor is None:
+                        continue
+                    if saved is None:
+                        tensor.zero_()   # made after this point: no state then (the flag below says so)
+                    elif saved.shape == tensor.shape and saved.dtype == tensor.dtype:
+                        tensor.copy_(saved)
+                    else:
+                        live[idx] = saved.clone()
+            if flags:
+                layer.has_previous_state.update(flags)
+            if isinstance(layer, DynamicLayer) and layer.is_initialized and getattr(layer, "keys", None) is not None:
+                length = kv or 0
+                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+        cache.seen_tokens = self.seen_tokens
+
+    def map(self, fn) -> None:
+        """Apply a batch operation (see `map_cache_tensors`) to the kept states and inputs too."""
+        self.layers = [({key: fn(t) for key, t in states.items()}, flags, kv) for states, flags, kv in self.layers]
+        self.embeds = [fn(e) for e in self.embeds]
+        self.masks = [None if m is None else fn(m) for m in self.masks]
+
+
 # --- the cache --------------------------------------------------------------------------------------------------
 
 class StateCache(DynamicCache):
@@ -174,6 +280,12 @@ class StateCache(DynamicCache):
     Its layers start empty and each mixer creates its layer's state from its own inputs (transformers' lazy
     initialisation), so in a model split over devices (`device_map="auto"`) every state lives on its layer's
     device; nothing here allocates on the embeddings' device.
+
+    Rolling back (assisted decoding): after `activate_past_recording()`, the first forward after each `crop` keeps
+    a copy of the state and every forward keeps its input embeddings (the backbone calls `record_inputs`);
+    `crop(-n)` restores the copy and feeds the kept inputs but the last n to the backbone again, so the state is
+    the one after all but the last n tokens read since that point; `crop(0)` accepts them (the copy is dropped).
+    Recorded forwards run eagerly (`is_compileable` is False), and `stop_recording()` ends it.
     """
 
     def __init__(self, config: PreTrainedConfig | None = None):
@@ -184,11 +296,18 @@ class StateCache(DynamicCache):
         # captured decoding steps (ssm_hf.models.graphs), by (model, batch size, dtype, device): they live and die
         # with this cache, whose state tensors they were captured on
         self.decode_graphs: dict = {}
+        # rolling back (see the class docstring): whether forwards are recorded, the point `crop` goes back to,
+        # and the backbone that reads the kept inputs again (held weakly: a kept cache must not pin the model)
+        self.recording = False
+        self._rollback: _RollbackPoint | None = None
+        self._backbone: weakref.ref | None = None
 
     def __getstate__(self) -> dict:
-        # copies (copy.deepcopy, pickle) get their own state tensors, which no captured graph refers to
+        # copies (copy.deepcopy, pickle) get their own state tensors, which no captured graph refers to; the
+        # backbone reference (a weakref) cannot be pickled: a copy rolls back once a forward has run on it
         state = dict(self.__dict__)
         state["decode_graphs"] = {}
+        state["_backbone"] = None
         return state
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -215,8 +334,10 @@ class StateCache(DynamicCache):
 
         For a compileable cache on CUDA, generate() runs its decoding steps through `get_compiled_call`, which our
         models answer with CUDA graphs (`StateGenerationMixin.get_compiled_call`), and prepares masks through
-        `create_masks_for_generate`, which our models answer with the 2D padding mask they take."""
-        return len(self.layers) > 0 and all(getattr(layer, "is_compileable", False) for layer in self.layers)
+        `create_masks_for_generate`, which our models answer with the 2D padding mask they take. False while
+        recording (a replay would skip the recording)."""
+        return (not self.recording and len(self.layers) > 0
+                and all(getattr(layer, "is_compileable", False) for layer in self.layers))
 
     @property
     def nbytes(self) -> int:
@@ -224,24 +345,91 @@ class StateCache(DynamicCache):
         return cache_nbytes(self)
 
     def reset(self) -> None:
+        release_inference_tensors(self)   # the layers zero their states in place
         super().reset()
         self.seen_tokens = 0
+        self._rollback = None
+
+    # -- rolling back ----------------------------------------------------------------------------------------
+
+    def activate_past_recording(self) -> None:
+        """Record the forwards from now on so that `crop(-n)` can take back their last n tokens (transformers
+        calls this for assisted decoding). The layers' own `record_past` (keeping every conv input) is not used:
+        the whole state is restored instead."""
+        self.recording = True
+
+    def stop_recording(self) -> None:
+        """Stop recording and accept what was read (the kept copy and inputs are dropped)."""
+        self.recording = False
+        self._rollback = None
+
+    def record_inputs(self, backbone: torch.nn.Module, inputs_embeds: torch.Tensor,
+                      attention_mask: torch.Tensor | None) -> None:
+        """Called by the backbone before its layers run, while recording: keep a copy of the state at the first
+        forward since the last crop, and the inputs (batch, n, hidden) of every forward."""
+        if not self.recording:
+            return
+        if self._rollback is None:
+            self._rollback = _RollbackPoint(self)
+        self._rollback.record(inputs_embeds, attention_mask)
+        self._backbone = weakref.ref(backbone)
 
     def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        self.seen_tokens -= abs(tokens_to_remove)
+        """Take back the last -tokens_to_remove tokens read (transformers' convention: a negative count), which
+        needs recording (`activate_past_recording`) since before they were read; crop(0) accepts every token
+        read so far. The state is restored to the copy kept at the first forward since the last crop, and the
+        inputs read since, minus the removed ones, are fed to the backbone again (no autograd)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"StateCache.crop takes the number of tokens to remove as a negative number (as "
+                             f"transformers' caches do), got {tokens_to_remove}.")
+        remove = -tokens_to_remove
+        point = self._rollback
+        if remove == 0:
+            self._rollback = None
+            return
+        if not self.recording:
+            raise RuntimeError(
+                "A recurrent state cannot drop its last tokens: call cache.activate_past_recording() before the "
+                "forwards to take back (generate() does so for assisted decoding), so that crop can restore it.")
+        recorded = point.num_tokens if point is not None else 0
+        if remove > recorded:
+            raise RuntimeError(f"crop({tokens_to_remove}): this cache can take back at most {recorded} tokens, "
+                               f"those read since the last crop (or since recording started).")
+        backbone = self._backbone() if self._backbone is not None else None
+        if backbone is None and remove < recorded:
+            raise RuntimeError("The model that filled this cache is gone (or the cache is a copy): crop needs it to "
+                               "read the kept tokens again.")
+        embeds, mask = point.inputs(recorded - remove)
+        if remove < recorded and mask is not None and any(kv for _, _, kv in point.layers):
+            raise NotImplementedError("Rolling back padded inputs of a model with attention layers after a prefix "
+                                      "is not supported (their mask would have to cover the earlier tokens).")
+        point.restore(self)
+        self._rollback = None
+        if remove == recorded:
+            return
+        self.recording = False   # the replay is not recorded: the next forward takes a new rollback point
+        try:
+            with torch.no_grad():
+                backbone(inputs_embeds=embeds, attention_mask=mask, past_key_values=self, use_cache=True)
+        finally:
+            self.recording = True
+
+    def _map_rows(self, fn) -> None:
+        map_cache_tensors(self, fn, keep_addresses=True)
+        if self._rollback is not None:
+            self._rollback.map(fn)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every row `repeats` times along the batch (row i becomes rows i*repeats ... i*repeats+repeats-1)."""
-        map_cache_tensors(self, lambda t: t.repeat_interleave(repeats, dim=0), keep_addresses=True)
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the batch rows `indices` (in place when as many rows are kept as there are)."""
-        map_cache_tensors(self, lambda t: t[indices.to(t.device)], keep_addresses=True)
+        self._map_rows(lambda t: t[indices.to(t.device)])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Row i becomes row beam_idx[i] (beam search, every step), written into the same tensors."""
-        map_cache_tensors(self, lambda t: t.index_select(0, beam_idx.to(t.device)), keep_addresses=True)
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
 def as_state_cache(cache: Cache) -> StateCache:
@@ -477,6 +665,10 @@ class StateGenerationMixin(GenerationMixin):
     covering the whole sequence). A cache of batch b given with `num_return_sequences` / `num_beams` k > 1 is
     repeated to b*k rows like the inputs. The cache is advanced in place: use a fresh `snapshot.to_cache()` per call.
 
+    Assisted decoding (`assistant_model=`, `prompt_lookup_num_tokens=`) works with ssm-hf models as the main model
+    and as the assistant: the rejected candidates are taken back from their StateCache (`StateCache.crop`), so
+    greedy tokens equal plain greedy decoding of the main model.
+
     On CUDA, the decoding steps of pure SSM models (`_supports_graphed_decoding`) replay a CUDA graph
     (`ssm_hf.models.graphs`): transformers asks `get_compiled_call` for them when the cache is compileable.
     `generate(..., disable_compile=True)` or SSM_HF_NO_CUDA_GRAPHS=1 keeps them eager.
@@ -527,10 +719,80 @@ class StateGenerationMixin(GenerationMixin):
         elif generation_config.use_cache is not False:
             cache = StateCache(config=self.config)
         if cache is not None:
+            if generation_config.is_assistant:
+                # an assistant's candidates are taken back (crop) when the main model rejects them; its cache is
+                # handed back to it round after round, recording throughout
+                cache.activate_past_recording()
+            elif cache.recording:
+                cache.stop_recording()   # left recording by an earlier call; assisted decoding turns it on again
             # under this name for every class: transformers' prefill reads it there to slice off the cached prefix
             model_kwargs["past_key_values"] = cache
 
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, next_sequence_length: int | None = None,
+                                      past_key_values: Cache | None = None,
+                                      attention_mask: torch.Tensor | None = None,
+                                      inputs_embeds: torch.Tensor | None = None, is_first_iteration: bool = False,
+                                      **kwargs) -> dict:
+        # transformers' assisted decoding feeds the whole sequence in its first step even when the cache already
+        # holds a prefix of it (`_prefill` slices it off in the other decoding modes): slice it off the same way,
+        # when the mask covers the whole sequence as it does there
+        if (is_first_iteration and next_sequence_length is None and inputs_embeds is None
+                and isinstance(past_key_values, Cache) and attention_mask is not None
+                and attention_mask.shape[1] == input_ids.shape[1]):
+            past = past_key_values.get_seq_length()
+            if 0 < past < input_ids.shape[1]:
+                next_sequence_length = input_ids.shape[1] - past
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, past_key_values=past_key_values,
+            attention_mask=attention_mask, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration,
+            **kwargs)
+
+    def _read_all_but_the_last_token(self, input_ids: torch.Tensor, model_kwargs: dict, mask_length: int) -> None:
+        """Before a forward that a rollback may follow (assisted decoding), read the part of `input_ids` (batch 1)
+        that the cache does not hold yet, but its last token, without recording it: a rollback then reads again
+        at most the last token and the accepted candidates, never the prompt. Only when input_ids is the whole
+        sequence, which the mask's length tells (`mask_length` when generate() dropped an all-ones mask)."""
+        cache, mask = model_kwargs.get("past_key_values"), model_kwargs.get("attention_mask")
+        if (not isinstance(cache, StateCache) or cache._rollback is not None or input_ids.shape[0] != 1
+                or model_kwargs.get("inputs_embeds") is not None
+                or (mask.shape[1] if mask is not None else mask_length) != input_ids.shape[1]):
+            return
+        past = cache.get_seq_length()
+        if input_ids.shape[1] - past <= 1:
+            return
+        recording, cache.recording = cache.recording, False
+        try:
+            with torch.no_grad():
+                self(input_ids=input_ids[:, past:-1], attention_mask=None if mask is None else mask[:, :-1],
+                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            cache.recording = recording
+
+    def _assisted_decoding(self, input_ids: torch.Tensor, *args, **kwargs):
+        # The main model of assisted decoding: its first step would read the prompt and the first candidates
+        # together, and a rejected candidate would roll the state back to before the prompt; reading the prompt
+        # first keeps the rollbacks short. (Not when hidden states or attentions are returned: transformers
+        # expects the first step's to cover the whole prompt.)
+        if kwargs.get("attention_mask") is None and kwargs.get("inputs_embeds") is None:
+            # all real; a mask tells that input_ids is the whole sequence, of which the cache may hold a prefix
+            # (`prepare_inputs_for_generation`), to the main model and to the assistant
+            kwargs["attention_mask"] = torch.ones_like(input_ids)
+        config = kwargs.get("generation_config")
+        if config is None or not (config.output_hidden_states or config.output_attentions):
+            self._read_all_but_the_last_token(input_ids, kwargs, input_ids.shape[1])
+        # transformers turns recording on for the main model's cache (to take back rejected candidates) and leaves
+        # it on; the cache may be returned and continued, so recording ends with the call
+        cache = kwargs.get("past_key_values")
+        try:
+            return super()._assisted_decoding(input_ids, *args, **kwargs)
+        finally:
+            if isinstance(cache, StateCache):
+                cache.stop_recording()
+
     def _prefill(self, input_ids: torch.Tensor, generation_config, model_kwargs: dict, *args, **kwargs):
+        if generation_config.is_assistant:
+            # an assistant's prompt (first call) or last accepted tokens: the rollback point comes before the last
+            self._read_all_but_the_last_token(input_ids, model_kwargs, getattr(generation_config, "_mask_length", -1))
         cache = model_kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
         if past and model_kwargs.get("inputs_embeds") is None:
