@@ -6,13 +6,14 @@ state entering chunk k is H_k (head_dim x d_state) and, inside the chunk,
     y_t = Σ_{s≤t} (C_t·B_s) exp(Σ_{s<j≤t} a_j) Δ_s x_s + exp(Σ_{j≤t} a_j) C_t H_kᵀ + D x_t
     H_{k+1} = exp(Σ_j a_j) H_k + Σ_s exp(Σ_{j>s} a_j) Δ_s x_s B_sᵀ
 
-Forward: `_chunk_states_kernel` walks the chunks of one (row, head, state tile) in order and writes every H_k
+Forward: `_chunk_walk_kernel` walks the chunks of one (row, head, state tile) in order and writes every H_k
 (one small matmul per chunk: the only sequential part); `_chunk_output_kernel` then computes each chunk's output
 independently, the intra-chunk part as two `tl.dot`s. Backward: the forward states are recomputed (nothing of size
-(chunks, head_dim, d_state) is kept between passes), `_chunk_state_grads_kernel` walks the chunks backwards for
-the gradient dH_{k+1} reaching each chunk's end, and `_chunk_grads_kernel` computes every input's gradient chunk
-by chunk. Segment sums of log-decays are always summed directly, never as differences of prefix sums, so small
-steps after a large one survive and a sequence start (`seq_idx`: a = -inf there) gives exact zeros, not NaNs.
+(chunks, head_dim, d_state) is kept between passes), the same walker, mirrored (REVERSE), walks the chunks
+backwards for the gradient dH_{k+1} reaching each chunk's end, and `_chunk_grads_kernel` computes every input's
+gradient chunk by chunk. Segment sums of log-decays are always summed directly, never as differences of prefix
+sums, so small steps after a large one survive and a sequence start (`seq_idx`: a = -inf there) gives exact
+zeros, not NaNs.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ CHUNK = 32
 # traffic, one rounding per chunk); module-level so that bench/gpu_kernels.py can sweep them
 WARPS = {"states": 4, "output": 4, "state_grads": 4, "grads": 4}
 STATES_16BIT = True
-# d_state block of the chunk kernels (they loop over d_state); (head_dim, d_state) tile of the sequential kernels
+# d_state block of the chunk kernels (they loop over d_state); (head_dim, d_state) tile of the sequential walker
 N_BLOCK = 64
 STATE_TILE = (64, 64)
 
@@ -98,33 +99,43 @@ def _state_tile(P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _chunk_states_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, seq_ptr, h0_ptr, states_ptr, final_ptr,
+def _chunk_walk_kernel(
+    v_ptr, dt_ptr, A_ptr, w_ptr, seq_ptr, init_ptr, walk_ptr, last_ptr,
     L, H, P, G, N, n_chunks,
-    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """states[row, k, head] = H_k for every chunk k; final = the state after the last chunk.
-    Grid: (batch * heads, head_dim blocks, d_state blocks)."""
+    """The one sequential part, in either direction: S ← exp(Σ_chunk a) S + Σ_t (c_t v_t) w_tᵀ over the chunks.
+    Forward (REVERSE off): v = x, w = B, c_s = Δ_s exp(Σ_{j>s} a_j) (decay to the chunk's end), chunks in order,
+    init = the initial state; walk[row, k, head] = H_k entering chunk k, last = the final state. Backward
+    (REVERSE on): v = dy, w = C, c_t = exp(Σ_{j≤t} a_j) (decay from the chunk's start), chunks in reverse, init =
+    the final state's gradient; walk[row, k, head] = dH_{k+1} reaching chunk k's end, last = the initial state's
+    gradient. Grid: (batch * heads, head_dim blocks, d_state blocks)."""
     bh, row, head, group = _program_head(H, G)
     p_offs, n_offs, p_mask, n_mask, pn_offs, pn_mask = _state_tile(P, N, BLOCK_P, BLOCK_N)
     A = tl.load(A_ptr + head).to(tl.float32)
-    if HAS_H0:
-        state = tl.load(h0_ptr + (row * H + head) * P * N + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)
+    if HAS_INIT:
+        state = tl.load(init_ptr + (row * H + head) * P * N + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for k in range(0, n_chunks):
-        tl.store(states_ptr + ((row * n_chunks + k) * H + head) * P * N + pn_offs,
-                 state.to(states_ptr.dtype.element_ty), mask=pn_mask)
+    for i in range(0, n_chunks):
+        k = n_chunks - 1 - i if REVERSE else i
+        tl.store(walk_ptr + ((row * n_chunks + k) * H + head) * P * N + pn_offs,
+                 state.to(walk_ptr.dtype.element_ty), mask=pn_mask)
         t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
-        x = tl.load(x_ptr + ((row * L + t[:, None]) * H + head) * P + p_offs[None, :],
+        v = tl.load(v_ptr + ((row * L + t[:, None]) * H + head) * P + p_offs[None, :],
                     mask=valid[:, None] & p_mask[None, :], other=0.0)
-        Bq = tl.load(B_ptr + ((row * L + t[:, None]) * G + group) * N + n_offs[None, :],
-                     mask=valid[:, None] & n_mask[None, :], other=0.0)
-        weight = dt * tl.exp(_decay_to_end(a, BLOCK_Q))
-        state = state * tl.exp(tl.sum(a, axis=0)) + _mm(tl.trans(x * weight[:, None]), Bq, x_ptr.dtype.element_ty,
+        w = tl.load(w_ptr + ((row * L + t[:, None]) * G + group) * N + n_offs[None, :],
+                    mask=valid[:, None] & n_mask[None, :], other=0.0)
+        if REVERSE:
+            weight = tl.exp(tl.cumsum(a, axis=0))
+        else:
+            weight = dt * tl.exp(_decay_to_end(a, BLOCK_Q))
+        # products in x's 16-bit type going forward and in C's going backward (as two kernels did before)
+        dot_dtype: tl.constexpr = w_ptr.dtype.element_ty if REVERSE else v_ptr.dtype.element_ty
+        state = state * tl.exp(tl.sum(a, axis=0)) + _mm(tl.trans(v.to(tl.float32) * weight[:, None]), w, dot_dtype,
                                                          IEEE)
-    tl.store(final_ptr + (row * H + head) * P * N + pn_offs, state, mask=pn_mask)
+    tl.store(last_ptr + (row * H + head) * P * N + pn_offs, state, mask=pn_mask)
 
 
 @triton.jit
@@ -164,36 +175,6 @@ def _chunk_output_kernel(
     if HAS_D:
         y += tl.load(D_ptr + head).to(tl.float32) * x.to(tl.float32)
     tl.store(y_ptr + tp_offs, y.to(y_ptr.dtype.element_ty), mask=tp_mask)
-
-
-@triton.jit
-def _chunk_state_grads_kernel(
-    dy_ptr, dt_ptr, A_ptr, C_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dh0_ptr,
-    L, H, P, G, N, n_chunks,
-    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dstates[row, k, head] = the gradient reaching the state after chunk k; dh0 = the gradient of the initial
-    state. Walks the chunks backwards. Grid: (batch * heads, head_dim blocks, d_state blocks)."""
-    bh, row, head, group = _program_head(H, G)
-    p_offs, n_offs, p_mask, n_mask, pn_offs, pn_mask = _state_tile(P, N, BLOCK_P, BLOCK_N)
-    A = tl.load(A_ptr + head).to(tl.float32)
-    if HAS_DFINAL:
-        grad = tl.load(dfinal_ptr + (row * H + head) * P * N + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)
-    else:
-        grad = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for i in range(0, n_chunks):
-        k = n_chunks - 1 - i
-        tl.store(dstates_ptr + ((row * n_chunks + k) * H + head) * P * N + pn_offs,
-                 grad.to(dstates_ptr.dtype.element_ty), mask=pn_mask)
-        t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
-        dy = tl.load(dy_ptr + ((row * L + t[:, None]) * H + head) * P + p_offs[None, :],
-                     mask=valid[:, None] & p_mask[None, :], other=0.0)
-        Cq = tl.load(C_ptr + ((row * L + t[:, None]) * G + group) * N + n_offs[None, :],
-                     mask=valid[:, None] & n_mask[None, :], other=0.0)
-        weighted = dy.to(tl.float32) * tl.exp(tl.cumsum(a, axis=0))[:, None]
-        grad = grad * tl.exp(tl.sum(a, axis=0)) + _mm(tl.trans(weighted), Cq, C_ptr.dtype.element_ty, IEEE)
-    tl.store(dh0_ptr + (row * H + head) * P * N + pn_offs, grad, mask=pn_mask)
 
 
 @triton.jit
@@ -288,7 +269,7 @@ def _chunk_grads_kernel(
         tl.store(dC_ptr + dbc_offs, dC, mask=tn_mask)
 
 
-# Tiles. The chunk is the same in every kernel (states sit at chunk boundaries); the state kernels split
+# Tiles. The chunk is the same in every kernel (states sit at chunk boundaries); the walker splits
 # (head_dim, d_state) into tiles for parallelism, the chunk kernels hold a whole d_state (and, for gradients, a
 # whole head_dim) in one program.
 MAX_D_STATE = 256
@@ -319,26 +300,28 @@ def _states_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _state_walk_grid(batch: int, heads: int, head_dim: int, d_state: int) -> tuple[tuple[int, int, int], int, int]:
-    """Grid and (head_dim, d_state) tile of the two kernels that walk the chunks in order, one program per tile."""
+    """Grid and (head_dim, d_state) tile of the chunk walker (both directions), one program per tile."""
     block_p, block_n = _block(head_dim, STATE_TILE[0]), _block(d_state, STATE_TILE[1])
     return (batch * heads, triton.cdiv(head_dim, block_p), triton.cdiv(d_state, block_n)), block_p, block_n
 
 
-def _forward_states(x, dt, A, B, seq_idx, h0, block_q):
-    """All chunk-entry states (batch, chunks, heads, head_dim, d_state) and the final state."""
-    batch, seqlen, heads, head_dim = x.shape
-    groups, d_state = B.shape[-2:]
+def _walk_chunks(v, dt, A, w, seq_idx, init, block_q, reverse):
+    """`_chunk_walk_kernel` over every (row, head): forward (v = x, w = B, init = h0) the states entering every chunk
+    (batch, chunks, heads, head_dim, d_state) and the final state (batch, heads, head_dim, d_state); reverse (v = dy,
+    w = C, init = dfinal) the gradients reaching every chunk's end and the initial state's gradient, same shapes."""
+    batch, seqlen, heads, head_dim = v.shape
+    groups, d_state = w.shape[-2:]
     n_chunks = triton.cdiv(seqlen, block_q)
-    states = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=x.device, dtype=_states_dtype(x))
-    final = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
+    walk = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=v.device, dtype=_states_dtype(v))
+    last = torch.empty(batch, heads, head_dim, d_state, device=v.device, dtype=torch.float32)
     grid, block_p, block_n = _state_walk_grid(batch, heads, head_dim, d_state)
-    _chunk_states_kernel[grid](
-        x, dt, A, B, seq_idx if seq_idx is not None else dt, h0 if h0 is not None else final, states, final,
+    _chunk_walk_kernel[grid](
+        v, dt, A, w, seq_idx if seq_idx is not None else dt, init if init is not None else last, walk, last,
         seqlen, heads, head_dim, groups, d_state, n_chunks,
-        HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, IEEE=_full_precision(x),
-        BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=WARPS["states"],
+        HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, REVERSE=reverse, IEEE=_full_precision(v),
+        BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=WARPS["state_grads" if reverse else "states"],
     )
-    return states, final
+    return walk, last
 
 
 class _SSDScan(torch.autograd.Function):
@@ -354,7 +337,7 @@ class _SSDScan(torch.autograd.Function):
         seq = seq_idx.contiguous() if seq_idx is not None else None
         y = torch.empty_like(x)
         with on_device_of(x):
-            states, final = _forward_states(x, dt, A, B, seq, h0, block_q)
+            states, final = _walk_chunks(x, dt, A, B, seq, h0, block_q, reverse=False)
             block_p = _block(head_dim, 64)
             grid = (batch * heads, states.shape[1], triton.cdiv(head_dim, block_p))
             _chunk_output_kernel[grid](
@@ -377,17 +360,9 @@ class _SSDScan(torch.autograd.Function):
         dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
         dfinal = dfinal.float().contiguous() if dfinal is not None else None
         with on_device_of(x):
-            states, _ = _forward_states(x, dt, A, B, seq, h0, block_q)
+            states, _ = _walk_chunks(x, dt, A, B, seq, h0, block_q, reverse=False)
             n_chunks = states.shape[1]
-            dstates = torch.empty_like(states)
-            dh0 = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
-            grid, block_p, block_n = _state_walk_grid(batch, heads, head_dim, d_state)
-            _chunk_state_grads_kernel[grid](
-                dy, dt, A, C, seq if seq is not None else dt, dfinal if dfinal is not None else dh0, dstates, dh0,
-                seqlen, heads, head_dim, groups, d_state, n_chunks,
-                HAS_DFINAL=dfinal is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x),
-                BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=WARPS["state_grads"],
-            )
+            dstates, dh0 = _walk_chunks(dy, dt, A, C, seq, dfinal, block_q, reverse=True)
             dx = torch.empty_like(x)
             ddt = torch.empty_like(dt)
             dB_heads = torch.empty(batch, seqlen, heads, d_state, device=x.device, dtype=torch.float32)
