@@ -382,7 +382,7 @@ def test_stream_long_file_example_runs(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "stream_long_file.py"), "--chars", "20000", "--chunk", "256",
          "--train-seconds", "0", "--new-tokens", "8", "--output", str(tmp_path / "file.state")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT), **_env()},
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same tokens as re-reading the file: True" in result.stdout, result.stdout
@@ -390,6 +390,7 @@ def test_stream_long_file_example_runs(tmp_path):
 
 
 def _env() -> dict:
+    """This environment with the repository first on PYTHONPATH (what was there stays: it may hold the packages)."""
     import os
 
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
