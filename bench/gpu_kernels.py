@@ -18,8 +18,8 @@ step     (on request) decoding by single-token forward calls (no generate()), an
 check_mamba2  (on request) Mamba-2's gated-norm and decoding-step kernels against PyTorch, timed beside it.
 conv     (on request) the Triton causal conv1d against F.conv1d: errors and forward(+backward) times.
 s4       (on request) S4 / S4D on CUDA against the CPU, and prefill speed of the LRA-size presets.
-sweep    (on request) forward and forward+backward times for a few tile shapes of the Triton scan.
 fwd_sweep  (on request) forward times of the Triton scan for a few FORWARD_CONFIG choices.
+bwd_sweep  (on request) forward+backward times of the scan for a few BACKWARD_CONFIG shapes.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
          transformers' LlamaForCausalLM of the anchors' 130M shape with SDPA.
 Prints a table last; writes results.json under $OUT if set.
@@ -230,30 +230,6 @@ def s4_on_gpu():
     report("s4", rows)
 
 
-def sweep():
-    """Forward and forward+backward time of the Triton scan for a few tile shapes (B8 D1536 T4096 N16 bf16)."""
-    from ssm_hf.kernels import selective_scan_triton as module
-
-    inp = scan_inputs(8, 4096, 1536, 16, torch.bfloat16, seed=1)
-    leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inp.items()}
-    dy = torch.randn(8, 4096, 1536, device=DEV, dtype=torch.bfloat16)
-    rows = []
-    default = dict(module.TILE_CONFIG)
-    for block_t, block_d, warps in [(16, 16, 4), (32, 16, 4), (32, 16, 8), (16, 32, 4), (64, 16, 8), (32, 32, 8),
-                                    (16, 8, 2), (32, 8, 4)]:
-        module.TILE_CONFIG.update(block_t=block_t, block_d=block_d, num_warps=warps)
-        try:
-            fwd = do_bench(lambda: selective_scan_triton(**inp, delta_softplus=True), return_mode="median")
-            both = do_bench(lambda: selective_scan_triton(**leaves, delta_softplus=True).backward(dy),
-                            return_mode="median", grad_to_none=list(leaves.values()))
-            rows.append((block_t, block_d, warps, fwd * 1e3, both * 1e3))
-        except Exception as err:
-            rows.append((block_t, block_d, warps, repr(err)[:80], None))
-        print("sweep", rows[-1], flush=True)
-    module.TILE_CONFIG.update(default)
-    R["sweep"] = rows
-
-
 def fwd_sweep():
     """Forward time of the Triton scan (B8 D1536 T4096 N16 bf16) for a few FORWARD_CONFIG choices: without
     gradients (prefill: no states kept) and with (the states every TILE_CONFIG['block_t'] tokens are stored)."""
@@ -276,6 +252,35 @@ def fwd_sweep():
         print("fwd_sweep", rows[-1], flush=True)
     module.FORWARD_CONFIG.update(default)
     R["fwd_sweep"] = rows
+
+
+def bwd_sweep():
+    """Forward+backward time of the Triton scan (B8 D1536 T4096 N16 bf16) for a few BACKWARD_CONFIG shapes, and
+    their gradients against the first's."""
+    from ssm_hf.kernels import selective_scan_triton as module
+
+    inp = scan_inputs(8, 4096, 1536, 16, torch.bfloat16, seed=1)
+    leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inp.items()}
+    dy = torch.randn(8, 4096, 1536, device=DEV, dtype=torch.bfloat16)
+    rows = []
+    default = dict(module.BACKWARD_CONFIG)
+    reference = None
+    for block_d, warps in [(32, 1), (16, 1), (64, 2)]:
+        module.BACKWARD_CONFIG.update(block_d=block_d, num_warps=warps)
+        try:
+            both = do_bench(lambda: selective_scan_triton(**leaves, delta_softplus=True).backward(dy),
+                            return_mode="median", grad_to_none=list(leaves.values()))
+            for v in leaves.values():
+                v.grad = None
+            selective_scan_triton(**leaves, delta_softplus=True).backward(dy)
+            got = {k: v.grad.float().clone() for k, v in leaves.items() if v.grad is not None}
+            reference = reference or got
+            rows.append((block_d, warps, both * 1e3, max(rel(got[k], reference[k]) for k in got)))
+        except Exception as err:
+            rows.append((block_d, warps, repr(err)[:160], None))
+        print("bwd_sweep", rows[-1], flush=True)
+    module.BACKWARD_CONFIG.update(default)
+    R["bwd_sweep"] = rows
 
 
 def ssd_inputs(b, t, h, p, g, n, dtype, seed=0):
@@ -695,8 +700,8 @@ def main():
         start = time.time()
         try:
             {"check": check, "check_mamba2": check_mamba2_kernels, "time": time_scan,
-             "s4": s4_on_gpu, "conv": conv, "latency": latency, "e2e": e2e, "sweep": sweep, "ssd": ssd,
-             "check_ssd": check_ssd, "ssd_sweep": ssd_sweep, "fwd_sweep": fwd_sweep,
+             "s4": s4_on_gpu, "conv": conv, "latency": latency, "e2e": e2e, "ssd": ssd,
+             "check_ssd": check_ssd, "ssd_sweep": ssd_sweep, "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]

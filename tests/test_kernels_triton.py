@@ -43,18 +43,19 @@ def test_triton_scan_forward_and_gradients(batch, seqlen, d_inner, d_state, opti
         assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key
 
 
-@pytest.mark.parametrize("tiles,forward", [
-    ({"block_t": 8, "block_d": 4}, {}),
-    ({"block_t": 8, "block_d": 4}, {"block_d": 4, "unroll": 2, "prefetch": False}),
-    ({"block_t": 4, "block_d": 8}, {"block_d": 8, "unroll": 4, "prefetch": True}),
+@pytest.mark.parametrize("tile_t,forward,backward", [
+    (8, {"block_d": 4}, {"block_d": 4}),
+    (8, {"block_d": 4, "unroll": 2, "prefetch": False}, {"block_d": 8}),
+    (4, {"block_d": 8, "unroll": 4, "prefetch": True}, {"block_d": 2}),
 ])
-def test_triton_scan_many_tiles(monkeypatch, tiles, forward):
+def test_triton_scan_many_tiles(monkeypatch, tile_t, forward, backward):
     # several tiles and channel blocks per row, a ragged last tile, an initial and a final state; the forward's
     # unrolled steps with and without loading ahead
     from ssm_hf.kernels import selective_scan_triton as module
 
-    monkeypatch.setattr(module, "TILE_CONFIG", {**module.TILE_CONFIG, **tiles})
+    monkeypatch.setattr(module, "TILE_CONFIG", {"block_t": tile_t})
     monkeypatch.setattr(module, "FORWARD_CONFIG", {**module.FORWARD_CONFIG, **forward})
+    monkeypatch.setattr(module, "BACKWARD_CONFIG", {**module.BACKWARD_CONFIG, **backward})
     inputs = _inputs(2, 29, 10, 6, seed=11)
     leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
     leaves_ref = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}

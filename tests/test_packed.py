@@ -104,8 +104,9 @@ def test_selective_scan_with_seq_idx_equals_each_sequence_alone(impl, dt_scale, 
         packed = kernels.selective_scan_chunked(**leaves, delta_softplus=True, return_final_state=True, chunk_size=8,
                                                 seq_idx=seq_idx.to(DEVICE))
     else:  # small tiles: starts fall on a tile's first token, inside tiles, and in several channel blocks
-        monkeypatch.setattr(selective_scan_triton, "TILE_CONFIG",
-                            {**selective_scan_triton.TILE_CONFIG, "block_t": 8, "block_d": 4})
+        monkeypatch.setattr(selective_scan_triton, "TILE_CONFIG", {"block_t": 8})
+        for config in ("FORWARD_CONFIG", "BACKWARD_CONFIG"):
+            monkeypatch.setattr(selective_scan_triton, config, {**getattr(selective_scan_triton, config), "block_d": 4})
         packed = selective_scan_triton.selective_scan_triton(**leaves, delta_softplus=True, return_final_state=True,
                                                              seq_idx=seq_idx.to(DEVICE))
     _check_values_and_gradients(packed, alone, leaves, refs, grad_tol=1e-4 if impl == "triton" else 1e-5)

@@ -4,10 +4,11 @@ Same function and signature as `selective_scan_torch.selective_scan_chunked` (ti
 program owns one batch row and BLOCK_D channels, keeps their (d_state, BLOCK_D) state in registers and steps
 through the tokens one at a time (UNROLL tokens per loop trip, the next trip's inputs loaded ahead); it stores
 the state entering every TILE_CONFIG['block_t']-token tile, (batch, n_tiles, d_state, d_inner), only when a
-backward will need it. Backward: per tile, in reverse, the tile's states are recomputed from the stored one with
-an associative scan over (decay, input) pairs and the adjoint recurrence runs backwards the same way, so no
-(batch, seqlen, d_inner, d_state) tensor is ever stored. With `seq_idx` (packed sequences), a token that starts
-a new sequence gets a decay of 0, so no state crosses the boundary in either direction.
+backward will need it. Backward: the same program shape walks the tiles in reverse; per tile it recomputes the
+states after each token from the stored one into a small per-program scratch, then visits the tokens backwards
+with the adjoint state in registers, so no (batch, seqlen, d_inner, d_state) tensor is ever stored. With
+`seq_idx` (packed sequences), a token that starts a new sequence gets a decay of 0, so no state crosses the
+boundary in either direction.
 """
 
 from __future__ import annotations
@@ -23,42 +24,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _combine(a_left, b_left, a_right, b_right):
-    # (a, b) pairs of h -> a * h + b, composed: the left map first
-    return a_left * a_right, a_right * b_left + b_right
-
-
-@triton.jit
 def _softplus(x):
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _load_tile(ptr, t_offs, d_offs, L, Dm, t_mask, d_mask):
-    # int64: seqlen * width passes 2**31 for long sequences of the large models
-    return tl.load(ptr + t_offs.to(tl.int64)[:, None] * Dm + d_offs[None, :], mask=t_mask[:, None] & d_mask[None, :],
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _delta(dt_ptr, bias, t_offs, d_offs, L, Dm, t_mask, d_mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    raw = _load_tile(dt_ptr, t_offs, d_offs, L, Dm, t_mask, d_mask)
-    if HAS_BIAS:
-        raw = raw + bias[None, :]
-    dt = raw
-    if SOFTPLUS:
-        dt = _softplus(raw)
-    # positions past the end behave as identity steps: no decay, no input
-    return tl.where(t_mask[:, None] & d_mask[None, :], dt, 0.0), raw
-
-
-@triton.jit
-def _starts_at(seq_ptr, t_offs, L):
-    # (T,) True where token t starts a new sequence (seq_idx differs from token t-1's); never at t = 0
-    inside = (t_offs >= 1) & (t_offs < L)
-    now = tl.load(seq_ptr + tl.minimum(t_offs, L - 1).to(tl.int64), mask=inside, other=0)
-    before = tl.load(seq_ptr + tl.maximum(t_offs - 1, 0).to(tl.int64), mask=inside, other=0)
-    return inside & (now != before)
 
 
 @triton.jit
@@ -177,131 +144,185 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, t, L, Dm, N, d_offs, n_offs, d_mask, n_mask,
+                  HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Token t (clamped to the sequence) for the token-by-token backward: x (D,), Δ after bias/softplus (zero past
+    the end: an identity step), Δ before softplus, B_t and C_t (N,), whether t starts a sequence, whether t < L."""
+    valid = tl.cast(t, tl.int64) < L
+    row = tl.maximum(tl.minimum(tl.cast(t, tl.int64), L - 1), 0)  # loads ahead may ask for t = -1 or t >= L
+    x = tl.load(x_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+    raw = tl.load(dt_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32) + bias
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    dt = tl.where(valid, dt, 0.0)
+    Bt = tl.load(B_ptr + row * N + n_offs, mask=n_mask, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + row * N + n_offs, mask=n_mask, other=0.0).to(tl.float32)
+    starts = row < 0
+    if HAS_SEQ:
+        inside = valid & (row >= 1)
+        starts = inside & (tl.load(seq_ptr + row, mask=inside, other=0)
+                           != tl.load(seq_ptr + row - 1, mask=inside, other=0))
+    return x, dt, raw, Bt, Ct, starts, valid
+
+
+@triton.jit
+def _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch_ptr, h_first, bias, start, i, L,
+                    Dm, N, d_offs, n_offs, d_mask, n_mask, scratch_offs, HAS_SEQ: tl.constexpr,
+                    SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_token_inputs` of token start + i, then its dy (zero past the end), z and the state before it (the
+    tile's first state for i = 0, else the recomputed one in the scratch)."""
+    x, dt, raw, Bt, Ct, starts, valid = _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, start + i, L, Dm,
+                                                      N, d_offs, n_offs, d_mask, n_mask, HAS_SEQ, SOFTPLUS)
+    row = tl.maximum(tl.minimum(tl.cast(start + i, tl.int64), L - 1), 0)
+    g = tl.where(valid, tl.load(dy_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32), 0.0)
+    z = g
+    if HAS_Z:
+        z = tl.load(z_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+    h_prev = tl.load(scratch_ptr + tl.maximum(i - 1, 0) * BLOCK_N * BLOCK_D + scratch_offs)
+    h_prev = tl.where(i == 0, h_first, h_prev)
+    return x, dt, raw, Bt, Ct, starts, valid, g, z, h_prev
+
+
+@triton.jit
 def _bwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, tile_states_ptr, dy_ptr, dhT_ptr,
-    dx_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, tile_states_ptr, scratch_ptr, dy_ptr,
+    dhT_ptr, dx_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     L, Dm, N, n_tiles, n_dblocks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_SEQ: tl.constexpr, HAS_DHT: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_DHT: tl.constexpr, TILE_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
+    # The forward's program shape (one batch row, BLOCK_D channels, (d_state, channels) tensors in registers),
+    # walking the tiles of TILE_T tokens backwards. Per tile: the states after each of its tokens are recomputed
+    # from the state stored at the tile's start into this program's scratch (TILE_T x d_state x BLOCK_D floats,
+    # small enough to stay in cache), then the tokens are visited in reverse with the adjoint
+    # u_t = dL/dh_t = C_t g_t + exp(Δ_{t+1} A) u_{t+1} in registers.
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n_offs = tl.arange(0, BLOCK_N)
     d_mask, n_mask = d_offs < Dm, n_offs < N
-    dn_mask = d_mask[:, None] & n_mask[None, :]
-    A = tl.load(A_ptr + d_offs[:, None] * N + n_offs[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+    A = tl.load(A_ptr + n_offs[:, None] * Dm + d_offs[None, :], mask=nd_mask, other=0.0).to(tl.float32)
+    A2 = A * _LOG2E
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
     Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
-    state_offs = d_offs[:, None] * N + n_offs[None, :]
-    if HAS_DHT:
-        carry = tl.load(dhT_ptr + b * Dm * N + state_offs, mask=dn_mask, other=0.0).to(tl.float32)
+    state_offs = d_offs[None, :] * N + n_offs[:, None]  # (batch, d_inner, d_state) of dhT, dh0, dA
+    tile_offs = n_offs[:, None] * Dm + d_offs[None, :]
+    # scratch: (TILE_T, BLOCK_N, BLOCK_D) per program
+    scratch_ptr += (b * n_dblocks + pid_d) * TILE_T * BLOCK_N * BLOCK_D
+    scratch_offs = n_offs[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    if HAS_DHT:  # dL/dh_t arriving from later tokens (here: from the final state)
+        carry = tl.load(dhT_ptr + b * Dm * N + state_offs, mask=nd_mask, other=0.0).to(tl.float32)
     else:
-        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dA = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    first_decay = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    row = tl.arange(0, BLOCK_T)
+    x_ptr += b * L * Dm
+    dt_ptr += b * L * Dm
+    z_ptr += b * L * Dm
+    dy_ptr += b * L * Dm
+    dx_ptr += b * L * Dm
+    ddt_ptr += b * L * Dm
+    dz_ptr += b * L * Dm
+    B_ptr += b * L * N
+    C_ptr += b * L * N
+    seq_ptr += b * L
+    part = (b * n_dblocks + pid_d) * L  # rows of this program's dB / dC partial sums
     for rev in range(0, n_tiles):
-        tile = n_tiles - 1 - rev
-        t_offs = tile * BLOCK_T + row
-        t_mask = t_offs < L
-        td_mask = t_mask[:, None] & d_mask[None, :]
-        tn_mask = t_mask[:, None] & n_mask[None, :]
-        base = b * L * Dm
-        x = _load_tile(x_ptr + base, t_offs, d_offs, L, Dm, t_mask, d_mask)
-        dt, raw = _delta(dt_ptr + base, bias, t_offs, d_offs, L, Dm, t_mask, d_mask, HAS_BIAS, SOFTPLUS)
-        next_mask = (t_offs + 1) < L
-        dt_next, _ = _delta(dt_ptr + base, bias, t_offs + 1, d_offs, L, Dm, next_mask, d_mask, HAS_BIAS, SOFTPLUS)
-        Bt = _load_tile(B_ptr + b * L * N, t_offs, n_offs, L, N, t_mask, n_mask)
-        Ct = _load_tile(C_ptr + b * L * N, t_offs, n_offs, L, N, t_mask, n_mask)
-        dy = _load_tile(dy_ptr + base, t_offs, d_offs, L, Dm, t_mask, d_mask)
-        # recompute the tile's states from the state stored at its start
-        h_start = tl.load(tile_states_ptr + (b * n_tiles + tile) * Dm * N + n_offs[None, :] * Dm + d_offs[:, None],
-                          mask=dn_mask, other=0.0)
-        decay = tl.exp(dt[:, :, None] * A[None, :, :])
-        alpha = tl.exp(dt_next[:, :, None] * A[None, :, :])                  # exp(Δ_{t+1} A)
-        if HAS_SEQ:  # the zero decays of the forward: no gradient flows through them either
-            decay = tl.where(_starts_at(seq_ptr + b * L, t_offs, L)[:, None, None], 0.0, decay)
-            alpha = tl.where(_starts_at(seq_ptr + b * L, t_offs + 1, L)[:, None, None], 0.0, alpha)
-        inp = (dt * x)[:, :, None] * Bt[:, None, :]
-        decay_cum, inp_cum = tl.associative_scan((decay, inp), 0, _combine)
-        hs = decay_cum * h_start[None, :, :] + inp_cum
-        g = dy
-        if HAS_Z:
-            z = _load_tile(z_ptr + base, t_offs, d_offs, L, Dm, t_mask, d_mask)
-            sig = tl.sigmoid(z)
-            y_pre = tl.sum(hs * Ct[:, None, :], axis=2)
+        start = (n_tiles - 1 - rev) * TILE_T
+        h_first = tl.load(tile_states_ptr + (b * n_tiles + start // TILE_T) * N * Dm + tile_offs, mask=nd_mask,
+                          other=0.0)
+        h = h_first
+        # Both walks load the next token's inputs before this token's stores (which the compiler may not move
+        # loads across): the loads' latency hides behind a token's arithmetic.
+        cur = _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, start, L, Dm, N, d_offs, n_offs, d_mask,
+                            n_mask, HAS_SEQ, SOFTPLUS)
+        for i in range(0, TILE_T):
+            nxt = _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, start + i + 1, L, Dm, N, d_offs, n_offs,
+                                d_mask, n_mask, HAS_SEQ, SOFTPLUS)
+            x, dt, raw, Bt, Ct, starts, valid = cur
+            decay = tl.exp2(dt[None, :] * A2)
+            if HAS_SEQ:
+                decay = tl.where(starts, 0.0, decay)
+            h = decay * h + Bt[:, None] * (dt * x)[None, :]
+            tl.store(scratch_ptr + i * BLOCK_N * BLOCK_D + scratch_offs, h)
+            cur = nxt
+        h_t = h
+        back = _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch_ptr, h_first, bias,
+                              start, TILE_T - 1, L, Dm, N, d_offs, n_offs, d_mask, n_mask, scratch_offs, HAS_SEQ,
+                              SOFTPLUS, HAS_Z, BLOCK_N, BLOCK_D)
+        for j in range(0, TILE_T):
+            k = TILE_T - 1 - j
+            back_next = _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch_ptr, h_first,
+                                      bias, start, k - 1, L, Dm, N, d_offs, n_offs, d_mask, n_mask, scratch_offs,
+                                      HAS_SEQ, SOFTPLUS, HAS_Z, BLOCK_N, BLOCK_D)
+            x, dt, raw, Bt, Ct, starts, valid, g, z, h_prev = back
+            t = start + k
+            row = tl.minimum(tl.cast(t, tl.int64), L - 1)
+            td_mask = d_mask & ((tl.cast(t, tl.int64) + tl.zeros_like(d_offs)) < L)
+            decay = tl.exp2(dt[None, :] * A2)
+            if HAS_SEQ:  # the zero decay of the forward: no gradient flows through it either
+                decay = tl.where(starts, 0.0, decay)
+            if HAS_Z:
+                sig = tl.sigmoid(z)
+                y_pre = tl.sum(h_t * Ct[:, None], axis=0) + Dv * x
+                tl.store(dz_ptr + row * Dm + d_offs, g * y_pre * sig * (1.0 + z * (1.0 - sig)), mask=td_mask)
+                g = g * z * sig
+            u = carry + Ct[:, None] * g[None, :]
+            uB = tl.sum(u * Bt[:, None], axis=0)
+            before = decay * h_prev                                               # exp(Δ_t A) h_{t-1}
+            ddt = x * uB + tl.sum(u * A * before, axis=0)
+            dA += u * dt[None, :] * before
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(raw)
+            ddt = tl.where(valid, ddt, 0.0)
+            if HAS_BIAS:
+                dbias += ddt
             if HAS_D:
-                y_pre += x * Dv[None, :]
-            g = dy * z * sig
-            dz = dy * y_pre * sig * (1.0 + z * (1.0 - sig))
-            tl.store(dz_ptr + base + t_offs.to(tl.int64)[:, None] * Dm + d_offs[None, :], dz, mask=td_mask)
-        # adjoint: u_t = dL/dh_t = C_t g_t + exp(Δ_{t+1} A) u_{t+1}, run backwards through the tile
-        src = Ct[:, None, :] * g[:, :, None]
-        p_cum, q_cum = tl.associative_scan((alpha, src), 0, _combine, reverse=True)
-        u = p_cum * carry[None, :, :] + q_cum
-        u = tl.where(t_mask[:, None, None], u, 0.0)
-        uB = tl.sum(u * Bt[:, None, :], axis=2)                               # (T, D)
-        dx = dt * uB
-        if HAS_D:
-            dx += Dv[None, :] * g
-            dD += tl.sum(g * x, axis=0)
-        before = hs - inp                                                      # exp(Δ_t A) h_{t-1}
-        ddt = x * uB + tl.sum(u * A[None, :, :] * before, axis=2)
-        dA += tl.sum(u * dt[:, :, None] * before, axis=0)
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(raw)
-        ddt = tl.where(td_mask, ddt, 0.0)
-        if HAS_BIAS:
-            dbias += tl.sum(ddt, axis=0)
-        rows = t_offs.to(tl.int64)[:, None] * Dm + d_offs[None, :]
-        tl.store(dx_ptr + base + rows, dx, mask=td_mask)
-        tl.store(ddt_ptr + base + rows, ddt, mask=td_mask)
-        # per-channel-block partial sums over this block's channels; summed over blocks outside
-        part = ((b * n_dblocks + pid_d) * L + t_offs.to(tl.int64)[:, None]) * N + n_offs[None, :]
-        tl.store(dC_ptr + part, tl.sum(hs * g[:, :, None], axis=1), mask=tn_mask)
-        tl.store(dB_ptr + part, tl.sum(u * (dt * x)[:, :, None], axis=1), mask=tn_mask)
-        first = (row == 0)[:, None, None]
-        carry = tl.sum(tl.where(first, u, 0.0), axis=0)
-        first_decay = tl.sum(tl.where(first, decay, 0.0), axis=0)
-    tl.store(dh0_ptr + b * Dm * N + state_offs, first_decay * carry, mask=dn_mask)
-    tl.store(dA_ptr + b * Dm * N + state_offs, dA, mask=dn_mask)
+                dD += g * x
+            tl.store(dx_ptr + row * Dm + d_offs, dt * uB + Dv * g, mask=td_mask)
+            tl.store(ddt_ptr + row * Dm + d_offs, ddt, mask=td_mask)
+            tn_mask = n_mask & ((tl.cast(t, tl.int64) + tl.zeros_like(n_offs)) < L)
+            tl.store(dB_ptr + (part + row) * N + n_offs, tl.sum(u * (dt * x)[None, :], axis=1), mask=tn_mask)
+            tl.store(dC_ptr + (part + row) * N + n_offs, tl.sum(h_t * g[None, :], axis=1), mask=tn_mask)
+            carry = decay * u
+            h_t = h_prev
+            back = back_next
+    tl.store(dh0_ptr + b * Dm * N + state_offs, carry, mask=nd_mask)
+    tl.store(dA_ptr + b * Dm * N + state_offs, dA, mask=nd_mask)
     if HAS_D:
         tl.store(dD_ptr + b * Dm + d_offs, dD, mask=d_mask)
     if HAS_BIAS:
         tl.store(dbias_ptr + b * Dm + d_offs, dbias, mask=d_mask)
 
 
-# Tile shape and warps per program; a handful of fixed choices rather than an autotuning sweep, so that the
-# first call compiles once per shape class (seconds), not once per candidate.
-TILE_CONFIG = {"block_t": 16, "block_d": 16, "num_warps": 4}
-# The forward: channels per program (for d_state 16; fewer for larger states), tokens per unrolled block, and
-# whether the next block's loads are issued before this block's arithmetic. block_t above is also the interval
-# at which the forward stores states for the backward.
+# A few fixed choices rather than an autotuning sweep, so that the first call compiles once per shape class
+# (seconds), not once per candidate. block_t: the tokens between two states the forward stores for the backward
+# (the backward recomputes each such tile). The forward: channels per program (for d_state 16; proportionally
+# fewer for larger states), tokens per unrolled loop trip, and whether the next trip's inputs are loaded ahead.
+TILE_CONFIG = {"block_t": 16}
 FORWARD_CONFIG = {"block_d": 32, "unroll": 4, "num_warps": 1, "prefetch": True}
+BACKWARD_CONFIG = {"block_d": 32, "num_warps": 1}
 
 
-def _blocks(d_state: int) -> tuple[int, int, int, int]:
-    block_n = triton.next_power_of_2(d_state)
-    block_d = TILE_CONFIG["block_d"] if block_n <= 16 else max(TILE_CONFIG["block_d"] * 16 // block_n, 4)
-    return TILE_CONFIG["block_t"], block_d, block_n, TILE_CONFIG["num_warps"]
+def _channel_block(block_d: int, block_n: int) -> int:
+    """Channels per program: block_d for d_state <= 16, fewer for larger states (about block_d x 16 elements)."""
+    return block_d if block_n <= 16 else max(block_d * 16 // block_n, 2)
 
 
-def _forward_blocks(d_state: int, tile_t: int) -> tuple[int, int, int]:
-    """(channels per program, unroll, warps) of the forward kernel: about BLOCK_D x 16 state elements a program."""
-    block_n = triton.next_power_of_2(d_state)
-    block_d = max(FORWARD_CONFIG["block_d"] * 16 // block_n, 2) if block_n > 16 else FORWARD_CONFIG["block_d"]
+def _forward_blocks(block_n: int, tile_t: int) -> tuple[int, int, int]:
+    """(channels per program, unroll, warps) of the forward kernel."""
     unroll = FORWARD_CONFIG["unroll"]
     if tile_t % unroll:
         raise ValueError(f"FORWARD_CONFIG['unroll'] ({unroll}) must divide TILE_CONFIG['block_t'] ({tile_t})")
-    return block_d, unroll, FORWARD_CONFIG["num_warps"]
+    return _channel_block(FORWARD_CONFIG["block_d"], block_n), unroll, FORWARD_CONFIG["num_warps"]
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -309,7 +330,7 @@ class _SelectiveScan(torch.autograd.Function):
     def forward(ctx, x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
         batch, seqlen, d_inner = x.shape
         d_state = A.shape[-1]
-        block_t, block_d, block_n, num_warps = _blocks(d_state)
+        block_t, block_n = TILE_CONFIG["block_t"], triton.next_power_of_2(d_state)
         n_tiles = triton.cdiv(seqlen, block_t)
         x, delta, B, C = x.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
         z = z.contiguous() if z is not None else None
@@ -327,7 +348,7 @@ class _SelectiveScan(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         dummy = final
-        fwd_block_d, unroll, fwd_warps = _forward_blocks(d_state, block_t)
+        fwd_block_d, unroll, fwd_warps = _forward_blocks(block_n, block_t)
         with on_device_of(x):
             _fwd_kernel[(batch, triton.cdiv(d_inner, fwd_block_d))](
                 x, delta, A_t, B, C, D if D is not None else dummy, z if z is not None else dummy,
@@ -349,31 +370,34 @@ class _SelectiveScan(torch.autograd.Function):
         x, delta, A, B, C, D, z, delta_bias, seq_idx, tiles = ctx.saved_tensors
         batch, seqlen, d_inner = x.shape
         d_state = A.shape[-1]
-        block_t, block_d, block_n, num_warps = _blocks(d_state)
+        block_t, block_n = TILE_CONFIG["block_t"], triton.next_power_of_2(d_state)
+        block_d = _channel_block(BACKWARD_CONFIG["block_d"], block_n)
         n_tiles = tiles.shape[1]
         n_dblocks = triton.cdiv(d_inner, block_d)
         f32 = dict(device=x.device, dtype=torch.float32)
         dx, ddt = torch.empty(x.shape, **f32), torch.empty(x.shape, **f32)
         dz = torch.empty(x.shape, **f32) if z is not None else None
         dA = torch.empty(batch, d_inner, d_state, **f32)
+        # per channel block, summed over the blocks below
         dB = torch.empty(batch, n_dblocks, seqlen, d_state, **f32)
         dC = torch.empty(batch, n_dblocks, seqlen, d_state, **f32)
         dD = torch.empty(batch, d_inner, **f32) if D is not None else None
         dbias = torch.empty(batch, d_inner, **f32) if delta_bias is not None else None
         dh0 = torch.empty(batch, d_inner, d_state, **f32)
+        # each program's recomputed states of one tile
+        scratch = torch.empty(batch * n_dblocks * block_t * block_n * block_d, **f32)
         dummy = dh0
         with on_device_of(x):
             _bwd_kernel[(batch, n_dblocks)](
-                x, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+                x, delta, A.t().contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
                 delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy, tiles,
-                dy.contiguous(),
-                dfinal.contiguous() if dfinal is not None else dummy,
+                scratch, dy.contiguous(), dfinal.contiguous() if dfinal is not None else dummy,
                 dx, ddt, dz if dz is not None else dummy, dA, dB, dC, dD if dD is not None else dummy,
                 dbias if dbias is not None else dummy, dh0,
                 seqlen, d_inner, d_state, n_tiles, n_dblocks,
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                 SOFTPLUS=ctx.delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DHT=dfinal is not None,
-                BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+                TILE_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BACKWARD_CONFIG["num_warps"],
             )
         return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
                 dD.sum(0).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
