@@ -2,7 +2,7 @@
 steps (`disable_compile=True`), bf16, random weights.
 
     python bench/gpu_decode_graphs.py [--models mamba-130m mamba2-130m llama-130m] [--batches 1 64] [--prompt 2048]
-        [--new 256]
+        [--new 256] [--paths graphs graphs-fresh eager]
 
 `llama-130m` is the peer: transformers' LlamaForCausalLM of the anchors' 130M shape (12 x 768, SDPA), decoded
 with a static KV cache, which generate() compiles with CUDA graphs ("graphs" row: `cache_implementation="static"`),
@@ -10,15 +10,23 @@ and with its default dynamic cache, eager ("eager" row).
 
 For each model and batch size: a random prompt of `--prompt` tokens, greedy, max_new_tokens = min_new_tokens =
 `--new` (EOS cannot stop it). Timed with torch.cuda.Event around whole generate() calls of 1 new token (the
-prefill and its token), 2 (plus the first decoding step: with graphs, the warm-up and capture) and `--new`:
+prefill and its token), 2 (plus the first decoding step) and `--new`:
 
-    decode tok/s  = batch * (new - 1) / (t_new - t_1)    every decoding step, the capture included
+    decode tok/s  = batch * (new - 1) / (t_new - t_1)    every decoding step, the first included
     steady tok/s  = batch * (new - 2) / (t_new - t_2)    the steps after the first
     first step ms = t_2 - t_1
 
-each after a warm-up call, measured twice (both runs reported). Each call makes a new cache, so each graphed call
-captures anew. It also checks that the graphed calls replayed a graph for every decoding step (the returned cache's
-`decode_graphs`) and the eager ones none, and compares the greedy tokens of the two paths.
+each after warm-up calls, measured twice (both runs reported). Each call makes a new cache. Paths (`--paths`):
+
+- graphs: the default on CUDA. The model keeps the graph captured by the warm-up calls, so the timed calls replay
+  it from their first decoding step (a later generate() call, as a pipeline or a server makes them);
+- graphs-fresh: the same with the kept graphs released before every timed call (not timed), so each call captures
+  anew at its first decoding step: what every call paid before graphs were kept across calls (our models only);
+- eager: `disable_compile=True`.
+
+`captures` counts the graphs captured during the timed calls (0 for graphs, one per call with a decoding step for
+graphs-fresh). It also checks that the graphed calls replayed a graph for every decoding step (the returned
+cache's `decode_graphs`) and the eager ones none, and compares the greedy tokens of the paths with eager's.
 Prints a table; writes $OUT/decode_graphs.json when OUT is set.
 """
 
@@ -38,8 +46,10 @@ import transformers  # noqa: E402
 from llama_peer import llama_130m_config  # noqa: E402
 
 import ssm_hf  # noqa: E402
+from ssm_hf.models.graphs import clear_decode_graphs, decode_graph_store  # noqa: E402
 
 DEV = "cuda"
+PATHS = ("graphs", "graphs-fresh", "eager")
 
 
 LLAMA = "llama-130m"
@@ -56,8 +66,11 @@ def build(name: str):
     return config, model.to(DEV, torch.bfloat16).eval()
 
 
-def timed_generate(model, ids: torch.Tensor, new: int, graphs: bool) -> tuple[float, object]:
-    """Seconds (CUDA events) for one greedy generate() of exactly `new` tokens, and its output."""
+def timed_generate(model, ids: torch.Tensor, new: int, graphs: bool, fresh: bool = False) -> tuple[float, object]:
+    """Seconds (CUDA events) for one greedy generate() of exactly `new` tokens, and its output; `fresh`: release
+    the model's kept graphs first (not timed), so that the call captures anew."""
+    if fresh:
+        clear_decode_graphs(model)
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
                   return_dict_in_generate=True, disable_compile=not graphs)
     if graphs and isinstance(model, transformers.LlamaForCausalLM):
@@ -77,19 +90,23 @@ def replays(out) -> int:
     return sum(entry.replays for entry in getattr(out.past_key_values, "decode_graphs", {}).values())
 
 
-def measure(model, ids: torch.Tensor, new: int, graphs: bool, runs: int = 2) -> dict:
+def measure(model, ids: torch.Tensor, new: int, path: str, runs: int = 2) -> dict:
     batch = ids.shape[0]
+    graphs, fresh = path != "eager", path == "graphs-fresh"
     for length in (1, 2, new):  # warm-up: Triton / torch.compile (one graph per static-cache length), allocator
-        timed_generate(model, ids, length, graphs)
+        timed_generate(model, ids, length, graphs, fresh)
     row = {"decode_tok_s": [], "steady_tok_s": [], "first_step_ms": [], "prefill_s": []}
+    store = decode_graph_store(model)
+    captures = store.captures
     for _ in range(runs):
-        t1, _ = timed_generate(model, ids, 1, graphs)
-        t2, _ = timed_generate(model, ids, 2, graphs)
-        tn, out = timed_generate(model, ids, new, graphs)
+        t1, _ = timed_generate(model, ids, 1, graphs, fresh)
+        t2, _ = timed_generate(model, ids, 2, graphs, fresh)
+        tn, out = timed_generate(model, ids, new, graphs, fresh)
         row["decode_tok_s"].append(batch * (new - 1) / (tn - t1))
         row["steady_tok_s"].append(batch * (new - 2) / (tn - t2))
         row["first_step_ms"].append((t2 - t1) * 1e3)
         row["prefill_s"].append(t1)
+    row["captures"] = None if isinstance(model, transformers.LlamaForCausalLM) else store.captures - captures
     row["replayed_steps"] = replays(out)
     row["expected_replays"] = (new - 1) if graphs and not isinstance(model, transformers.LlamaForCausalLM) else 0
     row["sequences"] = out.sequences
@@ -110,6 +127,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("This benchmark needs a CUDA GPU.")
@@ -126,17 +144,21 @@ def main() -> None:
             ids = torch.randint(1, config.vocab_size, (batch, args.prompt), device=DEV,
                                 generator=torch.Generator(device=DEV).manual_seed(batch))
             rows = {}
-            for path, graphs in (("graphs", True), ("eager", False)):
+            for path in args.paths:
+                if path == "graphs-fresh" and name == LLAMA:
+                    continue   # (its compiled static-cache steps are torch.compile's to keep)
                 try:
-                    rows[path] = measure(model, ids, args.new, graphs)
+                    rows[path] = measure(model, ids, args.new, path)
                 except torch.cuda.OutOfMemoryError:
                     rows[path] = {"error": "out of memory"}
+                clear_decode_graphs(model)
                 torch.cuda.empty_cache()
-            check = {}
-            if "sequences" in rows["graphs"] and "sequences" in rows["eager"]:
-                check = compare(rows["graphs"].pop("sequences"), rows["eager"].pop("sequences"), args.prompt)
+            eager = rows.get("eager", {}).get("sequences")
+            checks = {path: compare(row["sequences"], eager, args.prompt)
+                      for path, row in rows.items() if path != "eager" and eager is not None and "sequences" in row}
             for path, row in rows.items():
                 row.pop("sequences", None)
+                check = checks.get(path, {})
                 entry = {"model": name, "batch": batch, "path": path, **row, **check}
                 if "error" not in row:   # (the Llama peer's compiled steps are not counted)
                     entry["graph_path_ran"] = (None if name == LLAMA
@@ -148,23 +170,25 @@ def main() -> None:
 
     print(f"\n{results['device']}: generate() decoding, bf16, random weights, prompt {args.prompt}, "
           f"{args.new} new tokens (two runs each)\n")
-    print("| model | batch | path | decode tok/s | steady tok/s | first step ms | graph path ran | tokens equal |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | batch | path | decode tok/s | steady tok/s | first step ms | captures | graph path ran "
+          "| tokens equal |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results["rows"]:
         if "error" in r:
-            print(f"| {r['model']} | {r['batch']} | {r['path']} | {r['error']} | | | | |")
+            print(f"| {r['model']} | {r['batch']} | {r['path']} | {r['error']} | | | | | |")
             continue
         fmt = lambda values, spec: " / ".join(format(v, spec) for v in values)  # noqa: E731
         print(f"| {r['model']} | {r['batch']} | {r['path']} | {fmt(r['decode_tok_s'], ',.0f')} | "
-              f"{fmt(r['steady_tok_s'], ',.0f')} | {fmt(r['first_step_ms'], '.1f')} | {r['graph_path_ran']} | "
-              f"{r.get('tokens_equal')} |")
+              f"{fmt(r['steady_tok_s'], ',.0f')} | {fmt(r['first_step_ms'], '.1f')} | {r['captures']} | "
+              f"{r['graph_path_ran']} | {r.get('tokens_equal')} |")
     speedups = {}
     for r in results["rows"]:
-        if r["path"] == "graphs" and "error" not in r:
+        if r["path"] != "eager" and "error" not in r:
             eager = next((e for e in results["rows"] if e["path"] == "eager" and e["model"] == r["model"]
                           and e["batch"] == r["batch"] and "error" not in e), None)
             if eager:
-                speedups[f"{r['model']} b{r['batch']}"] = max(r["decode_tok_s"]) / max(eager["decode_tok_s"])
+                speedups[f"{r['model']} b{r['batch']} {r['path']}"] = (max(r["decode_tok_s"])
+                                                                      / max(eager["decode_tok_s"]))
     results["speedup_decode"] = speedups
     print("\nspeed-up of decode tok/s (best run of each):",
           ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items()))

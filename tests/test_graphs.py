@@ -25,7 +25,9 @@ from ssm_hf.models.graphs import (
     EagerReplay,
     GraphedDecodeStep,
     TracedReplay,
+    clear_decode_graphs,
     decode_capture_for,
+    decode_graph_store,
 )
 from ssm_hf.models.state import layer_tensors
 
@@ -132,7 +134,7 @@ def test_replays_follow_beam_reorders_in_place_and_replaced_state_tensors(preset
             ref = model(token, past_key_values=eager_cache, use_cache=True, logits_to_keep=1)
             assert torch.equal(out.logits, ref.logits), i
             # what a graph reads: the captured tensors, which the cache holds again after each replay
-            (entry,) = graphed_cache.decode_graphs.values()
+            (entry,) = [use.step for use in graphed_cache.decode_graphs.values()]
             held = [t for layer in graphed_cache.layers for t in layer_tensors(layer).values()]
             assert len(held) == len(entry.slots) and all(a is b for a, (*_, b) in zip(held, entry.slots))
             beams = torch.randint(0, 4, (4,), generator=torch.Generator().manual_seed(i))
@@ -145,9 +147,15 @@ def test_replays_follow_beam_reorders_in_place_and_replaced_state_tensors(preset
                 DynamicCache.reorder_cache(graphed_cache, beams)  # new tensors
             DynamicCache.reorder_cache(eager_cache, beams)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-    (entry,) = graphed_cache.decode_graphs.values()
-    assert entry.replays == 6 and step.eager_calls == 0
+    (use,) = graphed_cache.decode_graphs.values()
+    assert use.replays == use.step.replays == 6 and step.eager_calls == 0 and step.captures == 1
     assert graphed_cache.seen_tokens == eager_cache.seen_tokens == 7 + 6
+    # released (as at the end of a generate() call): the cache holds tensors of its own, with the state reached
+    step.release()
+    held = [t for layer in graphed_cache.layers for t in layer_tensors(layer).values()]
+    assert not any(t is static for t, (*_, static) in zip(held, use.step.slots))
+    assert all(torch.equal(t, ref) for t, ref in zip(held, [t for layer in eager_cache.layers
+                                                           for t in layer_tensors(layer).values()]))
 
 
 def test_hybrids_disable_compile_the_environment_and_cpu_keep_the_eager_call(monkeypatch):
@@ -212,15 +220,22 @@ def test_a_returned_cache_keeps_its_graph_and_moved_weights_are_recaptured():
     assert new_entry is not entry and new_entry.replays == 4
 
 
-def test_graphs_live_and_die_with_their_cache():
+def test_graphs_are_kept_by_the_model_and_die_with_it():
+    """The captured steps stay with the model (its store) after the call's cache is gone, and go with the model;
+    the cache's record holds them weakly."""
     model = _model("mamba-tiny")
     out = _generate(model, True, input_ids=_ids(1, 5, 13), max_new_tokens=3, do_sample=False)
-    (entry,) = out.past_key_values.decode_graphs.values()
+    (use,) = out.past_key_values.decode_graphs.values()
+    entry = use.step
     ref = weakref.ref(entry)
-    assert isinstance(entry, CapturedDecodeStep) and entry.model is model
+    assert isinstance(entry, CapturedDecodeStep) and entry.model is model and use.replays == 2
+    assert decode_graph_store(model).entries == [entry] and entry.claimant is None and entry.holder is None
     del entry, out
     gc.collect()
-    assert ref() is None
+    assert ref() is not None and decode_graph_store(model).entries == [ref()]
+    del model
+    gc.collect()
+    assert ref() is None and use.step is None
 
 
 class _FailingCapture(EagerReplay):
@@ -313,7 +328,7 @@ def test_stored_logits_and_scores_are_copies_of_the_replayed_output(model):
     for name in ("logits", "scores"):
         got, expected = getattr(graphed, name), getattr(plain, name)
         assert len(got) == 7 and all(torch.equal(a, b) for a, b in zip(got, expected)), name
-    (entry,) = graphed.past_key_values.decode_graphs.values()
+    (entry,) = [use.step for use in graphed.past_key_values.decode_graphs.values()]
     pointers = {t.data_ptr() for t in (*graphed.logits, *graphed.scores)}
     assert len(pointers) == 14 and entry.logits.data_ptr() not in pointers
 
@@ -409,8 +424,8 @@ def test_a_cache_filled_in_inference_mode_is_graphed_outside_it(preset):
     assert torch.equal(graphed.sequences, plain.sequences)
     states = [t for layer in cache.layers for t in layer_tensors(layer).values()]
     assert not any(t.is_inference() for t in states)
-    # the graph captured on the inference tensors the cache no longer holds was dropped for the new one
-    assert [e.replays for e in cache.decode_graphs.values()] == [4]
+    # one captured step per mode (its static state is an inference tensor in inference mode only)
+    assert sorted(e.replays for e in cache.decode_graphs.values()) == [3, 4]
 
 
 @pytest.mark.parametrize("preset", ["mamba-tiny", "s4d-tiny"])
@@ -529,23 +544,315 @@ def test_a_returned_cache_does_not_keep_the_model_alive():
     weights once the model is dropped."""
     model = _model("mamba-tiny")
     out = _generate(model, True, input_ids=_ids(1, 5, 39), max_new_tokens=3, do_sample=False)
-    (entry,) = out.past_key_values.decode_graphs.values()
-    assert entry.model is model
+    (use,) = out.past_key_values.decode_graphs.values()
+    assert use.step.model is model
     ref = weakref.ref(model)
-    del model, entry
+    del model
     gc.collect()
-    assert ref() is None and len(out.past_key_values.decode_graphs) == 1
+    assert ref() is None and len(out.past_key_values.decode_graphs) == 1 and use.step is None
 
 
-def test_captures_for_a_batch_the_cache_no_longer_has_are_dropped():
-    """num_return_sequences repeats a given cache's rows into new state tensors: the step captured for the old
-    batch (holding the old tensors and its graph memory) goes when the new one is captured."""
+def test_a_cache_repeated_to_a_larger_batch_gets_the_step_of_that_batch():
+    """num_return_sequences repeats a given cache's rows into new state tensors of another batch size: decoded
+    with the step of that batch (the cache records both)."""
     model = _model("mamba-tiny")
     plain, graphed, cache = _continue_twice(
         model, dict(max_new_tokens=4), dict(max_new_tokens=5, num_return_sequences=3, do_sample=True))
     assert torch.equal(graphed.sequences, plain.sequences) and graphed.sequences.shape[0] == 6
-    (entry,) = cache.decode_graphs.values()
-    assert entry.input_ids.shape[0] == 6 and entry.replays == 4
+    assert {use.step.input_ids.shape[0]: use.replays for use in cache.decode_graphs.values()} == {2: 3, 6: 4}
+    assert decode_graph_store(model).captures == 2
+
+
+# --- captured steps kept by the model: reused across generate() calls and caches --------------------------------
+
+REUSED = ["mamba-tiny", "mamba2-tiny", "s4d-tiny"]
+
+
+def _states(cache) -> list[torch.Tensor]:
+    return [t for layer in cache.layers for t in layer_tensors(layer).values()]
+
+
+def _same_states(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(_states(a), _states(b), strict=True))
+
+
+@pytest.mark.parametrize("preset", REUSED)
+def test_successive_calls_with_new_caches_capture_once(preset):
+    """Every generate() call makes a new cache; the step captured in the first call is taken again by the later
+    ones (one capture for all), and each call gives plain generate's tokens, greedy and sampled. The returned
+    cache holds tensors of its own (not the step's static state) with plain generate's final state."""
+    model = _model(preset)
+    store = decode_graph_store(model)
+    calls = [dict(input_ids=_ids(2, 7, 60), max_new_tokens=6, do_sample=False),
+             dict(input_ids=_ids(2, 4, 61), max_new_tokens=9, do_sample=False),
+             dict(input_ids=_ids(2, 9, 62), max_new_tokens=8, do_sample=True, top_k=40, temperature=1.3)]
+    for index, kwargs in enumerate(calls):
+        plain = _generate(model, False, seed=63, **kwargs)
+        graphed = _generate(model, True, seed=63, **kwargs)
+        assert torch.equal(graphed.sequences, plain.sequences), index
+        assert _replays(graphed) == [kwargs["max_new_tokens"] - 1] and store.captures == 1, index
+        (entry,) = store.entries
+        assert entry.holder is None and entry.claimant is None     # released when the call returned
+        assert not any(t is static for t, (*_, static) in zip(_states(graphed.past_key_values), entry.slots))
+        assert _same_states(graphed.past_key_values, plain.past_key_values)
+    assert entry.replays == sum(kwargs["max_new_tokens"] - 1 for kwargs in calls)
+    assert len(set(plain.sequences[:, 9:].flatten().tolist())) > 4   # a real continuation
+
+
+def test_interleaved_caches_sharing_a_step_do_not_disturb_each_other():
+    """Caches A and B of one batch size decode with one captured step: A continued, then B, then A again, then B
+    give plain generate's tokens each time, and decoding one leaves the other's state as it was."""
+    model = _model("mamba2-tiny")
+    prompts = {"A": _ids(2, 6, 64), "B": _ids(2, 8, 65)}
+    plain, graphed, sequences = {}, {}, {}
+    with torch.no_grad():
+        for name, ids in prompts.items():
+            graphed[name] = model(ids, use_cache=True).cache_params
+            plain[name] = copy.deepcopy(graphed[name])
+            sequences[name] = torch.cat([ids, _ids(2, 1, 66)], 1)   # the cache holds all but the last token
+    for turn, (name, other) in enumerate((("A", "B"), ("B", "A"), ("A", "B"), ("B", "A"))):
+        untouched = [t.clone() for t in _states(graphed[other])]
+        kwargs = dict(input_ids=sequences[name], max_new_tokens=5, do_sample=False)
+        expected = _generate(model, False, past_key_values=plain[name], **kwargs)
+        got = _generate(model, True, past_key_values=graphed[name], **kwargs)
+        assert torch.equal(got.sequences, expected.sequences), turn
+        assert all(torch.equal(a, b) for a, b in zip(_states(graphed[other]), untouched, strict=True)), turn
+        assert _same_states(graphed[name], plain[name]), turn
+        sequences[name] = got.sequences
+    assert decode_graph_store(model).captures == 1
+    assert [use.replays for use in graphed["A"].decode_graphs.values()] == [4 + 4]
+
+
+@pytest.mark.parametrize("preset", ["mamba-tiny", "s4d-tiny"])
+def test_one_step_object_decoding_two_caches_in_turn_matches_eager_steps(preset):
+    """Outside a generate() call (a GraphedDecodeStep used directly, never released) a cache keeps the static
+    state between its steps; another cache taking the step first gives it its own tensors back, with its state."""
+    model = _model(preset)
+    with torch.no_grad():
+        caches = [model(_ids(3, 5, 70 + i), use_cache=True).cache_params for i in range(2)]
+        eager = [copy.deepcopy(cache) for cache in caches]
+        step = GraphedDecodeStep(model, TracedReplay())
+        tokens = [_ids(3, 1, 72), _ids(3, 1, 73)]
+        for turn, which in enumerate((0, 1, 1, 0, 0, 1, 0, 1)):
+            out = step(input_ids=tokens[which], past_key_values=caches[which], use_cache=True, return_dict=True,
+                       logits_to_keep=1)
+            ref = model(tokens[which], past_key_values=eager[which], use_cache=True, logits_to_keep=1)
+            assert torch.equal(out.logits, ref.logits), turn
+            tokens[which] = out.logits[:, -1].argmax(-1, keepdim=True)
+            (entry,) = [use.step for use in caches[which].decode_graphs.values()]
+            assert entry.holds_state_of(caches[which]) and not entry.holds_state_of(caches[1 - which])
+            assert _same_states(caches[1 - which], eager[1 - which]), turn
+    assert step.captures == 1 and step.eager_calls == 0 and entry.replays == 8
+
+
+def test_two_calls_in_flight_at_once_do_not_share_a_step():
+    """A kept step belongs to one call until that call ends: a second call decoding meanwhile (another thread)
+    captures its own, the two interleaved give eager steps' logits, and once released either step is taken
+    again by a later call."""
+    model = _model("mamba-tiny")
+    store = decode_graph_store(model)
+    with torch.no_grad():
+        caches = [model(_ids(2, 6, 74 + i), use_cache=True).cache_params for i in range(2)]
+        eager = [copy.deepcopy(cache) for cache in caches]
+        calls = [GraphedDecodeStep(model, TracedReplay()) for _ in range(2)]
+        tokens = [_ids(2, 1, 76), _ids(2, 1, 77)]
+        for turn in range(4):
+            for which in (0, 1):
+                out = calls[which](input_ids=tokens[which], past_key_values=caches[which], use_cache=True,
+                                   return_dict=True, logits_to_keep=1)
+                ref = model(tokens[which], past_key_values=eager[which], use_cache=True, logits_to_keep=1)
+                assert torch.equal(out.logits, ref.logits), (turn, which)
+                tokens[which] = out.logits[:, -1].argmax(-1, keepdim=True)
+        entries = [next(iter(cache.decode_graphs.values())).step for cache in caches]
+        assert [call.captures for call in calls] == [1, 1] and entries[0] is not entries[1]
+        assert store.captures == 2 and store.entries == entries
+        for call in calls:
+            call.release()
+        assert _same_states(caches[0], eager[0]) and _same_states(caches[1], eager[1])
+        later = GraphedDecodeStep(model, TracedReplay())
+        out = later(input_ids=tokens[0], past_key_values=caches[0], use_cache=True, return_dict=True,
+                    logits_to_keep=1)
+        ref = model(tokens[0], past_key_values=eager[0], use_cache=True, logits_to_keep=1)
+    assert torch.equal(out.logits, ref.logits) and later.captures == 0 and store.captures == 2
+
+
+def test_a_cache_handed_between_two_unreleased_step_objects_ends_with_its_own_state():
+    """Two GraphedDecodeSteps used directly (each holding its own captured step) decode one cache in turn: the
+    cache passes from one step's static state to the other's; released in either order, it holds tensors of its
+    own, with the eager state, which a later call decoding another cache with either step leaves alone."""
+    model = _model("mamba-tiny")
+    store = decode_graph_store(model)
+    for order in ((0, 1), (1, 0)):
+        with torch.no_grad():
+            cache = model(_ids(2, 5, 100), use_cache=True).cache_params
+            eager = copy.deepcopy(cache)
+            steps = [GraphedDecodeStep(model, TracedReplay()) for _ in range(2)]
+            token = _ids(2, 1, 101)
+            for turn, which in enumerate((0, 1, 0, 1, 1)):
+                out = steps[which](input_ids=token, past_key_values=cache, use_cache=True, return_dict=True,
+                                   logits_to_keep=1)
+                ref = model(token, past_key_values=eager, use_cache=True, logits_to_keep=1)
+                assert torch.equal(out.logits, ref.logits), (order, turn)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+            for which in order:
+                steps[which].release()
+            static = {id(t) for entry in store.entries for *_, t in entry.slots}
+            assert not any(id(t) in static for t in _states(cache)) and _same_states(cache, eager)
+            kept = [t.clone() for t in _states(cache)]
+            other = model(_ids(2, 5, 102), use_cache=True).cache_params
+            later = [GraphedDecodeStep(model, TracedReplay()) for _ in range(2)]
+            for step in later:
+                step(input_ids=token, past_key_values=other, use_cache=True, return_dict=True, logits_to_keep=1)
+            assert [step.captures for step in later] == [0, 0]
+            for step in later:
+                step.release()
+        assert all(torch.equal(a, b) for a, b in zip(_states(cache), kept, strict=True)), order
+    assert store.captures == 2
+
+
+def test_threads_decoding_one_model_at_once_give_plain_tokens():
+    """Two threads decoding the same model at one batch size (a server): a step is held by one call at a time,
+    so each call decodes on its own state (`EagerReplay` runs the step's Python on the static buffers, which
+    another call writing into them meanwhile would corrupt)."""
+    model = _model("mamba-tiny")
+    prompts = [_ids(2, 6, 97 + i) for i in range(2)]
+    expected = [model.generate(p, max_new_tokens=8, do_sample=False) for p in prompts]
+    model.decode_capture = EagerReplay()
+    errors, results = [], []
+
+    def run(index: int):
+        try:
+            for _ in range(4):
+                results.append((index, model.generate(prompts[index], max_new_tokens=8, do_sample=False,
+                                                      return_dict_in_generate=True)))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(repr(err))
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        model.decode_capture = None
+    assert errors == [] and len(results) == 8
+    for index, out in results:
+        assert torch.equal(out.sequences, expected[index]) and _replays(out) == [7]
+    store = decode_graph_store(model)
+    assert 1 <= store.captures <= 2 and all(e.claimant is None and e.holder is None for e in store.entries)
+
+
+def test_each_batch_size_gets_its_own_step_and_the_least_recently_used_are_released():
+    model = _model("mamba-tiny")
+    model.decode_graphs_kept = 2
+    store = decode_graph_store(model)
+    first = {}
+    for batch in (1, 2, 1, 3):
+        kwargs = dict(input_ids=_ids(batch, 5, 80 + batch), max_new_tokens=4, do_sample=False)
+        plain, graphed = _generate(model, False, **kwargs), _generate(model, True, **kwargs)
+        assert torch.equal(graphed.sequences, plain.sequences), batch
+        (use,) = graphed.past_key_values.decode_graphs.values()
+        assert use.step.input_ids.shape[0] == batch and use.replays == 3
+        assert use.step is first.setdefault(batch, weakref.ref(use.step))()   # one step per batch size
+    del use, graphed
+    gc.collect()
+    # kept: the two used last (batch 1, then 3); batch 2's step is released, graph and static state with it
+    assert store.captures == 3 and [e.input_ids.shape[0] for e in store.entries] == [1, 3]
+    assert first[2]() is None and first[1]() is not None
+    _generate(model, True, input_ids=_ids(2, 5, 85), max_new_tokens=3, do_sample=False)
+    assert store.captures == 4 and [e.input_ids.shape[0] for e in store.entries] == [3, 2]
+    model.decode_graphs_kept = 0   # keep none: every call captures its own, released with the call
+    for seed in (86, 87):
+        kwargs = dict(input_ids=_ids(2, 5, seed), max_new_tokens=3, do_sample=False)
+        assert torch.equal(_generate(model, True, **kwargs).sequences, _generate(model, False, **kwargs).sequences)
+    assert store.captures == 6 and store.entries == []
+
+
+@pytest.mark.parametrize("preset", REUSED)
+def test_weights_changed_in_place_between_calls_are_captured_again(preset):
+    """A kept step replays the weights' memory as it was captured with: after an in-place change (a version
+    bump, seen by the fingerprint) the next call captures again and gives the new weights' tokens; the step of
+    the old weights is released."""
+    model = _model(preset)
+    store = decode_graph_store(model)
+    kwargs = dict(input_ids=_ids(2, 6, 91), max_new_tokens=8, do_sample=False)
+    before = _generate(model, True, **kwargs)
+    (old,) = store.entries
+    generator = torch.Generator().manual_seed(92)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    plain, graphed = _generate(model, False, **kwargs), _generate(model, True, **kwargs)
+    assert torch.equal(graphed.sequences, plain.sequences) and not torch.equal(plain.sequences, before.sequences)
+    assert store.captures == 2 and len(store.entries) == 1 and store.entries[0] is not old
+    assert _replays(graphed) == [7]
+
+
+def test_disable_compile_and_the_environment_still_decode_eagerly_with_steps_kept(monkeypatch):
+    model = _model("mamba2-tiny")
+    store = decode_graph_store(model)
+    kwargs = dict(input_ids=_ids(2, 6, 93), max_new_tokens=5, do_sample=False)
+    graphed = _generate(model, True, **kwargs)
+    assert _replays(graphed) == [4] and store.captures == 1
+    off = _generate(model, True, disable_compile=True, **kwargs)
+    assert _replays(off) == [] and torch.equal(off.sequences, graphed.sequences)
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    off = _generate(model, True, **kwargs)
+    assert _replays(off) == [] and torch.equal(off.sequences, graphed.sequences)
+    monkeypatch.delenv(DISABLE_ENV)
+    assert _replays(_generate(model, True, **kwargs)) == [4] and store.captures == 1
+    clear_decode_graphs(model)
+    assert store.entries == []
+    assert _replays(_generate(model, True, **kwargs)) == [4] and store.captures == 2
+
+
+def test_a_call_ended_by_an_exception_still_gives_the_cache_its_state_back():
+    """generate() left by an exception mid-decoding (here a logits processor) releases its steps as well: the
+    cache passed in holds its own tensors with the state reached, and the next call takes the kept step."""
+
+    class StopAt:
+        def __init__(self, calls: int):
+            self.calls, self.left = calls, calls
+
+        def __call__(self, input_ids, scores):
+            self.left -= 1
+            if self.left == 0:
+                raise KeyboardInterrupt("stopped")
+            return scores
+
+    model = _model("mamba-tiny")
+    ids = _ids(2, 6, 94)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache_params
+        reference = copy.deepcopy(cache)
+    sequence = torch.cat([ids, _ids(2, 1, 95)], 1)
+    for graphed, state in ((False, reference), (True, cache)):
+        with pytest.raises(KeyboardInterrupt):
+            _generate(model, graphed, input_ids=sequence, past_key_values=state, max_new_tokens=8,
+                      do_sample=False, logits_processor=[StopAt(5)])
+    (entry,) = decode_graph_store(model).entries
+    assert entry.claimant is None and entry.holder is None and not entry.holds_state_of(cache)
+    assert entry.replays == 4 and _same_states(cache, reference) and cache.seen_tokens == reference.seen_tokens
+    again = _generate(model, True, input_ids=_ids(2, 4, 96), max_new_tokens=4, do_sample=False)
+    assert _replays(again) == [3] and decode_graph_store(model).captures == 1
+
+
+def test_a_text_generation_pipeline_called_again_reuses_its_step(tokenizer):
+    """A pipeline makes a new cache per call: short generations take the kept step instead of capturing."""
+    from transformers import pipeline
+
+    model = tiny_lm("mamba-tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompts = ["def main(", "import os", "class Foo:\n    def"]
+    plain = [generator(p, max_new_tokens=6, do_sample=False)[0]["generated_text"] for p in prompts]
+    model.decode_capture = TracedReplay()
+    try:
+        graphed = [generator(p, max_new_tokens=6, do_sample=False)[0]["generated_text"] for p in prompts]
+    finally:
+        model.decode_capture = None
+    assert graphed == plain and decode_graph_store(model).captures == 1
+    assert decode_graph_store(model).entries[0].replays == 3 * 5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -563,16 +870,17 @@ def test_cuda_graphed_generate_equals_eager_generate(preset):
                                  **kwargs)
         assert torch.equal(graphed.sequences, eager.sequences), kwargs
         assert _replays(graphed) == [23] and _replays(eager) == []
-        (entry,) = graphed.past_key_values.decode_graphs.values()
-        assert isinstance(entry.replay.__self__, torch.cuda.CUDAGraph)   # a real graph was replayed
+        (use,) = graphed.past_key_values.decode_graphs.values()
+        assert isinstance(use.step.replay.__self__, torch.cuda.CUDAGraph)   # a real graph was replayed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_capture_in_one_thread_leaves_other_threads_decoding():
     """A capture in one thread must not break CUDA work another thread does meanwhile (a server answering several
-    requests): graphs are captured in thread-local mode, one capture at a time. Two threads decode with graphs
-    (each call captures anew on a fresh cache) while two decode eagerly; every call gives the eager tokens and
-    every graphed call replays all its steps (a capture broken by another thread would have fallen back)."""
+    requests): graphs are captured in thread-local mode, one capture at a time. Per model, two threads decode with
+    graphs (a kept step is used by one call at a time: while both decode, each has its own) while one decodes
+    eagerly; every call gives the eager tokens and every graphed call replays all its steps (a capture broken by
+    another thread would have fallen back)."""
     models = [_model("mamba-tiny").cuda(), _model("mamba2-tiny").cuda()]
     ids = _ids(2, 8, 46).cuda()
     expected = [m.generate(ids, max_new_tokens=16, do_sample=False, disable_compile=True) for m in models]
@@ -587,12 +895,16 @@ def test_cuda_capture_in_one_thread_leaves_other_threads_decoding():
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(repr(err))
 
-    threads = [threading.Thread(target=run, args=(i, g)) for i in range(2) for g in (True, False)]
+    # per model: two threads with graphs (one kept step each while both decode) and one without
+    threads = [threading.Thread(target=run, args=(i, g)) for i in range(2) for g in (True, True, False)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert errors == [] and len(results) == 24
+    assert errors == [] and len(results) == 36
     for index, graphed, out in results:
         assert torch.equal(out.sequences, expected[index])
         assert _replays(out) == ([15] if graphed else [])
+    for model in models:
+        store = decode_graph_store(model)
+        assert 1 <= store.captures <= 2 and all(e.claimant is None and e.holder is None for e in store.entries)

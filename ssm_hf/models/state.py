@@ -293,8 +293,8 @@ class StateCache(DynamicCache):
         self.config = config
         self.seen_tokens = 0
         self.model_dtype: torch.dtype | None = None
-        # captured decoding steps (ssm_hf.models.graphs), by (model, batch size, dtype, device): they live and die
-        # with this cache, whose state tensors they were captured on
+        # the captured decoding steps (ssm_hf.models.graphs) that decoded this cache, by key, each with its count of
+        # replays here (`DecodeGraphUse`); the steps themselves are kept by the model, held weakly here
         self.decode_graphs: dict = {}
         # rolling back (see the class docstring): whether forwards are recorded, the point `crop` goes back to,
         # and the backbone that reads the kept inputs again (held weakly: a kept cache must not pin the model)
@@ -303,8 +303,8 @@ class StateCache(DynamicCache):
         self._backbone: weakref.ref | None = None
 
     def __getstate__(self) -> dict:
-        # copies (copy.deepcopy, pickle) get their own state tensors, which no captured graph refers to; the
-        # backbone reference (a weakref) cannot be pickled: a copy rolls back once a forward has run on it
+        # copies (copy.deepcopy, pickle) get their own state tensors and no record of graphs; the backbone
+        # reference (a weakref) cannot be pickled: a copy rolls back once a forward has run on it
         state = dict(self.__dict__)
         state["decode_graphs"] = {}
         state["_backbone"] = None
@@ -670,8 +670,10 @@ class StateGenerationMixin(GenerationMixin):
     greedy tokens equal plain greedy decoding of the main model.
 
     On CUDA, the decoding steps of pure SSM models (`_supports_graphed_decoding`) replay a CUDA graph
-    (`ssm_hf.models.graphs`): transformers asks `get_compiled_call` for them when the cache is compileable.
-    `generate(..., disable_compile=True)` or SSM_HF_NO_CUDA_GRAPHS=1 keeps them eager.
+    (`ssm_hf.models.graphs`): transformers asks `get_compiled_call` for them when the cache is compileable. The
+    model keeps the graphs it captured for its later calls (`decode_graphs_kept` of them), each call's cache lending
+    them its state while it decodes. `generate(..., disable_compile=True)` or SSM_HF_NO_CUDA_GRAPHS=1 keeps them
+    eager.
     """
 
     # Which models may replay their decoding steps from graphs: the pure SSM causal LMs set it (a hybrid's attention
@@ -680,6 +682,18 @@ class StateGenerationMixin(GenerationMixin):
     # A capture strategy from ssm_hf.models.graphs set on a model (e.g. `TracedReplay()`, which replays like a graph)
     # runs the graphed path on any device, for tests and debugging; None: CUDA graphs, on CUDA only.
     decode_capture = None
+    # How many captured decoding steps (batch sizes, modes) the model keeps for later generate() calls, least
+    # recently used released first; 0: none (every call captures anew). None: graphs.DEFAULT_KEPT.
+    decode_graphs_kept = None
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate()`. The graphed decoding steps it uses (`get_compiled_call`) are released when
+        it returns: the cache holds its own state tensors again, and the captured steps stay with the model for
+        later calls (`ssm_hf.models.graphs`)."""
+        from .graphs import decoding_call
+
+        with decoding_call():
+            return super().generate(*args, **kwargs)
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
         """The mask generate() hands the model when the cache is compileable: our models take the 2D padding mask
