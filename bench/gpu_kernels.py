@@ -232,25 +232,35 @@ def s4_on_gpu():
 
 
 def fwd_sweep():
-    """Forward time of the Triton scan (B8 D1536 T4096 N16 bf16) for a few FORWARD_CONFIG choices: without
-    gradients (prefill: no states kept) and with (the states every TILE_CONFIG['block_t'] tokens are stored)."""
+    """Forward time of the Triton scan for a few FORWARD_CONFIG choices, bf16, at B8 D1536 T4096 N16 and at the e2e
+    shape B4 T2048: without gradients (prefill: no states kept) and with (states every block_t tokens stored).
+    programs_per_sm 0 walks each sequence in one piece; larger values cut it into chunks walked in parallel."""
     from ssm_hf.kernels import selective_scan_triton as module
 
-    inp = scan_inputs(8, 4096, 1536, 16, torch.bfloat16, seed=1)
-    leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inp.items()}
     rows = []
     default = dict(module.FORWARD_CONFIG)
-    for block_d, unroll, warps, prefetch in [(32, 4, 1, True), (32, 4, 1, False), (32, 2, 1, True),
-                                             (16, 4, 1, True), (64, 4, 2, True)]:
-        module.FORWARD_CONFIG.update(block_d=block_d, unroll=unroll, num_warps=warps, prefetch=prefetch)
-        try:
-            with torch.no_grad():
-                fwd = do_bench(lambda: selective_scan_triton(**inp, delta_softplus=True), return_mode="median")
-            fwd_grad = do_bench(lambda: selective_scan_triton(**leaves, delta_softplus=True), return_mode="median")
-            rows.append((block_d, unroll, warps, prefetch, fwd * 1e3, fwd_grad * 1e3))
-        except Exception as err:
-            rows.append((block_d, unroll, warps, prefetch, repr(err)[:120], None))
-        print("fwd_sweep", rows[-1], flush=True)
+    for batch, seqlen in ((8, 4096), (4, 2048)):
+        inp = scan_inputs(batch, seqlen, 1536, 16, torch.bfloat16, seed=1)
+        leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inp.items()}
+        dy = torch.randn(batch, seqlen, 1536, device=DEV, dtype=torch.bfloat16)
+        for variant in [dict(programs_per_sm=0), dict(programs_per_sm=4), dict(programs_per_sm=8),
+                        dict(programs_per_sm=16), dict(programs_per_sm=8, block_d=16)]:
+            module.FORWARD_CONFIG.update(default)
+            module.FORWARD_CONFIG.update(variant)
+            if variant["programs_per_sm"] == 0:
+                module.FORWARD_CONFIG["min_programs"] = 1
+            try:
+                with torch.no_grad():
+                    fwd = do_bench(lambda: selective_scan_triton(**inp, delta_softplus=True), return_mode="median")
+                fwd_grad = do_bench(lambda: selective_scan_triton(**leaves, delta_softplus=True),
+                                    return_mode="median")
+                both = do_bench(lambda: selective_scan_triton(**leaves, delta_softplus=True).backward(dy),
+                                return_mode="median", grad_to_none=list(leaves.values()))
+                rows.append((batch, seqlen, variant, fwd * 1e3, fwd_grad * 1e3, both * 1e3))
+            except Exception as err:
+                rows.append((batch, seqlen, variant, repr(err)[:160]))
+            print("fwd_sweep", rows[-1], flush=True)
+    module.FORWARD_CONFIG.clear()
     module.FORWARD_CONFIG.update(default)
     R["fwd_sweep"] = rows
 

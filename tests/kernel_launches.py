@@ -230,6 +230,30 @@ def drive_selective_scan(rec: Recorder, kernels) -> None:
                 _backward([y, final], [torch.randn_like(y), torch.randn_like(final) if f["final_grad"] else None])
 
 
+def drive_selective_scan_chunked(rec: Recorder, kernels) -> None:
+    """The forward cut into chunks walked in parallel (the GPU does it when batch x channel blocks are few)."""
+    from ssm_hf.kernels import selective_scan_triton
+
+    batch, seqlen, d_inner, d_state = 2, 40, 48, 16
+    for dtype in (torch.bfloat16, torch.float32):
+        if not rec.begin(f"selective_scan chunked {dtype}", 0):
+            continue
+        saved = dict(selective_scan_triton.FORWARD_CONFIG)
+        selective_scan_triton.FORWARD_CONFIG["min_programs"] = 10**6
+        try:
+            x, delta, z = (_randn(batch, seqlen, d_inner, dtype=dtype, grad=True) for _ in range(3))
+            B, C = (_randn(batch, seqlen, d_state, dtype=dtype, grad=True) for _ in range(2))
+            y, final = kernels.selective_scan(
+                x, delta, (-torch.rand(d_inner, d_state)).requires_grad_(True), B, C, D=_randn(d_inner, dtype=dtype),
+                z=z, delta_bias=_randn(d_inner), delta_softplus=True,
+                initial_state=_randn(batch, d_inner, d_state), return_final_state=True,
+                seq_idx=_packed_ids(batch, seqlen))
+            _backward([y, final], [torch.randn_like(y), torch.randn_like(final)])
+        finally:
+            selective_scan_triton.FORWARD_CONFIG.clear()
+            selective_scan_triton.FORWARD_CONFIG.update(saved)
+
+
 def drive_ssd_scan(rec: Recorder, kernels) -> None:
     batch, seqlen = 2, 40
     names = ["D", "initial_state", "seq_idx", "grad", "final_grad"]
@@ -360,8 +384,8 @@ def drive_models(rec: Recorder, kernels) -> None:
                         model.generate(ids[:, :9], max_new_tokens=3, do_sample=False, **kwargs)
 
 
-DRIVERS = (drive_selective_scan, drive_ssd_scan, drive_causal_conv1d, drive_decode_steps, drive_rms_norm_gated,
-           drive_models)
+DRIVERS = (drive_selective_scan, drive_selective_scan_chunked, drive_ssd_scan, drive_causal_conv1d,
+           drive_decode_steps, drive_rms_norm_gated, drive_models)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -66,10 +66,11 @@ def _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0, L, Dm, N, d_o
 @triton.jit
 def _fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr, y_ptr, hT_ptr, tile_states_ptr,
-    L, Dm, N, n_tiles,
+    P_ptr, S_ptr, L, Dm, N, n_tiles, chunk_len, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_TILES: tl.constexpr, TILE_T: tl.constexpr,
     UNROLL: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOCAL: tl.constexpr,
 ):
     # One program owns one batch row and BLOCK_D channels with their whole (d_state, BLOCK_D) state in registers,
     # and steps through the sequence one token at a time: the cheapest form of the recurrence (one exp2 and two
@@ -78,7 +79,14 @@ def _fwd_kernel(
     # chain, and the next block's loads are issued before this block's arithmetic (PREFETCH). The state is laid out
     # (d_state, channels), channels fastest, as x and y are in memory: lanes then run over channels and the sum over
     # the state for y stays mostly inside each thread. A comes transposed, (d_state, d_inner); `tile_states` too.
+    # Long sequences are cut into n_chunks chunks of chunk_len tokens walked in parallel (program axis 2): a first
+    # launch with LOCAL walks each chunk but the last from a zero state and keeps only its end state S and the
+    # product P of its decays, (batch, n_chunks, d_state, d_inner); the second gives each chunk its true starting
+    # state, h0 carried through the earlier chunks' (P, S), and walks it in full.
     b = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
+    chunk = tl.program_id(2)
+    t_begin = chunk * chunk_len
+    t_end = tl.minimum(t_begin + chunk_len, L)
     d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n_offs = tl.arange(0, BLOCK_N)
     d_mask, n_mask = d_offs < Dm, n_offs < N
@@ -92,10 +100,15 @@ def _fwd_kernel(
         Dv = tl.load(D_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
     state_offs = d_offs[None, :] * N + n_offs[:, None]  # (batch, d_inner, d_state) of h0 and hT
     tile_offs = n_offs[:, None] * Dm + d_offs[None, :]
-    if HAS_H0:
+    h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if HAS_H0 and not LOCAL:
         h = tl.load(h0_ptr + b * Dm * N + state_offs, mask=nd_mask, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    chunk_states = b * n_chunks * N * Dm + tile_offs
+    if not LOCAL:
+        for earlier in range(0, chunk):
+            h = (tl.load(P_ptr + chunk_states + earlier * N * Dm, mask=nd_mask, other=0.0) * h
+                 + tl.load(S_ptr + chunk_states + earlier * N * Dm, mask=nd_mask, other=0.0))
+    decays = tl.full((BLOCK_N, BLOCK_D), 1.0, dtype=tl.float32)
     x_ptr += b * L * Dm
     dt_ptr += b * L * Dm
     y_ptr += b * L * Dm
@@ -103,9 +116,9 @@ def _fwd_kernel(
     B_ptr += b * L * N
     C_ptr += b * L * N
     seq_ptr += b * L
-    cur = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, 0, L, Dm, N, d_offs, n_offs, d_mask, n_mask,
-                        HAS_Z, HAS_SEQ, UNROLL)
-    for t0 in range(0, L, UNROLL):
+    cur = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t_begin, L, Dm, N, d_offs, n_offs, d_mask,
+                        n_mask, HAS_Z, HAS_SEQ, UNROLL)
+    for t0 in range(t_begin, t_end, UNROLL):
         if PREFETCH:
             nxt = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0 + UNROLL, L, Dm, N, d_offs, n_offs,
                                 d_mask, n_mask, HAS_Z, HAS_SEQ, UNROLL)
@@ -122,11 +135,13 @@ def _fwd_kernel(
             dt = dt_raw.to(tl.float32) + bias
             if SOFTPLUS:
                 dt = _softplus(dt)
-            dt = tl.where(t0 + i < L, dt, 0.0)  # steps past the end are identities: no decay, no input
+            dt = tl.where(t0 + i < t_end, dt, 0.0)  # steps past the end are identities: no decay, no input
             decay = tl.exp2(dt[None, :] * A)
             if HAS_SEQ:  # a new sequence: nothing of the state before it survives
                 decay = tl.where(starts, 0.0, decay)
             h = decay * h + Bt.to(tl.float32)[:, None] * (dt * x)[None, :]
+            if LOCAL:
+                decays = decays * decay
             y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0)
             if HAS_D:
                 y += x * Dv
@@ -134,13 +149,18 @@ def _fwd_kernel(
                 zf = z.to(tl.float32)
                 y = y * zf * tl.sigmoid(zf)
             ys = ys + (y,)
-        for i in tl.static_range(UNROLL):
-            row = tl.cast(t0 + i, tl.int64)
-            tl.store(y_ptr + row * Dm + d_offs, ys[i].to(y_ptr.dtype.element_ty),
-                     mask=d_mask & ((row + tl.zeros_like(d_offs)) < L))
+        if not LOCAL:
+            for i in tl.static_range(UNROLL):
+                row = tl.cast(t0 + i, tl.int64)
+                tl.store(y_ptr + row * Dm + d_offs, ys[i].to(y_ptr.dtype.element_ty),
+                         mask=d_mask & ((row + tl.zeros_like(d_offs)) < t_end))
         if PREFETCH:
             cur = nxt
-    tl.store(hT_ptr + b * Dm * N + state_offs, h, mask=nd_mask)
+    if LOCAL:
+        tl.store(P_ptr + chunk_states + chunk * N * Dm, decays, mask=nd_mask)
+        tl.store(S_ptr + chunk_states + chunk * N * Dm, h, mask=nd_mask)
+    elif chunk == n_chunks - 1:
+        tl.store(hT_ptr + b * Dm * N + state_offs, h, mask=nd_mask)
 
 
 @triton.jit
@@ -308,13 +328,27 @@ def _bwd_kernel(
 # (the backward recomputes each such tile). The forward: channels per program (for d_state 16; proportionally
 # fewer for larger states), tokens per unrolled loop trip, and whether the next trip's inputs are loaded ahead.
 TILE_CONFIG = {"block_t": 16}
-FORWARD_CONFIG = {"block_d": 32, "unroll": 4, "num_warps": 1, "prefetch": True}
+FORWARD_CONFIG = {"block_d": 32, "unroll": 4, "num_warps": 1, "prefetch": True, "programs_per_sm": 4,
+                  "min_programs": None}
 BACKWARD_CONFIG = {"block_d": 32, "num_warps": 1}
 
 
 def _channel_block(block_d: int, block_n: int) -> int:
     """Channels per program: block_d for d_state <= 16, fewer for larger states (about block_d x 16 elements)."""
     return block_d if block_n <= 16 else max(block_d * 16 // block_n, 2)
+
+
+def _time_chunks(x: torch.Tensor, programs: int, n_tiles: int, tile_t: int) -> tuple[int, int]:
+    """(tokens per chunk, chunks): the sequence is cut into chunks walked in parallel when batch rows x channel
+    blocks alone would leave the GPU short of programs (FORWARD_CONFIG['min_programs'], by default
+    programs_per_sm per multiprocessor; none on the CPU interpreter)."""
+    wanted = FORWARD_CONFIG["min_programs"]
+    if wanted is None:
+        wanted = (FORWARD_CONFIG["programs_per_sm"] * torch.cuda.get_device_properties(x.device).multi_processor_count
+                  if x.is_cuda else 1)
+    n_chunks = min(n_tiles, max(1, -(-wanted // programs)))
+    tiles_per_chunk = -(-n_tiles // n_chunks)
+    return tiles_per_chunk * tile_t, -(-n_tiles // tiles_per_chunk)
 
 
 def _forward_blocks(block_n: int, tile_t: int) -> tuple[int, int, int]:
@@ -349,17 +383,26 @@ class _SelectiveScan(torch.autograd.Function):
         seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         dummy = final
         fwd_block_d, unroll, fwd_warps = _forward_blocks(block_n, block_t)
-        with on_device_of(x):
-            _fwd_kernel[(batch, triton.cdiv(d_inner, fwd_block_d))](
-                x, delta, A_t, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        n_dblocks = triton.cdiv(d_inner, fwd_block_d)
+        chunk_len, n_chunks = _time_chunks(x, batch * n_dblocks, n_tiles, block_t)
+        chunk_P = chunk_S = dummy
+        if n_chunks > 1:
+            chunk_P = torch.empty(batch, n_chunks, d_state, d_inner, device=x.device, dtype=torch.float32)
+            chunk_S = torch.empty_like(chunk_P)
+        args = (x, delta, A_t, B, C, D if D is not None else dummy, z if z is not None else dummy,
                 delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy,
-                seq_idx if seq_idx is not None else dummy, y, final, tiles,
-                seqlen, d_inner, d_state, n_tiles,
-                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-                HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, STORE_TILES=store_tiles, TILE_T=block_t,
-                UNROLL=unroll, PREFETCH=FORWARD_CONFIG["prefetch"], BLOCK_D=fwd_block_d, BLOCK_N=block_n,
-                num_warps=fwd_warps,
-            )
+                seq_idx if seq_idx is not None else dummy, y, final, tiles, chunk_P, chunk_S,
+                seqlen, d_inner, d_state, n_tiles, chunk_len, n_chunks)
+        options = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_H0=h0 is not None,
+                       HAS_SEQ=seq_idx is not None, TILE_T=block_t, UNROLL=unroll,
+                       PREFETCH=FORWARD_CONFIG["prefetch"], BLOCK_D=fwd_block_d, BLOCK_N=block_n,
+                       num_warps=fwd_warps)
+        with on_device_of(x):
+            if n_chunks > 1:  # every chunk but the last: its end state from zero and its decays' product
+                _fwd_kernel[(batch, n_dblocks, n_chunks - 1)](*args, HAS_D=False, HAS_Z=False, STORE_TILES=False,
+                                                              LOCAL=True, **options)
+            _fwd_kernel[(batch, n_dblocks, n_chunks)](*args, HAS_D=D is not None, HAS_Z=z is not None,
+                                                      STORE_TILES=store_tiles, LOCAL=False, **options)
         ctx.save_for_backward(x, delta, A, B, C, D, z, delta_bias, seq_idx, tiles)
         ctx.delta_softplus = delta_softplus
         ctx.has_initial_state = initial_state is not None
