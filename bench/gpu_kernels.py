@@ -266,30 +266,35 @@ def fwd_sweep():
 
 
 def bwd_sweep():
-    """Forward+backward time of the Triton scan (B8 D1536 T4096 N16 bf16) for a few BACKWARD_CONFIG shapes, and
-    their gradients against the first's."""
+    """Forward+backward time of the Triton scan, bf16, at B8 D1536 T4096 N16 and at the e2e shape B4 T2048, for a
+    few BACKWARD_CONFIG choices (programs_per_sm 0: each sequence in one piece), and their gradients against the
+    first's."""
     from ssm_hf.kernels import selective_scan_triton as module
 
-    inp = scan_inputs(8, 4096, 1536, 16, torch.bfloat16, seed=1)
-    leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inp.items()}
-    dy = torch.randn(8, 4096, 1536, device=DEV, dtype=torch.bfloat16)
     rows = []
     default = dict(module.BACKWARD_CONFIG)
-    reference = None
-    for block_d, warps in [(32, 1), (16, 1), (64, 2)]:
-        module.BACKWARD_CONFIG.update(block_d=block_d, num_warps=warps)
-        try:
-            both = do_bench(lambda: selective_scan_triton(**leaves, delta_softplus=True).backward(dy),
-                            return_mode="median", grad_to_none=list(leaves.values()))
-            for v in leaves.values():
-                v.grad = None
-            selective_scan_triton(**leaves, delta_softplus=True).backward(dy)
-            got = {k: v.grad.float().clone() for k, v in leaves.items() if v.grad is not None}
-            reference = reference or got
-            rows.append((block_d, warps, both * 1e3, max(rel(got[k], reference[k]) for k in got)))
-        except Exception as err:
-            rows.append((block_d, warps, repr(err)[:160], None))
-        print("bwd_sweep", rows[-1], flush=True)
+    for batch, seqlen in ((8, 4096), (4, 2048)):
+        inp = scan_inputs(batch, seqlen, 1536, 16, torch.bfloat16, seed=1)
+        leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inp.items()}
+        dy = torch.randn(batch, seqlen, 1536, device=DEV, dtype=torch.bfloat16)
+        reference = None
+        for variant in (dict(programs_per_sm=0), dict(programs_per_sm=4), dict(programs_per_sm=8),
+                        dict(programs_per_sm=16)):
+            module.BACKWARD_CONFIG.update(default)
+            module.BACKWARD_CONFIG.update(variant, min_programs=1 if variant["programs_per_sm"] == 0 else None)
+            try:
+                both = do_bench(lambda: selective_scan_triton(**leaves, delta_softplus=True).backward(dy),
+                                return_mode="median", grad_to_none=list(leaves.values()))
+                for v in leaves.values():
+                    v.grad = None
+                selective_scan_triton(**leaves, delta_softplus=True).backward(dy)
+                got = {k: v.grad.float().clone() for k, v in leaves.items() if v.grad is not None}
+                reference = reference or got
+                rows.append((batch, seqlen, variant, both * 1e3, max(rel(got[k], reference[k]) for k in got)))
+            except Exception as err:
+                rows.append((batch, seqlen, variant, repr(err)[:160], None))
+            print("bwd_sweep", rows[-1], flush=True)
+    module.BACKWARD_CONFIG.clear()
     module.BACKWARD_CONFIG.update(default)
     R["bwd_sweep"] = rows
 

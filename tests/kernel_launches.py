@@ -238,8 +238,9 @@ def drive_selective_scan_chunked(rec: Recorder, kernels) -> None:
     for dtype in (torch.bfloat16, torch.float32):
         if not rec.begin(f"selective_scan chunked {dtype}", 0):
             continue
-        saved = dict(selective_scan_triton.FORWARD_CONFIG)
+        saved = dict(selective_scan_triton.FORWARD_CONFIG), dict(selective_scan_triton.BACKWARD_CONFIG)
         selective_scan_triton.FORWARD_CONFIG["min_programs"] = 10**6
+        selective_scan_triton.BACKWARD_CONFIG["min_programs"] = 10**6
         try:
             x, delta, z = (_randn(batch, seqlen, d_inner, dtype=dtype, grad=True) for _ in range(3))
             B, C = (_randn(batch, seqlen, d_state, dtype=dtype, grad=True) for _ in range(2))
@@ -250,8 +251,10 @@ def drive_selective_scan_chunked(rec: Recorder, kernels) -> None:
                 seq_idx=_packed_ids(batch, seqlen))
             _backward([y, final], [torch.randn_like(y), torch.randn_like(final)])
         finally:
-            selective_scan_triton.FORWARD_CONFIG.clear()
-            selective_scan_triton.FORWARD_CONFIG.update(saved)
+            for config, values in zip((selective_scan_triton.FORWARD_CONFIG, selective_scan_triton.BACKWARD_CONFIG),
+                                      saved):
+                config.clear()
+                config.update(values)
 
 
 def drive_ssd_scan(rec: Recorder, kernels) -> None:

@@ -843,7 +843,8 @@ def test_a_text_generation_pipeline_called_again_reuses_its_step(tokenizer):
     from transformers import pipeline
 
     model = tiny_lm("mamba-tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    # on the CPU, where "plain" is eager (a pipeline would put the model on a GPU, where graphs are the default)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
     prompts = ["def main(", "import os", "class Foo:\n    def"]
     plain = [generator(p, max_new_tokens=6, do_sample=False)[0]["generated_text"] for p in prompts]
     model.decode_capture = TracedReplay()

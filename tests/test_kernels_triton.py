@@ -47,8 +47,10 @@ def test_triton_scan_forward_and_gradients(batch, seqlen, d_inner, d_state, opti
     (8, {"block_d": 4}, {"block_d": 4}),
     (8, {"block_d": 4, "unroll": 2, "prefetch": False}, {"block_d": 8}),
     (4, {"block_d": 8, "unroll": 4, "prefetch": True}, {"block_d": 2}),
-    (4, {"block_d": 4, "unroll": 2, "min_programs": 10**6}, {"block_d": 4}),  # every tile its own chunk
-    (8, {"block_d": 8, "unroll": 4, "min_programs": 6}, {"block_d": 8}),  # two chunks, the last one ragged
+    # every tile its own chunk, forward and backward
+    (4, {"block_d": 4, "unroll": 2, "min_programs": 10**6}, {"block_d": 4, "min_programs": 10**6}),
+    # two chunks, the last one ragged; the backward in two chunks of its own shape
+    (8, {"block_d": 8, "unroll": 4, "min_programs": 6}, {"block_d": 4, "min_programs": 12}),
 ])
 def test_triton_scan_many_tiles(monkeypatch, tile_t, forward, backward):
     # several tiles and channel blocks per row, a ragged last tile, an initial and a final state; the forward's

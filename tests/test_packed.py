@@ -109,6 +109,7 @@ def test_selective_scan_with_seq_idx_equals_each_sequence_alone(impl, dt_scale, 
             monkeypatch.setattr(selective_scan_triton, config, {**getattr(selective_scan_triton, config), "block_d": 4})
         # and the forward in chunks of one tile walked in parallel: starts at and inside chunk boundaries
         monkeypatch.setitem(selective_scan_triton.FORWARD_CONFIG, "min_programs", 10**6)
+        monkeypatch.setitem(selective_scan_triton.BACKWARD_CONFIG, "min_programs", 10**6)
         packed = selective_scan_triton.selective_scan_triton(**leaves, delta_softplus=True, return_final_state=True,
                                                              seq_idx=seq_idx.to(DEVICE))
     _check_values_and_gradients(packed, alone, leaves, refs, grad_tol=1e-4 if impl == "triton" else 1e-5)

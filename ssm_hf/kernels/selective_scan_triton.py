@@ -205,10 +205,77 @@ def _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch
 
 
 @triton.jit
+def _bwd_local_kernel(
+    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, seq_ptr, dy_ptr, P_ptr, U_ptr, L, Dm, N, chunk_len, n_chunks,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # For the backward in chunks: each chunk but the first runs the adjoint recurrence over its tokens backwards
+    # from zero (it needs no forward state: g_t = dy_t, gated by z) and keeps what leaves its first token,
+    # U = exp(Δ A) u, and the product P of its decays, (batch, n_chunks, d_state, d_inner).
+    b = tl.program_id(0).to(tl.int64)
+    d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    chunk = tl.program_id(2) + 1
+    n_offs = tl.arange(0, BLOCK_N)
+    d_mask, n_mask = d_offs < Dm, n_offs < N
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+    A2 = tl.load(A_ptr + n_offs[:, None] * Dm + d_offs[None, :], mask=nd_mask, other=0.0).to(tl.float32) * _LOG2E
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+    t_begin = chunk * chunk_len
+    t_end = tl.minimum(t_begin + chunk_len, L)
+    dt_ptr += b * L * Dm
+    z_ptr += b * L * Dm
+    dy_ptr += b * L * Dm
+    C_ptr += b * L * N
+    seq_ptr += b * L
+    carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    decays = tl.full((BLOCK_N, BLOCK_D), 1.0, dtype=tl.float32)
+    cur = _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t_end - 1, L, Dm, N, d_offs, n_offs, d_mask,
+                          n_mask, HAS_Z, HAS_SEQ, SOFTPLUS)
+    for j in range(0, t_end - t_begin):
+        nxt = _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t_end - 2 - j, L, Dm, N, d_offs, n_offs,
+                              d_mask, n_mask, HAS_Z, HAS_SEQ, SOFTPLUS)
+        dt, Ct, g, starts = cur
+        decay = tl.exp2(dt[None, :] * A2)
+        if HAS_SEQ:
+            decay = tl.where(starts, 0.0, decay)
+        carry = decay * (carry + Ct[:, None] * g[None, :])
+        decays = decays * decay
+        cur = nxt
+    chunk_states = (b * n_chunks + chunk) * N * Dm + n_offs[:, None] * Dm + d_offs[None, :]
+    tl.store(P_ptr + chunk_states, decays, mask=nd_mask)
+    tl.store(U_ptr + chunk_states, carry, mask=nd_mask)
+
+
+@triton.jit
+def _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t, L, Dm, N, d_offs, n_offs, d_mask, n_mask,
+                    HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Token t (clamped to the sequence) for `_bwd_local_kernel`: Δ (D,), C_t (N,), g_t = dy_t (times the z
+    gate's derivative factor z·σ(z)) (D,), whether t starts a sequence."""
+    row = tl.maximum(tl.minimum(tl.cast(t, tl.int64), L - 1), 0)
+    dt = tl.load(dt_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32) + bias
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    Ct = tl.load(C_ptr + row * N + n_offs, mask=n_mask, other=0.0).to(tl.float32)
+    g = tl.load(dy_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+        g = g * z * tl.sigmoid(z)
+    starts = row < 0
+    if HAS_SEQ:
+        inside = row >= 1
+        starts = inside & (tl.load(seq_ptr + row, mask=inside, other=0)
+                           != tl.load(seq_ptr + row - 1, mask=inside, other=0))
+    return dt, Ct, g, starts
+
+
+@triton.jit
 def _bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, tile_states_ptr, scratch_ptr, dy_ptr,
-    dhT_ptr, dx_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    L, Dm, N, n_tiles, n_dblocks,
+    dhT_ptr, dx_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr, P_ptr, U_ptr,
+    L, Dm, N, n_tiles, n_dblocks, chunk_len, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_DHT: tl.constexpr, TILE_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -217,9 +284,14 @@ def _bwd_kernel(
     # walking the tiles of TILE_T tokens backwards. Per tile: the states after each of its tokens are recomputed
     # from the state stored at the tile's start into this program's scratch (TILE_T x d_state x BLOCK_D floats,
     # small enough to stay in cache), then the tokens are visited in reverse with the adjoint
-    # u_t = dL/dh_t = C_t g_t + exp(Δ_{t+1} A) u_{t+1} in registers.
+    # u_t = dL/dh_t = C_t g_t + exp(Δ_{t+1} A) u_{t+1} in registers. In chunks (program axis 2), each chunk's
+    # adjoint entering from the right is dhT carried back through the later chunks' (P, U) of `_bwd_local_kernel`;
+    # dA, dD and Δ bias are summed per (row, chunk), outside over both.
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    chunk = tl.program_id(2)
+    tile_begin = chunk * (chunk_len // TILE_T)
+    tile_end = tl.minimum(tile_begin + chunk_len // TILE_T, n_tiles)
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n_offs = tl.arange(0, BLOCK_N)
     d_mask, n_mask = d_offs < Dm, n_offs < N
@@ -235,12 +307,15 @@ def _bwd_kernel(
     state_offs = d_offs[None, :] * N + n_offs[:, None]  # (batch, d_inner, d_state) of dhT, dh0, dA
     tile_offs = n_offs[:, None] * Dm + d_offs[None, :]
     # scratch: (TILE_T, BLOCK_N, BLOCK_D) per program
-    scratch_ptr += (b * n_dblocks + pid_d) * TILE_T * BLOCK_N * BLOCK_D
+    scratch_ptr += ((b * n_dblocks + pid_d) * n_chunks + chunk) * TILE_T * BLOCK_N * BLOCK_D
     scratch_offs = n_offs[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
-    if HAS_DHT:  # dL/dh_t arriving from later tokens (here: from the final state)
+    carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # dL/dh_t arriving from later tokens
+    if HAS_DHT:
         carry = tl.load(dhT_ptr + b * Dm * N + state_offs, mask=nd_mask, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for k in range(0, n_chunks - 1 - chunk):
+        later = ((b * n_chunks + n_chunks - 1 - k) * N + n_offs[:, None]) * Dm + d_offs[None, :]
+        carry = (tl.load(U_ptr + later, mask=nd_mask, other=0.0)
+                 + tl.load(P_ptr + later, mask=nd_mask, other=0.0) * carry)
     dA = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -255,8 +330,8 @@ def _bwd_kernel(
     C_ptr += b * L * N
     seq_ptr += b * L
     part = (b * n_dblocks + pid_d) * L  # rows of this program's dB / dC partial sums
-    for rev in range(0, n_tiles):
-        start = (n_tiles - 1 - rev) * TILE_T
+    for rev in range(0, tile_end - tile_begin):
+        start = (tile_end - 1 - rev) * TILE_T
         h_first = tl.load(tile_states_ptr + (b * n_tiles + start // TILE_T) * N * Dm + tile_offs, mask=nd_mask,
                           other=0.0)
         h = h_first
@@ -315,12 +390,14 @@ def _bwd_kernel(
             carry = decay * u
             h_t = h_prev
             back = back_next
-    tl.store(dh0_ptr + b * Dm * N + state_offs, carry, mask=nd_mask)
-    tl.store(dA_ptr + b * Dm * N + state_offs, dA, mask=nd_mask)
+    if chunk == 0:
+        tl.store(dh0_ptr + b * Dm * N + state_offs, carry, mask=nd_mask)
+    part_rows = b * n_chunks + chunk
+    tl.store(dA_ptr + part_rows * Dm * N + state_offs, dA, mask=nd_mask)
     if HAS_D:
-        tl.store(dD_ptr + b * Dm + d_offs, dD, mask=d_mask)
+        tl.store(dD_ptr + part_rows * Dm + d_offs, dD, mask=d_mask)
     if HAS_BIAS:
-        tl.store(dbias_ptr + b * Dm + d_offs, dbias, mask=d_mask)
+        tl.store(dbias_ptr + part_rows * Dm + d_offs, dbias, mask=d_mask)
 
 
 # A few fixed choices rather than an autotuning sweep, so that the first call compiles once per shape class
@@ -328,9 +405,9 @@ def _bwd_kernel(
 # (the backward recomputes each such tile). The forward: channels per program (for d_state 16; proportionally
 # fewer for larger states), tokens per unrolled loop trip, and whether the next trip's inputs are loaded ahead.
 TILE_CONFIG = {"block_t": 16}
-FORWARD_CONFIG = {"block_d": 32, "unroll": 4, "num_warps": 1, "prefetch": True, "programs_per_sm": 4,
+FORWARD_CONFIG = {"block_d": 32, "unroll": 4, "num_warps": 1, "prefetch": True, "programs_per_sm": 16,
                   "min_programs": None}
-BACKWARD_CONFIG = {"block_d": 32, "num_warps": 1}
+BACKWARD_CONFIG = {"block_d": 32, "num_warps": 1, "programs_per_sm": 16, "min_programs": None}
 
 
 def _channel_block(block_d: int, block_n: int) -> int:
@@ -338,13 +415,13 @@ def _channel_block(block_d: int, block_n: int) -> int:
     return block_d if block_n <= 16 else max(block_d * 16 // block_n, 2)
 
 
-def _time_chunks(x: torch.Tensor, programs: int, n_tiles: int, tile_t: int) -> tuple[int, int]:
+def _time_chunks(config: dict, x: torch.Tensor, programs: int, n_tiles: int, tile_t: int) -> tuple[int, int]:
     """(tokens per chunk, chunks): the sequence is cut into chunks walked in parallel when batch rows x channel
-    blocks alone would leave the GPU short of programs (FORWARD_CONFIG['min_programs'], by default
-    programs_per_sm per multiprocessor; none on the CPU interpreter)."""
-    wanted = FORWARD_CONFIG["min_programs"]
+    blocks alone would leave the GPU short of programs (config['min_programs'], by default programs_per_sm per
+    multiprocessor; none on the CPU interpreter)."""
+    wanted = config["min_programs"]
     if wanted is None:
-        wanted = (FORWARD_CONFIG["programs_per_sm"] * torch.cuda.get_device_properties(x.device).multi_processor_count
+        wanted = (config["programs_per_sm"] * torch.cuda.get_device_properties(x.device).multi_processor_count
                   if x.is_cuda else 1)
     n_chunks = min(n_tiles, max(1, -(-wanted // programs)))
     tiles_per_chunk = -(-n_tiles // n_chunks)
@@ -384,7 +461,7 @@ class _SelectiveScan(torch.autograd.Function):
         dummy = final
         fwd_block_d, unroll, fwd_warps = _forward_blocks(block_n, block_t)
         n_dblocks = triton.cdiv(d_inner, fwd_block_d)
-        chunk_len, n_chunks = _time_chunks(x, batch * n_dblocks, n_tiles, block_t)
+        chunk_len, n_chunks = _time_chunks(FORWARD_CONFIG, x, batch * n_dblocks, n_tiles, block_t)
         chunk_P = chunk_S = dummy
         if n_chunks > 1:
             chunk_P = torch.empty(batch, n_chunks, d_state, d_inner, device=x.device, dtype=torch.float32)
@@ -417,34 +494,49 @@ class _SelectiveScan(torch.autograd.Function):
         block_d = _channel_block(BACKWARD_CONFIG["block_d"], block_n)
         n_tiles = tiles.shape[1]
         n_dblocks = triton.cdiv(d_inner, block_d)
+        chunk_len, n_chunks = _time_chunks(BACKWARD_CONFIG, x, batch * n_dblocks, n_tiles, block_t)
         f32 = dict(device=x.device, dtype=torch.float32)
         dx, ddt = torch.empty(x.shape, **f32), torch.empty(x.shape, **f32)
         dz = torch.empty(x.shape, **f32) if z is not None else None
-        dA = torch.empty(batch, d_inner, d_state, **f32)
-        # per channel block, summed over the blocks below
+        # per (row, chunk) for dA, dD, Δ bias and per channel block for dB, dC: summed below
+        dA = torch.empty(batch, n_chunks, d_inner, d_state, **f32)
         dB = torch.empty(batch, n_dblocks, seqlen, d_state, **f32)
         dC = torch.empty(batch, n_dblocks, seqlen, d_state, **f32)
-        dD = torch.empty(batch, d_inner, **f32) if D is not None else None
-        dbias = torch.empty(batch, d_inner, **f32) if delta_bias is not None else None
+        dD = torch.empty(batch, n_chunks, d_inner, **f32) if D is not None else None
+        dbias = torch.empty(batch, n_chunks, d_inner, **f32) if delta_bias is not None else None
         dh0 = torch.empty(batch, d_inner, d_state, **f32)
         # each program's recomputed states of one tile
-        scratch = torch.empty(batch * n_dblocks * block_t * block_n * block_d, **f32)
+        scratch = torch.empty(batch * n_dblocks * n_chunks * block_t * block_n * block_d, **f32)
         dummy = dh0
+        A_t = A.t().contiguous()
+        chunk_P = chunk_U = dummy
+        if n_chunks > 1:
+            chunk_P = torch.empty(batch, n_chunks, d_state, d_inner, **f32)
+            chunk_U = torch.empty_like(chunk_P)
         with on_device_of(x):
-            _bwd_kernel[(batch, n_dblocks)](
-                x, delta, A.t().contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,
+            if n_chunks > 1:  # every chunk but the first: its adjoint leaving from the left, from zero
+                _bwd_local_kernel[(batch, n_dblocks, n_chunks - 1)](
+                    delta, A_t, C, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
+                    seq_idx if seq_idx is not None else dummy, dy.contiguous(), chunk_P, chunk_U,
+                    seqlen, d_inner, d_state, chunk_len, n_chunks,
+                    HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
+                    HAS_SEQ=seq_idx is not None, BLOCK_D=block_d, BLOCK_N=block_n,
+                    num_warps=BACKWARD_CONFIG["num_warps"],
+                )
+            _bwd_kernel[(batch, n_dblocks, n_chunks)](
+                x, delta, A_t, B, C, D if D is not None else dummy, z if z is not None else dummy,
                 delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy, tiles,
                 scratch, dy.contiguous(), dfinal.contiguous() if dfinal is not None else dummy,
                 dx, ddt, dz if dz is not None else dummy, dA, dB, dC, dD if dD is not None else dummy,
-                dbias if dbias is not None else dummy, dh0,
-                seqlen, d_inner, d_state, n_tiles, n_dblocks,
+                dbias if dbias is not None else dummy, dh0, chunk_P, chunk_U,
+                seqlen, d_inner, d_state, n_tiles, n_dblocks, chunk_len, n_chunks,
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                 SOFTPLUS=ctx.delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DHT=dfinal is not None,
                 TILE_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BACKWARD_CONFIG["num_warps"],
             )
-        return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
-                dD.sum(0).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
-                dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, None,
+        return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum((0, 1)), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+                dD.sum((0, 1)).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
+                dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None, None,
                 dh0 if ctx.has_initial_state else None, None)
 
 
