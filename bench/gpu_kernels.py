@@ -20,6 +20,7 @@ check_mamba2  (on request) Mamba-2's gated-norm and decoding-step kernels agains
 conv     (on request) the Triton causal conv1d against F.conv1d: errors and forward(+backward) times.
 s4       (on request) S4 / S4D on CUDA against the CPU, and prefill speed of the LRA-size presets.
 fwd_sweep  (on request) forward times of the Triton scan for a few FORWARD_CONFIG choices.
+profile_e2e  (on request) the largest kernels of a training step of each of our 130M models.
 bwd_sweep  (on request) forward+backward times of the scan for a few BACKWARD_CONFIG shapes.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
          transformers' LlamaForCausalLM of the anchors' 130M shape with SDPA.
@@ -713,6 +714,43 @@ def e2e():
     R["e2e"] = rows
 
 
+def profile_e2e():
+    """Where a training step's GPU time goes (4 x 2048, bf16 weights, AdamW): the 12 largest kernels by self CUDA
+    time over 5 steps after 5 warm-up steps, for each of our 130M models."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = {}
+    for name, build in (("mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
+                        ("mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):
+        model = build().to(DEV, torch.bfloat16).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        ids = torch.randint(0, 50000, (4, 2048), device=DEV)
+
+        def step():
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+        total = sum(e.self_device_time_total for e in events)
+        rows[name] = dict(step_ms=total / 5e3, top=[(e.key[:70], round(e.self_device_time_total / 5e3, 2),
+                                                     round(100 * e.self_device_time_total / total, 1))
+                                                    for e in events[:12]])
+        print("profile", name, f"{rows[name]['step_ms']:.1f} ms GPU per step", flush=True)
+        for key, ms, share in rows[name]["top"]:
+            print(f"  {ms:8.2f} ms {share:5.1f}%  {key}", flush=True)
+        model = opt = None
+        torch.cuda.empty_cache()
+    R["profile_e2e"] = rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sections", default="check,time,latency,e2e")
@@ -726,6 +764,7 @@ def main():
             {"check": check, "check_mamba2": check_mamba2_kernels, "time": time_scan,
              "s4": s4_on_gpu, "conv": conv, "latency": latency, "e2e": e2e, "ssd": ssd,
              "check_ssd": check_ssd, "ssd_sweep": ssd_sweep, "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
+             "profile_e2e": profile_e2e,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]
