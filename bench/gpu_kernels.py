@@ -12,8 +12,7 @@ latency  first call (forward+backward) in a fresh process with an empty Triton c
 ssd      (on request) Mamba-2 SSD forward (+backward) beside mamba_ssm's and fla's Triton kernels, when carried.
 check_ssd  (on request) the SSD kernels on real shapes (lengths 1 to 16k, odd sizes, groups, packed sequences,
          float32/bf16/fp16) against the PyTorch chunked form in float32: outputs, final states and gradients.
-ssd_sweep  (on request) SSD forward and forward+backward times for a few chunk / warp / state-storage choices
-         and heads per program of the gradient kernel.
+ssd_sweep  (on request) SSD forward and forward+backward times for a few chunk / warp / state-storage choices.
 decode   (on request) greedy decoding tokens/s after long prompts, and peak memory for a 64k-token prompt.
 step     (on request) decoding by single-token forward calls (no generate()), and the cache's bytes.
 check_mamba2  (on request) Mamba-2's gated-norm and decoding-step kernels against PyTorch, timed beside it.
@@ -374,26 +373,18 @@ def ssd_sweep():
     inp.pop("initial_state")
     leaves = {k: (v.clone().requires_grad_(True) if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
     dy = torch.randn_like(inp["x"])
-    knobs = ("CHUNK", "N_BLOCK", "STATE_TILE", "STATES_16BIT", "GRAD_HEADS")
+    knobs = ("CHUNK", "N_BLOCK", "STATE_TILE", "STATES_16BIT")
     saved = {k: getattr(ssd_triton, k) for k in knobs} | {"WARPS": dict(ssd_triton.WARPS)}
     grads = [v for v in leaves.values() if v.requires_grad]
     rows = {}
-    # chunk, d_state block, walker tile, warps of the output kernel, 16-bit states, heads per gradient program
-    # (None: all of a group's unless too few programs), warps of the gradient kernel
-    for chunk, n_block, tile, warps, states16, grad_heads, grad_warps in [
-            (32, 64, (64, 64), 4, True, None, 8), (32, 64, (32, 64), 4, True, None, 8),
-            (32, 64, (64, 32), 4, True, None, 8), (32, 64, (32, 32), 4, True, None, 8),
-            (32, 32, (64, 64), 4, True, None, 8), (32, 128, (64, 64), 4, True, None, 8),
-            (32, 64, (64, 64), 2, True, None, 8), (16, 64, (64, 64), 4, True, None, 8),
-            (64, 32, (64, 64), 4, True, None, 8), (32, 64, (64, 64), 4, True, None, 4),
-            (32, 64, (64, 64), 4, True, 1, 8), (32, 64, (64, 64), 4, True, 2, 8), (32, 64, (64, 64), 4, True, 4, 8),
-            (32, 64, (64, 64), 4, True, 8, 8), (32, 64, (64, 64), 4, True, 1, 4)]:
+    for chunk, n_block, tile, warps, states16 in [
+            (32, 64, (64, 64), 4, True), (32, 64, (32, 64), 4, True), (32, 64, (64, 32), 4, True),
+            (32, 64, (32, 32), 4, True), (32, 32, (64, 64), 4, True), (32, 128, (64, 64), 4, True),
+            (32, 64, (64, 64), 2, True), (16, 64, (64, 64), 4, True), (64, 32, (64, 64), 4, True)]:
         ssd_triton.CHUNK, ssd_triton.N_BLOCK, ssd_triton.STATE_TILE, ssd_triton.STATES_16BIT = \
             chunk, n_block, tile, states16
-        ssd_triton.GRAD_HEADS = grad_heads
-        ssd_triton.WARPS.update(output=warps, grads=grad_warps)
-        name = (f"chunk {chunk} n {n_block} tile {tile[0]}x{tile[1]} warps {warps} states {16 if states16 else 32} "
-                f"grad heads {grad_heads or 'auto'} warps {grad_warps}")
+        ssd_triton.WARPS.update(output=warps, grads=warps)
+        name = f"chunk {chunk} n {n_block} tile {tile[0]}x{tile[1]} warps {warps} states {16 if states16 else 32}"
         try:
             fwd = do_bench(lambda: ssd_triton.ssd_scan_triton(**inp, dt_softplus=True), return_mode="median") * 1e3
             both = do_bench(lambda: ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True).backward(dy),

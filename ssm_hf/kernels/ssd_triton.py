@@ -11,10 +11,9 @@ Forward: `_chunk_walk_kernel` walks the chunks of one (row, head, state tile) in
 independently, the intra-chunk part as two `tl.dot`s. Backward: the forward states are recomputed (nothing of size
 (chunks, head_dim, d_state) is kept between passes), the same walker, mirrored (REVERSE), walks the chunks
 backwards for the gradient dH_{k+1} reaching each chunk's end, and `_chunk_grads_kernel` computes every input's
-gradient chunk by chunk, the heads of a group one after the other in one program, so that dB and dC (B and C
-are shared by the group's heads) are summed there and written once per group. Segment sums of log-decays are
-always summed directly, never as differences of prefix sums, so small steps after a large one survive and a
-sequence start (`seq_idx`: a = -inf there) gives exact zeros, not NaNs.
+gradient chunk by chunk. Segment sums of log-decays are always summed directly, never as differences of prefix
+sums, so small steps after a large one survive and a sequence start (`seq_idx`: a = -inf there) gives exact
+zeros, not NaNs.
 """
 
 from __future__ import annotations
@@ -30,18 +29,13 @@ from .packing import kernel_segment_ids
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked
 
 CHUNK = 32
-# warps per kernel ("states" and "state_grads": the walker forward and backward; 8 for the gradient kernel, where
-# ptxas spills at 4), and whether 16-bit inputs keep their chunk-boundary states in 16 bits between kernels (less
+# warps per kernel, and whether 16-bit inputs keep their chunk-boundary states in 16 bits between kernels (less
 # traffic, one rounding per chunk); module-level so that bench/gpu_kernels.py can sweep them
-WARPS = {"states": 4, "output": 4, "state_grads": 4, "grads": 8}
+WARPS = {"states": 4, "output": 4, "state_grads": 4, "grads": 4}
 STATES_16BIT = True
 # d_state block of the chunk kernels (they loop over d_state); (head_dim, d_state) tile of the sequential walker
 N_BLOCK = 64
 STATE_TILE = (64, 64)
-# heads of a group per program of the gradient kernel (None: all, unless that leaves fewer than
-# GRAD_PROGRAMS_PER_SM programs per multiprocessor; see _grad_heads_per_program)
-GRAD_HEADS: int | None = None
-GRAD_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -54,20 +48,16 @@ def _mm(a, b, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_decays(dt_row_ptr, seq_row_ptr, head, start, L, H, A, HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """Tokens of the chunk at `start` of the row whose Δ and seq_idx begin at dt_row_ptr and seq_row_ptr: (t, valid,
-    Δ, a = ΔA with -inf where a sequence starts, is_start). Offsets in a row are int32 (L * H < 2**31): a scalar
-    for the chunk and head plus a (Q,) part that a loop over chunks or heads computes once (as int64 row offsets
-    that part cost registers across those loops)."""
-    q = tl.arange(0, BLOCK_Q)
-    t = start + q
+def _chunk_decays(dt_ptr, seq_ptr, row, head, start, L, H, A, HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Tokens of the chunk at `start`: (t, valid, Δ, a = ΔA with -inf where a sequence starts, is_start)."""
+    t = start + tl.arange(0, BLOCK_Q)
     valid = t < L
-    dt = tl.load(dt_row_ptr + (start * H + head) + q * H, mask=valid, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + (row * L + t) * H + head, mask=valid, other=0.0).to(tl.float32)
     a = dt * A
     is_start = t < 0
     if HAS_SEQ:
-        current = tl.load(seq_row_ptr + start + q, mask=valid, other=0)
-        previous = tl.load(seq_row_ptr + (start - 1) + q, mask=valid & (t > 0), other=0)
+        current = tl.load(seq_ptr + row * L + t, mask=valid, other=0)
+        previous = tl.load(seq_ptr + row * L + t - 1, mask=valid & (t > 0), other=0)
         is_start = valid & (t > 0) & (current != previous)
         a = tl.where(is_start, float("-inf"), a)
     return t, valid, dt, a, is_start
@@ -132,8 +122,7 @@ def _chunk_walk_kernel(
         k = n_chunks - 1 - i if REVERSE else i
         tl.store(walk_ptr + ((row * n_chunks + k) * H + head) * P * N + pn_offs,
                  state.to(walk_ptr.dtype.element_ty), mask=pn_mask)
-        t, valid, dt, a, _ = _chunk_decays(dt_ptr + row * L * H, seq_ptr + row * L, head, k * BLOCK_Q, L, H, A, HAS_SEQ,
-                                        BLOCK_Q)
+        t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
         v = tl.load(v_ptr + ((row * L + t[:, None]) * H + head) * P + p_offs[None, :],
                     mask=valid[:, None] & p_mask[None, :], other=0.0)
         w = tl.load(w_ptr + ((row * L + t[:, None]) * G + group) * N + n_offs[None, :],
@@ -163,8 +152,7 @@ def _chunk_output_kernel(
     p_offs = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p_offs < P
     A = tl.load(A_ptr + head).to(tl.float32)
-    t, valid, dt, a, _ = _chunk_decays(dt_ptr + row * L * H, seq_ptr + row * L, head, k * BLOCK_Q, L, H, A, HAS_SEQ,
-                                        BLOCK_Q)
+    t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
     tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
     tp_mask = valid[:, None] & p_mask[None, :]
     dot_dtype = x_ptr.dtype.element_ty
@@ -190,139 +178,95 @@ def _chunk_output_kernel(
 
 
 @triton.jit
+def _grad_inputs_block(B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N,
+                       BLOCK_N: tl.constexpr):
+    """B and C of the chunk's tokens, H_k and dH_{k+1} for d_state block n0 (with its offsets and token mask)."""
+    n_offs = n0 + tl.arange(0, BLOCK_N)
+    n_mask = n_offs < N
+    tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
+    tn_mask = valid[:, None] & n_mask[None, :]
+    pn_mask = p_mask[:, None] & n_mask[None, :]
+    return (tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0), tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0),
+            tl.load(states_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0),
+            tl.load(dstates_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0), n_offs, tn_mask)
+
+
+@triton.jit
 def _chunk_grads_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
-    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dB_acc_ptr, dC_acc_ptr, dA_ptr, dD_ptr,
-    L, H, P, G, N, n_chunks, heads_per_program, n_splits,
+    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
+    L, H, P, G, N, n_chunks,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Gradients of one chunk for up to `heads_per_program` heads of one group (split `split` of its heads), one
-    head after the other: per head dx, dΔ (after the Δ·A product) and this chunk's share of dA and dD; dB and dC
-    summed over these heads and written once, to dB/dC (batch, seqlen, groups, n_splits, d_state).
-
-    The heads share the group's B and C, so the intra-chunk parts of dB and dC contract the heads' summed (Q, Q)
-    gradient of C·Bᵀ once, after the last head. Their parts through the states (a (Q, d_state) product per head)
-    are summed in dB_acc/dC_acc (float32, same shape; these rows belong to this program alone, so plain loads and
-    stores, no atomics): a register sum over the whole d_state does not fit beside the rest (ptxas spills).
-    Addresses are int64 scalar bases plus int32 offsets inside the tiles, the head folded into the offsets: what
-    does not depend on the head is hoisted out of the head loop and stays live across it, and as int64 pointer
-    tiles it spilled. Grid: (batch * groups * n_splits, chunks)."""
-    pid = tl.program_id(0)
-    split = pid % n_splits
-    group = (pid // n_splits) % G
-    row = (pid // (n_splits * G)).to(tl.int64)
+    """Gradients of one chunk: dx, dΔ (after the Δ·A product), dB and dC of this head (summed over the heads of a
+    group afterwards), and this chunk's share of dA and dD. d_state is walked twice in blocks of BLOCK_N: first
+    for the products that contract it, then for dB and dC. Grid: (batch * heads, chunks)."""
+    bh, row, head, group = _program_head(H, G)
     k = tl.program_id(1)
-    first = group * (H // G) + split * heads_per_program
-    end = tl.minimum(first + heads_per_program, (group + 1) * (H // G))
-    q = tl.arange(0, BLOCK_Q)
-    t = k * BLOCK_Q + q
-    valid = t < L
     p_offs = tl.arange(0, BLOCK_P)
     p_mask = p_offs < P
-    token0 = row * L + k * BLOCK_Q                                   # the chunk's first token, int64
-    xs_base = token0 * H * P                                         # x, dy, dx of the chunk
+    A = tl.load(A_ptr + head).to(tl.float32)
+    t, valid, dt, a, is_start = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
+    tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
     tp_mask = valid[:, None] & p_mask[None, :]
-    state_base = (row * n_chunks + k) * H * P * N                    # H_k, dH_{k+1} of the chunk
-    bc_base = token0 * G * N + group * N                             # B, C of the group
-    out_base = (token0 * G + group) * n_splits * N + split * N       # this program's rows of dB and dC
-    out_rows = q[:, None] * (G * n_splits * N)
+    x = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
+    xdt = x * dt[:, None]
+    state_base = ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N
     dot_dtype = x_ptr.dtype.element_ty
-    rows_t = q[:, None]
-    cols_s = q[None, :]
-    d_scores = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)      # Σ_heads dL/d(C_t·B_s)
-    for head in range(first, end):
-        # the previous head's dB_acc/dC_acc blocks were stored by other threads than those that read them here
-        tl.debug_barrier()
-        A = tl.load(A_ptr + head).to(tl.float32)
-        _, _, dt, a, is_start = _chunk_decays(dt_ptr + row * L * H, seq_ptr + row * L, head, k * BLOCK_Q, L, H, A,
-                                              HAS_SEQ, BLOCK_Q)
-        tp_offs = (q[:, None] * H + head) * P + p_offs[None, :]      # x, dy, dx of this head
-        x = tl.load(x_ptr + xs_base + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + xs_base + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
-        xdt = x * dt[:, None]
-        ph_offs = (head * P + p_offs[:, None]) * N                   # this head's H_k and dH_{k+1}
-        to_end = tl.exp(_decay_to_end(a, BLOCK_Q))                # (s,)
-        from_start = tl.exp(tl.cumsum(a, axis=0))                 # (t,)
 
-        scores = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)      # C_t·B_s
-        C_state = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)     # C_t H_kᵀ
-        B_dnext = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)     # B_s dH_{k+1}ᵀ
-        state_dnext = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            n_offs = n0 + tl.arange(0, BLOCK_N)
-            n_mask = n_offs < N
-            tn_offs = q[:, None] * (G * N) + n_offs[None, :]
-            tn_mask = valid[:, None] & n_mask[None, :]
-            pn_offs = ph_offs + n_offs[None, :]
-            pn_mask = p_mask[:, None] & n_mask[None, :]
-            Bq = tl.load(B_ptr + bc_base + tn_offs, mask=tn_mask, other=0.0)
-            Cq = tl.load(C_ptr + bc_base + tn_offs, mask=tn_mask, other=0.0)
-            state = tl.load(states_ptr + state_base + pn_offs, mask=pn_mask, other=0.0)    # H_k
-            dnext = tl.load(dstates_ptr + state_base + pn_offs, mask=pn_mask, other=0.0)  # dH_{k+1}
-            scores += _mm(Cq, tl.trans(Bq), dot_dtype, IEEE)
-            C_state += _mm(Cq, tl.trans(state), dot_dtype, IEEE)
-            B_dnext += _mm(Bq, tl.trans(dnext), dot_dtype, IEEE)
-            state_dnext += tl.sum(state.to(tl.float32) * dnext.to(tl.float32), axis=1)
-
-        decay = _decay_matrix(a, BLOCK_Q)                         # (t, s)
-        d_mixed = tl.where(rows_t >= cols_s, _mm(dy, tl.trans(xdt), dot_dtype, IEEE), 0.0)   # dL/d(scores ∘ decay)
-        # dL/dxdt_s: through the chunk's outputs and, weighted by w_s = to_end, through the state it leaves
-        dxdt = _mm(tl.trans(scores * decay), dy, dot_dtype, IEEE) + to_end[:, None] * B_dnext
-
-        # gradient of each log-decay a_j, through the three sums it enters (inside the chunk, from the chunk's
-        # start, to the chunk's end) and the chunk's total
-        d_seg = d_mixed * scores * decay                                                  # (t, s)
-        before = tl.cumsum(d_seg, axis=1) - d_seg                                         # Σ_{s<j} d_seg[t, s]
-        da = tl.sum(tl.where(rows_t >= cols_s, before, 0.0), axis=0)
-        d_from_start = from_start * tl.sum(dy * C_state, axis=1)                         # (t,)
-        da += tl.sum(tl.where(rows_t >= cols_s, d_from_start[:, None], 0.0), axis=0)     # Σ_{t≥j}
-        d_to_end = to_end * tl.sum(B_dnext * xdt, axis=1)                               # (s,)
-        da += tl.sum(tl.where(rows_t < cols_s, d_to_end[:, None], 0.0), axis=0)         # Σ_{s<j}
-        da += tl.exp(tl.sum(a, axis=0)) * tl.sum(state_dnext, axis=0)
-        da = tl.where(is_start | (t >= L), 0.0, da)      # a sequence start's decay is the constant -inf
-
-        dx = dxdt * dt[:, None]
-        if HAS_D:
-            Dh = tl.load(D_ptr + head).to(tl.float32)
-            dx += Dh * dy
-            tl.store(dD_ptr + (row * H + head) * n_chunks + k, tl.sum(tl.sum(dy * x, axis=1), axis=0))
-        tl.store(dx_ptr + xs_base + tp_offs, dx.to(dx_ptr.dtype.element_ty), mask=tp_mask)
-        tl.store(ddt_ptr + token0 * H + head + q * H, tl.sum(dxdt * x, axis=1) + A * da, mask=valid)
-        tl.store(dA_ptr + (row * H + head) * n_chunks + k, tl.sum(da * dt, axis=0))
-        d_scores += d_mixed * decay
-
-        # the shares through the states, d_state walked again (H_k and dH_{k+1} are still cached): C_t reads H_k
-        # weighted by from_start, B_s enters H_{k+1} weighted by w_s = to_end; the first head starts the sums
-        for n0 in range(0, N, BLOCK_N):
-            n_offs = n0 + tl.arange(0, BLOCK_N)
-            n_mask = n_offs < N
-            pn_offs = ph_offs + n_offs[None, :]
-            pn_mask = p_mask[:, None] & n_mask[None, :]
-            state = tl.load(states_ptr + state_base + pn_offs, mask=pn_mask, other=0.0)
-            dnext = tl.load(dstates_ptr + state_base + pn_offs, mask=pn_mask, other=0.0)
-            acc_offs = out_rows + n_offs[None, :]
-            tn_mask = valid[:, None] & n_mask[None, :]
-            acc_mask = tn_mask & (tl.full((BLOCK_Q, BLOCK_N), head, tl.int32) > first)
-            tl.store(dC_acc_ptr + out_base + acc_offs, tl.load(dC_acc_ptr + out_base + acc_offs, mask=acc_mask,
-                     other=0.0) + from_start[:, None] * _mm(dy, state, dot_dtype, IEEE), mask=tn_mask)
-            tl.store(dB_acc_ptr + out_base + acc_offs, tl.load(dB_acc_ptr + out_base + acc_offs, mask=acc_mask,
-                     other=0.0) + to_end[:, None] * _mm(xdt, dnext, dot_dtype, IEEE), mask=tn_mask)
-
-    # the intra-chunk shares, once for all the heads: dC_t += Σ_s d_scores[t, s] B_s, dB_s += Σ_t d_scores[t, s] C_t
-    tl.debug_barrier()
+    scores = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)      # C_t·B_s
+    C_state = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)     # C_t H_kᵀ
+    B_dnext = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)     # B_s dH_{k+1}ᵀ
+    state_dnext = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        n_offs = n0 + tl.arange(0, BLOCK_N)
-        tn_mask = valid[:, None] & (n_offs < N)[None, :]
-        tn_offs = q[:, None] * (G * N) + n_offs[None, :]
-        Bq = tl.load(B_ptr + bc_base + tn_offs, mask=tn_mask, other=0.0)
-        Cq = tl.load(C_ptr + bc_base + tn_offs, mask=tn_mask, other=0.0)
-        acc_offs = out_rows + n_offs[None, :]
-        dC = tl.load(dC_acc_ptr + out_base + acc_offs, mask=tn_mask, other=0.0) + _mm(d_scores, Bq, dot_dtype, IEEE)
-        dB = tl.load(dB_acc_ptr + out_base + acc_offs, mask=tn_mask, other=0.0) + _mm(tl.trans(d_scores), Cq,
-                                                                                       dot_dtype, IEEE)
-        tl.store(dC_ptr + out_base + acc_offs, dC.to(dC_ptr.dtype.element_ty), mask=tn_mask)
-        tl.store(dB_ptr + out_base + acc_offs, dB.to(dB_ptr.dtype.element_ty), mask=tn_mask)
+        Bq, Cq, state, dnext, n_offs, tn_mask = _grad_inputs_block(
+            B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N, BLOCK_N)
+        scores += _mm(Cq, tl.trans(Bq), dot_dtype, IEEE)
+        C_state += _mm(Cq, tl.trans(state), dot_dtype, IEEE)
+        B_dnext += _mm(Bq, tl.trans(dnext), dot_dtype, IEEE)
+        state_dnext += tl.sum(state.to(tl.float32) * dnext.to(tl.float32), axis=1)
+
+    rows_t = tl.arange(0, BLOCK_Q)[:, None]
+    cols_s = tl.arange(0, BLOCK_Q)[None, :]
+    decay = _decay_matrix(a, BLOCK_Q)                         # (t, s)
+    to_end = tl.exp(_decay_to_end(a, BLOCK_Q))                # (s,)
+    from_start = tl.exp(tl.cumsum(a, axis=0))                 # (t,)
+    d_mixed = tl.where(rows_t >= cols_s, _mm(dy, tl.trans(xdt), dot_dtype, IEEE), 0.0)   # dL/d(scores ∘ decay)
+    # dL/dxdt_s: through the chunk's outputs and, weighted by w_s = to_end, through the state it leaves
+    dxdt = _mm(tl.trans(scores * decay), dy, dot_dtype, IEEE) + to_end[:, None] * B_dnext
+
+    # gradient of each log-decay a_j, through the three sums it enters (inside the chunk, from the chunk's start,
+    # to the chunk's end) and the chunk's total
+    d_seg = d_mixed * scores * decay                                                  # (t, s)
+    before = tl.cumsum(d_seg, axis=1) - d_seg                                         # Σ_{s<j} d_seg[t, s] at (t, j)
+    da = tl.sum(tl.where(rows_t >= cols_s, before, 0.0), axis=0)
+    d_from_start = from_start * tl.sum(dy * C_state, axis=1)                         # (t,)
+    da += tl.sum(tl.where(rows_t >= cols_s, d_from_start[:, None], 0.0), axis=0)     # Σ_{t≥j}
+    d_to_end = to_end * tl.sum(B_dnext * xdt, axis=1)                               # (s,)
+    da += tl.sum(tl.where(rows_t < cols_s, d_to_end[:, None], 0.0), axis=0)         # Σ_{s<j}
+    da += tl.exp(tl.sum(a, axis=0)) * tl.sum(state_dnext, axis=0)
+    da = tl.where(is_start | (t >= L), 0.0, da)      # a sequence start's decay is the constant -inf
+
+    dx = dxdt * dt[:, None]
+    if HAS_D:
+        Dh = tl.load(D_ptr + head).to(tl.float32)
+        dx += Dh * dy
+        tl.store(dD_ptr + bh * n_chunks + k, tl.sum(tl.sum(dy * x, axis=1), axis=0))
+    tl.store(dx_ptr + tp_offs, dx.to(dx_ptr.dtype.element_ty), mask=tp_mask)
+    tl.store(ddt_ptr + (row * L + t) * H + head, tl.sum(dxdt * x, axis=1) + A * da, mask=valid)
+    tl.store(dA_ptr + bh * n_chunks + k, tl.sum(da * dt, axis=0))
+
+    d_scores = d_mixed * decay
+    for n0 in range(0, N, BLOCK_N):
+        Bq, Cq, state, dnext, n_offs, tn_mask = _grad_inputs_block(
+            B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N, BLOCK_N)
+        dC = _mm(d_scores, Bq, dot_dtype, IEEE) + from_start[:, None] * _mm(dy, state, dot_dtype, IEEE)
+        dB = _mm(tl.trans(d_scores), Cq, dot_dtype, IEEE) + to_end[:, None] * _mm(xdt, dnext, dot_dtype, IEEE)
+        dbc_offs = ((row * L + t[:, None]) * H + head) * N + n_offs[None, :]
+        tl.store(dB_ptr + dbc_offs, dB, mask=tn_mask)
+        tl.store(dC_ptr + dbc_offs, dC, mask=tn_mask)
 
 
 # Tiles. The chunk is the same in every kernel (states sit at chunk boundaries); the walker splits
@@ -380,18 +324,6 @@ def _walk_chunks(v, dt, A, w, seq_idx, init, block_q, reverse):
     return walk, last
 
 
-def _grad_heads_per_program(batch: int, groups: int, heads_per_group: int, n_chunks: int,
-                            device: torch.device) -> int:
-    """How many heads of a group one program of `_chunk_grads_kernel` takes: all of them (dB and dC written once
-    per group) unless that leaves fewer than GRAD_PROGRAMS_PER_SM programs per multiprocessor; then the heads are
-    split, each split writing its own float32 part of dB and dC. GRAD_HEADS overrides."""
-    if GRAD_HEADS is not None:
-        return max(1, min(GRAD_HEADS, heads_per_group))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    splits = min(heads_per_group, max(1, triton.cdiv(GRAD_PROGRAMS_PER_SM * sms, batch * groups * n_chunks)))
-    return triton.cdiv(heads_per_group, splits)
-
-
 class _SSDScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx):
@@ -433,26 +365,20 @@ class _SSDScan(torch.autograd.Function):
             dstates, dh0 = _walk_chunks(dy, dt, A, C, seq, dfinal, block_q, reverse=True)
             dx = torch.empty_like(x)
             ddt = torch.empty_like(dt)
-            per_program = _grad_heads_per_program(batch, groups, heads // groups, n_chunks, x.device)
-            splits = triton.cdiv(heads // groups, per_program)
-            # float32 sums of dB and dC over each split's heads; one split writes the results in the inputs'
-            # dtypes (into the sums themselves where that is float32), several write parts summed here
-            dB_acc, dC_acc = (torch.empty(batch, seqlen, groups, splits, d_state, device=x.device,
-                                          dtype=torch.float32) for _ in range(2))
-            dB_parts = dB_acc if splits > 1 or B.dtype == torch.float32 else torch.empty_like(dB_acc, dtype=B.dtype)
-            dC_parts = dC_acc if splits > 1 or C.dtype == torch.float32 else torch.empty_like(dC_acc, dtype=C.dtype)
+            dB_heads = torch.empty(batch, seqlen, heads, d_state, device=x.device, dtype=torch.float32)
+            dC_heads = torch.empty_like(dB_heads)
             dA_parts = torch.empty(batch * heads, n_chunks, device=x.device, dtype=torch.float32)
             dD_parts = torch.empty_like(dA_parts)
-            _chunk_grads_kernel[(batch * groups * splits, n_chunks)](
+            _chunk_grads_kernel[(batch * heads, n_chunks)](
                 x, dt, A, B, C, D if D is not None else dt, seq if seq is not None else dt, states, dstates, dy,
-                dx, ddt, dB_parts, dC_parts, dB_acc, dC_acc, dA_parts, dD_parts,
-                seqlen, heads, head_dim, groups, d_state, n_chunks, per_program, splits,
+                dx, ddt, dB_heads, dC_heads, dA_parts, dD_parts,
+                seqlen, heads, head_dim, groups, d_state, n_chunks,
                 HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x),
-                BLOCK_Q=block_q, BLOCK_P=_block(head_dim, MAX_HEAD_DIM), BLOCK_N=_block(d_state, N_BLOCK),
+                BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128), BLOCK_N=_block(d_state, N_BLOCK),
                 num_warps=WARPS["grads"],
             )
-        dB = dB_parts.squeeze(3) if splits == 1 else dB_parts.sum(3).to(B.dtype)
-        dC = dC_parts.squeeze(3) if splits == 1 else dC_parts.sum(3).to(C.dtype)
+        dB = dB_heads.unflatten(2, (groups, heads // groups)).sum(3).to(B.dtype)
+        dC = dC_heads.unflatten(2, (groups, heads // groups)).sum(3).to(C.dtype)
         dA = dA_parts.view(batch, heads, n_chunks).sum((0, 2))
         dD = dD_parts.view(batch, heads, n_chunks).sum((0, 2)).to(D.dtype) if D is not None else None
         dh0_out = dh0.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None
@@ -485,9 +411,6 @@ def ssd_scan_triton(
                          f"{tuple(B.shape)}, C {tuple(C.shape)}.")
     if supports(d_state, head_dim):  # the chunk kernels run one program per chunk on grid axis 1
         check_grid_axis(triton.cdiv(x.shape[1], _chunk(head_dim)), f"An SSD scan of {x.shape[1]} tokens")
-        if x.shape[1] * heads >= 2**31:  # the kernels' offsets inside one row are int32
-            raise NotImplementedError(f"An SSD scan of {x.shape[1]} tokens x {heads} heads per row exceeds the "
-                                      "kernels' int32 offsets: split the row.")
     if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
         seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
