@@ -73,6 +73,100 @@ def test_triton_scan_many_tiles(monkeypatch, tile_t, forward, backward):
         assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key
 
 
+def _ids_starting_at(batch, seqlen, starts):
+    """seq_idx (batch, seqlen) whose sequences start at the given tokens."""
+    flags = torch.zeros(batch, seqlen, dtype=torch.int64)
+    flags[:, list(starts)] = 1
+    return flags.cumsum(1)
+
+
+@pytest.mark.parametrize("case", [
+    dict(seqlen=1), dict(seqlen=5), dict(seqlen=17, fwd_programs=6, bwd_programs=6),  # last chunk: one token
+    dict(seqlen=24, fwd_programs=6, bwd_programs=6, unroll=8),  # chunks of exactly one tile
+    dict(seqlen=29, dy=False), dict(seqlen=29, final=False),  # a gradient of the final state alone; of y alone
+    dict(seqlen=21, d_inner=37, d_state=17, fwd_programs=3, bwd_programs=3),  # padded state, fewer channels
+    dict(seqlen=21, d_inner=5, d_state=1),
+    dict(seqlen=29, starts=(1, 8, 16, 20)),  # sequence starts at token 1, at chunk and tile edges, inside a tile
+    dict(seqlen=29, starts=(8, 13), shared_ids=True),  # seq_idx (1, seqlen) for every row
+    dict(seqlen=29, bare=True), dict(seqlen=29, dt_scale=200.0), dict(seqlen=29, dtype=torch.bfloat16),
+])
+def test_triton_scan_in_chunks_edge_cases(monkeypatch, case):
+    # the forward and backward cut into chunks walked in parallel (by default every 8-token tile its own chunk)
+    # against the float64 recurrence: values, final state and every gradient, also h0's through the chunks
+    from ssm_hf.kernels import selective_scan_triton as module
+
+    batch, seqlen = 3, case["seqlen"]
+    monkeypatch.setattr(module, "TILE_CONFIG", {"block_t": 8})
+    monkeypatch.setattr(module, "FORWARD_CONFIG", {**module.FORWARD_CONFIG, "block_d": 4,
+                                                   "unroll": case.get("unroll", 4),
+                                                   "min_programs": case.get("fwd_programs", 10**6)})
+    monkeypatch.setattr(module, "BACKWARD_CONFIG", {**module.BACKWARD_CONFIG, "block_d": 4,
+                                                    "min_programs": case.get("bwd_programs", 10**6)})
+    inputs = _inputs(batch, seqlen, case.get("d_inner", 10), case.get("d_state", 6),
+                     dt_scale=case.get("dt_scale", 1.0), seed=seqlen)
+    softplus = not case.get("bare", False)
+    if not softplus:  # no z, D, bias or h0; Δ given non-negative
+        for key in ("D", "z", "delta_bias", "initial_state"):
+            inputs.pop(key)
+        inputs["delta"] = inputs["delta"].abs()
+    seq_idx = None
+    if "starts" in case:
+        seq_idx = _ids_starting_at(1 if case.get("shared_ids") else batch, seqlen, case["starts"]).to(DEVICE)
+    dtype = case.get("dtype", torch.float32)
+    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, dtype).items()}
+    leaves_ref = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y, h = selective_scan_triton(**leaves, delta_softplus=softplus, return_final_state=True, seq_idx=seq_idx)
+    y_ref, h_ref = kernels.selective_scan_sequential(**leaves_ref, delta_softplus=softplus, return_final_state=True,
+                                                     seq_idx=seq_idx if seq_idx is None else seq_idx.cpu())
+    tol, grad_tol = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 3e-2)
+    assert _rel_err(y.cpu(), y_ref) < tol and _rel_err(h.cpu(), h_ref) < tol
+    g = torch.Generator().manual_seed(4)
+    loss, loss_ref = 0.0, 0.0
+    if case.get("dy", True):
+        weight = torch.randn(y_ref.shape, dtype=torch.float64, generator=g)
+        loss, loss_ref = loss + (y * weight.to(y)).sum(), loss_ref + (y_ref * weight).sum()
+    if case.get("final", True):
+        weight = torch.randn(h_ref.shape, dtype=torch.float64, generator=g)
+        loss, loss_ref = loss + (h * weight.to(h)).sum(), loss_ref + (h_ref * weight).sum()
+    loss.backward()
+    loss_ref.backward()
+    for key in inputs:
+        if leaves_ref[key].grad is None:  # y unused: C, D and z get no gradient in the reference, zeros here
+            assert leaves[key].grad is None or not leaves[key].grad.any(), key
+        else:
+            assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < grad_tol, key
+
+
+@pytest.mark.parametrize("batch,d_inner", [(0, 4), (2, 0)])
+def test_triton_scan_empty_batch_or_channels(batch, d_inner):
+    # nothing to compute, but the call (and its backward) must work as the reference's does
+    inputs = _inputs(batch, 5, d_inner, 3, seed=1)
+    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
+    y, h = selective_scan_triton(**leaves, delta_softplus=True, return_final_state=True)
+    y_ref, h_ref = kernels.selective_scan_sequential(**inputs, delta_softplus=True, return_final_state=True)
+    assert y.shape == y_ref.shape and h.shape == h_ref.shape
+    (y.sum() + h.sum()).backward()
+    for key, leaf in leaves.items():
+        assert leaf.grad.shape == leaf.shape and not leaf.grad.any(), key
+
+
+def test_triton_scan_backward_uses_the_forwards_tiles(monkeypatch):
+    # the backward walks the tiles the forward stored: a TILE_CONFIG changed in between must not change them
+    from ssm_hf.kernels import selective_scan_triton as module
+
+    inputs = _inputs(2, 21, 6, 4, seed=2)
+    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
+    leaves_ref = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    monkeypatch.setattr(module, "TILE_CONFIG", {"block_t": 8})
+    y = selective_scan_triton(**leaves, delta_softplus=True)
+    monkeypatch.setattr(module, "TILE_CONFIG", {"block_t": 4})
+    weight = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    (y * weight.to(y)).sum().backward()
+    (kernels.selective_scan_sequential(**leaves_ref, delta_softplus=True) * weight).sum().backward()
+    for key in inputs:
+        assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key
+
+
 def test_triton_scan_bfloat16_and_large_steps():
     inputs = _inputs(1, 24, 8, 4, dt_scale=20.0, seed=5)
     y_ref = kernels.selective_scan_sequential(**inputs, delta_softplus=True)

@@ -423,7 +423,7 @@ def _time_chunks(config: dict, x: torch.Tensor, programs: int, n_tiles: int, til
     if wanted is None:
         wanted = (config["programs_per_sm"] * torch.cuda.get_device_properties(x.device).multi_processor_count
                   if x.is_cuda else 1)
-    n_chunks = min(n_tiles, max(1, -(-wanted // programs)))
+    n_chunks = min(n_tiles, max(1, -(-wanted // max(programs, 1))))  # no programs: an empty batch or d_inner
     tiles_per_chunk = -(-n_tiles // n_chunks)
     return tiles_per_chunk * tile_t, -(-n_tiles // tiles_per_chunk)
 
@@ -482,6 +482,7 @@ class _SelectiveScan(torch.autograd.Function):
                                                       STORE_TILES=store_tiles, LOCAL=False, **options)
         ctx.save_for_backward(x, delta, A, B, C, D, z, delta_bias, seq_idx, tiles)
         ctx.delta_softplus = delta_softplus
+        ctx.block_t = block_t  # the tiles' length: TILE_CONFIG may change before the backward
         ctx.has_initial_state = initial_state is not None
         return y, final
 
@@ -490,7 +491,7 @@ class _SelectiveScan(torch.autograd.Function):
         x, delta, A, B, C, D, z, delta_bias, seq_idx, tiles = ctx.saved_tensors
         batch, seqlen, d_inner = x.shape
         d_state = A.shape[-1]
-        block_t, block_n = TILE_CONFIG["block_t"], triton.next_power_of_2(d_state)
+        block_t, block_n = ctx.block_t, triton.next_power_of_2(d_state)
         block_d = _channel_block(BACKWARD_CONFIG["block_d"], block_n)
         n_tiles = tiles.shape[1]
         n_dblocks = triton.cdiv(d_inner, block_d)
