@@ -332,6 +332,7 @@ def _bwd_kernel(
     part = (b * n_dblocks + pid_d) * L  # rows of this program's dB / dC partial sums
     for rev in range(0, tile_end - tile_begin):
         start = (tile_end - 1 - rev) * TILE_T
+        tl.debug_barrier()  # the previous tile's reverse walk is done reading the scratch this tile overwrites
         h_first = tl.load(tile_states_ptr + (b * n_tiles + start // TILE_T) * N * Dm + tile_offs, mask=nd_mask,
                           other=0.0)
         h = h_first
@@ -349,6 +350,8 @@ def _bwd_kernel(
             h = decay * h + Bt[:, None] * (dt * x)[None, :]
             tl.store(scratch_ptr + i * BLOCK_N * BLOCK_D + scratch_offs, h)
             cur = nxt
+        # the reverse walk may read the scratch in another thread-to-element layout than it was written in
+        tl.debug_barrier()
         h_t = h
         back = _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch_ptr, h_first, bias,
                               start, TILE_T - 1, L, Dm, N, d_offs, n_offs, d_mask, n_mask, scratch_offs, HAS_SEQ,

@@ -290,6 +290,12 @@ def _block(size: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(size)))
 
 
+def _grads_n_block(x: torch.Tensor) -> int:
+    # float32 tiles with head_dim 128 need 204,800 bytes of shared memory at N_BLOCK 64: more than an A100 gives a
+    # program (166,912); half the d_state block needs 122,880
+    return N_BLOCK // 2 if x.dtype == torch.float32 and x.shape[-1] > 64 else N_BLOCK
+
+
 def _full_precision(x: torch.Tensor) -> bool:
     # Triton's interpreter multiplies 16-bit tiles wrongly (Triton 3.9): there every product runs in float32
     return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -374,7 +380,7 @@ class _SSDScan(torch.autograd.Function):
                 dx, ddt, dB_heads, dC_heads, dA_parts, dD_parts,
                 seqlen, heads, head_dim, groups, d_state, n_chunks,
                 HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x),
-                BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128), BLOCK_N=_block(d_state, N_BLOCK),
+                BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128), BLOCK_N=_block(d_state, _grads_n_block(x)),
                 num_warps=WARPS["grads"],
             )
         dB = dB_heads.unflatten(2, (groups, heads // groups)).sum(3).to(B.dtype)
