@@ -231,6 +231,13 @@ def s4_on_gpu():
     report("s4", rows)
 
 
+def _sweep_inputs(batch: int, seqlen: int):
+    """Scan inputs (D1536 N16 bf16), the same as autograd leaves, and an output gradient."""
+    inp = scan_inputs(batch, seqlen, 1536, 16, torch.bfloat16, seed=1)
+    leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inp.items()}
+    return inp, leaves, torch.randn(batch, seqlen, 1536, device=DEV, dtype=torch.bfloat16)
+
+
 def fwd_sweep():
     """Forward time of the Triton scan for a few FORWARD_CONFIG choices, bf16, at B8 D1536 T4096 N16 and at the e2e
     shape B4 T2048: without gradients (prefill: no states kept) and with (states every block_t tokens stored).
@@ -240,9 +247,7 @@ def fwd_sweep():
     rows = []
     default = dict(module.FORWARD_CONFIG)
     for batch, seqlen in ((8, 4096), (4, 2048)):
-        inp = scan_inputs(batch, seqlen, 1536, 16, torch.bfloat16, seed=1)
-        leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inp.items()}
-        dy = torch.randn(batch, seqlen, 1536, device=DEV, dtype=torch.bfloat16)
+        inp, leaves, dy = _sweep_inputs(batch, seqlen)
         for variant in [dict(programs_per_sm=0), dict(programs_per_sm=4), dict(programs_per_sm=8),
                         dict(programs_per_sm=16), dict(programs_per_sm=8, block_d=16)]:
             module.FORWARD_CONFIG.update(default)
@@ -274,9 +279,7 @@ def bwd_sweep():
     rows = []
     default = dict(module.BACKWARD_CONFIG)
     for batch, seqlen in ((8, 4096), (4, 2048)):
-        inp = scan_inputs(batch, seqlen, 1536, 16, torch.bfloat16, seed=1)
-        leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inp.items()}
-        dy = torch.randn(batch, seqlen, 1536, device=DEV, dtype=torch.bfloat16)
+        inp, leaves, dy = _sweep_inputs(batch, seqlen)
         reference = None
         for variant in (dict(programs_per_sm=0), dict(programs_per_sm=4), dict(programs_per_sm=8),
                         dict(programs_per_sm=16)):

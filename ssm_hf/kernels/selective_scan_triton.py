@@ -64,6 +64,21 @@ def _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0, L, Dm, N, d_o
 
 
 @triton.jit
+def _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A program's channel block (program axis 1) with its masks, A as (BLOCK_N, BLOCK_D) (A comes transposed,
+    (d_state, d_inner)) and the Δ bias (zeros without one)."""
+    d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_offs = tl.arange(0, BLOCK_N)
+    d_mask, n_mask = d_offs < Dm, n_offs < N
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+    A = tl.load(A_ptr + n_offs[:, None] * Dm + d_offs[None, :], mask=nd_mask, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+    return d_offs, n_offs, d_mask, n_mask, nd_mask, A, bias
+
+
+@triton.jit
 def _fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr, y_ptr, hT_ptr, tile_states_ptr,
     P_ptr, S_ptr, L, Dm, N, n_tiles, chunk_len, n_chunks,
@@ -87,14 +102,8 @@ def _fwd_kernel(
     chunk = tl.program_id(2)
     t_begin = chunk * chunk_len
     t_end = tl.minimum(t_begin + chunk_len, L)
-    d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    n_offs = tl.arange(0, BLOCK_N)
-    d_mask, n_mask = d_offs < Dm, n_offs < N
-    nd_mask = n_mask[:, None] & d_mask[None, :]
-    A = tl.load(A_ptr + n_offs[:, None] * Dm + d_offs[None, :], mask=nd_mask, other=0.0).to(tl.float32) * _LOG2E
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+    d_offs, n_offs, d_mask, n_mask, nd_mask, A, bias = _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS, BLOCK_D, BLOCK_N)
+    A = A * _LOG2E
     Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
@@ -214,15 +223,9 @@ def _bwd_local_kernel(
     # from zero (it needs no forward state: g_t = dy_t, gated by z) and keeps what leaves its first token,
     # U = exp(Δ A) u, and the product P of its decays, (batch, n_chunks, d_state, d_inner).
     b = tl.program_id(0).to(tl.int64)
-    d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     chunk = tl.program_id(2) + 1
-    n_offs = tl.arange(0, BLOCK_N)
-    d_mask, n_mask = d_offs < Dm, n_offs < N
-    nd_mask = n_mask[:, None] & d_mask[None, :]
-    A2 = tl.load(A_ptr + n_offs[:, None] * Dm + d_offs[None, :], mask=nd_mask, other=0.0).to(tl.float32) * _LOG2E
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+    d_offs, n_offs, d_mask, n_mask, nd_mask, A, bias = _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS, BLOCK_D, BLOCK_N)
+    A2 = A * _LOG2E
     t_begin = chunk * chunk_len
     t_end = tl.minimum(t_begin + chunk_len, L)
     dt_ptr += b * L * Dm
@@ -292,15 +295,8 @@ def _bwd_kernel(
     chunk = tl.program_id(2)
     tile_begin = chunk * (chunk_len // TILE_T)
     tile_end = tl.minimum(tile_begin + chunk_len // TILE_T, n_tiles)
-    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    n_offs = tl.arange(0, BLOCK_N)
-    d_mask, n_mask = d_offs < Dm, n_offs < N
-    nd_mask = n_mask[:, None] & d_mask[None, :]
-    A = tl.load(A_ptr + n_offs[:, None] * Dm + d_offs[None, :], mask=nd_mask, other=0.0).to(tl.float32)
+    d_offs, n_offs, d_mask, n_mask, nd_mask, A, bias = _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS, BLOCK_D, BLOCK_N)
     A2 = A * _LOG2E
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
     Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
