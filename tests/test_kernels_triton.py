@@ -606,3 +606,13 @@ def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
         ssd_scan_triton(x, x[..., 0], -torch.ones(1, device=DEVICE), x, x)
     with pytest.raises(NotImplementedError, match="split the row"):
         causal_conv1d_triton(x[..., 0], torch.ones(1, 4, device=DEVICE))
+
+
+def test_scan_time_chunks_respect_the_grid_and_the_tiles():
+    from ssm_hf.kernels.selective_scan_triton import _time_chunks
+
+    x = torch.zeros(1)
+    for wanted, programs, n_tiles in ((10**9, 1, 10**6), (10**6, 3, 7), (5, 2, 1), (1, 0, 4), (64, 4, 100)):
+        chunk_len, n_chunks = _time_chunks({"min_programs": wanted}, x, programs, n_tiles, 16)
+        assert chunk_len % 16 == 0 and 1 <= n_chunks <= min(n_tiles, 65535)
+        assert (n_chunks - 1) * chunk_len < n_tiles * 16 <= n_chunks * chunk_len  # every chunk holds a token

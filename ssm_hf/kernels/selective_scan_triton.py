@@ -422,7 +422,8 @@ def _time_chunks(config: dict, x: torch.Tensor, programs: int, n_tiles: int, til
     if wanted is None:
         wanted = (config["programs_per_sm"] * torch.cuda.get_device_properties(x.device).multi_processor_count
                   if x.is_cuda else 1)
-    n_chunks = min(n_tiles, max(1, -(-wanted // max(programs, 1))))  # no programs: an empty batch or d_inner
+    # no programs: an empty batch or d_inner; chunks are launch-grid axis 2, which CUDA caps at 65,535
+    n_chunks = min(n_tiles, 65535, max(1, -(-wanted // max(programs, 1))))
     tiles_per_chunk = -(-n_tiles // n_chunks)
     return tiles_per_chunk * tile_t, -(-n_tiles // tiles_per_chunk)
 
