@@ -29,6 +29,23 @@ def _softplus(x):
 
 
 @triton.jit
+def _delta(raw, bias, SOFTPLUS: tl.constexpr):
+    """Δ from its stored value: plus the bias, through softplus when asked; float32."""
+    dt = raw.to(tl.float32) + bias
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    return dt
+
+
+@triton.jit
+def _starts_sequence(seq_ptr, row, inside):
+    """Whether token `row` (a scalar) starts a new sequence: its seq_idx differs from the previous token's; never at
+    row 0, nor where `inside` is False."""
+    inside = inside & (row >= 1)
+    return inside & (tl.load(seq_ptr + row, mask=inside, other=0) != tl.load(seq_ptr + row - 1, mask=inside, other=0))
+
+
+@triton.jit
 def _step_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t, L, Dm, N, d_offs, n_offs, d_mask, n_mask,
                  HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr):
     """Token t's inputs, as stored (zeros past the end): x, Δ before bias/softplus, z, B_t, C_t, starts-a-sequence."""
@@ -46,9 +63,7 @@ def _step_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t, L, Dm, N, d_off
     Ct = tl.load(C_ptr + row * N + n_offs, mask=tn_mask, other=0.0)
     starts = row < 0
     if HAS_SEQ:
-        inside = valid & (row >= 1)
-        starts = inside & (tl.load(seq_ptr + row, mask=inside, other=0)
-                           != tl.load(seq_ptr + row - 1, mask=inside, other=0))
+        starts = _starts_sequence(seq_ptr, row, valid)
     return x, dt, z, Bt, Ct, starts
 
 
@@ -141,10 +156,8 @@ def _fwd_kernel(
         for i in tl.static_range(UNROLL):
             x, dt_raw, z, Bt, Ct, starts = cur[i]
             x = x.to(tl.float32)
-            dt = dt_raw.to(tl.float32) + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(t0 + i < t_end, dt, 0.0)  # steps past the end are identities: no decay, no input
+            # steps past the end are identities: no decay, no input
+            dt = tl.where(t0 + i < t_end, _delta(dt_raw, bias, SOFTPLUS), 0.0)
             decay = tl.exp2(dt[None, :] * A)
             if HAS_SEQ:  # a new sequence: nothing of the state before it survives
                 decay = tl.where(starts, 0.0, decay)
@@ -176,23 +189,19 @@ def _fwd_kernel(
 def _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, t, L, Dm, N, d_offs, n_offs, d_mask, n_mask,
                   HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Token t (clamped to the sequence) for the token-by-token backward: x (D,), Δ after bias/softplus (zero past
-    the end: an identity step), Δ before softplus, B_t and C_t (N,), whether t starts a sequence, whether t < L."""
+    the end: an identity step), Δ before softplus (bias added), B_t and C_t (N,), whether t starts a sequence,
+    whether t < L, and the clamped row read."""
     valid = tl.cast(t, tl.int64) < L
     row = tl.maximum(tl.minimum(tl.cast(t, tl.int64), L - 1), 0)  # loads ahead may ask for t = -1 or t >= L
     x = tl.load(x_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32)
     raw = tl.load(dt_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32) + bias
-    dt = raw
-    if SOFTPLUS:
-        dt = _softplus(raw)
-    dt = tl.where(valid, dt, 0.0)
+    dt = tl.where(valid, _delta(raw, 0.0, SOFTPLUS), 0.0)
     Bt = tl.load(B_ptr + row * N + n_offs, mask=n_mask, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + row * N + n_offs, mask=n_mask, other=0.0).to(tl.float32)
     starts = row < 0
     if HAS_SEQ:
-        inside = valid & (row >= 1)
-        starts = inside & (tl.load(seq_ptr + row, mask=inside, other=0)
-                           != tl.load(seq_ptr + row - 1, mask=inside, other=0))
-    return x, dt, raw, Bt, Ct, starts, valid
+        starts = _starts_sequence(seq_ptr, row, valid)
+    return x, dt, raw, Bt, Ct, starts, valid, row
 
 
 @triton.jit
@@ -201,16 +210,15 @@ def _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch
                     SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """`_token_inputs` of token start + i, then its dy (zero past the end), z and the state before it (the
     tile's first state for i = 0, else the recomputed one in the scratch)."""
-    x, dt, raw, Bt, Ct, starts, valid = _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, start + i, L, Dm,
-                                                      N, d_offs, n_offs, d_mask, n_mask, HAS_SEQ, SOFTPLUS)
-    row = tl.maximum(tl.minimum(tl.cast(start + i, tl.int64), L - 1), 0)
+    x, dt, raw, Bt, Ct, starts, valid, row = _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, start + i, L,
+                                                           Dm, N, d_offs, n_offs, d_mask, n_mask, HAS_SEQ, SOFTPLUS)
     g = tl.where(valid, tl.load(dy_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32), 0.0)
     z = g
     if HAS_Z:
         z = tl.load(z_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32)
     h_prev = tl.load(scratch_ptr + tl.maximum(i - 1, 0) * BLOCK_N * BLOCK_D + scratch_offs)
     h_prev = tl.where(i == 0, h_first, h_prev)
-    return x, dt, raw, Bt, Ct, starts, valid, g, z, h_prev
+    return x, dt, raw, Bt, Ct, starts, valid, row, g, z, h_prev
 
 
 @triton.jit
@@ -258,9 +266,7 @@ def _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t, L, Dm, N, d_
     """Token t (clamped to the sequence) for `_bwd_local_kernel`: Δ (D,), C_t (N,), g_t = dy_t (times the z
     gate's derivative factor z·σ(z)) (D,), whether t starts a sequence."""
     row = tl.maximum(tl.minimum(tl.cast(t, tl.int64), L - 1), 0)
-    dt = tl.load(dt_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32) + bias
-    if SOFTPLUS:
-        dt = _softplus(dt)
+    dt = _delta(tl.load(dt_ptr + row * Dm + d_offs, mask=d_mask, other=0.0), bias, SOFTPLUS)
     Ct = tl.load(C_ptr + row * N + n_offs, mask=n_mask, other=0.0).to(tl.float32)
     g = tl.load(dy_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32)
     if HAS_Z:
@@ -268,9 +274,7 @@ def _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t, L, Dm, N, d_
         g = g * z * tl.sigmoid(z)
     starts = row < 0
     if HAS_SEQ:
-        inside = row >= 1
-        starts = inside & (tl.load(seq_ptr + row, mask=inside, other=0)
-                           != tl.load(seq_ptr + row - 1, mask=inside, other=0))
+        starts = _starts_sequence(seq_ptr, row, row >= 0)
     return dt, Ct, g, starts
 
 
@@ -339,7 +343,7 @@ def _bwd_kernel(
         for i in range(0, TILE_T):
             nxt = _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, start + i + 1, L, Dm, N, d_offs, n_offs,
                                 d_mask, n_mask, HAS_SEQ, SOFTPLUS)
-            x, dt, raw, Bt, Ct, starts, valid = cur
+            x, dt, raw, Bt, Ct, starts, valid, row = cur
             decay = tl.exp2(dt[None, :] * A2)
             if HAS_SEQ:
                 decay = tl.where(starts, 0.0, decay)
@@ -357,9 +361,8 @@ def _bwd_kernel(
             back_next = _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch_ptr, h_first,
                                       bias, start, k - 1, L, Dm, N, d_offs, n_offs, d_mask, n_mask, scratch_offs,
                                       HAS_SEQ, SOFTPLUS, HAS_Z, BLOCK_N, BLOCK_D)
-            x, dt, raw, Bt, Ct, starts, valid, g, z, h_prev = back
+            x, dt, raw, Bt, Ct, starts, valid, row, g, z, h_prev = back
             t = start + k
-            row = tl.minimum(tl.cast(t, tl.int64), L - 1)
             td_mask = d_mask & ((tl.cast(t, tl.int64) + tl.zeros_like(d_offs)) < L)
             decay = tl.exp2(dt[None, :] * A2)
             if HAS_SEQ:  # the zero decay of the forward: no gradient flows through it either
@@ -480,7 +483,7 @@ class _SelectiveScan(torch.autograd.Function):
                                                               LOCAL=True, **options)
             _fwd_kernel[(batch, n_dblocks, n_chunks)](*args, HAS_D=D is not None, HAS_Z=z is not None,
                                                       STORE_TILES=store_tiles, LOCAL=False, **options)
-        ctx.save_for_backward(x, delta, A, B, C, D, z, delta_bias, seq_idx, tiles)
+        ctx.save_for_backward(x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles)
         ctx.delta_softplus = delta_softplus
         ctx.block_t = block_t  # the tiles' length: TILE_CONFIG may change before the backward
         ctx.has_initial_state = initial_state is not None
@@ -488,9 +491,9 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, delta, A, B, C, D, z, delta_bias, seq_idx, tiles = ctx.saved_tensors
+        x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles = ctx.saved_tensors
         batch, seqlen, d_inner = x.shape
-        d_state = A.shape[-1]
+        d_state = A_t.shape[0]
         block_t, block_n = ctx.block_t, triton.next_power_of_2(d_state)
         block_d = _channel_block(BACKWARD_CONFIG["block_d"], block_n)
         n_tiles = tiles.shape[1]
@@ -509,7 +512,6 @@ class _SelectiveScan(torch.autograd.Function):
         # each program's recomputed states of one tile
         scratch = torch.empty(batch * n_dblocks * n_chunks * block_t * block_n * block_d, **f32)
         dummy = dh0
-        A_t = A.t().contiguous()
         chunk_P = chunk_U = dummy
         if n_chunks > 1:
             chunk_P = torch.empty(batch, n_chunks, d_state, d_inner, **f32)
