@@ -46,21 +46,20 @@ def _starts_sequence(seq_ptr, row, inside):
 
 
 @triton.jit
-def _step_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t, L, Dm, N, d_offs, n_offs, d_mask, n_mask,
-                 HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """Token t's inputs, as stored (zeros past the end): x, Δ before bias/softplus, z, B_t, C_t, starts-a-sequence."""
-    row = tl.cast(t, tl.int64)  # also makes a tensor of a literal 0
-    valid = row < L
-    # masks built as blocks (the interpreter rejects a block mask combined with a scalar one)
-    td_mask = d_mask & ((row + tl.zeros_like(d_offs)) < L)
-    tn_mask = n_mask & ((row + tl.zeros_like(n_offs)) < L)
-    x = tl.load(x_ptr + row * Dm + d_offs, mask=td_mask, other=0.0)
-    dt = tl.load(dt_ptr + row * Dm + d_offs, mask=td_mask, other=0.0)
+def _step_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t, L, Dm, d_in, n_offs, HAS_Z: tl.constexpr,
+                 HAS_SEQ: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Token t's inputs, as stored: x, Δ before bias/softplus, z, B_t, C_t, starts-a-sequence. Past the end they are
+    the last token's (the caller makes such steps identities): clamped rows and channels (`d_in`) and B, C padded
+    to BLOCK_N states let every load go unmasked, with no registers to zero first."""
+    valid = tl.cast(t, tl.int64) < L
+    row = tl.minimum(tl.cast(t, tl.int64), L - 1)
+    x = tl.load(x_ptr + row * Dm + d_in)
+    dt = tl.load(dt_ptr + row * Dm + d_in)
     z = x
     if HAS_Z:
-        z = tl.load(z_ptr + row * Dm + d_offs, mask=td_mask, other=0.0)
-    Bt = tl.load(B_ptr + row * N + n_offs, mask=tn_mask, other=0.0)
-    Ct = tl.load(C_ptr + row * N + n_offs, mask=tn_mask, other=0.0)
+        z = tl.load(z_ptr + row * Dm + d_in)
+    Bt = tl.load(B_ptr + row * BLOCK_N + n_offs)
+    Ct = tl.load(C_ptr + row * BLOCK_N + n_offs)
     starts = row < 0
     if HAS_SEQ:
         starts = _starts_sequence(seq_ptr, row, valid)
@@ -68,29 +67,46 @@ def _step_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t, L, Dm, N, d_off
 
 
 @triton.jit
-def _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0, L, Dm, N, d_offs, n_offs, d_mask, n_mask,
-                  HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, UNROLL: tl.constexpr):
+def _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0, L, Dm, d_in, n_offs, HAS_Z: tl.constexpr,
+                  HAS_SEQ: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
     """The inputs of tokens t0 .. t0 + UNROLL - 1: a tuple of `_step_inputs` tuples."""
     steps = ()
     for i in tl.static_range(UNROLL):
-        steps = steps + (_step_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0 + i, L, Dm, N, d_offs, n_offs,
-                                      d_mask, n_mask, HAS_Z, HAS_SEQ),)
+        steps = steps + (_step_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0 + i, L, Dm, d_in, n_offs, HAS_Z,
+                                      HAS_SEQ, BLOCK_N),)
     return steps
 
 
 @triton.jit
+def _load_state(ptr, stride_n, stride_d, n_offs, d_offs, d_mask, N, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (BLOCK_N, BLOCK_D) float32 tile, element (n, d) at ptr + n * stride_n + d * stride_d (zeros outside),
+    loaded one state row at a time. A single 2-D load would be vectorised along channels, and its layout (a few
+    channels and states per thread) would then spread through the kernel; assembled from rows, the tile keeps the
+    default layout of the state: one channel per lane, all of its states in that lane's registers, so that the
+    sum over the state for y and the per-channel values need no exchange between lanes."""
+    tile = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for n in tl.static_range(BLOCK_N):
+        inside = d_mask & ((tl.zeros_like(d_offs) + n) < N)  # a block mask: the interpreter takes no scalar one
+        row = tl.load(ptr + n * stride_n + d_offs * stride_d, mask=inside, other=0.0).to(tl.float32)
+        tile = tl.where(n_offs[:, None] == n, row[None, :], tile)
+    return tile
+
+
+@triton.jit
 def _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A program's channel block (program axis 1) with its masks, A as (BLOCK_N, BLOCK_D) (A comes transposed,
+    """A program's channel block (program axis 1) with its masks, the channels to read (`d_in`: past d_inner, the
+    last one again, so that per-token loads need no mask), A as (BLOCK_N, BLOCK_D) (A comes transposed,
     (d_state, d_inner)) and the Δ bias (zeros without one)."""
     d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n_offs = tl.arange(0, BLOCK_N)
     d_mask, n_mask = d_offs < Dm, n_offs < N
     nd_mask = n_mask[:, None] & d_mask[None, :]
-    A = tl.load(A_ptr + n_offs[:, None] * Dm + d_offs[None, :], mask=nd_mask, other=0.0).to(tl.float32)
+    d_in = tl.minimum(d_offs, Dm - 1)
+    A = _load_state(A_ptr, Dm, 1, n_offs, d_offs, d_mask, N, BLOCK_N, BLOCK_D)
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_offs, mask=d_mask, other=0.0).to(tl.float32)
-    return d_offs, n_offs, d_mask, n_mask, nd_mask, A, bias
+    return d_offs, d_in, n_offs, d_mask, n_mask, nd_mask, A, bias
 
 
 @triton.jit
@@ -117,7 +133,8 @@ def _fwd_kernel(
     chunk = tl.program_id(2)
     t_begin = chunk * chunk_len
     t_end = tl.minimum(t_begin + chunk_len, L)
-    d_offs, n_offs, d_mask, n_mask, nd_mask, A, bias = _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS, BLOCK_D, BLOCK_N)
+    d_offs, d_in, n_offs, d_mask, n_mask, nd_mask, A, bias = _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS, BLOCK_D,
+                                                                       BLOCK_N)
     A = A * _LOG2E
     Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
@@ -126,29 +143,32 @@ def _fwd_kernel(
     tile_offs = n_offs[:, None] * Dm + d_offs[None, :]
     h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     if HAS_H0 and not LOCAL:
-        h = tl.load(h0_ptr + b * Dm * N + state_offs, mask=nd_mask, other=0.0).to(tl.float32)
-    chunk_states = b * n_chunks * N * Dm + tile_offs
+        h = _load_state(h0_ptr + b * Dm * N, 1, N, n_offs, d_offs, d_mask, N, BLOCK_N, BLOCK_D)
+    chunk_states = (b * n_chunks + chunk) * N * Dm + tile_offs
     if not LOCAL:
         for earlier in range(0, chunk):
-            h = (tl.load(P_ptr + chunk_states + earlier * N * Dm, mask=nd_mask, other=0.0) * h
-                 + tl.load(S_ptr + chunk_states + earlier * N * Dm, mask=nd_mask, other=0.0))
-    decays = tl.full((BLOCK_N, BLOCK_D), 1.0, dtype=tl.float32)
+            base = (b * n_chunks + earlier) * N * Dm
+            h = (_load_state(P_ptr + base, Dm, 1, n_offs, d_offs, d_mask, N, BLOCK_N, BLOCK_D) * h
+                 + _load_state(S_ptr + base, Dm, 1, n_offs, d_offs, d_mask, N, BLOCK_N, BLOCK_D))
+    # LOCAL: the chunk's decays multiply to exp2(A Σ Δ), or 0 once a sequence starts inside it
+    dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    restarted = t_begin < 0
     x_ptr += b * L * Dm
     dt_ptr += b * L * Dm
     y_ptr += b * L * Dm
     z_ptr += b * L * Dm
-    B_ptr += b * L * N
-    C_ptr += b * L * N
+    B_ptr += b * L * BLOCK_N
+    C_ptr += b * L * BLOCK_N
     seq_ptr += b * L
-    cur = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t_begin, L, Dm, N, d_offs, n_offs, d_mask,
-                        n_mask, HAS_Z, HAS_SEQ, UNROLL)
+    cur = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t_begin, L, Dm, d_in, n_offs, HAS_Z, HAS_SEQ,
+                        BLOCK_N, UNROLL)
     for t0 in range(t_begin, t_end, UNROLL):
         if PREFETCH:
-            nxt = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0 + UNROLL, L, Dm, N, d_offs, n_offs,
-                                d_mask, n_mask, HAS_Z, HAS_SEQ, UNROLL)
+            nxt = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0 + UNROLL, L, Dm, d_in, n_offs, HAS_Z,
+                                HAS_SEQ, BLOCK_N, UNROLL)
         else:
-            cur = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0, L, Dm, N, d_offs, n_offs, d_mask,
-                                n_mask, HAS_Z, HAS_SEQ, UNROLL)
+            cur = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0, L, Dm, d_in, n_offs, HAS_Z, HAS_SEQ,
+                                BLOCK_N, UNROLL)
         if STORE_TILES:  # the state entering every TILE_T-token tile, for the backward's recomputation
             if t0 % TILE_T == 0:
                 tl.store(tile_states_ptr + (b * n_tiles + t0 // TILE_T) * Dm * N + tile_offs, h, mask=nd_mask)
@@ -161,10 +181,11 @@ def _fwd_kernel(
             decay = tl.exp2(dt[None, :] * A)
             if HAS_SEQ:  # a new sequence: nothing of the state before it survives
                 decay = tl.where(starts, 0.0, decay)
-            h = decay * h + Bt.to(tl.float32)[:, None] * (dt * x)[None, :]
+            h = decay * h + Bt[:, None] * (dt * x)[None, :]
             if LOCAL:
-                decays = decays * decay
-            y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0)
+                dt_sum += dt
+                restarted = restarted | starts
+            y = tl.sum(h * Ct[:, None], axis=0)
             if HAS_D:
                 y += x * Dv
             if HAS_Z:
@@ -179,25 +200,26 @@ def _fwd_kernel(
         if PREFETCH:
             cur = nxt
     if LOCAL:
-        tl.store(P_ptr + chunk_states + chunk * N * Dm, decays, mask=nd_mask)
-        tl.store(S_ptr + chunk_states + chunk * N * Dm, h, mask=nd_mask)
+        decays = tl.where(restarted, 0.0, tl.exp2(dt_sum[None, :] * A))
+        tl.store(P_ptr + chunk_states, decays, mask=nd_mask)
+        tl.store(S_ptr + chunk_states, h, mask=nd_mask)
     elif chunk == n_chunks - 1:
         tl.store(hT_ptr + b * Dm * N + state_offs, h, mask=nd_mask)
 
 
 @triton.jit
-def _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, t, L, Dm, N, d_offs, n_offs, d_mask, n_mask,
-                  HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, t, L, Dm, d_in, n_offs, HAS_SEQ: tl.constexpr,
+                  SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Token t (clamped to the sequence) for the token-by-token backward: x (D,), Δ after bias/softplus (zero past
     the end: an identity step), Δ before softplus (bias added), B_t and C_t (N,), whether t starts a sequence,
-    whether t < L, and the clamped row read."""
+    whether t < L, and the clamped row read. Unmasked loads as in `_step_inputs`."""
     valid = tl.cast(t, tl.int64) < L
     row = tl.maximum(tl.minimum(tl.cast(t, tl.int64), L - 1), 0)  # loads ahead may ask for t = -1 or t >= L
-    x = tl.load(x_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32)
-    raw = tl.load(dt_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32) + bias
+    x = tl.load(x_ptr + row * Dm + d_in).to(tl.float32)
+    raw = tl.load(dt_ptr + row * Dm + d_in).to(tl.float32) + bias
     dt = tl.where(valid, _delta(raw, 0.0, SOFTPLUS), 0.0)
-    Bt = tl.load(B_ptr + row * N + n_offs, mask=n_mask, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + row * N + n_offs, mask=n_mask, other=0.0).to(tl.float32)
+    Bt = tl.load(B_ptr + row * BLOCK_N + n_offs)
+    Ct = tl.load(C_ptr + row * BLOCK_N + n_offs)
     starts = row < 0
     if HAS_SEQ:
         starts = _starts_sequence(seq_ptr, row, valid)
@@ -206,16 +228,17 @@ def _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, t, L, Dm, N, d_off
 
 @triton.jit
 def _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch_ptr, h_first, bias, start, i, L,
-                    Dm, N, d_offs, n_offs, d_mask, n_mask, scratch_offs, HAS_SEQ: tl.constexpr,
-                    SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """`_token_inputs` of token start + i, then its dy (zero past the end), z and the state before it (the
-    tile's first state for i = 0, else the recomputed one in the scratch)."""
+                    Dm, d_in, n_offs, d_mask, scratch_offs, HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr,
+                    HAS_Z: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_token_inputs` of token start + i, then its dy (zero past the end and past d_inner, so that channels read
+    twice add nothing to dB and dC), z and the state before it (the tile's first state for i = 0, else the
+    recomputed one in the scratch)."""
     x, dt, raw, Bt, Ct, starts, valid, row = _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, start + i, L,
-                                                           Dm, N, d_offs, n_offs, d_mask, n_mask, HAS_SEQ, SOFTPLUS)
-    g = tl.where(valid, tl.load(dy_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32), 0.0)
+                                                           Dm, d_in, n_offs, HAS_SEQ, SOFTPLUS, BLOCK_N)
+    g = tl.where(d_mask, tl.where(valid, tl.load(dy_ptr + row * Dm + d_in).to(tl.float32), 0.0), 0.0)
     z = g
     if HAS_Z:
-        z = tl.load(z_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row * Dm + d_in).to(tl.float32)
     h_prev = tl.load(scratch_ptr + tl.maximum(i - 1, 0) * BLOCK_N * BLOCK_D + scratch_offs)
     h_prev = tl.where(i == 0, h_first, h_prev)
     return x, dt, raw, Bt, Ct, starts, valid, row, g, z, h_prev
@@ -232,45 +255,50 @@ def _bwd_local_kernel(
     # U = exp(Δ A) u, and the product P of its decays, (batch, n_chunks, d_state, d_inner).
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(2) + 1
-    d_offs, n_offs, d_mask, n_mask, nd_mask, A, bias = _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS, BLOCK_D, BLOCK_N)
+    d_offs, d_in, n_offs, d_mask, n_mask, nd_mask, A, bias = _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS, BLOCK_D,
+                                                                       BLOCK_N)
     A2 = A * _LOG2E
     t_begin = chunk * chunk_len
     t_end = tl.minimum(t_begin + chunk_len, L)
     dt_ptr += b * L * Dm
     z_ptr += b * L * Dm
     dy_ptr += b * L * Dm
-    C_ptr += b * L * N
+    C_ptr += b * L * BLOCK_N
     seq_ptr += b * L
     carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    decays = tl.full((BLOCK_N, BLOCK_D), 1.0, dtype=tl.float32)
-    cur = _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t_end - 1, L, Dm, N, d_offs, n_offs, d_mask,
-                          n_mask, HAS_Z, HAS_SEQ, SOFTPLUS)
+    # the chunk's decays multiply to exp2(A Σ Δ), or 0 where a sequence starts inside it
+    dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    restarted = t_begin < 0
+    cur = _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t_end - 1, L, Dm, d_in, n_offs, HAS_Z, HAS_SEQ,
+                          SOFTPLUS, BLOCK_N)
     for j in range(0, t_end - t_begin):
-        nxt = _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t_end - 2 - j, L, Dm, N, d_offs, n_offs,
-                              d_mask, n_mask, HAS_Z, HAS_SEQ, SOFTPLUS)
+        nxt = _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t_end - 2 - j, L, Dm, d_in, n_offs, HAS_Z,
+                              HAS_SEQ, SOFTPLUS, BLOCK_N)
         dt, Ct, g, starts = cur
         decay = tl.exp2(dt[None, :] * A2)
         if HAS_SEQ:
             decay = tl.where(starts, 0.0, decay)
         carry = decay * (carry + Ct[:, None] * g[None, :])
-        decays = decays * decay
+        dt_sum += dt
+        restarted = restarted | starts
         cur = nxt
+    decays = tl.where(restarted, 0.0, tl.exp2(dt_sum[None, :] * A2))
     chunk_states = (b * n_chunks + chunk) * N * Dm + n_offs[:, None] * Dm + d_offs[None, :]
     tl.store(P_ptr + chunk_states, decays, mask=nd_mask)
     tl.store(U_ptr + chunk_states, carry, mask=nd_mask)
 
 
 @triton.jit
-def _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t, L, Dm, N, d_offs, n_offs, d_mask, n_mask,
-                    HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t, L, Dm, d_in, n_offs, HAS_Z: tl.constexpr,
+                    HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Token t (clamped to the sequence) for `_bwd_local_kernel`: Δ (D,), C_t (N,), g_t = dy_t (times the z
-    gate's derivative factor z·σ(z)) (D,), whether t starts a sequence."""
+    gate's derivative factor z·σ(z)) (D,), whether t starts a sequence. Unmasked loads as in `_step_inputs`."""
     row = tl.maximum(tl.minimum(tl.cast(t, tl.int64), L - 1), 0)
-    dt = _delta(tl.load(dt_ptr + row * Dm + d_offs, mask=d_mask, other=0.0), bias, SOFTPLUS)
-    Ct = tl.load(C_ptr + row * N + n_offs, mask=n_mask, other=0.0).to(tl.float32)
-    g = tl.load(dy_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+    dt = _delta(tl.load(dt_ptr + row * Dm + d_in), bias, SOFTPLUS)
+    Ct = tl.load(C_ptr + row * BLOCK_N + n_offs)
+    g = tl.load(dy_ptr + row * Dm + d_in).to(tl.float32)
     if HAS_Z:
-        z = tl.load(z_ptr + row * Dm + d_offs, mask=d_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row * Dm + d_in).to(tl.float32)
         g = g * z * tl.sigmoid(z)
     starts = row < 0
     if HAS_SEQ:
@@ -299,7 +327,8 @@ def _bwd_kernel(
     chunk = tl.program_id(2)
     tile_begin = chunk * (chunk_len // TILE_T)
     tile_end = tl.minimum(tile_begin + chunk_len // TILE_T, n_tiles)
-    d_offs, n_offs, d_mask, n_mask, nd_mask, A, bias = _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS, BLOCK_D, BLOCK_N)
+    d_offs, d_in, n_offs, d_mask, n_mask, nd_mask, A, bias = _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS, BLOCK_D,
+                                                                       BLOCK_N)
     A2 = A * _LOG2E
     Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
@@ -326,8 +355,8 @@ def _bwd_kernel(
     dx_ptr += b * L * Dm
     ddt_ptr += b * L * Dm
     dz_ptr += b * L * Dm
-    B_ptr += b * L * N
-    C_ptr += b * L * N
+    B_ptr += b * L * BLOCK_N
+    C_ptr += b * L * BLOCK_N
     seq_ptr += b * L
     part = (b * n_dblocks + pid_d) * L  # rows of this program's dB / dC partial sums
     for rev in range(0, tile_end - tile_begin):
@@ -338,11 +367,11 @@ def _bwd_kernel(
         h = h_first
         # Both walks load the next token's inputs before this token's stores (which the compiler may not move
         # loads across): the loads' latency hides behind a token's arithmetic.
-        cur = _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, start, L, Dm, N, d_offs, n_offs, d_mask,
-                            n_mask, HAS_SEQ, SOFTPLUS)
+        cur = _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, start, L, Dm, d_in, n_offs, HAS_SEQ,
+                            SOFTPLUS, BLOCK_N)
         for i in range(0, TILE_T):
-            nxt = _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, start + i + 1, L, Dm, N, d_offs, n_offs,
-                                d_mask, n_mask, HAS_SEQ, SOFTPLUS)
+            nxt = _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, start + i + 1, L, Dm, d_in, n_offs,
+                                HAS_SEQ, SOFTPLUS, BLOCK_N)
             x, dt, raw, Bt, Ct, starts, valid, row = cur
             decay = tl.exp2(dt[None, :] * A2)
             if HAS_SEQ:
@@ -354,13 +383,13 @@ def _bwd_kernel(
         tl.debug_barrier()
         h_t = h
         back = _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch_ptr, h_first, bias,
-                              start, TILE_T - 1, L, Dm, N, d_offs, n_offs, d_mask, n_mask, scratch_offs, HAS_SEQ,
-                              SOFTPLUS, HAS_Z, BLOCK_N, BLOCK_D)
+                              start, TILE_T - 1, L, Dm, d_in, n_offs, d_mask, scratch_offs, HAS_SEQ, SOFTPLUS, HAS_Z,
+                              BLOCK_N, BLOCK_D)
         for j in range(0, TILE_T):
             k = TILE_T - 1 - j
             back_next = _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch_ptr, h_first,
-                                      bias, start, k - 1, L, Dm, N, d_offs, n_offs, d_mask, n_mask, scratch_offs,
-                                      HAS_SEQ, SOFTPLUS, HAS_Z, BLOCK_N, BLOCK_D)
+                                      bias, start, k - 1, L, Dm, d_in, n_offs, d_mask, scratch_offs, HAS_SEQ,
+                                      SOFTPLUS, HAS_Z, BLOCK_N, BLOCK_D)
             x, dt, raw, Bt, Ct, starts, valid, row, g, z, h_prev = back
             t = start + k
             td_mask = d_mask & ((tl.cast(t, tl.int64) + tl.zeros_like(d_offs)) < L)
@@ -431,6 +460,15 @@ def _time_chunks(config: dict, x: torch.Tensor, programs: int, n_tiles: int, til
     return tiles_per_chunk * tile_t, -(-n_tiles // tiles_per_chunk)
 
 
+def _padded_states(v: torch.Tensor, block_n: int) -> torch.Tensor:
+    """v: (batch, seqlen, d_state) -> a contiguous float32 copy (batch, seqlen, block_n), zeros past d_state."""
+    if v.shape[-1] == block_n:
+        return v.to(torch.float32, memory_format=torch.contiguous_format)
+    out = v.new_zeros((*v.shape[:-1], block_n), dtype=torch.float32)
+    out[..., : v.shape[-1]] = v
+    return out
+
+
 def _forward_blocks(block_n: int, tile_t: int) -> tuple[int, int, int]:
     """(channels per program, unroll, warps) of the forward kernel."""
     unroll = FORWARD_CONFIG["unroll"]
@@ -446,7 +484,12 @@ class _SelectiveScan(torch.autograd.Function):
         d_state = A.shape[-1]
         block_t, block_n = TILE_CONFIG["block_t"], triton.next_power_of_2(d_state)
         n_tiles = triton.cdiv(seqlen, block_t)
-        x, delta, B, C = x.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+        ctx.bc_dtypes = B.dtype, C.dtype
+        x, delta = x.contiguous(), delta.contiguous()
+        # B and C in float32: every lane reads all d_state values of each token, and a 16-bit copy would cost two
+        # unpacking instructions per state element and token; they are small ((batch, seqlen, d_state)) and usually
+        # column slices of x_proj's output that need a copy anyway
+        B, C = _padded_states(B, block_n), _padded_states(C, block_n)
         z = z.contiguous() if z is not None else None
         # per-channel vectors too: the kernels index them as ptr + channel
         D = D.contiguous() if D is not None else None
@@ -537,7 +580,8 @@ class _SelectiveScan(torch.autograd.Function):
                 SOFTPLUS=ctx.delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DHT=dfinal is not None,
                 TILE_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BACKWARD_CONFIG["num_warps"],
             )
-        return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum((0, 1)), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+        return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum((0, 1)), dB.sum(1).to(ctx.bc_dtypes[0]),
+                dC.sum(1).to(ctx.bc_dtypes[1]),
                 dD.sum((0, 1)).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
                 dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None, None,
                 dh0 if ctx.has_initial_state else None, None)
