@@ -249,7 +249,9 @@ def fwd_sweep():
     for batch, seqlen in ((8, 4096), (4, 2048)):
         inp, leaves, dy = _sweep_inputs(batch, seqlen)
         for variant in [dict(programs_per_sm=0), dict(programs_per_sm=4), dict(programs_per_sm=8),
-                        dict(programs_per_sm=16), dict(programs_per_sm=8, block_d=16)]:
+                        dict(programs_per_sm=16), dict(programs_per_sm=8, block_d=16),
+                        dict(programs_per_sm=8, unroll=2), dict(programs_per_sm=16, unroll=2),
+                        dict(programs_per_sm=8, prefetch=False), dict(programs_per_sm=16, prefetch=False)]:
             module.FORWARD_CONFIG.update(default)
             module.FORWARD_CONFIG.update(variant)
             if variant["programs_per_sm"] == 0:

@@ -36,6 +36,8 @@ STATES_16BIT = True
 # d_state block of the chunk kernels (they loop over d_state); (head_dim, d_state) tile of the sequential walker
 N_BLOCK = 64
 STATE_TILE = (64, 64)
+# whether the walker loads each chunk's inputs one chunk ahead
+WALK_PREFETCH = True
 
 
 @triton.jit
@@ -51,7 +53,7 @@ def _mm(a, b, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
 def _chunk_decays(dt_ptr, seq_ptr, row, head, start, L, H, A, HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Tokens of the chunk at `start`: (t, valid, Δ, a = ΔA with -inf where a sequence starts, is_start)."""
     t = start + tl.arange(0, BLOCK_Q)
-    valid = t < L
+    valid = (t >= 0) & (t < L)  # a walker's look-ahead may ask for the chunk before the first
     dt = tl.load(dt_ptr + (row * L + t) * H + head, mask=valid, other=0.0).to(tl.float32)
     a = dt * A
     is_start = t < 0
@@ -99,11 +101,24 @@ def _state_tile(P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _walk_inputs(v_ptr, w_ptr, dt_ptr, seq_ptr, row, head, group, k, L, H, P, G, N, A, p_offs, n_offs, p_mask, n_mask,
+                 HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Chunk k's Δ and a (Q,), v (Q, BLOCK_P) and w (Q, BLOCK_N) for `_chunk_walk_kernel`; a chunk outside the
+    sequence (asked for one step ahead of the last) reads as empty."""
+    t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
+    v = tl.load(v_ptr + ((row * L + t[:, None]) * H + head) * P + p_offs[None, :],
+                mask=valid[:, None] & p_mask[None, :], other=0.0)
+    w = tl.load(w_ptr + ((row * L + t[:, None]) * G + group) * N + n_offs[None, :],
+                mask=valid[:, None] & n_mask[None, :], other=0.0)
+    return dt, a, v, w
+
+
+@triton.jit
 def _chunk_walk_kernel(
     v_ptr, dt_ptr, A_ptr, w_ptr, seq_ptr, init_ptr, walk_ptr, last_ptr,
     L, H, P, G, N, n_chunks,
     HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFETCH: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The one sequential part, in either direction: S ← exp(Σ_chunk a) S + Σ_t (c_t v_t) w_tᵀ over the chunks.
     Forward (REVERSE off): v = x, w = B, c_s = Δ_s exp(Σ_{j>s} a_j) (decay to the chunk's end), chunks in order,
@@ -118,15 +133,21 @@ def _chunk_walk_kernel(
         state = tl.load(init_ptr + (row * H + head) * P * N + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    # each chunk's inputs are loaded one chunk ahead (PREFETCH): the walk is a chain of small dependent matmuls,
+    # and without this every chunk would wait for its loads
+    cur = _walk_inputs(v_ptr, w_ptr, dt_ptr, seq_ptr, row, head, group, n_chunks - 1 if REVERSE else 0, L, H, P, G,
+                       N, A, p_offs, n_offs, p_mask, n_mask, HAS_SEQ, BLOCK_Q)
     for i in range(0, n_chunks):
         k = n_chunks - 1 - i if REVERSE else i
+        if PREFETCH:
+            nxt = _walk_inputs(v_ptr, w_ptr, dt_ptr, seq_ptr, row, head, group, k - 1 if REVERSE else k + 1, L, H, P,
+                               G, N, A, p_offs, n_offs, p_mask, n_mask, HAS_SEQ, BLOCK_Q)
+        else:
+            cur = _walk_inputs(v_ptr, w_ptr, dt_ptr, seq_ptr, row, head, group, k, L, H, P, G, N, A, p_offs, n_offs,
+                               p_mask, n_mask, HAS_SEQ, BLOCK_Q)
         tl.store(walk_ptr + ((row * n_chunks + k) * H + head) * P * N + pn_offs,
                  state.to(walk_ptr.dtype.element_ty), mask=pn_mask)
-        t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
-        v = tl.load(v_ptr + ((row * L + t[:, None]) * H + head) * P + p_offs[None, :],
-                    mask=valid[:, None] & p_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + ((row * L + t[:, None]) * G + group) * N + n_offs[None, :],
-                    mask=valid[:, None] & n_mask[None, :], other=0.0)
+        dt, a, v, w = cur
         if REVERSE:
             weight = tl.exp(tl.cumsum(a, axis=0))
         else:
@@ -135,6 +156,8 @@ def _chunk_walk_kernel(
         dot_dtype: tl.constexpr = w_ptr.dtype.element_ty if REVERSE else v_ptr.dtype.element_ty
         state = state * tl.exp(tl.sum(a, axis=0)) + _mm(tl.trans(v.to(tl.float32) * weight[:, None]), w, dot_dtype,
                                                          IEEE)
+        if PREFETCH:
+            cur = nxt
     tl.store(last_ptr + (row * H + head) * P * N + pn_offs, state, mask=pn_mask)
 
 
@@ -325,7 +348,8 @@ def _walk_chunks(v, dt, A, w, seq_idx, init, block_q, reverse):
         v, dt, A, w, seq_idx if seq_idx is not None else dt, init if init is not None else last, walk, last,
         seqlen, heads, head_dim, groups, d_state, n_chunks,
         HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, REVERSE=reverse, IEEE=_full_precision(v),
-        BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=WARPS["state_grads" if reverse else "states"],
+        PREFETCH=WALK_PREFETCH, BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n,
+        num_warps=WARPS["state_grads" if reverse else "states"],
     )
     return walk, last
 
