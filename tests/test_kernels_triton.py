@@ -593,6 +593,32 @@ def test_triton_ops_read_strided_parameter_vectors(op):
         assert _rel_err(a.cpu(), b) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_scan_reads_column_slices_of_one_projection(dtype):
+    """As a Mamba block passes them: x and z halves of one in_proj output, B and C column slices of one x_proj
+    output (row stride dt_rank + 2 d_state, not d_state). The kernels copy what they index as contiguous; a float32
+    slice must be copied too (it once was not: `.to(float32)` keeps a float32 view as it is)."""
+    g = torch.Generator().manual_seed(11)
+    batch, seqlen, d_inner, d_state, dt_rank = 2, 21, 12, 8, 3
+    xz = torch.randn(batch, seqlen, 2 * d_inner, generator=g).to(DEVICE, dtype)
+    proj = torch.randn(batch, seqlen, dt_rank + 2 * d_state, generator=g).to(DEVICE, dtype)
+    delta = torch.randn(batch, seqlen, d_inner, generator=g).to(DEVICE, dtype)
+    A = -torch.rand(d_inner, d_state, generator=g).to(DEVICE) - 0.5
+    leaves = [t.requires_grad_(True) for t in (xz, proj, delta)]
+
+    def run(scan):
+        x, z = xz[..., :d_inner], xz[..., d_inner:]
+        B, C = proj[..., dt_rank:dt_rank + d_state], proj[..., dt_rank + d_state:]
+        y = scan(x, delta, A, B, C, z=z, delta_softplus=True)
+        grads = torch.autograd.grad((y.float() * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum(),
+                                    leaves)
+        return [y.float().cpu()] + [gr.float().cpu() for gr in grads]
+
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(run(selective_scan_triton), run(kernels.selective_scan_chunked)):
+        assert _rel_err(got, want) < tol
+
+
 def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
     """One program per 32 tokens on a grid axis that CUDA caps at 65535: a longer row must raise a clear error
     before launching (on a GPU the launch fails with 'invalid argument'; the interpreter has no such cap)."""

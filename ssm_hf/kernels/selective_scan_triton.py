@@ -462,8 +462,8 @@ def _time_chunks(config: dict, x: torch.Tensor, programs: int, n_tiles: int, til
 
 def _padded_states(v: torch.Tensor, block_n: int) -> torch.Tensor:
     """v: (batch, seqlen, d_state) -> a contiguous float32 copy (batch, seqlen, block_n), zeros past d_state."""
-    if v.shape[-1] == block_n:
-        return v.to(torch.float32, memory_format=torch.contiguous_format)
+    if v.shape[-1] == block_n:  # (`.to(memory_format=...)` would keep a float32 column slice as it is)
+        return v.to(torch.float32).contiguous()
     out = v.new_zeros((*v.shape[:-1], block_n), dtype=torch.float32)
     out[..., : v.shape[-1]] = v
     return out
