@@ -378,18 +378,21 @@ def ssd_sweep():
     inp.pop("initial_state")
     leaves = {k: (v.clone().requires_grad_(True) if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
     dy = torch.randn_like(inp["x"])
-    knobs = ("CHUNK", "N_BLOCK", "STATE_TILE", "STATES_16BIT")
+    knobs = ("CHUNK", "N_BLOCK", "STATE_TILE", "STATES_16BIT", "WALK_PREFETCH")
     saved = {k: getattr(ssd_triton, k) for k in knobs} | {"WARPS": dict(ssd_triton.WARPS)}
     grads = [v for v in leaves.values() if v.requires_grad]
     rows = {}
-    for chunk, n_block, tile, warps, states16 in [
-            (32, 64, (64, 64), 4, True), (32, 64, (32, 64), 4, True), (32, 64, (64, 32), 4, True),
-            (32, 64, (32, 32), 4, True), (32, 32, (64, 64), 4, True), (32, 128, (64, 64), 4, True),
-            (32, 64, (64, 64), 2, True), (16, 64, (64, 64), 4, True), (64, 32, (64, 64), 4, True)]:
+    for chunk, n_block, tile, warps, states16, prefetch in [
+            (32, 64, (64, 64), 4, True, True), (32, 64, (64, 64), 4, True, False), (32, 64, (32, 64), 4, True, True),
+            (32, 64, (64, 32), 4, True, True), (32, 64, (32, 32), 4, True, True), (32, 32, (64, 64), 4, True, True),
+            (32, 128, (64, 64), 4, True, True), (32, 64, (64, 64), 2, True, True), (16, 64, (64, 64), 4, True, True),
+            (64, 32, (64, 64), 4, True, True)]:
         ssd_triton.CHUNK, ssd_triton.N_BLOCK, ssd_triton.STATE_TILE, ssd_triton.STATES_16BIT = \
             chunk, n_block, tile, states16
+        ssd_triton.WALK_PREFETCH = prefetch
         ssd_triton.WARPS.update(output=warps, grads=warps)
-        name = f"chunk {chunk} n {n_block} tile {tile[0]}x{tile[1]} warps {warps} states {16 if states16 else 32}"
+        name = (f"chunk {chunk} n {n_block} tile {tile[0]}x{tile[1]} warps {warps} states {16 if states16 else 32}"
+                f" walk look-ahead {prefetch}")
         try:
             fwd = do_bench(lambda: ssd_triton.ssd_scan_triton(**inp, dt_softplus=True), return_mode="median") * 1e3
             both = do_bench(lambda: ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True).backward(dy),
