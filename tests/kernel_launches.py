@@ -210,8 +210,12 @@ def _backward(outputs, grads):
 def drive_selective_scan(rec: Recorder, kernels) -> None:
     batch, seqlen, d_inner = 2, 40, 48
     names = ["D", "z", "delta_bias", "softplus", "initial_state", "seq_idx", "grad", "final_grad"]
-    for d_state in (16, 8):  # Mamba's; the tiny test models' (a smaller tile)
-        for dtype, f, level in flag_variants(names) if d_state == 16 else all_on(names):
+    # Mamba's; the tiny test models' (a smaller tile); a wide state (64: fewer channels per program, 4x the
+    # registers per thread for the state), in bfloat16 with every flag on
+    for d_state in (16, 8, 64):
+        variants = (flag_variants(names) if d_state == 16 else all_on(names) if d_state == 8
+                    else [(torch.bfloat16, dict.fromkeys(names, True), PRIMARY)])
+        for dtype, f, level in variants:
             if not rec.begin(f"selective_scan {dtype} d_state={d_state} {f}", level):
                 continue
             grad = f["grad"]
