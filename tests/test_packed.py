@@ -242,9 +242,31 @@ def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
 
 
+@pytest.fixture
+def triton_kernels_in_chunks(monkeypatch):
+    """On the CPU, models take the Triton kernels (in the interpreter) instead of the PyTorch forms, and the scans
+    cut every sequence into time chunks as they do on a GPU (where `use_triton` is true and many programs are
+    wanted): the model-level path the kernel tests alone do not cover (a float32 B/C column slice once went wrong
+    only there)."""
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU the other variant already runs the Triton kernels in chunks")
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    for config in (selective_scan_triton.FORWARD_CONFIG, selective_scan_triton.BACKWARD_CONFIG):
+        monkeypatch.setitem(config, "min_programs", 10**6)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_packed_row_equals_each_sequence_alone(name, one_thread):
     # on a GPU this runs the Triton kernels inside the model
+    _check_packed_row_equals_each_sequence_alone(name)
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_packed_row_equals_each_sequence_alone_through_triton_kernels(name, one_thread, triton_kernels_in_chunks):
+    _check_packed_row_equals_each_sequence_alone(name)
+
+
+def _check_packed_row_equals_each_sequence_alone(name: str) -> None:
     model = _model(name).to(DEVICE)
     seqs = [s.to(DEVICE) for s in _sequences(model.config.vocab_size)]
     batch = {k: v.to(DEVICE) for k, v in
