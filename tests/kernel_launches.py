@@ -238,9 +238,13 @@ def drive_selective_scan_chunked(rec: Recorder, kernels) -> None:
     """The forward cut into chunks walked in parallel (the GPU does it when batch x channel blocks are few)."""
     from ssm_hf.kernels import selective_scan_triton
 
-    batch, seqlen, d_inner, d_state = 2, 40, 48, 16
-    for dtype in (torch.bfloat16, torch.float32):
-        if not rec.begin(f"selective_scan chunked {dtype}", 0):
+    batch, d_inner = 2, 48
+    # Mamba's state in both dtypes; a wide state (64: the chunk pass loads A row by row, 64 rows) in bfloat16,
+    # which a GPU walks in chunks at training shapes (B8 D1536: 1,536 programs for 2,112 wanted on an H100); one
+    # token (seqlen 1 is specialised as a constant)
+    for dtype, d_state, seqlen, level in ((torch.bfloat16, 16, 40, CORE), (torch.float32, 16, 40, CORE),
+                                          (torch.bfloat16, 64, 40, PRIMARY), (torch.bfloat16, 16, 1, PRIMARY)):
+        if not rec.begin(f"selective_scan chunked {dtype} d_state={d_state} seqlen={seqlen}", level):
             continue
         saved = dict(selective_scan_triton.FORWARD_CONFIG), dict(selective_scan_triton.BACKWARD_CONFIG)
         selective_scan_triton.FORWARD_CONFIG["min_programs"] = 10**6

@@ -81,12 +81,19 @@ def _ids_starting_at(batch, seqlen, starts):
 
 
 @pytest.mark.parametrize("case", [
-    dict(seqlen=1), dict(seqlen=5), dict(seqlen=17, fwd_programs=6, bwd_programs=6),  # last chunk: one token
-    dict(seqlen=24, fwd_programs=6, bwd_programs=6, unroll=8),  # chunks of exactly one tile
+    # (fwd_programs and bwd_programs are min_programs: 3 rows x 3 channel blocks = 9 programs by default, so 18
+    # gives chunks of two tiles; `chunks` is the (forward, backward) chunk count the case must run with)
+    dict(seqlen=1, chunks=(1, 1)), dict(seqlen=5, chunks=(1, 1)),
+    dict(seqlen=17, fwd_programs=18, bwd_programs=18, chunks=(2, 2)),  # chunks of two tiles, the last one token
+    # unroll = tile: chunks of whole tiles (forward 16 + 8 tokens, backward one tile each)
+    dict(seqlen=24, fwd_programs=18, unroll=8, chunks=(2, 3)),
     dict(seqlen=29, dy=False), dict(seqlen=29, final=False),  # a gradient of the final state alone; of y alone
-    dict(seqlen=21, d_inner=37, d_state=17, fwd_programs=3, bwd_programs=3),  # padded state, fewer channels
+    # padded state (BLOCK_N 32: 2 channels per program, 19 blocks, 57 programs), a ragged last chunk forward
+    dict(seqlen=21, d_inner=37, d_state=17, fwd_programs=100, chunks=(2, 3)),
+    dict(seqlen=21, d_inner=5, d_state=32),  # a state wider than 16 with no padding
     dict(seqlen=21, d_inner=5, d_state=1),
     dict(seqlen=29, starts=(1, 8, 16, 20)),  # sequence starts at token 1, at chunk and tile edges, inside a tile
+    dict(seqlen=17, starts=(15, 16)),  # on a chunk's last token; on the last token, alone in the last chunk
     dict(seqlen=29, starts=(8, 13), shared_ids=True),  # seq_idx (1, seqlen) for every row
     dict(seqlen=29, bare=True), dict(seqlen=29, dt_scale=200.0), dict(seqlen=29, dtype=torch.bfloat16),
 ])
@@ -97,6 +104,15 @@ def test_triton_scan_in_chunks_edge_cases(monkeypatch, case):
 
     batch, seqlen = 3, case["seqlen"]
     monkeypatch.setattr(module, "TILE_CONFIG", {"block_t": 8})
+    chunk_counts = []  # (forward, backward): a case meant for chunks must not run in one piece
+    time_chunks = module._time_chunks
+
+    def counted(*args):
+        chunk_len, n_chunks = time_chunks(*args)
+        chunk_counts.append(n_chunks)
+        return chunk_len, n_chunks
+
+    monkeypatch.setattr(module, "_time_chunks", counted)
     monkeypatch.setattr(module, "FORWARD_CONFIG", {**module.FORWARD_CONFIG, "block_d": 4,
                                                    "unroll": case.get("unroll", 4),
                                                    "min_programs": case.get("fwd_programs", 10**6)})
@@ -130,6 +146,8 @@ def test_triton_scan_in_chunks_edge_cases(monkeypatch, case):
         loss, loss_ref = loss + (h * weight.to(h)).sum(), loss_ref + (h_ref * weight).sum()
     loss.backward()
     loss_ref.backward()
+    n_tiles = -(-seqlen // 8)
+    assert tuple(chunk_counts) == case.get("chunks", (n_tiles, n_tiles))
     for key in inputs:
         if leaves_ref[key].grad is None:  # y unused: C, D and z get no gradient in the reference, zeros here
             assert leaves[key].grad is None or not leaves[key].grad.any(), key
@@ -593,11 +611,18 @@ def test_triton_ops_read_strided_parameter_vectors(op):
         assert _rel_err(a.cpu(), b) < 1e-5
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_scan_reads_column_slices_of_one_projection(dtype):
+def test_triton_scan_reads_column_slices_of_one_projection(monkeypatch, dtype, chunked):
     """As a Mamba block passes them: x and z halves of one in_proj output, B and C column slices of one x_proj
     output (row stride dt_rank + 2 d_state, not d_state). The kernels copy what they index as contiguous; a float32
-    slice must be copied too (it once was not: `.to(float32)` keeps a float32 view as it is)."""
+    slice must be copied too (it once was not: `.to(float32)` keeps a float32 view as it is). Also with both
+    directions in time chunks (two 16-token tiles), as a GPU runs them."""
+    if chunked:
+        from ssm_hf.kernels import selective_scan_triton as module
+
+        monkeypatch.setitem(module.FORWARD_CONFIG, "min_programs", 10**6)
+        monkeypatch.setitem(module.BACKWARD_CONFIG, "min_programs", 10**6)
     g = torch.Generator().manual_seed(11)
     batch, seqlen, d_inner, d_state, dt_rank = 2, 21, 12, 8, 3
     xz = torch.randn(batch, seqlen, 2 * d_inner, generator=g).to(DEVICE, dtype)

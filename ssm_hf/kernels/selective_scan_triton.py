@@ -469,8 +469,8 @@ def _time_chunks(config: dict, x: torch.Tensor, programs: int, n_tiles: int, til
 
 
 def _padded_states(v: torch.Tensor, block_n: int) -> torch.Tensor:
-    """v: (batch, seqlen, d_state) -> a contiguous copy (batch, seqlen, block_n), zeros past d_state: the kernels
-    then read B_t and C_t unmasked."""
+    """v: (batch, seqlen, d_state) -> (batch, seqlen, block_n) contiguous, in v's dtype, zeros past d_state (a copy
+    unless v already is that): the kernels then read B_t and C_t unmasked."""
     if v.shape[-1] == block_n:
         return v.contiguous()
     out = v.new_zeros((*v.shape[:-1], block_n))
@@ -495,9 +495,9 @@ class _SelectiveScan(torch.autograd.Function):
         n_tiles = triton.cdiv(seqlen, block_t)
         ctx.bc_dtypes = B.dtype, C.dtype
         x, delta = x.contiguous(), delta.contiguous()
-        # B and C in float32: every lane reads all d_state values of each token, and a 16-bit copy would cost two
-        # unpacking instructions per state element and token; they are small ((batch, seqlen, d_state)) and usually
-        # column slices of x_proj's output that need a copy anyway
+        # B and C in their own dtype, contiguous and padded with zeros to BLOCK_N states, so that the kernels read
+        # each token's B_t and C_t unmasked; they are small ((batch, seqlen, d_state)) and usually column slices of
+        # x_proj's output that need a copy anyway
         B, C = _padded_states(B, block_n), _padded_states(C, block_n)
         z = z.contiguous() if z is not None else None
         # per-channel vectors too: the kernels index them as ptr + channel
