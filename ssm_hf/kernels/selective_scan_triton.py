@@ -493,7 +493,6 @@ class _SelectiveScan(torch.autograd.Function):
         d_state = A.shape[-1]
         block_t, block_n = TILE_CONFIG["block_t"], triton.next_power_of_2(d_state)
         n_tiles = triton.cdiv(seqlen, block_t)
-        ctx.bc_dtypes = B.dtype, C.dtype
         x, delta = x.contiguous(), delta.contiguous()
         # B and C in their own dtype, contiguous and padded with zeros to BLOCK_N states, so that the kernels read
         # each token's B_t and C_t unmasked; they are small ((batch, seqlen, d_state)) and usually column slices of
@@ -589,8 +588,8 @@ class _SelectiveScan(torch.autograd.Function):
                 SOFTPLUS=ctx.delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DHT=dfinal is not None,
                 TILE_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BACKWARD_CONFIG["num_warps"],
             )
-        return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum((0, 1)), dB.sum(1).to(ctx.bc_dtypes[0]),
-                dC.sum(1).to(ctx.bc_dtypes[1]),
+        return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum((0, 1)), dB.sum(1).to(B.dtype),
+                dC.sum(1).to(C.dtype),
                 dD.sum((0, 1)).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
                 dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None, None,
                 dh0 if ctx.has_initial_state else None, None)
