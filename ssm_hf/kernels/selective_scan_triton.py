@@ -588,8 +588,7 @@ class _SelectiveScan(torch.autograd.Function):
                 SOFTPLUS=ctx.delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DHT=dfinal is not None,
                 TILE_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BACKWARD_CONFIG["num_warps"],
             )
-        return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum((0, 1)), dB.sum(1).to(B.dtype),
-                dC.sum(1).to(C.dtype),
+        return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum((0, 1)), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
                 dD.sum((0, 1)).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
                 dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None, None,
                 dh0 if ctx.has_initial_state else None, None)
