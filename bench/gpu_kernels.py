@@ -339,13 +339,20 @@ def check_ssd():
     rows = []
     shapes = [(2, 1, 4, 64, 1, 128), (2, 7, 24, 64, 1, 128), (1, 4096, 24, 64, 1, 128), (1, 16384, 8, 64, 1, 128),
               (2, 1000, 6, 48, 2, 64), (2, 300, 8, 64, 8, 16), (1, 517, 4, 32, 1, 256), (1, 300, 4, 128, 1, 128)]
+    from ssm_hf.kernels import ssd_triton
+
     for b, t, h, p, g, n in shapes:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             inp = ssd_inputs(b, t, h, p, g, n, dtype, seed=t)
-            y, fin = ssd_scan_triton(**inp, dt_softplus=True, return_final_state=True)
             ref, fin_ref = kernels.ssd_scan_chunked(**{k: v.float() for k, v in inp.items()}, chunk_size=64,
                                                     dt_softplus=True, return_final_state=True)
-            rows.append((f"ssd fwd {b}x{t}x{h}x{p} g{g} n{n} {str(dtype)[6:]}", rel(y, ref), rel(fin, fin_ref)))
+            saved = ssd_triton.FORWARD_CHUNK
+            for chunk in (32, 128):  # one and four output row blocks per stored chunk state (see FORWARD_CHUNK)
+                ssd_triton.FORWARD_CHUNK = chunk
+                y, fin = ssd_scan_triton(**inp, dt_softplus=True, return_final_state=True)
+                ssd_triton.FORWARD_CHUNK = saved
+                rows.append((f"ssd fwd chunk {chunk} {b}x{t}x{h}x{p} g{g} n{n} {str(dtype)[6:]}", rel(y, ref),
+                             rel(fin, fin_ref)))
     for dtype in (torch.float32, torch.bfloat16):
         for packed in (False, True):
             inp = ssd_inputs(2, 2000, 8, 64, 2, 128, dtype, seed=5)
@@ -370,6 +377,27 @@ def check_ssd():
     report_errors("check_ssd", rows)
 
 
+def _ssd_times(inp: dict, leaves: dict, dy: torch.Tensor, backward: bool) -> tuple[float, float]:
+    """(forward, forward+backward) us of our SSD with the module's current knobs; nan for the second unless asked."""
+    from ssm_hf.kernels import ssd_triton
+
+    fwd = do_bench(lambda: ssd_triton.ssd_scan_triton(**inp, dt_softplus=True), return_mode="median") * 1e3
+    both = float("nan")
+    if backward:
+        both = do_bench(lambda: ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True).backward(dy),
+                        return_mode="median", grad_to_none=[v for v in leaves.values() if v.requires_grad]) * 1e3
+    return round(fwd, 1), round(both, 1)
+
+
+def _restore(module, saved: dict) -> None:
+    """Put back module-level knobs saved as {name: value} ("WARPS": a copy of the dict)."""
+    for key, value in saved.items():
+        if key == "WARPS":
+            module.WARPS.update(value)
+        else:
+            setattr(module, key, value)
+
+
 def ssd_sweep():
     """Forward and forward+backward times of our SSD at the bench shape for a few kernel choices."""
     from ssm_hf.kernels import ssd_triton
@@ -380,7 +408,6 @@ def ssd_sweep():
     dy = torch.randn_like(inp["x"])
     knobs = ("CHUNK", "N_BLOCK", "STATE_TILE", "STATES_16BIT", "WALK_PREFETCH")
     saved = {k: getattr(ssd_triton, k) for k in knobs} | {"WARPS": dict(ssd_triton.WARPS)}
-    grads = [v for v in leaves.values() if v.requires_grad]
     rows = {}
     for chunk, n_block, tile, warps, states16, prefetch in [
             (32, 64, (64, 64), 4, True, True), (32, 64, (64, 64), 4, True, False), (32, 64, (32, 64), 4, True, True),
@@ -394,16 +421,11 @@ def ssd_sweep():
         name = (f"chunk {chunk} n {n_block} tile {tile[0]}x{tile[1]} warps {warps} states {16 if states16 else 32}"
                 f" walk look-ahead {prefetch}")
         try:
-            fwd = do_bench(lambda: ssd_triton.ssd_scan_triton(**inp, dt_softplus=True), return_mode="median") * 1e3
-            both = do_bench(lambda: ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True).backward(dy),
-                            return_mode="median", grad_to_none=grads) * 1e3
-            rows[name] = (fwd, both)
+            rows[name] = _ssd_times(inp, leaves, dy, backward=True)
         except Exception as err:
             rows[name] = repr(err)[:200]
         print("ssd_sweep", name, rows[name], flush=True)
-    for key in knobs:
-        setattr(ssd_triton, key, saved[key])
-    ssd_triton.WARPS.update(saved["WARPS"])
+    _restore(ssd_triton, saved)
     # where the default's forward+backward time goes, kernel by kernel
     from torch.profiler import ProfilerActivity, profile
 
@@ -417,6 +439,41 @@ def ssd_sweep():
     print(table, flush=True)
     rows["profile"] = table
     R["ssd_sweep"] = rows
+
+
+def ssd_forward_sweep():
+    """Our SSD forward and forward+backward (bf16, 24 heads of dim 64, one group, d_state 128) at a few batch x
+    length shapes for a few forward chunks (tokens per stored chunk state; 32 = one output row block per chunk, as
+    before the sixth session), walker tiles and output warps; with each one's relative difference from chunk 32."""
+    from ssm_hf.kernels import ssd_triton
+
+    knobs = ("FORWARD_CHUNK", "OUTPUT_ROWS", "STATE_TILE", "N_BLOCK")
+    saved = {k: getattr(ssd_triton, k) for k in knobs} | {"WARPS": dict(ssd_triton.WARPS)}
+    rows = {}
+    for b, t in ((8, 4096), (4, 2048), (1, 16384), (1, 2048)):
+        inp = ssd_inputs(b, t, 24, 64, 1, 128, torch.bfloat16)
+        inp.pop("initial_state")
+        leaves = {k: (v.clone().requires_grad_(True) if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+        dy = torch.randn_like(inp["x"])
+        ssd_triton.FORWARD_CHUNK = 32
+        ref = ssd_triton.ssd_scan_triton(**inp, dt_softplus=True)
+        for chunk, tile, n_block, warps in ((None, None, 64, 4), (32, (64, 64), 64, 4), (128, (64, 32), 64, 4),
+                                            (256, (64, 32), 64, 4), (128, (32, 32), 64, 4), (128, (64, 16), 64, 4),
+                                            (64, (64, 32), 64, 4)):
+            ssd_triton.FORWARD_CHUNK, ssd_triton.N_BLOCK = chunk, n_block
+            ssd_triton.STATE_TILE = tile or ssd_triton.STATE_TILE
+            ssd_triton.WARPS.update(output=warps)
+            plan = ssd_triton._forward_plan(inp["x"], 128)
+            name = (f"B{b} T{t} chunk {chunk} walker tile {tile} output n_block {n_block} warps {warps}"
+                    + (f" (auto: {plan})" if chunk is None else ""))
+            try:
+                err = rel(ssd_triton.ssd_scan_triton(**inp, dt_softplus=True), ref)
+                rows[name] = _ssd_times(inp, leaves, dy, backward=b * t == 8 * 4096 and chunk in (None, 32)) + (err,)
+            except Exception as error:
+                rows[name] = repr(error)[:200]
+            print("ssd_forward_sweep", name, rows[name], flush=True)
+            _restore(ssd_triton, saved)
+    R["ssd_forward_sweep"] = rows
 
 
 def ssd():
@@ -444,6 +501,7 @@ def ssd():
     rows["ours_first_backward_call_s"] = time.perf_counter() - start
     ref = kernels.ssd_scan_chunked(x.float(), dt.float(), A, B.float(), C.float(), 64, D, dt_softplus=True)
     rows["ours_rel_err_vs_torch_fp32"] = rel(y, ref)
+    print("ssd", rows, flush=True)
     rows["ours_fwd_us"] = do_bench(lambda: ssd_scan_triton(x, dt, A, B, C, D=D, dt_softplus=True),
                                    return_mode="median") * 1e3
     leaves = [v.clone().requires_grad_(True) for v in (x, dt, B, C)]
@@ -466,6 +524,7 @@ def ssd():
             lambda: mamba_chunk_scan_combined(leaves[0], leaves[1], A, leaves[2], leaves[3], 256, D=D,
                                               dt_softplus=True).backward(dy),
             return_mode="median", grad_to_none=leaves) * 1e3
+        print("ssd", rows, flush=True)
     except Exception as err:
         rows["mamba_ssm_error"] = repr(err)[:200]
     try:
@@ -477,8 +536,16 @@ def ssd():
         gate = -torch.rand(b, t, h, device=DEV).mul(0.1).float()
         chunk_simple_gla(q, k, v, gate)
         rows["fla_simple_gla_fwd_us"] = do_bench(lambda: chunk_simple_gla(q, k, v, gate), return_mode="median") * 1e3
+        print("ssd", rows, flush=True)
     except Exception as err:
         rows["fla_error"] = repr(err)[:200]
+    if os.environ.get("SSM_HF_BENCH_FLA_BACKWARD") == "1":  # fla 0.6's backward needs Triton >= 3.7.1
+        try:
+            fla_leaves = [v_.clone().requires_grad_(True) for v_ in (q, k, v, gate)]
+            rows["fla_simple_gla_fwd_bwd_us"] = do_bench(lambda: chunk_simple_gla(*fla_leaves)[0].backward(dy),
+                                                         return_mode="median", grad_to_none=fla_leaves) * 1e3
+        except Exception as err:
+            rows["fla_backward_error"] = repr(err)[:200]
     R["ssd"] = rows
     print("ssd", rows, flush=True)
 
@@ -762,7 +829,8 @@ def main():
         try:
             {"check": check, "check_mamba2": check_mamba2_kernels, "time": time_scan,
              "s4": s4_on_gpu, "conv": conv, "latency": latency, "e2e": e2e, "ssd": ssd,
-             "check_ssd": check_ssd, "ssd_sweep": ssd_sweep, "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
+             "check_ssd": check_ssd, "ssd_sweep": ssd_sweep, "ssd_forward_sweep": ssd_forward_sweep,
+             "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
              "profile_e2e": profile_e2e,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run

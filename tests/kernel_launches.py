@@ -266,6 +266,19 @@ def drive_selective_scan_chunked(rec: Recorder, kernels) -> None:
 
 
 def drive_ssd_scan(rec: Recorder, kernels) -> None:
+    from ssm_hf.kernels import ssd_triton
+
+    _drive_ssd_scan(rec, kernels, "")
+    # the forward a GPU takes with few long rows (CPU tensors never choose it): long chunks, narrower walker tiles
+    saved = ssd_triton.FORWARD_CHUNK, ssd_triton.STATE_TILE
+    ssd_triton.FORWARD_CHUNK, ssd_triton.STATE_TILE = ssd_triton.LONG_CHUNK, ssd_triton.LONG_CHUNK_TILE
+    try:
+        _drive_ssd_scan(rec, kernels, "long chunks ")
+    finally:
+        ssd_triton.FORWARD_CHUNK, ssd_triton.STATE_TILE = saved
+
+
+def _drive_ssd_scan(rec: Recorder, kernels, plan: str) -> None:
     batch, seqlen = 2, 40
     names = ["D", "initial_state", "seq_idx", "grad", "final_grad"]
     # (heads, head_dim, groups, d_state): Mamba-2's; the tiny test models'; the largest head_dim (other tiles)
@@ -275,7 +288,7 @@ def drive_ssd_scan(rec: Recorder, kernels) -> None:
         if head_dim == 128:  # float32 tiles at head_dim 128: the most shared memory (an A100 has the least)
             variants = [(dtype, f, CORE if dtype == torch.float32 else level) for dtype, f, level in variants]
         for dtype, f, level in variants:
-            if not rec.begin(f"ssd_scan {dtype} (heads, head_dim, groups, d_state)={shape} {f}", level):
+            if not rec.begin(f"ssd_scan {plan}{dtype} (heads, head_dim, groups, d_state)={shape} {f}", level):
                 continue
             grad = f["grad"]
             x = _randn(batch, seqlen, heads, head_dim, dtype=dtype, grad=grad)

@@ -16,6 +16,19 @@ from ssm_hf.kernels.selective_scan_triton import selective_scan_triton  # noqa: 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(params=[32, 64, 128])
+def ssd_forward(request, monkeypatch) -> int:
+    """The SSD forward with chunks of one (the default with many rows), two and four (with few long rows, and the
+    walker tile used then) output row blocks: `FORWARD_CHUNK`."""
+    from ssm_hf.kernels import ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "FORWARD_CHUNK", request.param)
+    monkeypatch.setattr(ssd_triton, "OUTPUT_ROWS", 32)
+    if request.param == ssd_triton.LONG_CHUNK:
+        monkeypatch.setattr(ssd_triton, "STATE_TILE", ssd_triton.LONG_CHUNK_TILE)
+    return request.param
+
+
 def _to(inputs, dtype):
     return {k: v.to(DEVICE, dtype) for k, v in _cast(inputs, dtype).items()}
 
@@ -204,7 +217,7 @@ def test_dispatch_picks_triton_only_for_cuda(monkeypatch):
 
 @pytest.mark.parametrize("batch,seqlen,heads,head_dim,groups,d_state", [(2, 1, 4, 3, 2, 5), (1, 70, 4, 8, 1, 16),
                                                                          (2, 130, 6, 16, 3, 8)])
-def test_triton_ssd_forward_and_gradients(batch, seqlen, heads, head_dim, groups, d_state):
+def test_triton_ssd_forward_and_gradients(batch, seqlen, heads, head_dim, groups, d_state, ssd_forward):
     from test_kernels_ssd import _inputs as ssd_inputs
 
     from ssm_hf.kernels.ssd_triton import ssd_scan_triton
@@ -418,7 +431,7 @@ def _segments_separately(inputs, seq_idx):
 
 @pytest.mark.parametrize("seqlen,d_state,boundaries", [(70, 16, (1, 5, 64, 65)), (45, 136, (30, 32)),
                                                        (130, 8, ())])
-def test_triton_ssd_packed_sequences_and_gradients(seqlen, d_state, boundaries):
+def test_triton_ssd_packed_sequences_and_gradients(seqlen, d_state, boundaries, ssd_forward):
     """seq_idx resets the state at each sequence start (also at a chunk's first token): values, final state and
     every gradient equal the float64 recurrence run on each sequence alone."""
     from test_kernels_ssd import _inputs as ssd_inputs
@@ -442,7 +455,7 @@ def test_triton_ssd_packed_sequences_and_gradients(seqlen, d_state, boundaries):
         assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key
 
 
-def test_triton_ssd_gradient_of_final_state_alone_without_initial_state():
+def test_triton_ssd_gradient_of_final_state_alone_without_initial_state(ssd_forward):
     from test_kernels_ssd import _inputs as ssd_inputs
 
     from ssm_hf.kernels.ssd_triton import ssd_scan_triton
@@ -461,7 +474,7 @@ def test_triton_ssd_gradient_of_final_state_alone_without_initial_state():
         assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key
 
 
-def test_triton_ssd_bf16_inputs_and_gradients():
+def test_triton_ssd_bf16_inputs_and_gradients(ssd_forward):
     """16-bit inputs: loads, stores and gradient dtypes (the interpreter multiplies in float32; the GPU check in
     bench/gpu_kernels.py --sections check_ssd covers 16-bit products)."""
     from test_kernels_ssd import _inputs as ssd_inputs
@@ -488,7 +501,7 @@ def test_triton_ssd_bf16_inputs_and_gradients():
 
 @pytest.mark.parametrize("case", ["odd_sizes_packed", "no_D_no_initial_state", "only_A_and_h0_need_grad",
                                   "projection_slices"])
-def test_triton_ssd_edge_cases_against_the_recurrence(case):
+def test_triton_ssd_edge_cases_against_the_recurrence(case, ssd_forward):
     """Cases the tests above leave out: head_dim not a power of 2 with d_state not a multiple of 16, groups > 1,
     int64 seq_idx and starts on a chunk's first and last tokens; no D and no initial state; gradients wanted only
     for A and an initial state whose final state is not used (dfinal None); x, Δ, B and C as slices of one
@@ -550,6 +563,27 @@ def test_triton_ssd_edge_cases_against_the_recurrence(case):
         for key, grad in zip(("x", "B", "C", "dt"), grads):
             assert _rel_err(grad.reshape(refs[key].shape).cpu(), refs[key].grad) < 1e-4, key
         assert not proj.grad[..., :5].any()
+
+
+def test_ssd_forward_plan(monkeypatch):
+    """Long chunks only where the walker's programs would leave multiprocessors idle; a forced chunk the output
+    kernel cannot cut into row blocks is refused by name, not computed wrongly."""
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels import ssd_triton
+
+    few, many = torch.empty(1, 8, 24, 64), torch.empty(8, 8, 24, 64)  # 48 and 384 walker tiles at d_state 128
+    assert ssd_triton._forward_plan(few, 128) == (32, ssd_triton.STATE_TILE)  # no GPU: nothing to fill
+    monkeypatch.setattr(ssd_triton, "_multiprocessors", lambda x: 132)
+    assert ssd_triton._forward_plan(few, 128) == (ssd_triton.LONG_CHUNK, ssd_triton.LONG_CHUNK_TILE)
+    assert ssd_triton._forward_plan(many, 128) == (32, ssd_triton.STATE_TILE)
+    monkeypatch.setattr(ssd_triton, "FORWARD_CHUNK", 64)
+    assert ssd_triton._forward_plan(few, 128) == (64, ssd_triton.STATE_TILE)
+    inputs = _to(ssd_inputs(1, 8, 2, 4, 1, 5), torch.float32)
+    for chunk in (48, 8):
+        monkeypatch.setattr(ssd_triton, "FORWARD_CHUNK", chunk)
+        with pytest.raises(ValueError, match="FORWARD_CHUNK"):
+            ssd_triton.ssd_scan_triton(**inputs)
 
 
 def test_triton_ssd_refuses_groups_that_do_not_divide_the_heads():

@@ -8,7 +8,8 @@ state entering chunk k is H_k (head_dim x d_state) and, inside the chunk,
 
 Forward: `_chunk_walk_kernel` walks the chunks of one (row, head, state tile) in order and writes every H_k
 (one small matmul per chunk: the only sequential part); `_chunk_output_kernel` then computes each chunk's output
-independently, the intra-chunk part as two `tl.dot`s. Backward: the forward states are recomputed (nothing of size
+independently, in row blocks, the intra-chunk part as `tl.dot`s (with a few long rows the forward's chunks are
+longer than a row block: fewer sequential steps). Backward: the forward states are recomputed (nothing of size
 (chunks, head_dim, d_state) is kept between passes), the same walker, mirrored (REVERSE), walks the chunks
 backwards for the gradient dH_{k+1} reaching each chunk's end, and `_chunk_grads_kernel` computes every input's
 gradient chunk by chunk. Segment sums of log-decays are always summed directly, never as differences of prefix
@@ -18,6 +19,7 @@ zeros, not NaNs.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -29,6 +31,16 @@ from .packing import kernel_segment_ids
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked
 
 CHUNK = 32
+# The forward stores the state entering every chunk of its own chunk size, and its output kernel cuts each chunk
+# into row blocks of OUTPUT_ROWS tokens (the earlier blocks of a chunk enter a row block through their tokens, not
+# through a state). FORWARD_CHUNK None: CHUNK tokens, unless the walker's programs would be fewer than the
+# multiprocessors (a few long rows): then LONG_CHUNK tokens with walker tiles of LONG_CHUNK_TILE, since the walk's
+# latency per chunk sets the time there (H100, B1 T16384: 706 -> 475 us), while with many rows longer chunks were
+# slower (B8 T4096: 518 -> 682 us; BENCHMARKS.md, sixth session). An int forces that chunk.
+FORWARD_CHUNK: int | None = None
+OUTPUT_ROWS = 32
+LONG_CHUNK = 128
+LONG_CHUNK_TILE = (64, 32)
 # warps per kernel, and whether 16-bit inputs keep their chunk-boundary states in 16 bits between kernels (less
 # traffic, one rounding per chunk); module-level so that bench/gpu_kernels.py can sweep them
 WARPS = {"states": 4, "output": 4, "state_grads": 4, "grads": 4}
@@ -166,21 +178,26 @@ def _chunk_output_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, y_ptr,
     L, H, P, G, N, n_chunks,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """y of one chunk from its inputs and its entering state; d_state is walked in blocks of BLOCK_N.
-    Grid: (batch * heads, chunks, head_dim blocks)."""
+    """y of BLOCK_M tokens (a row block of one chunk of BLOCK_Q tokens) from the state entering the chunk and the
+    chunk's tokens up to them; d_state is walked in blocks of BLOCK_N. A chunk longer than a row block stores half
+    (or fewer) chunk states: the row blocks before this one enter through their tokens, not through a state.
+    Grid: (batch * heads, chunks x row blocks per chunk, head_dim blocks)."""
     bh, row, head, group = _program_head(H, G)
-    k = tl.program_id(1)
+    blocks: tl.constexpr = BLOCK_Q // BLOCK_M
+    k = tl.program_id(1) // blocks
+    m = tl.program_id(1) % blocks
     p_offs = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p_offs < P
     A = tl.load(A_ptr + head).to(tl.float32)
-    t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
+    start = k * BLOCK_Q + m * BLOCK_M
+    t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, start, L, H, A, HAS_SEQ, BLOCK_M)
     tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
     tp_mask = valid[:, None] & p_mask[None, :]
     dot_dtype = x_ptr.dtype.element_ty
-    scores = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
-    from_state = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
+    scores = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    from_state = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         n_offs = n0 + tl.arange(0, BLOCK_N)
         n_mask = n_offs < N
@@ -193,8 +210,30 @@ def _chunk_output_kernel(
         scores += _mm(Cq, tl.trans(Bq), dot_dtype, IEEE)
         from_state += _mm(Cq, tl.trans(state), dot_dtype, IEEE)
     x = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0)
-    y = _mm(scores * _decay_matrix(a, BLOCK_Q), x.to(tl.float32) * dt[:, None], dot_dtype, IEEE)
-    y += from_state * tl.exp(tl.cumsum(a, axis=0))[:, None]
+    y = _mm(scores * _decay_matrix(a, BLOCK_M), x.to(tl.float32) * dt[:, None], dot_dtype, IEEE)
+    # the chunk's earlier row blocks, nearest first: token s of one reaches t with exp(Σ_{start≤j≤t} a_j + the
+    # blocks in between + Σ_{j>s in its block} a_j), each a direct sum of terms ≤ 0 (no differences of prefix sums)
+    cum = tl.cumsum(a, axis=0)
+    between = tl.sum(tl.zeros_like(a), axis=0)
+    for back in range(1, m + 1):
+        # (all valid unless this row block lies past the sequence's end: its stores are masked, its loads too)
+        ts, valid_s, dts, as_, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, start - back * BLOCK_M, L, H, A,
+                                                 HAS_SEQ, BLOCK_M)
+        scores = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n_offs = n0 + tl.arange(0, BLOCK_N)
+            n_mask = n_offs < N
+            Cq = tl.load(C_ptr + ((row * L + t[:, None]) * G + group) * N + n_offs[None, :],
+                         mask=valid[:, None] & n_mask[None, :], other=0.0)
+            Bs = tl.load(B_ptr + ((row * L + ts[:, None]) * G + group) * N + n_offs[None, :],
+                         mask=valid_s[:, None] & n_mask[None, :], other=0.0)
+            scores += _mm(Cq, tl.trans(Bs), dot_dtype, IEEE)
+        xs = tl.load(x_ptr + ((row * L + ts[:, None]) * H + head) * P + p_offs[None, :],
+                     mask=valid_s[:, None] & p_mask[None, :], other=0.0)
+        decay = tl.exp(cum[:, None] + between + _decay_to_end(as_, BLOCK_M)[None, :])
+        y += _mm(scores * decay, xs.to(tl.float32) * dts[:, None], dot_dtype, IEEE)
+        between += tl.sum(as_, axis=0)
+    y += from_state * tl.exp(cum + between)[:, None]
     if HAS_D:
         y += tl.load(D_ptr + head).to(tl.float32) * x.to(tl.float32)
     tl.store(y_ptr + tp_offs, y.to(y_ptr.dtype.element_ty), mask=tp_mask)
@@ -309,6 +348,34 @@ def _chunk(head_dim: int) -> int:
     return CHUNK if head_dim <= 64 else min(CHUNK, 32)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _multiprocessors(x: torch.Tensor) -> int | None:
+    # cached: asking the driver on every call costs more host time than a short sequence's kernels take
+    return _device_multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.is_cuda else None
+
+
+def _forward_plan(x: torch.Tensor, d_state: int) -> tuple[int, tuple[int, int]]:
+    """(tokens per stored chunk state, walker tile) of the forward of x: (batch, seqlen, heads, head_dim); see
+    FORWARD_CHUNK."""
+    batch, _, heads, head_dim = x.shape
+    chunk, tile = FORWARD_CHUNK, STATE_TILE
+    if chunk is None:
+        chunk = _chunk(head_dim)
+        grid = _state_walk_grid(batch, heads, head_dim, d_state)[0]
+        sms = _multiprocessors(x)
+        if sms is not None and grid[0] * grid[1] * grid[2] < sms:
+            chunk, tile = LONG_CHUNK, LONG_CHUNK_TILE
+    if chunk < 16 or chunk & (chunk - 1) or chunk % min(OUTPUT_ROWS, chunk):
+        raise ValueError(f"The SSD forward's chunk (ssd_triton.FORWARD_CHUNK or LONG_CHUNK) must be a power of two "
+                         f">= 16 and a multiple of OUTPUT_ROWS ({OUTPUT_ROWS}); got {chunk}.")
+    return chunk, tile
+
+
 def _block(size: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(size)))
 
@@ -328,13 +395,16 @@ def _states_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if STATES_16BIT and x.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _state_walk_grid(batch: int, heads: int, head_dim: int, d_state: int) -> tuple[tuple[int, int, int], int, int]:
-    """Grid and (head_dim, d_state) tile of the chunk walker (both directions), one program per tile."""
-    block_p, block_n = _block(head_dim, STATE_TILE[0]), _block(d_state, STATE_TILE[1])
+def _state_walk_grid(batch: int, heads: int, head_dim: int, d_state: int,
+                     tile: tuple[int, int] | None = None) -> tuple[tuple[int, int, int], int, int]:
+    """Grid and (head_dim, d_state) tile of the chunk walker (both directions), one program per tile (by default
+    STATE_TILE)."""
+    tile = tile or STATE_TILE
+    block_p, block_n = _block(head_dim, tile[0]), _block(d_state, tile[1])
     return (batch * heads, triton.cdiv(head_dim, block_p), triton.cdiv(d_state, block_n)), block_p, block_n
 
 
-def _walk_chunks(v, dt, A, w, seq_idx, init, block_q, reverse):
+def _walk_chunks(v, dt, A, w, seq_idx, init, block_q, reverse, tile=None):
     """`_chunk_walk_kernel` over every (row, head): forward (v = x, w = B, init = h0) the states entering every chunk
     (batch, chunks, heads, head_dim, d_state) and the final state (batch, heads, head_dim, d_state); reverse (v = dy,
     w = C, init = dfinal) the gradients reaching every chunk's end and the initial state's gradient, same shapes."""
@@ -343,7 +413,7 @@ def _walk_chunks(v, dt, A, w, seq_idx, init, block_q, reverse):
     n_chunks = triton.cdiv(seqlen, block_q)
     walk = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=v.device, dtype=_states_dtype(v))
     last = torch.empty(batch, heads, head_dim, d_state, device=v.device, dtype=torch.float32)
-    grid, block_p, block_n = _state_walk_grid(batch, heads, head_dim, d_state)
+    grid, block_p, block_n = _state_walk_grid(batch, heads, head_dim, d_state, tile)
     _chunk_walk_kernel[grid](
         v, dt, A, w, seq_idx if seq_idx is not None else dt, init if init is not None else last, walk, last,
         seqlen, heads, head_dim, groups, d_state, n_chunks,
@@ -356,10 +426,11 @@ def _walk_chunks(v, dt, A, w, seq_idx, init, block_q, reverse):
 
 class _SSDScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx):
+    def forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx, plan):
         batch, seqlen, heads, head_dim = x.shape
         groups, d_state = B.shape[-2:]
-        block_q = _chunk(head_dim)
+        block_q, (forward_q, walk_tile) = _chunk(head_dim), plan
+        rows = min(OUTPUT_ROWS, forward_q)
         x, dt, A, B, C = x.contiguous(), dt.float().contiguous(), A.float().contiguous(), B.contiguous(), \
             C.contiguous()
         h0 = initial_state.float().contiguous() if initial_state is not None else None
@@ -367,14 +438,15 @@ class _SSDScan(torch.autograd.Function):
         seq = seq_idx.contiguous() if seq_idx is not None else None
         y = torch.empty_like(x)
         with on_device_of(x):
-            states, final = _walk_chunks(x, dt, A, B, seq, h0, block_q, reverse=False)
+            states, final = _walk_chunks(x, dt, A, B, seq, h0, forward_q, reverse=False, tile=walk_tile)
             block_p = _block(head_dim, 64)
-            grid = (batch * heads, states.shape[1], triton.cdiv(head_dim, block_p))
+            grid = (batch * heads, states.shape[1] * (forward_q // rows), triton.cdiv(head_dim, block_p))
             _chunk_output_kernel[grid](
                 x, dt, A, B, C, D if D is not None else dt, seq if seq is not None else dt, states, y,
                 seqlen, heads, head_dim, groups, d_state, states.shape[1],
                 HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x),
-                BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=_block(d_state, N_BLOCK), num_warps=WARPS["output"],
+                BLOCK_Q=forward_q, BLOCK_M=rows, BLOCK_P=block_p, BLOCK_N=_block(d_state, N_BLOCK),
+                num_warps=WARPS["output"],
             )
         ctx.save_for_backward(x, dt, A, B, C, D, h0, seq)
         ctx.block_q = block_q
@@ -412,7 +484,7 @@ class _SSDScan(torch.autograd.Function):
         dA = dA_parts.view(batch, heads, n_chunks).sum((0, 2))
         dD = dD_parts.view(batch, heads, n_chunks).sum((0, 2)).to(D.dtype) if D is not None else None
         dh0_out = dh0.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None
-        return dx, ddt, dA, dB, dC, dD, dh0_out, None
+        return dx, ddt, dA, dB, dC, dD, dh0_out, None, None
 
 
 def ssd_scan_triton(
@@ -432,20 +504,24 @@ def ssd_scan_triton(
     seq_idx: torch.Tensor | None = None,
 ):
     """SSD scan with the Triton kernels: same arguments and results as `ssd_scan_chunked`. The kernels use their
-    own chunk (CHUNK tokens); the result does not depend on the chunk, so `chunk_size` is only used where the
-    PyTorch form runs (d_state > 256 or head_dim > 128). The backward always recomputes the
-    chunk states (`recompute_in_backward` is accepted for the common signature)."""
+    own chunks (CHUNK and FORWARD_CHUNK tokens); the result does not depend on the chunk, so `chunk_size` is only
+    used where the PyTorch form runs (d_state > 256 or head_dim > 128). The backward always recomputes the chunk
+    states (`recompute_in_backward` is accepted for the common signature)."""
     heads, head_dim, groups, d_state = x.shape[2], x.shape[3], B.shape[-2], B.shape[-1]
     if heads % groups or C.shape[-2] != groups:  # the kernels would read B and C of groups that do not exist
         raise ValueError(f"B and C must have a number of groups that divides the {heads} heads; got B "
                          f"{tuple(B.shape)}, C {tuple(C.shape)}.")
     if supports(d_state, head_dim):  # the chunk kernels run one program per chunk on grid axis 1
-        check_grid_axis(triton.cdiv(x.shape[1], _chunk(head_dim)), f"An SSD scan of {x.shape[1]} tokens")
+        plan = _forward_plan(x, d_state)
+        forward_q = plan[0]
+        output_blocks = triton.cdiv(x.shape[1], forward_q) * (forward_q // min(OUTPUT_ROWS, forward_q))
+        check_grid_axis(max(triton.cdiv(x.shape[1], _chunk(head_dim)), output_blocks),
+                        f"An SSD scan of {x.shape[1]} tokens")
     if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
         seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     if x.shape[1] == 0 or not supports(d_state, head_dim):
         return ssd_scan_chunked(x, dt, A, B, C, chunk_size or CHUNK, D, initial_state=initial_state,
                                 return_final_state=return_final_state, seq_idx=seq_idx)
-    y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_state, seq_idx)
+    y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_state, seq_idx, plan)
     return (y, final) if return_final_state else y
