@@ -565,6 +565,29 @@ def test_triton_ssd_edge_cases_against_the_recurrence(case, ssd_forward):
         assert not proj.grad[..., :5].any()
 
 
+@pytest.mark.parametrize("seqlen", [200, 70])
+def test_triton_ssd_sequence_starts_across_row_blocks(seqlen, ssd_forward):
+    """Sequence starts seen from a chunk's later row blocks: inside an earlier block (its tokens before the start
+    must not reach), inside a block in between, on a row block's first and last tokens and a chunk's, and on the
+    last token; the last chunk ends inside a row block and (seqlen 70 and 200 at chunk 128) has row blocks wholly
+    past the end. Weak decays, so that a token leaking past a start 100 tokens back would show."""
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    batch = 3
+    inputs = ssd_inputs(batch, seqlen, 2, 5, 2, 20, seed=seqlen + 17)
+    inputs["A"] = inputs["A"] / 100  # a = Δ A of about -0.01 per token
+    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+    for row, starts in enumerate([(40, 127, 150), (63, 96, 170, 199), (5, 128, 161)]):
+        for t in starts:
+            seq_idx[row, t:] += 1
+    y, h = ssd_scan_triton(**_to(inputs, torch.float32), dt_softplus=True, return_final_state=True,
+                           seq_idx=seq_idx.to(DEVICE))
+    y_ref, h_ref = kernels.ssd_scan_sequential(**inputs, dt_softplus=True, return_final_state=True, seq_idx=seq_idx)
+    assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(h.cpu(), h_ref) < 1e-5
+
+
 def test_ssd_forward_plan(monkeypatch):
     """Long chunks only where the walker's programs would leave multiprocessors idle; a forced chunk the output
     kernel cannot cut into row blocks is refused by name, not computed wrongly."""
