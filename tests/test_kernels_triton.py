@@ -589,17 +589,19 @@ def test_triton_ssd_sequence_starts_across_row_blocks(seqlen, ssd_forward):
 
 
 def test_ssd_forward_plan(monkeypatch):
-    """Long chunks only where the walker's programs would leave multiprocessors idle; a forced chunk the output
-    kernel cannot cut into row blocks is refused by name, not computed wrongly."""
+    """Long chunks only for 16-bit inputs whose walker programs would leave multiprocessors idle; a forced chunk the
+    output kernel cannot cut into row blocks is refused by name, not computed wrongly."""
     from test_kernels_ssd import _inputs as ssd_inputs
 
     from ssm_hf.kernels import ssd_triton
 
-    few, many = torch.empty(1, 8, 24, 64), torch.empty(8, 8, 24, 64)  # 48 and 384 walker tiles at d_state 128
+    # 48 and 384 walker tiles at d_state 128
+    few, many = torch.empty(1, 8, 24, 64, dtype=torch.bfloat16), torch.empty(8, 8, 24, 64, dtype=torch.bfloat16)
     assert ssd_triton._forward_plan(few, 128) == (32, ssd_triton.STATE_TILE)  # no GPU: nothing to fill
     monkeypatch.setattr(ssd_triton, "_multiprocessors", lambda x: 132)
     assert ssd_triton._forward_plan(few, 128) == (ssd_triton.LONG_CHUNK, ssd_triton.LONG_CHUNK_TILE)
     assert ssd_triton._forward_plan(many, 128) == (32, ssd_triton.STATE_TILE)
+    assert ssd_triton._forward_plan(few.float(), 128) == (32, ssd_triton.STATE_TILE)  # float32 long chunks spill
     monkeypatch.setattr(ssd_triton, "FORWARD_CHUNK", 64)
     assert ssd_triton._forward_plan(few, 128) == (64, ssd_triton.STATE_TILE)
     inputs = _to(ssd_inputs(1, 8, 2, 4, 1, 5), torch.float32)

@@ -33,10 +33,11 @@ from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked
 CHUNK = 32
 # The forward stores the state entering every chunk of its own chunk size, and its output kernel cuts each chunk
 # into row blocks of OUTPUT_ROWS tokens (the earlier blocks of a chunk enter a row block through their tokens, not
-# through a state). FORWARD_CHUNK None: CHUNK tokens, unless the walker's programs would be fewer than the
-# multiprocessors (a few long rows): then LONG_CHUNK tokens with walker tiles of LONG_CHUNK_TILE, since the walk's
-# latency per chunk sets the time there (H100, B1 T16384: 706 -> 475 us), while with many rows longer chunks were
-# slower (B8 T4096: 518 -> 682 us; BENCHMARKS.md, sixth session). An int forces that chunk.
+# through a state). FORWARD_CHUNK None: CHUNK tokens, unless the inputs are 16-bit and the walker's programs would be
+# fewer than the multiprocessors (a few long rows): then LONG_CHUNK tokens with walker tiles of LONG_CHUNK_TILE, since
+# the walk's latency per chunk sets the time there (H100, B1 T16384: 706 -> 475 us), while with many rows longer
+# chunks were slower (B8 T4096: 518 -> 682 us; BENCHMARKS.md, sixth session). float32 walker tiles of LONG_CHUNK
+# tokens spill (H100, B1 T16384 float32: 3.8 -> 17.1 ms). An int forces that chunk.
 FORWARD_CHUNK: int | None = None
 OUTPUT_ROWS = 32
 LONG_CHUNK = 128
@@ -368,7 +369,7 @@ def _forward_plan(x: torch.Tensor, d_state: int) -> tuple[int, tuple[int, int]]:
         chunk = _chunk(head_dim)
         grid = _state_walk_grid(batch, heads, head_dim, d_state)[0]
         sms = _multiprocessors(x)
-        if sms is not None and grid[0] * grid[1] * grid[2] < sms:
+        if sms is not None and x.dtype != torch.float32 and grid[0] * grid[1] * grid[2] < sms:
             chunk, tile = LONG_CHUNK, LONG_CHUNK_TILE
     if chunk < 16 or chunk & (chunk - 1) or chunk % min(OUTPUT_ROWS, chunk):
         raise ValueError(f"The SSD forward's chunk (ssd_triton.FORWARD_CHUNK or LONG_CHUNK) must be a power of two "
