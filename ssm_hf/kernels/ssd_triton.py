@@ -215,7 +215,7 @@ def _chunk_output_kernel(
     # the chunk's earlier row blocks, nearest first: token s of one reaches t with exp(Σ_{start≤j≤t} a_j + the
     # blocks in between + Σ_{j>s in its block} a_j), each a direct sum of terms ≤ 0 (no differences of prefix sums)
     cum = tl.cumsum(a, axis=0)
-    between = tl.sum(tl.zeros_like(a), axis=0)
+    between = tl.sum(tl.zeros_like(a), axis=0)  # a float32 zero of the loop's type (a literal would be a constant)
     for back in range(1, m + 1):
         # (all valid unless this row block lies past the sequence's end: its stores are masked, its loads too)
         ts, valid_s, dts, as_, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, start - back * BLOCK_M, L, H, A,
@@ -512,7 +512,7 @@ def ssd_scan_triton(
     if heads % groups or C.shape[-2] != groups:  # the kernels would read B and C of groups that do not exist
         raise ValueError(f"B and C must have a number of groups that divides the {heads} heads; got B "
                          f"{tuple(B.shape)}, C {tuple(C.shape)}.")
-    if supports(d_state, head_dim):  # the chunk kernels run one program per chunk on grid axis 1
+    if supports(d_state, head_dim):  # the chunk kernels run one program per chunk or row block on grid axis 1
         plan = _forward_plan(x, d_state)
         forward_q = plan[0]
         output_blocks = triton.cdiv(x.shape[1], forward_q) * (forward_q // min(OUTPUT_ROWS, forward_q))
