@@ -615,9 +615,10 @@ def test_triton_ops_read_strided_parameter_vectors(op):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_scan_reads_column_slices_of_one_projection(monkeypatch, dtype, chunked):
     """As a Mamba block passes them: x and z halves of one in_proj output, B and C column slices of one x_proj
-    output (row stride dt_rank + 2 d_state, not d_state). The kernels copy what they index as contiguous; a float32
-    slice must be copied too (it once was not: `.to(float32)` keeps a float32 view as it is). Also with both
-    directions in time chunks (two 16-token tiles), as a GPU runs them."""
+    output (row stride dt_rank + 2 d_state, not d_state). The kernels copy what they index as contiguous (all but
+    z, which they read in place: `test_triton_scan_reads_z_in_place`); a float32 slice must be copied too (it once
+    was not: `.to(float32)` keeps a float32 view as it is). Also with both directions in time chunks (two 16-token
+    tiles), as a GPU runs them."""
     if chunked:
         from ssm_hf.kernels import selective_scan_triton as module
 
@@ -643,6 +644,91 @@ def test_triton_scan_reads_column_slices_of_one_projection(monkeypatch, dtype, c
     for got, want in zip(run(selective_scan_triton), run(kernels.selective_scan_chunked)):
         assert _rel_err(got, want) < tol
 
+
+
+def _record_scan_launches(monkeypatch) -> list[tuple[str, dict]]:
+    """Make the selective scan's kernels record each launch, (kernel name, arguments by name), then launch."""
+    from ssm_hf.kernels import selective_scan_triton as module
+
+    launches = []
+
+    class Recorded:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, {**dict(zip(self.kernel.arg_names, args)), **kwargs}))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_fwd_kernel", "_bwd_local_kernel", "_bwd_kernel"):
+        monkeypatch.setattr(module, name, Recorded(name, getattr(module, name)))
+    return launches
+
+
+def _force_scan_time_chunks(monkeypatch) -> None:
+    """Both directions in time chunks (every 16-token tile its own), as a GPU runs them at training shapes."""
+    from ssm_hf.kernels import selective_scan_triton as module
+
+    monkeypatch.setitem(module.FORWARD_CONFIG, "min_programs", 10**6)
+    monkeypatch.setitem(module.BACKWARD_CONFIG, "min_programs", 10**6)
+
+
+@pytest.mark.parametrize("layout", ["half", "rows", "channels"])
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_scan_reads_z_in_place(monkeypatch, dtype, chunked, layout):
+    """z as a view of a wider tensor gives exactly what a contiguous copy of it gives (outputs, final state and every
+    gradient, bitwise), and every kernel that reads z (forward, the backward and its chunk pass) gets the view
+    itself, not a copy: "half" is z as a Mamba block passes it (`xz.chunk(2, -1)[1]`, rows 2 d_inner apart);
+    "rows" takes the tokens out of a longer buffer (batch stride not seqlen x row stride). Where the channels are
+    strided ("channels", every other column), the kernels get a contiguous copy instead."""
+    if chunked:
+        _force_scan_time_chunks(monkeypatch)
+    g = torch.Generator().manual_seed(12)
+    batch, seqlen, d_inner, d_state = 2, 21, 12, 8
+    inputs = _to(_inputs(batch, seqlen, d_inner, d_state, seed=12), dtype)
+    inputs["A"] = inputs["A"].float()
+    wide = {"half": (batch, seqlen, 2 * d_inner), "rows": (batch, seqlen + 5, 2 * d_inner),
+            "channels": (batch, seqlen, 2 * d_inner)}[layout]
+    zbuf = torch.randn(*wide, generator=g).to(DEVICE, dtype).requires_grad_(True)
+    dy = torch.randn(batch, seqlen, d_inner, generator=g).to(DEVICE, dtype)
+    dh = torch.randn(batch, d_inner, d_state, generator=g).to(DEVICE)
+
+    def view(t):  # z's part of the wider tensor (and of its gradient)
+        if layout == "half":
+            return t.chunk(2, dim=-1)[1]
+        if layout == "rows":
+            return t[:, 3:3 + seqlen, d_inner:]
+        return t[..., 1::2]
+
+    def run(z):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if k != "z"}
+        y, h = selective_scan_triton(**leaves, z=z, delta_softplus=True, return_final_state=True)
+        torch.autograd.backward([y, h], [dy, dh])
+        return [y, h] + [leaves[k].grad for k in sorted(leaves)]
+
+    launches = _record_scan_launches(monkeypatch)
+    got = run(view(zbuf))
+    z = view(zbuf)
+    kernels_run = sorted({name for name, _ in launches})
+    assert kernels_run == (["_bwd_kernel", "_bwd_local_kernel", "_fwd_kernel"] if chunked
+                           else ["_bwd_kernel", "_fwd_kernel"])
+    for name, args in launches:
+        passed = args["z_ptr"]
+        if layout == "channels":  # the kernels read channels contiguously: a copy is due
+            assert passed.is_contiguous() and passed.data_ptr() != z.data_ptr(), name
+        else:
+            assert (passed.data_ptr(), passed.stride()) == (z.data_ptr(), z.stride()), name
+            assert (args["stride_zb"], args["stride_zl"]) == z.stride()[:2], name
+    outside = zbuf.grad.clone()
+    view(outside).zero_()
+    assert zbuf.grad.dtype == dtype and not outside.any()  # nothing outside the view got a gradient
+    z_copy = view(zbuf).detach().contiguous().requires_grad_(True)
+    want = run(z_copy)
+    for a, b in zip(got + [view(zbuf.grad)], want + [z_copy.grad]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
     """One program per 32 tokens on a grid axis that CUDA caps at 65535: a longer row must raise a clear error
