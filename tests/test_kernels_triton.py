@@ -730,6 +730,49 @@ def test_triton_scan_reads_z_in_place(monkeypatch, dtype, chunked, layout):
     for a, b in zip(got + [view(zbuf.grad)], want + [z_copy.grad]):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
+
+@pytest.mark.parametrize("dtype,delta_dtype,chunked", [
+    (torch.bfloat16, torch.bfloat16, False), (torch.bfloat16, torch.float32, True),
+    (torch.float16, torch.float16, False), (torch.float16, torch.float16, True),
+])
+def test_triton_scan_gradients_in_the_inputs_dtypes(monkeypatch, dtype, delta_dtype, chunked):
+    """dx, dΔ, dz come out of the kernel in x's, Δ's and z's dtypes (no float32 buffers cast afterwards), each equal
+    to the gradient the same scan computes from the same values in float32, cast to that dtype. The kernels compute
+    in float32 either way, so only the rounding at the store could differ: on a GPU (and for float16 everywhere)
+    it rounds to nearest even as torch's cast does, so the match is bitwise. Triton's interpreter instead
+    truncates float32 to bfloat16 (`_convert_float` with no rounding mode), so there the bfloat16 gradients are
+    the float32 ones truncated: still bitwise, against that cast. (Δ in float32 beside bfloat16 x is what a Mamba
+    block passes under an attention mask.)"""
+    if chunked:
+        _force_scan_time_chunks(monkeypatch)
+    batch, seqlen, d_inner, d_state = 2, 21, 12, 8
+    base = _inputs(batch, seqlen, d_inner, d_state, seed=13)
+    dtypes = dict(x=dtype, delta=delta_dtype, z=dtype, B=dtype, C=dtype, D=dtype, A=torch.float32,
+                  delta_bias=torch.float32, initial_state=torch.float32)
+    low = {k: v.to(DEVICE, dtypes[k]).requires_grad_(True) for k, v in base.items()}
+    high = {k: v.detach().float().requires_grad_(True) for k, v in low.items()}  # the same values in float32
+    g = torch.Generator().manual_seed(14)
+    dy = torch.randn(batch, seqlen, d_inner, generator=g).to(DEVICE, dtype)
+    dh = torch.randn(batch, d_inner, d_state, generator=g).to(DEVICE)
+    launches = _record_scan_launches(monkeypatch)
+    y, h = selective_scan_triton(**low, delta_softplus=True, return_final_state=True)
+    torch.autograd.backward([y, h], [dy, dh])
+    (args,) = [args for name, args in launches if name == "_bwd_kernel"]
+    assert (args["dx_ptr"].dtype, args["ddt_ptr"].dtype, args["dz_ptr"].dtype) == (dtype, delta_dtype, dtype)
+    y32, h32 = selective_scan_triton(**high, delta_softplus=True, return_final_state=True)
+    torch.autograd.backward([y32, h32], [dy.float(), dh])
+
+    def truncated(v):  # float32 -> bfloat16 by dropping the low 16 bits, as the interpreter casts
+        return (v.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+
+    for key, leaf in low.items():
+        got, want = leaf.grad, high[key].grad
+        assert got.dtype == leaf.dtype, key
+        if key in ("x", "delta", "z") and got.dtype == torch.bfloat16 and DEVICE == "cpu":
+            assert torch.equal(got, truncated(want)) or torch.equal(got, want.to(got.dtype)), key
+        else:
+            assert torch.equal(got, want.to(got.dtype)), key
+
 def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
     """One program per 32 tokens on a grid axis that CUDA caps at 65535: a longer row must raise a clear error
     before launching (on a GPU the launch fails with 'invalid argument'; the interpreter has no such cap)."""

@@ -408,7 +408,8 @@ def _bwd_kernel(
             if HAS_Z:
                 sig = tl.sigmoid(z)
                 y_pre = tl.sum(h_t * Ct[:, None], axis=0) + Dv * x
-                tl.store(dz_ptr + row * Dm + d_offs, g * y_pre * sig * (1.0 + z * (1.0 - sig)), mask=td_mask)
+                dz = g * y_pre * sig * (1.0 + z * (1.0 - sig))
+                tl.store(dz_ptr + row * Dm + d_offs, dz.to(dz_ptr.dtype.element_ty), mask=td_mask)
                 g = g * z * sig
             u = carry + Ct[:, None] * g[None, :]
             uB = tl.sum(u * Bt[:, None], axis=0)
@@ -422,8 +423,9 @@ def _bwd_kernel(
                 dbias += ddt
             if HAS_D:
                 dD += g * x
-            tl.store(dx_ptr + row * Dm + d_offs, dt * uB + Dv * g, mask=td_mask)
-            tl.store(ddt_ptr + row * Dm + d_offs, ddt, mask=td_mask)
+            # dx, dΔ (and dz above) in their inputs' dtypes: rounded once at the store, as a cast afterwards would
+            tl.store(dx_ptr + row * Dm + d_offs, (dt * uB + Dv * g).to(dx_ptr.dtype.element_ty), mask=td_mask)
+            tl.store(ddt_ptr + row * Dm + d_offs, ddt.to(ddt_ptr.dtype.element_ty), mask=td_mask)
             tn_mask = n_mask & ((tl.cast(t, tl.int64) + tl.zeros_like(n_offs)) < L)
             tl.store(dB_ptr + (part + row) * N + n_offs, tl.sum(u * (dt * x)[None, :], axis=1), mask=tn_mask)
             tl.store(dC_ptr + (part + row) * N + n_offs, tl.sum(h_t * g[None, :], axis=1), mask=tn_mask)
@@ -556,8 +558,10 @@ class _SelectiveScan(torch.autograd.Function):
         n_dblocks = triton.cdiv(d_inner, block_d)
         chunk_len, n_chunks = _time_chunks(BACKWARD_CONFIG, x, batch * n_dblocks, n_tiles, block_t)
         f32 = dict(device=x.device, dtype=torch.float32)
-        dx, ddt = torch.empty(x.shape, **f32), torch.empty(x.shape, **f32)
-        dz = torch.empty(x.shape, **f32) if z is not None else None
+        # dx, dΔ, dz: contiguous, stored by the kernel in their inputs' dtypes (no float32 copy to cast afterwards)
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        ddt = torch.empty(x.shape, device=x.device, dtype=delta.dtype)
+        dz = torch.empty(x.shape, device=x.device, dtype=z.dtype) if z is not None else None
         z_strides = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
         # per (row, chunk) for dA, dD, Δ bias and per channel block for dB, dC: summed below
         dA = torch.empty(batch, n_chunks, d_inner, d_state, **f32)
@@ -594,8 +598,8 @@ class _SelectiveScan(torch.autograd.Function):
                 SOFTPLUS=ctx.delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DHT=dfinal is not None,
                 TILE_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BACKWARD_CONFIG["num_warps"],
             )
-        return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum((0, 1)), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
-                dD.sum((0, 1)).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
+        return (dx, ddt, dA.sum((0, 1)), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+                dD.sum((0, 1)).to(D.dtype) if D is not None else None, dz,
                 dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None, None,
                 dh0 if ctx.has_initial_state else None, None)
 
