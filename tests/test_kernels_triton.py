@@ -6,6 +6,7 @@ GPU, `bench/gpu_kernels.py` checks real shapes and times them.
 
 import pytest
 import torch
+import transformers
 from test_kernels import _cast, _inputs, _rel_err
 
 from ssm_hf import kernels
@@ -650,6 +651,11 @@ def _record_scan_launches(monkeypatch) -> list[tuple[str, dict]]:
     """Make the selective scan's kernels record each launch, (kernel name, arguments by name), then launch."""
     from ssm_hf.kernels import selective_scan_triton as module
 
+    return _record_launches(monkeypatch, module, ("_fwd_kernel", "_bwd_local_kernel", "_bwd_kernel"))
+
+
+def _record_launches(monkeypatch, module, names) -> list[tuple[str, dict]]:
+    """Make the kernels `names` of `module` record each launch, (kernel name, arguments by name), then launch."""
     launches = []
 
     class Recorded:
@@ -662,7 +668,7 @@ def _record_scan_launches(monkeypatch) -> list[tuple[str, dict]]:
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    for name in ("_fwd_kernel", "_bwd_local_kernel", "_bwd_kernel"):
+    for name in names:
         monkeypatch.setattr(module, name, Recorded(name, getattr(module, name)))
     return launches
 
@@ -772,6 +778,202 @@ def test_triton_scan_gradients_in_the_inputs_dtypes(monkeypatch, dtype, delta_dt
             assert torch.equal(got, truncated(want)) or torch.equal(got, want.to(got.dtype)), key
         else:
             assert torch.equal(got, want.to(got.dtype)), key
+
+def _column_view(t: torch.Tensor, layout: str, width: int, offset: int, seqlen: int) -> torch.Tensor:
+    """`width` columns of t (batch, rows, wider) from column `offset`: "slice" as a block passes a part of in_proj's
+    output (rows of t apart), "rows" the same out of tokens 3.. of a longer buffer (batch stride not seqlen x row
+    stride), "channels" every other column from `offset` (strided channels)."""
+    if layout == "slice":
+        return t[..., offset:offset + width]
+    if layout == "rows":
+        return t[:, 3:3 + seqlen, offset:offset + width]
+    return t[..., offset:offset + 2 * width:2]
+
+
+def _wide_buffer(layout: str, batch: int, seqlen: int, columns: int, dtype, g) -> torch.Tensor:
+    rows = seqlen + 5 if layout == "rows" else seqlen
+    return torch.randn(batch, rows, columns, generator=g).to(DEVICE, dtype).requires_grad_(True)
+
+
+def _only_the_view_got_a_gradient(buf: torch.Tensor, view) -> bool:
+    outside = buf.grad.clone()
+    view(outside).zero_()
+    return not outside.any()
+
+
+@pytest.mark.parametrize("layout", ["slice", "rows", "channels"])
+@pytest.mark.parametrize("with_past,with_seq", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_conv_reads_x_in_place(monkeypatch, dtype, with_past, with_seq, layout):
+    """x as a view of a wider tensor gives exactly what a contiguous copy of it gives (output and the gradients of
+    x, the weight and the bias, bitwise), and both kernels get the view itself, not a copy, so the backward keeps
+    the view too: "slice" is x as a Mamba block passes it (the first half of in_proj's output; Mamba-2's xBC is a
+    slice from column d_inner), "rows" takes the tokens out of a longer buffer. Where the channels are strided
+    ("channels"), the kernels get a contiguous copy instead. The PyTorch form takes the same views."""
+    from ssm_hf.kernels import causal_conv1d_torch
+    from ssm_hf.kernels import causal_conv1d_triton as module
+
+    # several time and channel blocks, the last of each ragged
+    monkeypatch.setattr(module, "BLOCK_T", 8)
+    monkeypatch.setattr(module, "BLOCK_C", 8)
+    g = torch.Generator().manual_seed(15)
+    batch, seqlen, channels, width = 2, 21, 20, 4
+    xbuf = _wide_buffer(layout, batch, seqlen, 2 * channels + 1, dtype, g)
+    weight = torch.randn(channels, width, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(channels, generator=g).to(DEVICE, dtype)
+    past = torch.randn(batch, channels, width, generator=g).to(DEVICE, dtype) if with_past else None
+    seq_idx = _ids_starting_at(batch, seqlen, (5, 13)).to(DEVICE) if with_seq else None
+    dout = torch.randn(batch, seqlen, channels, generator=g).to(DEVICE, dtype)
+
+    def view(t):
+        return _column_view(t, layout, channels, 1, seqlen)
+
+    def run(conv, x):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (weight, bias)]
+        out = conv(x, *leaves, past=past, seq_idx=seq_idx)
+        out.backward(dout)
+        return [out] + [t.grad for t in leaves]
+
+    launches = _record_launches(monkeypatch, module, ("_fwd_kernel", "_bwd_kernel"))
+    got = run(module.causal_conv1d_triton, view(xbuf))
+    x = view(xbuf)
+    assert sorted(name for name, _ in launches) == ["_bwd_kernel", "_fwd_kernel"]
+    for name, args in launches:
+        passed = args["x_ptr"]
+        if layout == "channels":  # the kernels read channels contiguously: a copy is due
+            assert passed.is_contiguous() and passed.data_ptr() != x.data_ptr(), name
+        else:
+            assert (passed.data_ptr(), passed.stride()) == (x.data_ptr(), x.stride()), name
+            assert (args["stride_xb"], args["stride_xl"]) == x.stride()[:2], name
+    assert xbuf.grad.dtype == dtype and _only_the_view_got_a_gradient(xbuf, view)
+    x_copy = view(xbuf).detach().contiguous().requires_grad_(True)
+    want = run(module.causal_conv1d_triton, x_copy)
+    for a, b in zip(got + [view(xbuf.grad)], want + [x_copy.grad]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+    # the PyTorch form (CPU) on the same view: as on the copy, and what the kernels give
+    xbuf.grad = None
+    ref = run(causal_conv1d_torch.causal_conv1d, view(xbuf))
+    x_copy.grad = None
+    ref_copy = run(causal_conv1d_torch.causal_conv1d, x_copy)
+    assert _only_the_view_got_a_gradient(xbuf, view)
+    for a, b in zip(ref + [view(xbuf.grad)], ref_copy + [x_copy.grad]):
+        assert torch.equal(a, b)
+    for a, b in zip(got + [x_copy.grad], ref + [view(xbuf.grad)]):
+        assert _rel_err(a.float().cpu(), b.double().cpu()) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("layout", ["slice", "rows", "channels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_rms_norm_gated_reads_the_gate_in_place(monkeypatch, dtype, layout):
+    """The gate as Mamba-2's norm gets it, z = the first d_inner columns of in_proj's output ("slice"), gives
+    exactly what a contiguous copy gives (output and every gradient, bitwise), and both kernels get the view (rows
+    flattened, one row stride). Tokens of a longer buffer ("rows": batch and row strides do not flatten into one)
+    and strided channels ("channels") are copied."""
+    from ssm_hf.kernels import norm_triton as module
+
+    g = torch.Generator().manual_seed(16)
+    batch, seqlen, hidden, group_size = 2, 7, 24, 8
+    zbuf = _wide_buffer(layout, batch, seqlen, 2 * hidden + 3, dtype, g)
+    x = torch.randn(batch, seqlen, hidden, generator=g).to(DEVICE, dtype)
+    weight = (1 + 0.3 * torch.randn(hidden, generator=g)).to(DEVICE, dtype)
+    dy = torch.randn(batch, seqlen, hidden, generator=g).to(DEVICE, dtype)
+
+    def view(t):
+        return _column_view(t, layout, hidden, 0, seqlen)
+
+    def run(gate):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight)]
+        y = module.rms_norm_gated_triton(leaves[0], gate, leaves[1], group_size, 1e-5)
+        y.backward(dy)
+        return [y] + [t.grad for t in leaves]
+
+    launches = _record_launches(monkeypatch, module, ("_fwd_kernel", "_bwd_kernel"))
+    got = run(view(zbuf))
+    z = view(zbuf)
+    assert sorted(name for name, _ in launches) == ["_bwd_kernel", "_fwd_kernel"]
+    for name, args in launches:
+        passed = args["z_ptr"]
+        if layout == "slice":
+            assert (passed.data_ptr(), args["stride_z"]) == (z.data_ptr(), z.stride(1)), name
+        else:
+            assert passed.is_contiguous() and passed.data_ptr() != z.data_ptr(), name
+    assert zbuf.grad.dtype == dtype and _only_the_view_got_a_gradient(zbuf, view)
+    z_copy = view(zbuf).detach().contiguous().requires_grad_(True)
+    want = run(z_copy)
+    for a, b in zip(got + [view(zbuf.grad)], want + [z_copy.grad]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _saved_bytes(module: torch.nn.Module, *inputs) -> tuple[int, list]:
+    """Run module(*inputs) under autograd; the bytes of the distinct storages it saves for the backward, the
+    parameters' aside (held anyway), and those storages as (bytes, shape, dtype) of the first tensor saved in each."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved.setdefault(storage.data_ptr(), (storage.nbytes(), tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(*inputs)
+    out.sum().backward()  # the saved views serve the backward
+    return sum(nbytes for nbytes, _, _ in saved.values()), sorted(saved.values(), key=lambda v: -v[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_mixer_training_forward_saves_in_proj_output_once(monkeypatch, family, dtype):
+    """One mixer's training forward through the Triton kernels (the interpreter on the CPU) saves no more than the
+    bound below: in_proj's output once, the ops that read parts of it (Mamba: the conv its x half, the scan its z
+    half; Mamba-2: the conv xBC, the gated norm z) keeping views of it rather than copies. Two copies of
+    batch x seqlen x d_inner elements (the conv's x and the scan's z, or Mamba-2's xBC and z) once sat beside it:
+    a copy, or in_proj's output beside a copy, exceeds the bound."""
+    from conftest import tiny_config
+
+    from ssm_hf.kernels import selective_scan_triton
+
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    torch.manual_seed(0)
+    config = tiny_config(family)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(DEVICE, dtype)
+    mixer = model.backbone.layers[0].mixer
+    batch, seqlen = 2, 20
+    hidden = torch.randn(batch, seqlen, config.hidden_size, device=DEVICE, dtype=dtype, requires_grad=True)
+    saved, storages = _saved_bytes(mixer, hidden)
+
+    e, f32, tokens = hidden.element_size(), 4, batch * seqlen
+    d = mixer.intermediate_size
+    if family == "mamba":
+        rank, n = mixer.time_step_rank, mixer.ssm_state_size
+        n_tiles = -(-seqlen // selective_scan_triton.TILE_CONFIG["block_t"])
+        bound = (tokens * e * (config.hidden_size   # in_proj's input
+                               + 2 * d              # in_proj's output [x | z], once
+                               + d                  # the conv's output (SiLU's input)
+                               + d                  # SiLU's output (x_proj's input, the scan's x)
+                               + rank + 2 * n       # x_proj's output (dt_proj reads a slice of it)
+                               + d                  # dt_proj's output (the scan's Δ)
+                               + 2 * triton.next_power_of_2(n)   # the scan's copies of B and C, padded
+                               + d)                 # the scan's output (out_proj's input)
+                 + 2 * d * n * f32                  # A = -exp(A_log) (exp's result), the scan's A transposed
+                 + batch * n_tiles * n * d * f32    # the scan's states at its tile starts
+                 + (d * f32 if e != f32 else 0))    # Δ's bias in float32 (a copy of a low-precision one)
+    else:
+        heads, gn = mixer.num_heads, mixer.n_groups * mixer.ssm_state_size
+        bound = (tokens * e * (config.hidden_size   # in_proj's input
+                               + 2 * d + 2 * gn + heads   # in_proj's output [z | xBC | Δ], once
+                               + d + 2 * gn         # the conv's output (SiLU's input)
+                               + d + 2 * gn         # the scan's copies of x, B, C out of SiLU's output
+                               + d                  # the norm's input (the scan's output)
+                               + d)                 # the norm's output (out_proj's input)
+                 + 2 * tokens * heads * f32         # Δ in float32: softplus's input and the scan's Δ
+                 + 2 * heads * f32)                 # A_log's exp and A = -exp
+        # Before the conv and the norm read in place, their copies of xBC and z took tokens x (d + 2 gn + d)
+        # elements: `heads` per token fewer than in_proj's output, whose Δ columns now stay alive with it.
+    assert saved <= bound, f"{saved} bytes saved, {bound} expected at most: {storages}"
+
 
 def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
     """One program per 32 tokens on a grid axis that CUDA caps at 65535: a longer row must raise a clear error

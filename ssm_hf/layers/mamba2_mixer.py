@@ -70,6 +70,8 @@ class Mamba2Mixer(nn.Module):
         padding = attention_mask[:, -seqlen:] if attention_mask is not None else None    # (batch, seqlen)
         mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
 
+        # views of one tensor, not copies: the Triton conv reads xBC and the gated norm z in place, so their backward
+        # keeps in_proj's output once (Δ's columns with it)
         z, xBC, dt = self.in_proj(hidden_states).split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         if mask is not None:

@@ -85,6 +85,8 @@ class MambaMixer(nn.Module):
         padding = attention_mask[:, -seqlen:] if attention_mask is not None else None    # (batch, seqlen)
         mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
 
+        # two views of one tensor, not copies: the Triton conv and scan read them in place, so their backward keeps
+        # in_proj's output once (a padding mask makes x a new tensor)
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         if mask is not None:
             x = x * mask
