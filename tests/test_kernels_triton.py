@@ -807,9 +807,10 @@ def _only_the_view_got_a_gradient(buf: torch.Tensor, view) -> bool:
 def test_triton_conv_reads_x_in_place(monkeypatch, dtype, with_past, with_seq, layout):
     """x as a view of a wider tensor gives exactly what a contiguous copy of it gives (output and the gradients of
     x, the weight and the bias, bitwise), and both kernels get the view itself, not a copy, so the backward keeps
-    the view too: "slice" is x as a Mamba block passes it (the first half of in_proj's output; Mamba-2's xBC is a
-    slice from column d_inner), "rows" takes the tokens out of a longer buffer. Where the channels are strided
-    ("channels"), the kernels get a contiguous copy instead. The PyTorch form takes the same views."""
+    the view too: "slice" is x as the mixers pass it, columns of in_proj's output (Mamba's x half, Mamba-2's xBC;
+    here from column 1, so the view does not start aligned either), "rows" takes the tokens out of a longer
+    buffer. Where the channels are strided ("channels"), the kernels get a contiguous copy instead. The PyTorch
+    form takes the same views."""
     from ssm_hf.kernels import causal_conv1d_torch
     from ssm_hf.kernels import causal_conv1d_triton as module
 
@@ -905,9 +906,9 @@ def test_triton_rms_norm_gated_reads_the_gate_in_place(monkeypatch, dtype, layou
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-def _saved_bytes(module: torch.nn.Module, *inputs) -> tuple[int, list]:
-    """Run module(*inputs) under autograd; the bytes of the distinct storages it saves for the backward, the
-    parameters' aside (held anyway), and those storages as (bytes, shape, dtype) of the first tensor saved in each."""
+def _saved_storages(module: torch.nn.Module, *inputs) -> dict[int, tuple]:
+    """Run module(*inputs) under autograd, then its backward; the distinct storages saved for the backward, the
+    parameters' aside (held anyway): address -> (bytes, shape, dtype of the first tensor saved in it)."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     saved = {}
 
@@ -919,8 +920,8 @@ def _saved_bytes(module: torch.nn.Module, *inputs) -> tuple[int, list]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = module(*inputs)
-    out.sum().backward()  # the saved views serve the backward
-    return sum(nbytes for nbytes, _, _ in saved.values()), sorted(saved.values(), key=lambda v: -v[0])
+    out.float().sum().backward()  # the saved views serve the backward
+    return saved
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -930,7 +931,8 @@ def test_mixer_training_forward_saves_in_proj_output_once(monkeypatch, family, d
     bound below: in_proj's output once, the ops that read parts of it (Mamba: the conv its x half, the scan its z
     half; Mamba-2: the conv xBC, the gated norm z) keeping views of it rather than copies. Two copies of
     batch x seqlen x d_inner elements (the conv's x and the scan's z, or Mamba-2's xBC and z) once sat beside it:
-    a copy, or in_proj's output beside a copy, exceeds the bound."""
+    a copy, or in_proj's output beside a copy, exceeds the bound. Under a padding mask x (xBC) is a new tensor, and
+    z then a copy too: nothing keeps in_proj's output."""
     from conftest import tiny_config
 
     from ssm_hf.kernels import selective_scan_triton
@@ -940,9 +942,13 @@ def test_mixer_training_forward_saves_in_proj_output_once(monkeypatch, family, d
     config = tiny_config(family)
     model = transformers.AutoModelForCausalLM.from_config(config).to(DEVICE, dtype)
     mixer = model.backbone.layers[0].mixer
+    projected = []  # in_proj's output, held here so that no other tensor takes its address once it is freed
+    mixer.in_proj.register_forward_hook(lambda module, args, out: projected.append(out))
     batch, seqlen = 2, 20
     hidden = torch.randn(batch, seqlen, config.hidden_size, device=DEVICE, dtype=dtype, requires_grad=True)
-    saved, storages = _saved_bytes(mixer, hidden)
+    storages = _saved_storages(mixer, hidden)
+    saved = sum(nbytes for nbytes, _, _ in storages.values())
+    assert projected[0].untyped_storage().data_ptr() in storages
 
     e, f32, tokens = hidden.element_size(), 4, batch * seqlen
     d = mixer.intermediate_size
@@ -972,8 +978,13 @@ def test_mixer_training_forward_saves_in_proj_output_once(monkeypatch, family, d
                  + 2 * heads * f32)                 # A_log's exp and A = -exp
         # Before the conv and the norm read in place, their copies of xBC and z took tokens x (d + 2 gn + d)
         # elements: `heads` per token fewer than in_proj's output, whose Δ columns now stay alive with it.
-    assert saved <= bound, f"{saved} bytes saved, {bound} expected at most: {storages}"
+    assert saved <= bound, f"{saved} bytes saved, {bound} expected at most: {sorted(storages.values())}"
 
+    mask = torch.ones(batch, seqlen, dtype=torch.long, device=DEVICE)
+    mask[0, :3] = 0  # left padding
+    projected.clear()
+    storages = _saved_storages(mixer, hidden, None, mask)
+    assert projected[0].untyped_storage().data_ptr() not in storages
 
 def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
     """One program per 32 tokens on a grid axis that CUDA caps at 65535: a longer row must raise a clear error

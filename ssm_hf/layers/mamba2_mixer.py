@@ -76,6 +76,8 @@ class Mamba2Mixer(nn.Module):
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         if mask is not None:
             xBC = xBC * mask
+            if z.requires_grad:  # xBC is a new tensor now: a view of z alone would keep all of in_proj's output
+                z = z.contiguous()
 
         xBC = self.act(cached_causal_conv(self.conv1d, xBC, cache_params, self.layer_idx, padding, seq_idx))
         if mask is not None:
