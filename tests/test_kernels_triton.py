@@ -6,6 +6,7 @@ GPU, `bench/gpu_kernels.py` checks real shapes and times them.
 
 import pytest
 import torch
+import transformers
 from test_kernels import _cast, _inputs, _rel_err
 
 from ssm_hf import kernels
@@ -674,9 +675,10 @@ def test_triton_ops_read_strided_parameter_vectors(op):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_scan_reads_column_slices_of_one_projection(monkeypatch, dtype, chunked):
     """As a Mamba block passes them: x and z halves of one in_proj output, B and C column slices of one x_proj
-    output (row stride dt_rank + 2 d_state, not d_state). The kernels copy what they index as contiguous; a float32
-    slice must be copied too (it once was not: `.to(float32)` keeps a float32 view as it is). Also with both
-    directions in time chunks (two 16-token tiles), as a GPU runs them."""
+    output (row stride dt_rank + 2 d_state, not d_state). The kernels copy what they index as contiguous (all but
+    z, which they read in place: `test_triton_scan_reads_z_in_place`); a float32 slice must be copied too (it once
+    was not: `.to(float32)` keeps a float32 view as it is). Also with both directions in time chunks (two 16-token
+    tiles), as a GPU runs them."""
     if chunked:
         from ssm_hf.kernels import selective_scan_triton as module
 
@@ -702,6 +704,346 @@ def test_triton_scan_reads_column_slices_of_one_projection(monkeypatch, dtype, c
     for got, want in zip(run(selective_scan_triton), run(kernels.selective_scan_chunked)):
         assert _rel_err(got, want) < tol
 
+
+
+def _record_scan_launches(monkeypatch) -> list[tuple[str, dict]]:
+    """Make the selective scan's kernels record each launch, (kernel name, arguments by name), then launch."""
+    from ssm_hf.kernels import selective_scan_triton as module
+
+    return _record_launches(monkeypatch, module, ("_fwd_kernel", "_bwd_local_kernel", "_bwd_kernel"))
+
+
+def _record_launches(monkeypatch, module, names) -> list[tuple[str, dict]]:
+    """Make the kernels `names` of `module` record each launch, (kernel name, arguments by name), then launch."""
+    launches = []
+
+    class Recorded:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, {**dict(zip(self.kernel.arg_names, args)), **kwargs}))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in names:
+        monkeypatch.setattr(module, name, Recorded(name, getattr(module, name)))
+    return launches
+
+
+def _force_scan_time_chunks(monkeypatch) -> None:
+    """Both directions in time chunks (every 16-token tile its own), as a GPU runs them at training shapes."""
+    from ssm_hf.kernels import selective_scan_triton as module
+
+    monkeypatch.setitem(module.FORWARD_CONFIG, "min_programs", 10**6)
+    monkeypatch.setitem(module.BACKWARD_CONFIG, "min_programs", 10**6)
+
+
+@pytest.mark.parametrize("layout", ["half", "rows", "channels"])
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_scan_reads_z_in_place(monkeypatch, dtype, chunked, layout):
+    """z as a view of a wider tensor gives exactly what a contiguous copy of it gives (outputs, final state and every
+    gradient, bitwise), and every kernel that reads z (forward, the backward and its chunk pass) gets the view
+    itself, not a copy: "half" is z as a Mamba block passes it (`xz.chunk(2, -1)[1]`, rows 2 d_inner apart);
+    "rows" takes the tokens out of a longer buffer (batch stride not seqlen x row stride). Where the channels are
+    strided ("channels", every other column), the kernels get a contiguous copy instead."""
+    if chunked:
+        _force_scan_time_chunks(monkeypatch)
+    g = torch.Generator().manual_seed(12)
+    batch, seqlen, d_inner, d_state = 2, 21, 12, 8
+    inputs = _to(_inputs(batch, seqlen, d_inner, d_state, seed=12), dtype)
+    inputs["A"] = inputs["A"].float()
+    wide = {"half": (batch, seqlen, 2 * d_inner), "rows": (batch, seqlen + 5, 2 * d_inner),
+            "channels": (batch, seqlen, 2 * d_inner)}[layout]
+    zbuf = torch.randn(*wide, generator=g).to(DEVICE, dtype).requires_grad_(True)
+    dy = torch.randn(batch, seqlen, d_inner, generator=g).to(DEVICE, dtype)
+    dh = torch.randn(batch, d_inner, d_state, generator=g).to(DEVICE)
+
+    def view(t):  # z's part of the wider tensor (and of its gradient)
+        if layout == "half":
+            return t.chunk(2, dim=-1)[1]
+        if layout == "rows":
+            return t[:, 3:3 + seqlen, d_inner:]
+        return t[..., 1::2]
+
+    def run(z):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if k != "z"}
+        y, h = selective_scan_triton(**leaves, z=z, delta_softplus=True, return_final_state=True)
+        torch.autograd.backward([y, h], [dy, dh])
+        return [y, h] + [leaves[k].grad for k in sorted(leaves)]
+
+    launches = _record_scan_launches(monkeypatch)
+    got = run(view(zbuf))
+    z = view(zbuf)
+    kernels_run = sorted({name for name, _ in launches})
+    assert kernels_run == (["_bwd_kernel", "_bwd_local_kernel", "_fwd_kernel"] if chunked
+                           else ["_bwd_kernel", "_fwd_kernel"])
+    for name, args in launches:
+        passed = args["z_ptr"]
+        if layout == "channels":  # the kernels read channels contiguously: a copy is due
+            assert passed.is_contiguous() and passed.data_ptr() != z.data_ptr(), name
+        else:
+            assert (passed.data_ptr(), passed.stride()) == (z.data_ptr(), z.stride()), name
+            assert (args["stride_zb"], args["stride_zl"]) == z.stride()[:2], name
+    outside = zbuf.grad.clone()
+    view(outside).zero_()
+    assert zbuf.grad.dtype == dtype and not outside.any()  # nothing outside the view got a gradient
+    z_copy = view(zbuf).detach().contiguous().requires_grad_(True)
+    want = run(z_copy)
+    for a, b in zip(got + [view(zbuf.grad)], want + [z_copy.grad]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,delta_dtype,chunked", [
+    (torch.bfloat16, torch.bfloat16, False), (torch.bfloat16, torch.float32, True),
+    (torch.float16, torch.float16, False), (torch.float16, torch.float16, True),
+])
+def test_triton_scan_gradients_in_the_inputs_dtypes(monkeypatch, dtype, delta_dtype, chunked):
+    """dx, dΔ, dz come out of the kernel in x's, Δ's and z's dtypes (no float32 buffers cast afterwards), each equal
+    to the gradient the same scan computes from the same values in float32, cast to that dtype. The kernels compute
+    in float32 either way, so only the rounding at the store could differ: on a GPU (and for float16 everywhere)
+    it rounds to nearest even as torch's cast does, so the match is bitwise. Triton's interpreter instead
+    truncates float32 to bfloat16 (`_convert_float` with no rounding mode), so there the bfloat16 gradients are
+    the float32 ones truncated: still bitwise, against that cast. (Δ in float32 beside bfloat16 x is what a Mamba
+    block passes under an attention mask.)"""
+    if chunked:
+        _force_scan_time_chunks(monkeypatch)
+    batch, seqlen, d_inner, d_state = 2, 21, 12, 8
+    base = _inputs(batch, seqlen, d_inner, d_state, seed=13)
+    dtypes = dict(x=dtype, delta=delta_dtype, z=dtype, B=dtype, C=dtype, D=dtype, A=torch.float32,
+                  delta_bias=torch.float32, initial_state=torch.float32)
+    low = {k: v.to(DEVICE, dtypes[k]).requires_grad_(True) for k, v in base.items()}
+    high = {k: v.detach().float().requires_grad_(True) for k, v in low.items()}  # the same values in float32
+    g = torch.Generator().manual_seed(14)
+    dy = torch.randn(batch, seqlen, d_inner, generator=g).to(DEVICE, dtype)
+    dh = torch.randn(batch, d_inner, d_state, generator=g).to(DEVICE)
+    launches = _record_scan_launches(monkeypatch)
+    y, h = selective_scan_triton(**low, delta_softplus=True, return_final_state=True)
+    torch.autograd.backward([y, h], [dy, dh])
+    (args,) = [args for name, args in launches if name == "_bwd_kernel"]
+    assert (args["dx_ptr"].dtype, args["ddt_ptr"].dtype, args["dz_ptr"].dtype) == (dtype, delta_dtype, dtype)
+    y32, h32 = selective_scan_triton(**high, delta_softplus=True, return_final_state=True)
+    torch.autograd.backward([y32, h32], [dy.float(), dh])
+
+    def truncated(v):  # float32 -> bfloat16 by dropping the low 16 bits, as the interpreter casts
+        return (v.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+
+    for key, leaf in low.items():
+        got, want = leaf.grad, high[key].grad
+        assert got.dtype == leaf.dtype, key
+        if key in ("x", "delta", "z") and got.dtype == torch.bfloat16 and DEVICE == "cpu":
+            assert torch.equal(got, truncated(want)) or torch.equal(got, want.to(got.dtype)), key
+        else:
+            assert torch.equal(got, want.to(got.dtype)), key
+
+def _column_view(t: torch.Tensor, layout: str, width: int, offset: int, seqlen: int) -> torch.Tensor:
+    """`width` columns of t (batch, rows, wider) from column `offset`: "slice" as a block passes a part of in_proj's
+    output (rows of t apart), "rows" the same out of tokens 3.. of a longer buffer (batch stride not seqlen x row
+    stride), "channels" every other column from `offset` (strided channels)."""
+    if layout == "slice":
+        return t[..., offset:offset + width]
+    if layout == "rows":
+        return t[:, 3:3 + seqlen, offset:offset + width]
+    return t[..., offset:offset + 2 * width:2]
+
+
+def _wide_buffer(layout: str, batch: int, seqlen: int, columns: int, dtype, g) -> torch.Tensor:
+    rows = seqlen + 5 if layout == "rows" else seqlen
+    return torch.randn(batch, rows, columns, generator=g).to(DEVICE, dtype).requires_grad_(True)
+
+
+def _only_the_view_got_a_gradient(buf: torch.Tensor, view) -> bool:
+    outside = buf.grad.clone()
+    view(outside).zero_()
+    return not outside.any()
+
+
+@pytest.mark.parametrize("layout", ["slice", "rows", "channels"])
+@pytest.mark.parametrize("with_past,with_seq", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_conv_reads_x_in_place(monkeypatch, dtype, with_past, with_seq, layout):
+    """x as a view of a wider tensor gives exactly what a contiguous copy of it gives (output and the gradients of
+    x, the weight and the bias, bitwise), and both kernels get the view itself, not a copy, so the backward keeps
+    the view too: "slice" is x as the mixers pass it, columns of in_proj's output (Mamba's x half, Mamba-2's xBC;
+    here from column 1, so the view does not start aligned either), "rows" takes the tokens out of a longer
+    buffer. Where the channels are strided ("channels"), the kernels get a contiguous copy instead. The PyTorch
+    form takes the same views."""
+    from ssm_hf.kernels import causal_conv1d_torch
+    from ssm_hf.kernels import causal_conv1d_triton as module
+
+    # several time and channel blocks, the last of each ragged
+    monkeypatch.setattr(module, "BLOCK_T", 8)
+    monkeypatch.setattr(module, "BLOCK_C", 8)
+    g = torch.Generator().manual_seed(15)
+    batch, seqlen, channels, width = 2, 21, 20, 4
+    xbuf = _wide_buffer(layout, batch, seqlen, 2 * channels + 1, dtype, g)
+    weight = torch.randn(channels, width, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(channels, generator=g).to(DEVICE, dtype)
+    past = torch.randn(batch, channels, width, generator=g).to(DEVICE, dtype) if with_past else None
+    seq_idx = _ids_starting_at(batch, seqlen, (5, 13)).to(DEVICE) if with_seq else None
+    dout = torch.randn(batch, seqlen, channels, generator=g).to(DEVICE, dtype)
+
+    def view(t):
+        return _column_view(t, layout, channels, 1, seqlen)
+
+    def run(conv, x):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (weight, bias)]
+        out = conv(x, *leaves, past=past, seq_idx=seq_idx)
+        out.backward(dout)
+        return [out] + [t.grad for t in leaves]
+
+    launches = _record_launches(monkeypatch, module, ("_fwd_kernel", "_bwd_kernel"))
+    got = run(module.causal_conv1d_triton, view(xbuf))
+    x = view(xbuf)
+    assert sorted(name for name, _ in launches) == ["_bwd_kernel", "_fwd_kernel"]
+    for name, args in launches:
+        passed = args["x_ptr"]
+        if layout == "channels":  # the kernels read channels contiguously: a copy is due
+            assert passed.is_contiguous() and passed.data_ptr() != x.data_ptr(), name
+        else:
+            assert (passed.data_ptr(), passed.stride()) == (x.data_ptr(), x.stride()), name
+            assert (args["stride_xb"], args["stride_xl"]) == x.stride()[:2], name
+    assert xbuf.grad.dtype == dtype and _only_the_view_got_a_gradient(xbuf, view)
+    x_copy = view(xbuf).detach().contiguous().requires_grad_(True)
+    want = run(module.causal_conv1d_triton, x_copy)
+    for a, b in zip(got + [view(xbuf.grad)], want + [x_copy.grad]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+    # the PyTorch form (CPU) on the same view: as on the copy, and what the kernels give
+    xbuf.grad = None
+    ref = run(causal_conv1d_torch.causal_conv1d, view(xbuf))
+    x_copy.grad = None
+    ref_copy = run(causal_conv1d_torch.causal_conv1d, x_copy)
+    assert _only_the_view_got_a_gradient(xbuf, view)
+    for a, b in zip(ref + [view(xbuf.grad)], ref_copy + [x_copy.grad]):
+        assert torch.equal(a, b)
+    for a, b in zip(got + [x_copy.grad], ref + [view(xbuf.grad)]):
+        assert _rel_err(a.float().cpu(), b.double().cpu()) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("layout", ["slice", "rows", "channels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_rms_norm_gated_reads_the_gate_in_place(monkeypatch, dtype, layout):
+    """The gate as Mamba-2's norm gets it, z = the first d_inner columns of in_proj's output ("slice"), gives
+    exactly what a contiguous copy gives (output and every gradient, bitwise), and both kernels get the view (rows
+    flattened, one row stride). Tokens of a longer buffer ("rows": batch and row strides do not flatten into one)
+    and strided channels ("channels") are copied."""
+    from ssm_hf.kernels import norm_triton as module
+
+    g = torch.Generator().manual_seed(16)
+    batch, seqlen, hidden, group_size = 2, 7, 24, 8
+    zbuf = _wide_buffer(layout, batch, seqlen, 2 * hidden + 3, dtype, g)
+    x = torch.randn(batch, seqlen, hidden, generator=g).to(DEVICE, dtype)
+    weight = (1 + 0.3 * torch.randn(hidden, generator=g)).to(DEVICE, dtype)
+    dy = torch.randn(batch, seqlen, hidden, generator=g).to(DEVICE, dtype)
+
+    def view(t):
+        return _column_view(t, layout, hidden, 0, seqlen)
+
+    def run(gate):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight)]
+        y = module.rms_norm_gated_triton(leaves[0], gate, leaves[1], group_size, 1e-5)
+        y.backward(dy)
+        return [y] + [t.grad for t in leaves]
+
+    launches = _record_launches(monkeypatch, module, ("_fwd_kernel", "_bwd_kernel"))
+    got = run(view(zbuf))
+    z = view(zbuf)
+    assert sorted(name for name, _ in launches) == ["_bwd_kernel", "_fwd_kernel"]
+    for name, args in launches:
+        passed = args["z_ptr"]
+        if layout == "slice":
+            assert (passed.data_ptr(), args["stride_z"]) == (z.data_ptr(), z.stride(1)), name
+        else:
+            assert passed.is_contiguous() and passed.data_ptr() != z.data_ptr(), name
+    assert zbuf.grad.dtype == dtype and _only_the_view_got_a_gradient(zbuf, view)
+    z_copy = view(zbuf).detach().contiguous().requires_grad_(True)
+    want = run(z_copy)
+    for a, b in zip(got + [view(zbuf.grad)], want + [z_copy.grad]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _saved_storages(module: torch.nn.Module, *inputs) -> dict[int, tuple]:
+    """Run module(*inputs) under autograd, then its backward; the distinct storages saved for the backward, the
+    parameters' aside (held anyway): address -> (bytes, shape, dtype of the first tensor saved in it)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved.setdefault(storage.data_ptr(), (storage.nbytes(), tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(*inputs)
+    out.float().sum().backward()  # the saved views serve the backward
+    return saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_mixer_training_forward_saves_in_proj_output_once(monkeypatch, family, dtype):
+    """One mixer's training forward through the Triton kernels (the interpreter on the CPU) saves no more than the
+    bound below: in_proj's output once, the ops that read parts of it (Mamba: the conv its x half, the scan its z
+    half; Mamba-2: the conv xBC, the gated norm z) keeping views of it rather than copies. Two copies of
+    batch x seqlen x d_inner elements (the conv's x and the scan's z, or Mamba-2's xBC and z) once sat beside it:
+    a copy, or in_proj's output beside a copy, exceeds the bound. Under a padding mask x (xBC) is a new tensor, and
+    z then a copy too: nothing keeps in_proj's output."""
+    from conftest import tiny_config
+
+    from ssm_hf.kernels import selective_scan_triton
+
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    torch.manual_seed(0)
+    config = tiny_config(family)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(DEVICE, dtype)
+    mixer = model.backbone.layers[0].mixer
+    projected = []  # in_proj's output, held here so that no other tensor takes its address once it is freed
+    mixer.in_proj.register_forward_hook(lambda module, args, out: projected.append(out))
+    batch, seqlen = 2, 20
+    hidden = torch.randn(batch, seqlen, config.hidden_size, device=DEVICE, dtype=dtype, requires_grad=True)
+    storages = _saved_storages(mixer, hidden)
+    saved = sum(nbytes for nbytes, _, _ in storages.values())
+    assert projected[0].untyped_storage().data_ptr() in storages
+
+    e, f32, tokens = hidden.element_size(), 4, batch * seqlen
+    d = mixer.intermediate_size
+    if family == "mamba":
+        rank, n = mixer.time_step_rank, mixer.ssm_state_size
+        n_tiles = -(-seqlen // selective_scan_triton.TILE_CONFIG["block_t"])
+        bound = (tokens * e * (config.hidden_size   # in_proj's input
+                               + 2 * d              # in_proj's output [x | z], once
+                               + d                  # the conv's output (SiLU's input)
+                               + d                  # SiLU's output (x_proj's input, the scan's x)
+                               + rank + 2 * n       # x_proj's output (dt_proj reads a slice of it)
+                               + d                  # dt_proj's output (the scan's Δ)
+                               + 2 * triton.next_power_of_2(n)   # the scan's copies of B and C, padded
+                               + d)                 # the scan's output (out_proj's input)
+                 + 2 * d * n * f32                  # A = -exp(A_log) (exp's result), the scan's A transposed
+                 + batch * n_tiles * n * d * f32    # the scan's states at its tile starts
+                 + (d * f32 if e != f32 else 0))    # Δ's bias in float32 (a copy of a low-precision one)
+    else:
+        heads, gn = mixer.num_heads, mixer.n_groups * mixer.ssm_state_size
+        bound = (tokens * e * (config.hidden_size   # in_proj's input
+                               + 2 * d + 2 * gn + heads   # in_proj's output [z | xBC | Δ], once
+                               + d + 2 * gn         # the conv's output (SiLU's input)
+                               + d + 2 * gn         # the scan's copies of x, B, C out of SiLU's output
+                               + d                  # the norm's input (the scan's output)
+                               + d)                 # the norm's output (out_proj's input)
+                 + 2 * tokens * heads * f32         # Δ in float32: softplus's input and the scan's Δ
+                 + 2 * heads * f32)                 # A_log's exp and A = -exp
+        # Before the conv and the norm read in place, their copies of xBC and z took tokens x (d + 2 gn + d)
+        # elements: `heads` per token fewer than in_proj's output, whose Δ columns now stay alive with it.
+    assert saved <= bound, f"{saved} bytes saved, {bound} expected at most: {sorted(storages.values())}"
+
+    mask = torch.ones(batch, seqlen, dtype=torch.long, device=DEVICE)
+    mask[0, :3] = 0  # left padding
+    projected.clear()
+    storages = _saved_storages(mixer, hidden, None, mask)
+    assert projected[0].untyped_storage().data_ptr() not in storages
 
 def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
     """One program per 32 tokens on a grid axis that CUDA caps at 65535: a longer row must raise a clear error

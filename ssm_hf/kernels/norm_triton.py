@@ -1,7 +1,8 @@
 """Mamba-2's gated RMS norm as Triton kernels (forward and backward), one program per (row, group).
 
 Same function as `norm_torch.rms_norm_gated`: y = weight * n with n = u / rms(u) over each group and
-u = x * silu(gate). The backward recomputes u and the group's rms from x and gate rather than storing them.
+u = x * silu(gate). The backward recomputes u and the group's rms from x and gate rather than storing them. The
+gate is read in place through its row stride (Mamba-2's z, a column slice of in_proj's output, is not copied).
 """
 
 from __future__ import annotations
@@ -14,24 +15,25 @@ from .launch import on_device_of
 
 
 @triton.jit
-def _gated_input(x_ptr, z_ptr, offs, mask, HAS_GATE: tl.constexpr):
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _gated_input(x_ptr, z_ptr, row, cols, mask, H, stride_z, HAS_GATE: tl.constexpr):
+    # x's row is contiguous (H apart), the gate's rows stride_z apart
+    x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
     z = tl.zeros_like(x)
     u = x
     if HAS_GATE:
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
         u = x * z * tl.sigmoid(z)
     return x, z, u
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps,
+def _fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps, stride_z,
                 HAS_GATE: tl.constexpr, ROUND_TO_INPUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * G + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < G
     offs = row * H + cols
-    _, _, u = _gated_input(x_ptr, z_ptr, offs, mask, HAS_GATE)
+    _, _, u = _gated_input(x_ptr, z_ptr, row, cols, mask, H, stride_z, HAS_GATE)
     rstd = 1.0 / tl.sqrt(tl.sum(u * u, axis=0) / G + eps)
     n = u * rstd
     if ROUND_TO_INPUT:  # as the reference: the normalised value is rounded to the input's dtype first
@@ -41,7 +43,7 @@ def _fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps,
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, eps, rows_per_program,
+def _bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, eps, rows_per_program, stride_z,
                 HAS_GATE: tl.constexpr, BLOCK: tl.constexpr):
     block = tl.program_id(0)
     group = tl.program_id(1)
@@ -53,7 +55,7 @@ def _bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, ep
         row = block * rows_per_program + i
         if row < M:
             offs = row.to(tl.int64) * H + cols
-            x, z, u = _gated_input(x_ptr, z_ptr, offs, mask, HAS_GATE)
+            x, z, u = _gated_input(x_ptr, z_ptr, row.to(tl.int64), cols, mask, H, stride_z, HAS_GATE)
             rstd = 1.0 / tl.sqrt(tl.sum(u * u, axis=0) / G + eps)
             n = u * rstd
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -74,7 +76,11 @@ class _RMSNormGated(torch.autograd.Function):
     def forward(ctx, x, gate, weight, group_size, eps):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
-        z2 = gate.reshape(-1, shape[-1]).contiguous() if gate is not None else None
+        # the gate keeps its row stride (Mamba-2's z: a column slice of in_proj's output, saved as that view rather
+        # than as a copy); a copy only where its rows cannot be flattened to one stride or its columns are strided
+        z2 = gate.reshape(-1, shape[-1]) if gate is not None else None
+        if z2 is not None and z2.stride(-1) != 1:
+            z2 = z2.contiguous()
         weight = weight.contiguous()  # indexed as weight_ptr + column
         rows, hidden = x2.shape
         out_dtype = torch.promote_types(weight.dtype, x.dtype)
@@ -84,6 +90,7 @@ class _RMSNormGated(torch.autograd.Function):
             with on_device_of(x2):
                 _fwd_kernel[(rows, hidden // group_size)](
                     x2, z2 if z2 is not None else x2, weight, y, hidden, group_size, eps,
+                    z2.stride(0) if z2 is not None else hidden,
                     HAS_GATE=gate is not None, ROUND_TO_INPUT=x.dtype != torch.float32, BLOCK=block,
                     num_warps=min(max(block // 256, 1), 8))
         ctx.save_for_backward(x2, z2, weight)
@@ -107,6 +114,7 @@ class _RMSNormGated(torch.autograd.Function):
                 _bwd_kernel[(programs, hidden // group_size)](
                     x2, z2 if z2 is not None else x2, weight, dy.reshape(rows, hidden).contiguous(), dx,
                     dz if dz is not None else dx, dw, rows, hidden, group_size, ctx.eps, rows_per_program,
+                    z2.stride(0) if z2 is not None else hidden,
                     HAS_GATE=z2 is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
         shape = ctx.shape
         return (dx.to(x2.dtype).reshape(shape), dz.to(z2.dtype).reshape(shape) if dz is not None else None,

@@ -46,18 +46,18 @@ def _starts_sequence(seq_ptr, row, inside):
 
 
 @triton.jit
-def _step_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t, L, Dm, d_in, n_offs, HAS_Z: tl.constexpr,
+def _step_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t, L, Dm, stride_z, d_in, n_offs, HAS_Z: tl.constexpr,
                  HAS_SEQ: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Token t's inputs, as stored: x, Δ before bias/softplus, z, B_t, C_t, starts-a-sequence. Past the end they are
-    the last token's (the caller makes such steps identities): clamped rows and channels (`d_in`) and B, C padded
-    to BLOCK_N states let every load go unmasked, with no registers to zero first."""
+    """Token t's inputs, as stored: x, Δ before bias/softplus, z (rows stride_z apart), B_t, C_t, starts-a-sequence.
+    Past the end they are the last token's (the caller makes such steps identities): clamped rows and channels
+    (`d_in`) and B, C padded to BLOCK_N states let every load go unmasked, with no registers to zero first."""
     valid = tl.cast(t, tl.int64) < L
     row = tl.minimum(tl.cast(t, tl.int64), L - 1)
     x = tl.load(x_ptr + row * Dm + d_in)
     dt = tl.load(dt_ptr + row * Dm + d_in)
     z = x
     if HAS_Z:
-        z = tl.load(z_ptr + row * Dm + d_in)
+        z = tl.load(z_ptr + row * stride_z + d_in)
     Bt = tl.load(B_ptr + row * BLOCK_N + n_offs)
     Ct = tl.load(C_ptr + row * BLOCK_N + n_offs)
     starts = row < 0
@@ -67,13 +67,13 @@ def _step_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t, L, Dm, d_in, n_
 
 
 @triton.jit
-def _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0, L, Dm, d_in, n_offs, HAS_Z: tl.constexpr,
-                  HAS_SEQ: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+def _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0, L, Dm, stride_z, d_in, n_offs,
+                  HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
     """The inputs of tokens t0 .. t0 + UNROLL - 1: a tuple of `_step_inputs` tuples."""
     steps = ()
     for i in tl.static_range(UNROLL):
-        steps = steps + (_step_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0 + i, L, Dm, d_in, n_offs, HAS_Z,
-                                      HAS_SEQ, BLOCK_N),)
+        steps = steps + (_step_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0 + i, L, Dm, stride_z, d_in,
+                                      n_offs, HAS_Z, HAS_SEQ, BLOCK_N),)
     return steps
 
 
@@ -117,7 +117,7 @@ def _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS: tl.constexpr, BLOCK_D: tl.conste
 @triton.jit
 def _fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr, y_ptr, hT_ptr, tile_states_ptr,
-    P_ptr, S_ptr, L, Dm, N, n_tiles, chunk_len, n_chunks,
+    P_ptr, S_ptr, L, Dm, N, n_tiles, chunk_len, n_chunks, stride_zb, stride_zl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_TILES: tl.constexpr, TILE_T: tl.constexpr,
     UNROLL: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -133,7 +133,8 @@ def _fwd_kernel(
     # Long sequences are cut into n_chunks chunks of chunk_len tokens walked in parallel (program axis 2): a first
     # launch with LOCAL walks each chunk but the last from a zero state and keeps only its end state S and the
     # product P of its decays, (batch, n_chunks, d_state, d_inner); the second gives each chunk its true starting
-    # state, h0 carried through the earlier chunks' (P, S), and walks it in full.
+    # state, h0 carried through the earlier chunks' (P, S), and walks it in full. z may be a view with rows
+    # (stride_zb, stride_zl) apart, channels contiguous: the half of in_proj's output that a Mamba block passes.
     b = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
     chunk = tl.program_id(2)
     t_begin = chunk * chunk_len
@@ -164,19 +165,19 @@ def _fwd_kernel(
     x_ptr += b * L * Dm
     dt_ptr += b * L * Dm
     y_ptr += b * L * Dm
-    z_ptr += b * L * Dm
+    z_ptr += b * stride_zb
     B_ptr += b * L * BLOCK_N
     C_ptr += b * L * BLOCK_N
     seq_ptr += b * L
-    cur = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t_begin, L, Dm, d_in, n_offs, HAS_Z, HAS_SEQ,
-                        BLOCK_N, UNROLL)
+    cur = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t_begin, L, Dm, stride_zl, d_in, n_offs, HAS_Z,
+                        HAS_SEQ, BLOCK_N, UNROLL)
     for t0 in range(t_begin, t_end, UNROLL):
         if PREFETCH:
-            nxt = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0 + UNROLL, L, Dm, d_in, n_offs, HAS_Z,
-                                HAS_SEQ, BLOCK_N, UNROLL)
+            nxt = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0 + UNROLL, L, Dm, stride_zl, d_in,
+                                n_offs, HAS_Z, HAS_SEQ, BLOCK_N, UNROLL)
         else:
-            cur = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0, L, Dm, d_in, n_offs, HAS_Z, HAS_SEQ,
-                                BLOCK_N, UNROLL)
+            cur = _block_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, t0, L, Dm, stride_zl, d_in, n_offs, HAS_Z,
+                                HAS_SEQ, BLOCK_N, UNROLL)
         if STORE_TILES:  # the state entering every TILE_T-token tile, for the backward's recomputation
             if t0 % TILE_T == 0:
                 tl.store(tile_states_ptr + (b * n_tiles + t0 // TILE_T) * Dm * N + tile_offs, h, mask=nd_mask)
@@ -236,17 +237,17 @@ def _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, t, L, Dm, d_in, n_
 
 @triton.jit
 def _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch_ptr, h_first, bias, start, i, L,
-                    Dm, d_in, n_offs, d_mask, scratch_offs, HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr,
+                    Dm, stride_z, d_in, n_offs, d_mask, scratch_offs, HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr,
                     HAS_Z: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """`_token_inputs` of token start + i, then its dy (zero past the end and past d_inner, so that channels read
-    twice add nothing to dB and dC), z and the state before it (the tile's first state for i = 0, else the
-    recomputed one in the scratch)."""
+    twice add nothing to dB and dC), z (rows stride_z apart) and the state before it (the tile's first state for
+    i = 0, else the recomputed one in the scratch)."""
     x, dt, raw, Bt, Ct, starts, valid, row = _token_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, bias, start + i, L,
                                                            Dm, d_in, n_offs, HAS_SEQ, SOFTPLUS, BLOCK_N)
     g = tl.where(d_mask, tl.where(valid, tl.load(dy_ptr + row * Dm + d_in).to(tl.float32), 0.0), 0.0)
     z = g
     if HAS_Z:
-        z = tl.load(z_ptr + row * Dm + d_in).to(tl.float32)
+        z = tl.load(z_ptr + row * stride_z + d_in).to(tl.float32)
     h_prev = tl.load(scratch_ptr + tl.maximum(i - 1, 0) * BLOCK_N * BLOCK_D + scratch_offs)
     h_prev = tl.where(i == 0, h_first, h_prev)
     return x, dt, raw, Bt, Ct, starts, valid, row, g, z, h_prev
@@ -254,8 +255,8 @@ def _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch
 
 @triton.jit
 def _bwd_local_kernel(
-    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, seq_ptr, dy_ptr, P_ptr, U_ptr, L, Dm, N, chunk_len, n_chunks,
-    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, seq_ptr, dy_ptr, P_ptr, U_ptr, L, Dm, N, chunk_len, n_chunks, stride_zb,
+    stride_zl, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # For the backward in chunks: each chunk but the first runs the adjoint recurrence over its tokens backwards
@@ -269,7 +270,7 @@ def _bwd_local_kernel(
     t_begin = chunk * chunk_len
     t_end = tl.minimum(t_begin + chunk_len, L)
     dt_ptr += b * L * Dm
-    z_ptr += b * L * Dm
+    z_ptr += b * stride_zb
     dy_ptr += b * L * Dm
     C_ptr += b * L * BLOCK_N
     seq_ptr += b * L
@@ -277,11 +278,11 @@ def _bwd_local_kernel(
     # the chunk's decays multiply to exp2(A Σ Δ), or 0 where a sequence starts inside it
     dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     restarted = t_begin < 0
-    cur = _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t_end - 1, L, Dm, d_in, n_offs, HAS_Z, HAS_SEQ,
-                          SOFTPLUS, BLOCK_N)
+    cur = _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t_end - 1, L, Dm, stride_zl, d_in, n_offs,
+                          HAS_Z, HAS_SEQ, SOFTPLUS, BLOCK_N)
     for j in range(0, t_end - t_begin):
-        nxt = _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t_end - 2 - j, L, Dm, d_in, n_offs, HAS_Z,
-                              HAS_SEQ, SOFTPLUS, BLOCK_N)
+        nxt = _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t_end - 2 - j, L, Dm, stride_zl, d_in,
+                              n_offs, HAS_Z, HAS_SEQ, SOFTPLUS, BLOCK_N)
         dt, Ct, g, starts = cur
         decay = tl.exp2(dt[None, :] * A2)
         if HAS_SEQ:
@@ -297,8 +298,8 @@ def _bwd_local_kernel(
 
 
 @triton.jit
-def _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t, L, Dm, d_in, n_offs, HAS_Z: tl.constexpr,
-                    HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t, L, Dm, stride_z, d_in, n_offs,
+                    HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Token t (clamped to the sequence) for `_bwd_local_kernel`: Δ (D,), C_t (N,), g_t = dy_t (times the z
     gate's derivative factor z·σ(z)) (D,), whether t starts a sequence. Unmasked loads as in `_step_inputs`."""
     row = tl.maximum(tl.minimum(tl.cast(t, tl.int64), L - 1), 0)
@@ -306,7 +307,7 @@ def _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t, L, Dm, d_in,
     Ct = tl.load(C_ptr + row * BLOCK_N + n_offs).to(tl.float32)
     g = tl.load(dy_ptr + row * Dm + d_in).to(tl.float32)
     if HAS_Z:
-        z = tl.load(z_ptr + row * Dm + d_in).to(tl.float32)
+        z = tl.load(z_ptr + row * stride_z + d_in).to(tl.float32)
         g = g * z * tl.sigmoid(z)
     starts = row < 0
     if HAS_SEQ:
@@ -318,7 +319,7 @@ def _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t, L, Dm, d_in,
 def _bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, tile_states_ptr, scratch_ptr, dy_ptr,
     dhT_ptr, dx_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr, P_ptr, U_ptr,
-    L, Dm, N, n_tiles, n_dblocks, chunk_len, n_chunks,
+    L, Dm, N, n_tiles, n_dblocks, chunk_len, n_chunks, stride_zb, stride_zl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_DHT: tl.constexpr, TILE_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -358,11 +359,11 @@ def _bwd_kernel(
     dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     x_ptr += b * L * Dm
     dt_ptr += b * L * Dm
-    z_ptr += b * L * Dm
+    z_ptr += b * stride_zb
     dy_ptr += b * L * Dm
     dx_ptr += b * L * Dm
     ddt_ptr += b * L * Dm
-    dz_ptr += b * L * Dm
+    dz_ptr += b * L * Dm  # dz is contiguous even where z is a strided view
     B_ptr += b * L * BLOCK_N
     C_ptr += b * L * BLOCK_N
     seq_ptr += b * L
@@ -391,13 +392,13 @@ def _bwd_kernel(
         tl.debug_barrier()
         h_t = h
         back = _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch_ptr, h_first, bias,
-                              start, TILE_T - 1, L, Dm, d_in, n_offs, d_mask, scratch_offs, HAS_SEQ, SOFTPLUS, HAS_Z,
-                              BLOCK_N, BLOCK_D)
+                              start, TILE_T - 1, L, Dm, stride_zl, d_in, n_offs, d_mask, scratch_offs, HAS_SEQ,
+                              SOFTPLUS, HAS_Z, BLOCK_N, BLOCK_D)
         for j in range(0, TILE_T):
             k = TILE_T - 1 - j
             back_next = _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch_ptr, h_first,
-                                      bias, start, k - 1, L, Dm, d_in, n_offs, d_mask, scratch_offs, HAS_SEQ,
-                                      SOFTPLUS, HAS_Z, BLOCK_N, BLOCK_D)
+                                      bias, start, k - 1, L, Dm, stride_zl, d_in, n_offs, d_mask, scratch_offs,
+                                      HAS_SEQ, SOFTPLUS, HAS_Z, BLOCK_N, BLOCK_D)
             x, dt, raw, Bt, Ct, starts, valid, row, g, z, h_prev = back
             t = start + k
             td_mask = d_mask & ((tl.cast(t, tl.int64) + tl.zeros_like(d_offs)) < L)
@@ -407,7 +408,8 @@ def _bwd_kernel(
             if HAS_Z:
                 sig = tl.sigmoid(z)
                 y_pre = tl.sum(h_t * Ct[:, None], axis=0) + Dv * x
-                tl.store(dz_ptr + row * Dm + d_offs, g * y_pre * sig * (1.0 + z * (1.0 - sig)), mask=td_mask)
+                dz = g * y_pre * sig * (1.0 + z * (1.0 - sig))
+                tl.store(dz_ptr + row * Dm + d_offs, dz.to(dz_ptr.dtype.element_ty), mask=td_mask)
                 g = g * z * sig
             u = carry + Ct[:, None] * g[None, :]
             uB = tl.sum(u * Bt[:, None], axis=0)
@@ -421,8 +423,9 @@ def _bwd_kernel(
                 dbias += ddt
             if HAS_D:
                 dD += g * x
-            tl.store(dx_ptr + row * Dm + d_offs, dt * uB + Dv * g, mask=td_mask)
-            tl.store(ddt_ptr + row * Dm + d_offs, ddt, mask=td_mask)
+            # dx, dΔ (and dz above) in their inputs' dtypes: rounded once at the store, as a cast afterwards would
+            tl.store(dx_ptr + row * Dm + d_offs, (dt * uB + Dv * g).to(dx_ptr.dtype.element_ty), mask=td_mask)
+            tl.store(ddt_ptr + row * Dm + d_offs, ddt.to(ddt_ptr.dtype.element_ty), mask=td_mask)
             tn_mask = n_mask & ((tl.cast(t, tl.int64) + tl.zeros_like(n_offs)) < L)
             tl.store(dB_ptr + (part + row) * N + n_offs, tl.sum(u * (dt * x)[None, :], axis=1), mask=tn_mask)
             tl.store(dC_ptr + (part + row) * N + n_offs, tl.sum(h_t * g[None, :], axis=1), mask=tn_mask)
@@ -498,7 +501,11 @@ class _SelectiveScan(torch.autograd.Function):
         # each token's B_t and C_t unmasked; they are small ((batch, seqlen, d_state)) and usually column slices of
         # x_proj's output that need a copy anyway
         B, C = _padded_states(B, block_n), _padded_states(C, block_n)
-        z = z.contiguous() if z is not None else None
+        # z is usually half of in_proj's output, rows 2 d_inner apart: the kernels take its row strides, so no copy
+        # unless its channels are strided too
+        if z is not None and z.stride(-1) != 1:
+            z = z.contiguous()
+        z_strides = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
         # per-channel vectors too: the kernels index them as ptr + channel
         D = D.contiguous() if D is not None else None
         delta_bias = delta_bias.contiguous() if delta_bias is not None else None
@@ -523,7 +530,7 @@ class _SelectiveScan(torch.autograd.Function):
         args = (x, delta, A_t, B, C, D if D is not None else dummy, z if z is not None else dummy,
                 delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy,
                 seq_idx if seq_idx is not None else dummy, y, final, tiles, chunk_P, chunk_S,
-                seqlen, d_inner, d_state, n_tiles, chunk_len, n_chunks)
+                seqlen, d_inner, d_state, n_tiles, chunk_len, n_chunks, *z_strides)
         options = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_H0=h0 is not None,
                        HAS_SEQ=seq_idx is not None, TILE_T=block_t, UNROLL=unroll,
                        PREFETCH=FORWARD_CONFIG["prefetch"], BLOCK_D=fwd_block_d, BLOCK_N=block_n,
@@ -551,8 +558,11 @@ class _SelectiveScan(torch.autograd.Function):
         n_dblocks = triton.cdiv(d_inner, block_d)
         chunk_len, n_chunks = _time_chunks(BACKWARD_CONFIG, x, batch * n_dblocks, n_tiles, block_t)
         f32 = dict(device=x.device, dtype=torch.float32)
-        dx, ddt = torch.empty(x.shape, **f32), torch.empty(x.shape, **f32)
-        dz = torch.empty(x.shape, **f32) if z is not None else None
+        # dx, dΔ, dz: contiguous, stored by the kernel in their inputs' dtypes (no float32 copy to cast afterwards)
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        ddt = torch.empty(x.shape, device=x.device, dtype=delta.dtype)
+        dz = torch.empty(x.shape, device=x.device, dtype=z.dtype) if z is not None else None
+        z_strides = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
         # per (row, chunk) for dA, dD, Δ bias and per channel block for dB, dC: summed below
         dA = torch.empty(batch, n_chunks, d_inner, d_state, **f32)
         dB = torch.empty(batch, n_dblocks, seqlen, d_state, **f32)
@@ -572,7 +582,7 @@ class _SelectiveScan(torch.autograd.Function):
                 _bwd_local_kernel[(batch, n_dblocks, n_chunks - 1)](
                     delta, A_t, C, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
                     seq_idx if seq_idx is not None else dummy, dy.contiguous(), chunk_P, chunk_U,
-                    seqlen, d_inner, d_state, chunk_len, n_chunks,
+                    seqlen, d_inner, d_state, chunk_len, n_chunks, *z_strides,
                     HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
                     HAS_SEQ=seq_idx is not None, BLOCK_D=block_d, BLOCK_N=block_n,
                     num_warps=BACKWARD_CONFIG["num_warps"],
@@ -583,13 +593,13 @@ class _SelectiveScan(torch.autograd.Function):
                 scratch, dy.contiguous(), dfinal.contiguous() if dfinal is not None else dummy,
                 dx, ddt, dz if dz is not None else dummy, dA, dB, dC, dD if dD is not None else dummy,
                 dbias if dbias is not None else dummy, dh0, chunk_P, chunk_U,
-                seqlen, d_inner, d_state, n_tiles, n_dblocks, chunk_len, n_chunks,
+                seqlen, d_inner, d_state, n_tiles, n_dblocks, chunk_len, n_chunks, *z_strides,
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                 SOFTPLUS=ctx.delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DHT=dfinal is not None,
                 TILE_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BACKWARD_CONFIG["num_warps"],
             )
-        return (dx.to(x.dtype), ddt.to(delta.dtype), dA.sum((0, 1)), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
-                dD.sum((0, 1)).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
+        return (dx, ddt, dA.sum((0, 1)), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+                dD.sum((0, 1)).to(D.dtype) if D is not None else None, dz,
                 dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None, None,
                 dh0 if ctx.has_initial_state else None, None)
 

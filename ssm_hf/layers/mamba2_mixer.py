@@ -70,10 +70,14 @@ class Mamba2Mixer(nn.Module):
         padding = attention_mask[:, -seqlen:] if attention_mask is not None else None    # (batch, seqlen)
         mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
 
+        # views of one tensor, not copies: the Triton conv reads xBC and the gated norm z in place, so their backward
+        # keeps in_proj's output once (Δ's columns with it)
         z, xBC, dt = self.in_proj(hidden_states).split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         if mask is not None:
             xBC = xBC * mask
+            if z.requires_grad:  # xBC is a new tensor now: a view of z alone would keep all of in_proj's output
+                z = z.contiguous()
 
         xBC = self.act(cached_causal_conv(self.conv1d, xBC, cache_params, self.layer_idx, padding, seq_idx))
         if mask is not None:

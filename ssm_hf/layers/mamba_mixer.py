@@ -85,9 +85,13 @@ class MambaMixer(nn.Module):
         padding = attention_mask[:, -seqlen:] if attention_mask is not None else None    # (batch, seqlen)
         mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
 
+        # two views of one tensor, not copies: the Triton conv and scan read them in place, so their backward keeps
+        # in_proj's output once
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         if mask is not None:
             x = x * mask
+            if z.requires_grad:  # x is a new tensor now: a view of z alone would keep all of in_proj's output
+                z = z.contiguous()
 
         x = self.act(cached_causal_conv(self.conv1d, x, cache_params, self.layer_idx, padding, seq_idx))
         if mask is not None:
