@@ -732,12 +732,13 @@ def _record_launches(monkeypatch, module, names) -> list[tuple[str, dict]]:
     return launches
 
 
-def _force_scan_time_chunks(monkeypatch) -> None:
-    """Both directions in time chunks (every 16-token tile its own), as a GPU runs them at training shapes."""
+def _force_scan_time_chunks(monkeypatch, chunked: bool = True) -> None:
+    """Both directions in time chunks (every 16-token tile its own), as a GPU runs them at training shapes, or in
+    one piece (which a GPU would otherwise not choose for these tiny shapes: it fills its multiprocessors)."""
     from ssm_hf.kernels import selective_scan_triton as module
 
-    monkeypatch.setitem(module.FORWARD_CONFIG, "min_programs", 10**6)
-    monkeypatch.setitem(module.BACKWARD_CONFIG, "min_programs", 10**6)
+    monkeypatch.setitem(module.FORWARD_CONFIG, "min_programs", 10**6 if chunked else 1)
+    monkeypatch.setitem(module.BACKWARD_CONFIG, "min_programs", 10**6 if chunked else 1)
 
 
 @pytest.mark.parametrize("layout", ["half", "rows", "channels"])
@@ -749,8 +750,7 @@ def test_triton_scan_reads_z_in_place(monkeypatch, dtype, chunked, layout):
     itself, not a copy: "half" is z as a Mamba block passes it (`xz.chunk(2, -1)[1]`, rows 2 d_inner apart);
     "rows" takes the tokens out of a longer buffer (batch stride not seqlen x row stride). Where the channels are
     strided ("channels", every other column), the kernels get a contiguous copy instead."""
-    if chunked:
-        _force_scan_time_chunks(monkeypatch)
+    _force_scan_time_chunks(monkeypatch, chunked)
     g = torch.Generator().manual_seed(12)
     batch, seqlen, d_inner, d_state = 2, 21, 12, 8
     inputs = _to(_inputs(batch, seqlen, d_inner, d_state, seed=12), dtype)
@@ -808,8 +808,7 @@ def test_triton_scan_gradients_in_the_inputs_dtypes(monkeypatch, dtype, delta_dt
     truncates float32 to bfloat16 (`_convert_float` with no rounding mode), so there the bfloat16 gradients are
     the float32 ones truncated: still bitwise, against that cast. (Δ in float32 beside bfloat16 x is what a Mamba
     block passes under an attention mask.)"""
-    if chunked:
-        _force_scan_time_chunks(monkeypatch)
+    _force_scan_time_chunks(monkeypatch, chunked)
     batch, seqlen, d_inner, d_state = 2, 21, 12, 8
     base = _inputs(batch, seqlen, d_inner, d_state, seed=13)
     dtypes = dict(x=dtype, delta=delta_dtype, z=dtype, B=dtype, C=dtype, D=dtype, A=torch.float32,
