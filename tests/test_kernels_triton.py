@@ -598,13 +598,13 @@ def test_ssd_forward_plan(monkeypatch):
 
     # 48 and 384 walker tiles at d_state 128
     few, many = torch.empty(1, 8, 24, 64, dtype=torch.bfloat16), torch.empty(8, 8, 24, 64, dtype=torch.bfloat16)
-    assert ssd_triton._forward_plan(few, 128) == (32, ssd_triton.STATE_TILE)  # no GPU: nothing to fill
+    assert ssd_triton._forward_plan(few, 128) == (32, 32, ssd_triton.STATE_TILE)  # no GPU: nothing to fill
     monkeypatch.setattr(ssd_triton, "_multiprocessors", lambda x: 132)
-    assert ssd_triton._forward_plan(few, 128) == (ssd_triton.LONG_CHUNK, ssd_triton.LONG_CHUNK_TILE)
-    assert ssd_triton._forward_plan(many, 128) == (32, ssd_triton.STATE_TILE)
-    assert ssd_triton._forward_plan(few.float(), 128) == (32, ssd_triton.STATE_TILE)  # float32 long chunks spill
+    assert ssd_triton._forward_plan(few, 128) == (ssd_triton.LONG_CHUNK, 32, ssd_triton.LONG_CHUNK_TILE)
+    assert ssd_triton._forward_plan(many, 128) == (32, 32, ssd_triton.STATE_TILE)
+    assert ssd_triton._forward_plan(few.float(), 128) == (32, 32, ssd_triton.STATE_TILE)  # float32 would spill
     monkeypatch.setattr(ssd_triton, "FORWARD_CHUNK", 64)
-    assert ssd_triton._forward_plan(few, 128) == (64, ssd_triton.STATE_TILE)
+    assert ssd_triton._forward_plan(few, 128) == (64, 32, ssd_triton.STATE_TILE)
     inputs = _to(ssd_inputs(1, 8, 2, 4, 1, 5), torch.float32)
     for chunk in (48, 8):
         monkeypatch.setattr(ssd_triton, "FORWARD_CHUNK", chunk)

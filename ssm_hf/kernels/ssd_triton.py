@@ -356,13 +356,12 @@ def _device_multiprocessors(index: int) -> int:
 
 def _multiprocessors(x: torch.Tensor) -> int | None:
     # cached: asking the driver on every call costs more host time than a short sequence's kernels take
-    return _device_multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-        if x.is_cuda else None
+    return _device_multiprocessors(x.device.index) if x.is_cuda else None
 
 
-def _forward_plan(x: torch.Tensor, d_state: int) -> tuple[int, tuple[int, int]]:
-    """(tokens per stored chunk state, walker tile) of the forward of x: (batch, seqlen, heads, head_dim); see
-    FORWARD_CHUNK."""
+def _forward_plan(x: torch.Tensor, d_state: int) -> tuple[int, int, tuple[int, int]]:
+    """(tokens per stored chunk state, the output kernel's row block, walker tile) of the forward of x: (batch,
+    seqlen, heads, head_dim); see FORWARD_CHUNK."""
     batch, _, heads, head_dim = x.shape
     chunk, tile = FORWARD_CHUNK, STATE_TILE
     if chunk is None:
@@ -374,7 +373,7 @@ def _forward_plan(x: torch.Tensor, d_state: int) -> tuple[int, tuple[int, int]]:
     if chunk < 16 or chunk & (chunk - 1) or chunk % min(OUTPUT_ROWS, chunk):
         raise ValueError(f"The SSD forward's chunk (ssd_triton.FORWARD_CHUNK or LONG_CHUNK) must be a power of two "
                          f">= 16 and a multiple of OUTPUT_ROWS ({OUTPUT_ROWS}); got {chunk}.")
-    return chunk, tile
+    return chunk, min(OUTPUT_ROWS, chunk), tile
 
 
 def _block(size: int, cap: int) -> int:
@@ -430,8 +429,7 @@ class _SSDScan(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx, plan):
         batch, seqlen, heads, head_dim = x.shape
         groups, d_state = B.shape[-2:]
-        block_q, (forward_q, walk_tile) = _chunk(head_dim), plan
-        rows = min(OUTPUT_ROWS, forward_q)
+        block_q, (forward_q, rows, walk_tile) = _chunk(head_dim), plan
         x, dt, A, B, C = x.contiguous(), dt.float().contiguous(), A.float().contiguous(), B.contiguous(), \
             C.contiguous()
         h0 = initial_state.float().contiguous() if initial_state is not None else None
@@ -514,8 +512,8 @@ def ssd_scan_triton(
                          f"{tuple(B.shape)}, C {tuple(C.shape)}.")
     if supports(d_state, head_dim):  # the chunk kernels run one program per chunk or row block on grid axis 1
         plan = _forward_plan(x, d_state)
-        forward_q = plan[0]
-        output_blocks = triton.cdiv(x.shape[1], forward_q) * (forward_q // min(OUTPUT_ROWS, forward_q))
+        forward_q, rows, _ = plan
+        output_blocks = triton.cdiv(x.shape[1], forward_q) * (forward_q // rows)
         check_grid_axis(max(triton.cdiv(x.shape[1], _chunk(head_dim)), output_blocks),
                         f"An SSD scan of {x.shape[1]} tokens")
     if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
