@@ -741,13 +741,49 @@ def _force_scan_time_chunks(monkeypatch, chunked: bool = True) -> None:
     monkeypatch.setitem(module.BACKWARD_CONFIG, "min_programs", 10**6 if chunked else 1)
 
 
-@pytest.mark.parametrize("layout", ["half", "rows", "channels"])
+def _column_view(t: torch.Tensor, layout: str, width: int, offset: int, seqlen: int) -> torch.Tensor:
+    """`width` columns of t (batch, rows, wider) from column `offset`: "slice" as a block passes a part of in_proj's
+    output (rows of t apart), "rows" the same out of tokens 3.. of a longer buffer (batch stride not seqlen x row
+    stride), "channels" every other column from `offset` (strided channels)."""
+    if layout == "slice":
+        return t[..., offset:offset + width]
+    if layout == "rows":
+        return t[:, 3:3 + seqlen, offset:offset + width]
+    return t[..., offset:offset + 2 * width:2]
+
+
+def _wide_buffer(layout: str, batch: int, seqlen: int, columns: int, dtype, g) -> torch.Tensor:
+    rows = seqlen + 5 if layout == "rows" else seqlen
+    return torch.randn(batch, rows, columns, generator=g).to(DEVICE, dtype).requires_grad_(True)
+
+
+def _only_the_view_got_a_gradient(buf: torch.Tensor, view) -> bool:
+    outside = buf.grad.clone()
+    view(outside).zero_()
+    return not outside.any()
+
+
+def _assert_kernels_got(launches: list, ptr: str, strides: tuple[str, str], view: torch.Tensor,
+                        copied: bool) -> None:
+    """Every recorded launch got `view` itself (its storage and strides, its batch and row strides passed as the
+    `strides` arguments) or, where `copied` (strided channels: the kernels read channels contiguously), a contiguous
+    copy of it."""
+    for name, args in launches:
+        passed = args[ptr]
+        if copied:
+            assert passed.is_contiguous() and passed.data_ptr() != view.data_ptr(), name
+        else:
+            assert (passed.data_ptr(), passed.stride()) == (view.data_ptr(), view.stride()), name
+            assert (args[strides[0]], args[strides[1]]) == view.stride()[:2], name
+
+
+@pytest.mark.parametrize("layout", ["slice", "rows", "channels"])
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_scan_reads_z_in_place(monkeypatch, dtype, chunked, layout):
     """z as a view of a wider tensor gives exactly what a contiguous copy of it gives (outputs, final state and every
     gradient, bitwise), and every kernel that reads z (forward, the backward and its chunk pass) gets the view
-    itself, not a copy: "half" is z as a Mamba block passes it (`xz.chunk(2, -1)[1]`, rows 2 d_inner apart);
+    itself, not a copy: "slice" is z as a Mamba block passes it (the columns after x's, like `xz.chunk(2, -1)[1]`);
     "rows" takes the tokens out of a longer buffer (batch stride not seqlen x row stride). Where the channels are
     strided ("channels", every other column), the kernels get a contiguous copy instead."""
     _force_scan_time_chunks(monkeypatch, chunked)
@@ -755,18 +791,12 @@ def test_triton_scan_reads_z_in_place(monkeypatch, dtype, chunked, layout):
     batch, seqlen, d_inner, d_state = 2, 21, 12, 8
     inputs = _to(_inputs(batch, seqlen, d_inner, d_state, seed=12), dtype)
     inputs["A"] = inputs["A"].float()
-    wide = {"half": (batch, seqlen, 2 * d_inner), "rows": (batch, seqlen + 5, 2 * d_inner),
-            "channels": (batch, seqlen, 2 * d_inner)}[layout]
-    zbuf = torch.randn(*wide, generator=g).to(DEVICE, dtype).requires_grad_(True)
+    zbuf = _wide_buffer(layout, batch, seqlen, 2 * d_inner + 1, dtype, g)
     dy = torch.randn(batch, seqlen, d_inner, generator=g).to(DEVICE, dtype)
     dh = torch.randn(batch, d_inner, d_state, generator=g).to(DEVICE)
 
-    def view(t):  # z's part of the wider tensor (and of its gradient)
-        if layout == "half":
-            return t.chunk(2, dim=-1)[1]
-        if layout == "rows":
-            return t[:, 3:3 + seqlen, d_inner:]
-        return t[..., 1::2]
+    def view(t):  # z's part of the wider tensor (and of its gradient): the columns after x's
+        return _column_view(t, layout, d_inner, 1 if layout == "channels" else d_inner, seqlen)
 
     def run(z):
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if k != "z"}
@@ -776,20 +806,11 @@ def test_triton_scan_reads_z_in_place(monkeypatch, dtype, chunked, layout):
 
     launches = _record_scan_launches(monkeypatch)
     got = run(view(zbuf))
-    z = view(zbuf)
     kernels_run = sorted({name for name, _ in launches})
     assert kernels_run == (["_bwd_kernel", "_bwd_local_kernel", "_fwd_kernel"] if chunked
                            else ["_bwd_kernel", "_fwd_kernel"])
-    for name, args in launches:
-        passed = args["z_ptr"]
-        if layout == "channels":  # the kernels read channels contiguously: a copy is due
-            assert passed.is_contiguous() and passed.data_ptr() != z.data_ptr(), name
-        else:
-            assert (passed.data_ptr(), passed.stride()) == (z.data_ptr(), z.stride()), name
-            assert (args["stride_zb"], args["stride_zl"]) == z.stride()[:2], name
-    outside = zbuf.grad.clone()
-    view(outside).zero_()
-    assert zbuf.grad.dtype == dtype and not outside.any()  # nothing outside the view got a gradient
+    _assert_kernels_got(launches, "z_ptr", ("stride_zb", "stride_zl"), view(zbuf), copied=layout == "channels")
+    assert zbuf.grad.dtype == dtype and _only_the_view_got_a_gradient(zbuf, view)
     z_copy = view(zbuf).detach().contiguous().requires_grad_(True)
     want = run(z_copy)
     for a, b in zip(got + [view(zbuf.grad)], want + [z_copy.grad]):
@@ -837,27 +858,6 @@ def test_triton_scan_gradients_in_the_inputs_dtypes(monkeypatch, dtype, delta_dt
         else:
             assert torch.equal(got, want.to(got.dtype)), key
 
-def _column_view(t: torch.Tensor, layout: str, width: int, offset: int, seqlen: int) -> torch.Tensor:
-    """`width` columns of t (batch, rows, wider) from column `offset`: "slice" as a block passes a part of in_proj's
-    output (rows of t apart), "rows" the same out of tokens 3.. of a longer buffer (batch stride not seqlen x row
-    stride), "channels" every other column from `offset` (strided channels)."""
-    if layout == "slice":
-        return t[..., offset:offset + width]
-    if layout == "rows":
-        return t[:, 3:3 + seqlen, offset:offset + width]
-    return t[..., offset:offset + 2 * width:2]
-
-
-def _wide_buffer(layout: str, batch: int, seqlen: int, columns: int, dtype, g) -> torch.Tensor:
-    rows = seqlen + 5 if layout == "rows" else seqlen
-    return torch.randn(batch, rows, columns, generator=g).to(DEVICE, dtype).requires_grad_(True)
-
-
-def _only_the_view_got_a_gradient(buf: torch.Tensor, view) -> bool:
-    outside = buf.grad.clone()
-    view(outside).zero_()
-    return not outside.any()
-
 
 @pytest.mark.parametrize("layout", ["slice", "rows", "channels"])
 @pytest.mark.parametrize("with_past,with_seq", [(False, False), (True, False), (False, True), (True, True)])
@@ -895,15 +895,8 @@ def test_triton_conv_reads_x_in_place(monkeypatch, dtype, with_past, with_seq, l
 
     launches = _record_launches(monkeypatch, module, ("_fwd_kernel", "_bwd_kernel"))
     got = run(module.causal_conv1d_triton, view(xbuf))
-    x = view(xbuf)
     assert sorted(name for name, _ in launches) == ["_bwd_kernel", "_fwd_kernel"]
-    for name, args in launches:
-        passed = args["x_ptr"]
-        if layout == "channels":  # the kernels read channels contiguously: a copy is due
-            assert passed.is_contiguous() and passed.data_ptr() != x.data_ptr(), name
-        else:
-            assert (passed.data_ptr(), passed.stride()) == (x.data_ptr(), x.stride()), name
-            assert (args["stride_xb"], args["stride_xl"]) == x.stride()[:2], name
+    _assert_kernels_got(launches, "x_ptr", ("stride_xb", "stride_xl"), view(xbuf), copied=layout == "channels")
     assert xbuf.grad.dtype == dtype and _only_the_view_got_a_gradient(xbuf, view)
     x_copy = view(xbuf).detach().contiguous().requires_grad_(True)
     want = run(module.causal_conv1d_triton, x_copy)
