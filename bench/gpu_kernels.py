@@ -17,6 +17,8 @@ decode   (on request) greedy decoding tokens/s after long prompts, and peak memo
 step     (on request) decoding by single-token forward calls (no generate()), and the cache's bytes.
 check_mamba2  (on request) Mamba-2's gated-norm and decoding-step kernels against PyTorch, timed beside it.
 conv     (on request) the Triton causal conv1d against F.conv1d: errors and forward(+backward) times.
+conv_sweep  (on request) the conv as the mixers call it: SiLU fused or after, vector or scalar row loads, warps.
+conv_tiles  (on request) the conv's kernels alone (profiler) for a few tile shapes and warp counts.
 s4       (on request) S4 / S4D on CUDA against the CPU, and prefill speed of the LRA-size presets.
 fwd_sweep  (on request) forward times of the Triton scan for a few FORWARD_CONFIG choices.
 profile_e2e  (on request) the largest kernels of a training step of each of our 130M models.
@@ -180,12 +182,14 @@ def conv():
         for with_past in (False, True):
             leaves = [t.clone().requires_grad_(True) for t in (x, w, bias)]
             refs = [t.double().requires_grad_(True) for t in (x, w, bias)]
-            ours = causal_conv1d_triton(*leaves, past if with_past else None)
-            ref = causal_conv1d_torch.causal_conv1d(*refs, past.double() if with_past else None)
+            activation = "silu" if with_past else None  # the mixers' SiLU, fused into the conv
+            ours = causal_conv1d_triton(*leaves, past if with_past else None, activation=activation)
+            ref = causal_conv1d_torch.causal_conv1d(*refs, past.double() if with_past else None,
+                                                    activation=activation)
             dy = torch.randn(ref.shape, device=DEV, generator=g)
             ours.backward(dy)
             ref.backward(dy.double())
-            key = f"conv {batch}x{seqlen}x{channels}{' past' if with_past else ''}"
+            key = f"conv {batch}x{seqlen}x{channels}{' past silu' if with_past else ''}"
             rows[key + " fwd fp32"] = rel(ours, ref)
             for name, a, b in zip(("x", "w", "bias"), leaves, refs):
                 rows[f"{key} grad {name}"] = rel(a.grad, b.grad)
@@ -201,6 +205,119 @@ def conv():
         rows[f"conv 4x2048x1792 bf16 fwd+bwd us, {name}"] = do_bench(
             lambda: fn(x, w, bias).backward(dy), grad_to_none=[x, w, bias], return_mode="median") * 1e3
     report("conv", rows)
+
+
+def conv_sweep():
+    """The causal conv as the mixers call it, bf16, forward and forward+backward (do_bench medians), printed as it
+    goes: x a column view of in_proj's output (Mamba-2 130M: xBC, 1792 of 3352 columns, rows 8 x 419 elements
+    apart; Mamba 130M: x, 1536 of 3072), SiLU fused or applied after, rows read in vectors or (alignment 1) one
+    element at a time, backward warps 4 or 8; and the gradients' largest relative error against the fused default."""
+    import torch.nn.functional as F
+
+    from ssm_hf.kernels import causal_conv1d_triton as module
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for name, width, start, channels in (("mamba2-130m xBC", 3352, 1536, 1792), ("mamba-130m x", 3072, 0, 1536)):
+        buf = torch.randn(4, 2048, width, device=DEV, generator=g).bfloat16().requires_grad_(True)
+        w = (0.5 * torch.randn(channels, 4, device=DEV, generator=g)).bfloat16().requires_grad_(True)
+        bias = torch.randn(channels, device=DEV, generator=g).bfloat16().requires_grad_(True)
+        dy = torch.randn(4, 2048, channels, device=DEV, generator=g).bfloat16()
+        leaves = [buf, w, bias]
+        reference = None
+        for label, fused, aligned, bwd_warps in (("fused, default", True, True, None),
+                                                  ("fused, backward 4 warps", True, True, 4),
+                                                  ("SiLU after the conv", False, True, None),
+                                                  ("fused, alignment 1", True, False, None)):
+            saved = dict(module.WARPS)
+            if bwd_warps:
+                module.WARPS["backward"] = bwd_warps
+            alignment = module.row_alignment
+            if not aligned:
+                module.row_alignment = lambda *strides: 1
+
+            def fwd():
+                x = buf[..., start:start + channels]
+                if fused:
+                    return module.causal_conv1d_triton(x, w, bias, activation="silu")
+                return F.silu(module.causal_conv1d_triton(x, w, bias))
+            try:
+                t_fwd = do_bench(fwd, return_mode="median") * 1e3
+                t_all = do_bench(lambda: fwd().backward(dy), grad_to_none=leaves, return_mode="median") * 1e3
+                for leaf in leaves:
+                    leaf.grad = None
+                fwd().backward(dy)
+                grads = [leaf.grad.float() for leaf in leaves]
+                if reference is None:
+                    reference = grads
+                err = max(rel(a, b) for a, b in zip(grads, reference))
+                line = f"{name} {label}: fwd {t_fwd:.1f} us, fwd+bwd {t_all:.1f} us, grads vs default {err:.1e}"
+            finally:
+                module.WARPS.update(saved)
+                module.row_alignment = alignment
+            R.setdefault("conv_sweep", []).append(line)
+            print("conv_sweep", line, flush=True)
+
+
+def _kernel_times(fn, steps: int = 10) -> dict[str, float]:
+    """Device time per call of each kernel fn launches (us), from the profiler: kernels alone, without the host's
+    launch overheads that do_bench would count for a short op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: e.self_device_time_total / steps for e in prof.key_averages() if e.self_device_time_total}
+
+
+def conv_tiles():
+    """The conv's kernels alone (profiler device time per call), bf16, with and without SiLU, x as Mamba-2 130M's
+    xBC view (4 x 2048 x 1792 of 3352 columns): the forward and backward kernels for a few (BLOCK_T, BLOCK_C,
+    forward warps, backward warps, time blocks per backward program), printed as it goes; the gradients' largest
+    relative error against the first setting."""
+    from ssm_hf.kernels import causal_conv1d_triton as module
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    buf = torch.randn(4, 2048, 3352, device=DEV, generator=g).bfloat16()
+    leaf = buf.requires_grad_(True)
+    w = (0.5 * torch.randn(1792, 4, device=DEV, generator=g)).bfloat16().requires_grad_(True)
+    bias = torch.randn(1792, device=DEV, generator=g).bfloat16().requires_grad_(True)
+    dy = torch.randn(4, 2048, 1792, device=DEV, generator=g).bfloat16()
+    saved = (module.BLOCK_T, module.BLOCK_C, dict(module.WARPS), module.BACKWARD_BLOCKS_PER_PROGRAM)
+    reference = None
+    for block_t, block_c, fwd_warps, bwd_warps, walk in (
+            (32, 64, 4, 4, 8), (32, 32, 4, 4, 8), (16, 64, 4, 4, 8), (16, 32, 4, 4, 16), (32, 32, 4, 4, 4),
+            (32, 32, 4, 4, 1), (64, 32, 4, 8, 4), (32, 64, 4, 8, 8), (16, 128, 4, 8, 8), (8, 64, 4, 2, 16),
+            (32, 32, 4, 2, 8), (16, 32, 4, 1, 16)):
+        module.BLOCK_T, module.BLOCK_C = block_t, block_c
+        module.WARPS.update(forward=fwd_warps, backward=bwd_warps)
+        module.BACKWARD_BLOCKS_PER_PROGRAM = walk
+        try:
+            for activation in ("silu", None):
+                def step():
+                    leaf.grad = w.grad = bias.grad = None
+                    out = module.causal_conv1d_triton(leaf[..., 1536:1536 + 1792], w, bias, activation=activation)
+                    out.backward(dy)
+                times = _kernel_times(step)
+                fwd = sum(v for k, v in times.items() if "_fwd_kernel" in k)
+                bwd = sum(v for k, v in times.items() if "_bwd_kernel" in k)
+                rest = sum(times.values()) - fwd - bwd
+                step()
+                grads = [t.grad.float() for t in (leaf, w, bias)]
+                err = ""
+                if activation == "silu":
+                    reference = reference or grads
+                    err = f", grads vs first {max(rel(a, b) for a, b in zip(grads, reference)):.1e}"
+                line = (f"tiles {block_t}x{block_c} warps {fwd_warps}/{bwd_warps} blocks/program {walk} {activation}: "
+                        f"fwd {fwd:.1f} us, bwd {bwd:.1f} us, other kernels {rest:.1f} us{err}")
+                R.setdefault("conv_tiles", []).append(line)
+                print("conv_tiles", line, flush=True)
+        finally:
+            module.BLOCK_T, module.BLOCK_C = saved[:2]
+            module.WARPS.update(saved[2])
+            module.BACKWARD_BLOCKS_PER_PROGRAM = saved[3]
 
 
 def s4_on_gpu():
@@ -809,9 +926,9 @@ def profile_e2e():
         rows[name] = dict(step_ms=total / 5e3, top=[(e.key[:70], round(e.self_device_time_total / 5e3, 2),
                                                      round(100 * e.self_device_time_total / total, 1))
                                                     for e in events[:12]])
-        print("profile", name, f"{rows[name]['step_ms']:.1f} ms GPU per step", flush=True)
-        for key, ms, share in rows[name]["top"]:
-            print(f"  {ms:8.2f} ms {share:5.1f}%  {key}", flush=True)
+        print("profile_e2e", name, f"{rows[name]['step_ms']:.1f} ms GPU per step", flush=True)
+        for key, ms, share in rows[name]["top"]:  # each line names the section: gpu_ab.py keeps those
+            print(f"profile_e2e {name} {ms:8.2f} ms {share:5.1f}%  {key}", flush=True)
         model = opt = None
         torch.cuda.empty_cache()
     R["profile_e2e"] = rows
@@ -830,6 +947,7 @@ def main():
             {"check": check, "check_mamba2": check_mamba2_kernels, "time": time_scan,
              "s4": s4_on_gpu, "conv": conv, "latency": latency, "e2e": e2e, "ssd": ssd,
              "check_ssd": check_ssd, "ssd_sweep": ssd_sweep, "ssd_forward_sweep": ssd_forward_sweep,
+             "conv_sweep": conv_sweep, "conv_tiles": conv_tiles,
              "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
              "profile_e2e": profile_e2e,
              "decode": decode, "step": step}[name]()

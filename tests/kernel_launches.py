@@ -307,7 +307,7 @@ def _drive_ssd_scan(rec: Recorder, kernels, plan: str) -> None:
 
 def drive_causal_conv1d(rec: Recorder, kernels) -> None:
     batch, seqlen, channels = 2, 40, 96
-    names = ["bias", "past", "seq_idx", "grad"]
+    names = ["bias", "past", "seq_idx", "grad", "silu"]
     for width in (4, 2):
         for dtype, f, level in flag_variants(names) if width == 4 else all_on(names):
             if not rec.begin(f"causal_conv1d {dtype} width={width} {f}", level):
@@ -319,7 +319,8 @@ def drive_causal_conv1d(rec: Recorder, kernels) -> None:
                 out = kernels.causal_conv1d(
                     x, weight, _randn(channels, dtype=dtype, grad=grad) if f["bias"] else None,
                     past=_randn(batch, channels, width, dtype=dtype) if f["past"] else None,
-                    seq_idx=_packed_ids(batch, seqlen) if f["seq_idx"] else None)
+                    seq_idx=_packed_ids(batch, seqlen) if f["seq_idx"] else None,
+                    activation="silu" if f["silu"] else None)
             if grad:
                 out.backward(torch.randn_like(out))
 
@@ -327,11 +328,12 @@ def drive_causal_conv1d(rec: Recorder, kernels) -> None:
 @torch.no_grad()  # the fused decoding steps run outside autograd only
 def drive_decode_steps(rec: Recorder, kernels) -> None:
     batch, channels, width = 2, 96, 4
-    for dtype, f, level in flag_variants(["bias"]):
+    for dtype, f, level in flag_variants(["bias", "silu"]):
         if rec.begin(f"causal_conv1d_update {dtype} {f}", level):
             kernels.causal_conv1d_update(
                 _randn(batch, channels, dtype=dtype), _randn(batch, channels, width, dtype=dtype),
-                _randn(channels, width, dtype=dtype), _randn(channels, dtype=dtype) if f["bias"] else None)
+                _randn(channels, width, dtype=dtype), _randn(channels, dtype=dtype) if f["bias"] else None,
+                activation="silu" if f["silu"] else None)
     d_inner = 48
     names = ["D", "z", "delta_bias", "softplus", "float32_state"]
     for d_state in (16, 8):

@@ -6,10 +6,12 @@ GPU, `bench/gpu_kernels.py` checks real shapes and times them.
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from test_kernels import _cast, _inputs, _rel_err
 
 from ssm_hf import kernels
+from ssm_hf.kernels.launch import row_alignment
 
 triton = pytest.importorskip("triton")
 from ssm_hf.kernels.selective_scan_triton import selective_scan_triton  # noqa: E402
@@ -238,8 +240,9 @@ def test_triton_ssd_forward_and_gradients(batch, seqlen, heads, head_dim, groups
         assert _rel_err(leaves[key].grad.cpu(), leaves_ref[key].grad) < 1e-4, key
 
 
+@pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("width,cached", [(4, 4), (2, 2), (4, 3), (1, 1)])
-def test_triton_conv_update_matches_torch(width, cached):
+def test_triton_conv_update_matches_torch(width, cached, activation):
     from ssm_hf.kernels import causal_conv1d_torch
     from ssm_hf.kernels.decode_triton import causal_conv1d_update_triton
 
@@ -248,13 +251,14 @@ def test_triton_conv_update_matches_torch(width, cached):
     weight, bias = torch.randn(37, width, generator=g), torch.randn(37, generator=g)
     state_ref = state.clone()
     state_t = state.clone().to(DEVICE)
-    out = causal_conv1d_update_triton(x.to(DEVICE), state_t, weight.to(DEVICE), bias.to(DEVICE))
-    out_ref = causal_conv1d_torch.causal_conv1d_update(x, state_ref, weight, bias)
+    out = causal_conv1d_update_triton(x.to(DEVICE), state_t, weight.to(DEVICE), bias.to(DEVICE), activation)
+    out_ref = causal_conv1d_torch.causal_conv1d_update(x, state_ref, weight, bias, activation)
     torch.testing.assert_close(out.cpu(), out_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state_t.cpu(), state_ref)
-    # and the step equals the full causal conv over the cached inputs followed by x
+    # and the step equals the full causal conv over the cached inputs followed by x, then the activation
     full = kernels.causal_conv1d(torch.cat([state.transpose(1, 2), x[:, None]], 1), weight, bias)
-    torch.testing.assert_close(out_ref, full[:, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_ref, full[:, -1] if activation is None else F.silu(full[:, -1]),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_triton_state_update_matches_torch():
@@ -387,15 +391,30 @@ def test_triton_rms_norm_gated_forward_and_gradients(hidden, group_size, gated):
     ref16 = norm_torch.rms_norm_gated(half[0].cpu(), half[1].cpu() if gated else None, half[-1].cpu(),
                                       group_size, 1e-5)
     assert out16.dtype == ref16.dtype == torch.float32 and _rel_err(out16.cpu(), ref16.double()) < 1e-2
+    # and its gradients come back in the inputs' dtypes, stored so by the kernel, close to the float64 ones
+    half = [t.requires_grad_(True) for t in half]
+    out16 = rms_norm_gated_triton(half[0], half[1] if gated else None, half[-1], group_size, 1e-5)
+    (out16 * w.to(out16)).sum().backward()
+    for leaf, r in zip(half, refs):
+        assert leaf.grad.dtype == leaf.dtype and _rel_err(leaf.grad.double().cpu(), r.grad) < 2e-2
 
 
+@pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("batch,seqlen,channels,width,with_past,with_bias", [
     (2, 1, 5, 4, True, True), (1, 37, 70, 4, False, True), (2, 9, 3, 2, True, False), (1, 3, 8, 4, False, False),
+    (2, 19, 6, 3, True, True),
 ])
-def test_triton_causal_conv1d_forward_and_gradients(batch, seqlen, channels, width, with_past, with_bias):
+def test_triton_causal_conv1d_forward_and_gradients(monkeypatch, batch, seqlen, channels, width, with_past, with_bias,
+                                                    activation):
+    """Against the PyTorch form in float64; with SiLU the backward recomputes the pre-activations of the W - 1
+    outputs after each block from x: blocks of 8 tokens make those reach into the next block, and backward programs
+    of two blocks each sum dw and dbias over several programs."""
     from ssm_hf.kernels import causal_conv1d_torch
+    from ssm_hf.kernels import causal_conv1d_triton as module
     from ssm_hf.kernels.causal_conv1d_triton import causal_conv1d_triton
 
+    monkeypatch.setattr(module, "BLOCK_T", 8)
+    monkeypatch.setattr(module, "BACKWARD_BLOCKS_PER_PROGRAM", 2)
     g = torch.Generator().manual_seed(seqlen * 10 + width)
     x = torch.randn(batch, seqlen, channels, dtype=torch.float64, generator=g)
     weight = torch.randn(channels, width, dtype=torch.float64, generator=g)
@@ -404,16 +423,25 @@ def test_triton_causal_conv1d_forward_and_gradients(batch, seqlen, channels, wid
     leaves = [t.to(DEVICE, torch.float32).requires_grad_(True) for t in (x, weight, bias) if t is not None]
     refs = [t.clone().requires_grad_(True) for t in (x, weight, bias) if t is not None]
     ours = causal_conv1d_triton(leaves[0], leaves[1], leaves[2] if with_bias else None,
-                                past.to(DEVICE, torch.float32) if with_past else None)
-    ref = causal_conv1d_torch.causal_conv1d(refs[0], refs[1], refs[2] if with_bias else None, past)
+                                past.to(DEVICE, torch.float32) if with_past else None, activation=activation)
+    ref = causal_conv1d_torch.causal_conv1d(refs[0], refs[1], refs[2] if with_bias else None, past,
+                                            activation=activation)
+    if activation == "silu":  # the reference is the conv, then SiLU
+        plain = causal_conv1d_torch.causal_conv1d(x, weight, bias, past)
+        assert torch.equal(ref.detach(), F.silu(plain))
     assert ours.dtype == torch.float32 and _rel_err(ours.detach().cpu(), ref) < 1e-5
     w = torch.randn(ref.shape, dtype=torch.float64, generator=g)
     (ours * w.to(ours)).sum().backward()
     (ref * w).sum().backward()
     for leaf, r in zip(leaves, refs):
         assert _rel_err(leaf.grad.cpu(), r.grad) < 1e-5
-    half = causal_conv1d_triton(leaves[0].detach().bfloat16(), leaves[1].detach(), None, None)
+    half = causal_conv1d_triton(leaves[0].detach().bfloat16(), leaves[1].detach(), None, None,
+                                activation=activation)
     assert half.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d_triton(leaves[0], leaves[1], activation="gelu")
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d_torch.causal_conv1d(refs[0], refs[1], activation="relu")
 
 
 def _segments_separately(inputs, seq_idx):
@@ -860,9 +888,10 @@ def test_triton_scan_gradients_in_the_inputs_dtypes(monkeypatch, dtype, delta_dt
 
 
 @pytest.mark.parametrize("layout", ["slice", "rows", "channels"])
-@pytest.mark.parametrize("with_past,with_seq", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("with_past,with_seq,activation", [(False, False, None), (True, False, "silu"),
+                                                           (False, True, "silu"), (True, True, None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_conv_reads_x_in_place(monkeypatch, dtype, with_past, with_seq, layout):
+def test_triton_conv_reads_x_in_place(monkeypatch, dtype, with_past, with_seq, activation, layout):
     """x as a view of a wider tensor gives exactly what a contiguous copy of it gives (output and the gradients of
     x, the weight and the bias, bitwise), and both kernels get the view itself, not a copy, so the backward keeps
     the view too: "slice" is x as the mixers pass it, columns of in_proj's output (Mamba's x half, Mamba-2's xBC;
@@ -872,9 +901,10 @@ def test_triton_conv_reads_x_in_place(monkeypatch, dtype, with_past, with_seq, l
     from ssm_hf.kernels import causal_conv1d_torch
     from ssm_hf.kernels import causal_conv1d_triton as module
 
-    # several time and channel blocks, the last of each ragged
+    # several time and channel blocks, the last of each ragged; backward programs of two time blocks
     monkeypatch.setattr(module, "BLOCK_T", 8)
     monkeypatch.setattr(module, "BLOCK_C", 8)
+    monkeypatch.setattr(module, "BACKWARD_BLOCKS_PER_PROGRAM", 2)
     g = torch.Generator().manual_seed(15)
     batch, seqlen, channels, width = 2, 21, 20, 4
     xbuf = _wide_buffer(layout, batch, seqlen, 2 * channels + 1, dtype, g)
@@ -889,7 +919,7 @@ def test_triton_conv_reads_x_in_place(monkeypatch, dtype, with_past, with_seq, l
 
     def run(conv, x):
         leaves = [t.detach().clone().requires_grad_(True) for t in (weight, bias)]
-        out = conv(x, *leaves, past=past, seq_idx=seq_idx)
+        out = conv(x, *leaves, past=past, seq_idx=seq_idx, activation=activation)
         out.backward(dout)
         return [out] + [t.grad for t in leaves]
 
@@ -897,6 +927,8 @@ def test_triton_conv_reads_x_in_place(monkeypatch, dtype, with_past, with_seq, l
     got = run(module.causal_conv1d_triton, view(xbuf))
     assert sorted(name for name, _ in launches) == ["_bwd_kernel", "_fwd_kernel"]
     _assert_kernels_got(launches, "x_ptr", ("stride_xb", "stride_xl"), view(xbuf), copied=layout == "channels")
+    for _, args in launches:  # the alignment promised to the compiler is the one of the strides passed
+        assert args["X_ALIGN"] == row_alignment(args["stride_xb"], args["stride_xl"])
     assert xbuf.grad.dtype == dtype and _only_the_view_got_a_gradient(xbuf, view)
     x_copy = view(xbuf).detach().contiguous().requires_grad_(True)
     want = run(module.causal_conv1d_triton, x_copy)
@@ -1008,8 +1040,7 @@ def test_mixer_training_forward_saves_in_proj_output_once(monkeypatch, family, d
         n_tiles = -(-seqlen // selective_scan_triton.TILE_CONFIG["block_t"])
         bound = (tokens * e * (config.hidden_size   # in_proj's input
                                + 2 * d              # in_proj's output [x | z], once
-                               + d                  # the conv's output (SiLU's input)
-                               + d                  # SiLU's output (x_proj's input, the scan's x)
+                               + d                  # the conv's output after SiLU (x_proj's input, the scan's x)
                                + rank + 2 * n       # x_proj's output (dt_proj reads a slice of it)
                                + d                  # dt_proj's output (the scan's Δ)
                                + 2 * triton.next_power_of_2(n)   # the scan's copies of B and C, padded
@@ -1021,8 +1052,7 @@ def test_mixer_training_forward_saves_in_proj_output_once(monkeypatch, family, d
         heads, gn = mixer.num_heads, mixer.n_groups * mixer.ssm_state_size
         bound = (tokens * e * (config.hidden_size   # in_proj's input
                                + 2 * d + 2 * gn + heads   # in_proj's output [z | xBC | Δ], once
-                               + d + 2 * gn         # the conv's output (SiLU's input)
-                               + d + 2 * gn         # the scan's copies of x, B, C out of SiLU's output
+                               + d + 2 * gn         # the scan's copies of x, B, C out of the conv's output
                                + d                  # the norm's input (the scan's output)
                                + d)                 # the norm's output (out_proj's input)
                  + 2 * tokens * heads * f32         # Δ in float32: softplus's input and the scan's Δ
@@ -1037,6 +1067,14 @@ def test_mixer_training_forward_saves_in_proj_output_once(monkeypatch, family, d
     storages = _saved_storages(mixer, hidden, None, mask)
     assert projected[0].untyped_storage().data_ptr() not in storages
 
+def test_row_alignment_is_the_largest_power_of_two_up_to_16_dividing_every_stride():
+    assert row_alignment(3352) == 8          # Mamba-2 130M's in_proj width: 8 x 419
+    assert row_alignment(3072, 2048 * 3072) == 16
+    assert row_alignment(41) == 1
+    assert row_alignment(6, 4) == 2
+    assert row_alignment(12, 0) == 4         # a batch of one may have any batch stride
+
+
 def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
     """One program per 32 tokens on a grid axis that CUDA caps at 65535: a longer row must raise a clear error
     before launching (on a GPU the launch fails with 'invalid argument'; the interpreter has no such cap)."""
@@ -1048,8 +1086,9 @@ def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
     x = torch.zeros(1, seqlen, 1, 1, device=DEVICE)
     with pytest.raises(NotImplementedError, match="split the row"):
         ssd_scan_triton(x, x[..., 0], -torch.ones(1, device=DEVICE), x, x)
-    with pytest.raises(NotImplementedError, match="split the row"):
-        causal_conv1d_triton(x[..., 0], torch.ones(1, 4, device=DEVICE))
+    # the conv puts its time blocks on the axis without that cap, its rows on one with it
+    with pytest.raises(NotImplementedError, match="batch of 65536 rows.*split the batch"):
+        causal_conv1d_triton(torch.zeros(MAX_GRID_YZ + 1, 1, 1, device=DEVICE), torch.ones(1, 4, device=DEVICE))
 
 
 def test_scan_time_chunks_respect_the_grid_and_the_tiles():

@@ -38,6 +38,9 @@ def test_config_built_from_transformers_mamba_config_dict():
     ("mamba", dict(use_bias=True, use_conv_bias=False)),
     ("mamba2", dict()),
     ("mamba2", dict(n_groups=1, use_bias=True, chunk_size=8, time_step_limit=(0.01, 0.5))),
+    # an activation the conv ops do not fuse (SiLU is applied inside them): the mixers apply it after the conv
+    ("mamba", dict(hidden_act="gelu")),
+    ("mamba2", dict(hidden_act="relu")),
 ])
 def test_logits_equal_transformers_twin(family, overrides):
     config = tiny_config(family, **overrides)

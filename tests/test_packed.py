@@ -161,21 +161,24 @@ def test_ssd_scan_with_seq_idx_equals_each_sequence_alone(impl, chunk, dt_shift)
     _check_values_and_gradients(packed, alone, leaves, refs, skip=("A",) if dt_shift else ())
 
 
-def _conv_alone(x, weight, bias, past, seq_idx):
+def _conv_alone(x, weight, bias, past, seq_idx, activation=None):
     rows = []
     for b in range(x.shape[0]):
         parts, start = [], 0
         for i, n in enumerate(_lengths(seq_idx[b])):
             first_past = past[b : b + 1] if past is not None and i == 0 else None
-            parts.append(causal_conv1d_torch.causal_conv1d(x[b : b + 1, start : start + n], weight, bias, first_past))
+            parts.append(causal_conv1d_torch.causal_conv1d(x[b : b + 1, start : start + n], weight, bias, first_past,
+                                                           activation=activation))
             start += n
         rows.append(torch.cat(parts, dim=1))
     return torch.cat(rows)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("width,with_past,with_bias", [(4, True, True), (4, False, False), (2, True, False)])
-def test_causal_conv1d_with_seq_idx_equals_each_sequence_alone(impl, width, with_past, with_bias, monkeypatch):
+@pytest.mark.parametrize("width,with_past,with_bias,activation", [(4, True, True, "silu"), (4, False, False, None),
+                                                                  (2, True, False, None), (3, False, True, "silu")])
+def test_causal_conv1d_with_seq_idx_equals_each_sequence_alone(impl, width, with_past, with_bias, activation,
+                                                               monkeypatch):
     g = torch.Generator().manual_seed(width * 4 + with_past * 2 + with_bias)
     batch, seqlen, channels = 3, 21, 6
     x = torch.randn(batch, seqlen, channels, dtype=torch.float64, generator=g)
@@ -184,15 +187,16 @@ def test_causal_conv1d_with_seq_idx_equals_each_sequence_alone(impl, width, with
     past = torch.randn(batch, channels, width + 1, dtype=torch.float64, generator=g) if with_past else None
     seq_idx = _random_seq_idx(batch, seqlen, g)
     refs = [t.clone().requires_grad_(True) for t in (x, weight, bias) if t is not None]
-    expected = _conv_alone(refs[0], refs[1], refs[2] if with_bias else None, past, seq_idx)
+    expected = _conv_alone(refs[0], refs[1], refs[2] if with_bias else None, past, seq_idx, activation)
     leaves = [t.to(DEVICE, torch.float32).requires_grad_(True) for t in (x, weight, bias) if t is not None]
     args = (leaves[0], leaves[1], leaves[2] if with_bias else None,
             past.to(DEVICE, torch.float32) if with_past else None)
     if impl == "torch":
-        out = causal_conv1d_torch.causal_conv1d(*args, seq_idx=seq_idx.to(DEVICE))
+        out = causal_conv1d_torch.causal_conv1d(*args, seq_idx=seq_idx.to(DEVICE), activation=activation)
     else:  # blocks of 8 tokens: starts on a block's first token and taps that reach into the previous block
         monkeypatch.setattr(causal_conv1d_triton, "BLOCK_T", 8)
-        out = causal_conv1d_triton.causal_conv1d_triton(*args, seq_idx=seq_idx.to(DEVICE))
+        monkeypatch.setattr(causal_conv1d_triton, "BACKWARD_BLOCKS_PER_PROGRAM", 2)
+        out = causal_conv1d_triton.causal_conv1d_triton(*args, seq_idx=seq_idx.to(DEVICE), activation=activation)
     assert_close_to_scale(out.cpu(), expected)
     w = torch.randn(expected.shape, dtype=torch.float64, generator=g)
     (out * w.to(out)).sum().backward()

@@ -57,23 +57,26 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, *args, **kwargs
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  past: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """Depthwise causal conv of x (batch, seqlen, channels), no activation; as `causal_conv1d_torch.causal_conv1d`."""
+                  past: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+                  activation: str | None = None) -> torch.Tensor:
+    """Depthwise causal conv of x (batch, seqlen, channels), then `activation` (None or "silu"); as
+    `causal_conv1d_torch.causal_conv1d`."""
     if use_triton(x):
         from .causal_conv1d_triton import causal_conv1d_triton
 
-        return causal_conv1d_triton(x, weight, bias, past, seq_idx)
-    return causal_conv1d_torch.causal_conv1d(x, weight, bias, past, seq_idx)
+        return causal_conv1d_triton(x, weight, bias, past, seq_idx, activation)
+    return causal_conv1d_torch.causal_conv1d(x, weight, bias, past, seq_idx, activation)
 
 
 def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """One step of the causal conv, `conv_state` updated in place; as `causal_conv1d_torch.causal_conv1d_update`."""
+                         bias: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
+    """One step of the causal conv, `conv_state` updated in place, then `activation` (None or "silu"); as
+    `causal_conv1d_torch.causal_conv1d_update`."""
     if use_triton(x) and not torch.is_grad_enabled():
         from .decode_triton import causal_conv1d_update_triton
 
-        return causal_conv1d_update_triton(x, conv_state, weight, bias)
-    return causal_conv1d_torch.causal_conv1d_update(x, conv_state, weight, bias)
+        return causal_conv1d_update_triton(x, conv_state, weight, bias, activation)
+    return causal_conv1d_torch.causal_conv1d_update(x, conv_state, weight, bias, activation)
 
 
 def ssd_state_update(state: torch.Tensor, x: torch.Tensor, *args, **kwargs):

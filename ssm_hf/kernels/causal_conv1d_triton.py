@@ -1,10 +1,12 @@
-"""Causal depthwise conv1d as Triton kernels (forward and backward), time-major, without activation.
+"""Causal depthwise conv1d as Triton kernels (forward and backward), time-major, optionally followed by SiLU.
 
-Same function as `causal_conv1d_torch.causal_conv1d`: out[t, c] = bias[c] + Σ_k w[c, k] · in[t - (W-1) + k, c], where
-`in` is x preceded by the `past` inputs (zeros without them). It reads x in place ((batch, seqlen, channels),
-channels contiguous, any batch and row strides: a column slice of in_proj's output needs no copy) instead of
-transposing, padding and slicing as the PyTorch form does. With `seq_idx` (packed sequences) a tap whose input has
-another seq_idx than the output token reads zero; positions before x (`past`) count as the row's first sequence.
+Same function as `causal_conv1d_torch.causal_conv1d`: out[t, c] = act(bias[c] + Σ_k w[c, k] · in[t - (W-1) + k, c]),
+where `in` is x preceded by the `past` inputs (zeros without them) and act is SiLU or nothing. It reads x in place
+((batch, seqlen, channels), channels contiguous, any batch and row strides: a column slice of in_proj's output needs
+no copy) instead of transposing, padding and slicing as the PyTorch form does. With SiLU, the backward recomputes
+the pre-activation from x (nothing but x is kept), so the conv and its activation are one pass each way. With
+`seq_idx` (packed sequences) a tap whose input has another seq_idx than the output token reads zero; positions
+before x (`past`) count as the row's first sequence.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import check_grid_axis, on_device_of
+from .causal_conv1d_torch import check_activation
+from .launch import check_grid_axis, on_device_of, row_alignment
 from .packing import kernel_segment_ids
 
 
@@ -38,13 +41,22 @@ def _seq_at(seq_ptr, b, s, L):
 
 
 @triton.jit
+def _row_strides(stride_xb, stride_xl, X_ALIGN: tl.constexpr):
+    # x's strides, which the host found to be multiples of X_ALIGN elements (`launch.row_alignment`), rebuilt as
+    # such so that the compiler sees it and loads rows in vectors (tl.multiple_of has no effect on an argument)
+    return (stride_xb // X_ALIGN) * X_ALIGN, (stride_xl // X_ALIGN) * X_ALIGN
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, out_ptr, L, C, S, stride_xb, stride_xl,
                 W: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+                SILU: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # time blocks on grid axis 0, the only one that CUDA lets exceed 65,535 programs
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
+    stride_xb, stride_xl = _row_strides(stride_xb, stride_xl, X_ALIGN)
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     if HAS_SEQ:
         seq_t = _seq_at(seq_ptr, b, t, L)
@@ -57,51 +69,112 @@ def _fwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, out_ptr, L, C, S, str
         acc += w[None, :] * inputs
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
     tl.store(out_ptr + (b * L + t.to(tl.int64))[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(t < L)[:, None] & c_mask[None, :])
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, past_ptr, w_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, L, C, S, n_tblocks,
-                stride_xb, stride_xl,
-                W: tl.constexpr, HAS_PAST: tl.constexpr, HAS_SEQ: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    # dx[s] = Σ_k w[k] dout[s + (W-1) - k]; this block's share of dw and dbias goes to a partial-sum row. dout and
-    # dx are contiguous; x is read through its strides as in the forward
+def _bwd_block(x_ptr, past_ptr, seq_ptr, dout_ptr, dx_ptr, weights, bias, b, t, c, c_mask, L, C, S, stride_xb,
+               stride_xl, W: tl.constexpr, HAS_PAST: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One (BLOCK_T, BLOCK_C) block of the backward: stores dx[t] = Σ_k w[k] g[t + (W-1) - k], with g[p] the
+    gradient reaching output p before the activation (dout, or dout · silu'(pre[p]), the pre-activation recomputed
+    from x); returns g[t] and the W taps of t (zero where the forward masked them), whose products make dw."""
+    # the inputs at t - (W-1) + i (and their seq_idx): i < W for the taps of t, up to 2W - 2 for the
+    # pre-activations of the later outputs t + j that SiLU's gradient needs
+    inputs = ()
+    seqs = ()
+    for i in tl.static_range(2 * W - 1 if SILU else W):
+        inputs = inputs + (_inputs_at(x_ptr, past_ptr, b, t - (W - 1) + i, c, c_mask, L, C, S, stride_xb, stride_xl,
+                                      HAS_PAST),)
+        if HAS_SEQ:
+            seqs = seqs + (_seq_at(seq_ptr, b, t - (W - 1) + i, L),)
+    dx = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    g_t = dx
+    for j in tl.static_range(W):  # the output t + j, reached from t through tap W-1-j
+        later = t + j
+        g = tl.load(dout_ptr + (b * L + tl.minimum(later, L - 1).to(tl.int64))[:, None] * C + c[None, :],
+                    mask=(later < L)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        if SILU:
+            pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + bias[None, :]
+            for k in tl.static_range(W):
+                tap = inputs[j + k]
+                if HAS_SEQ:  # as in the forward: only taps of the output's own sequence
+                    tap = tl.where((seqs[j + k] == seqs[j + W - 1])[:, None], tap, 0.0)
+                pre += weights[k][None, :] * tap
+            sig = tl.sigmoid(pre)
+            g = g * sig * (1.0 + pre * (1.0 - sig))
+        if j == 0:
+            g_t = g
+        if HAS_SEQ:  # the taps the forward masked carry no gradient
+            g = tl.where((_seq_at(seq_ptr, b, later, L) == _seq_at(seq_ptr, b, t, L))[:, None], g, 0.0)
+        dx += weights[W - 1 - j][None, :] * g
+    tl.store(dx_ptr + (b * L + t.to(tl.int64))[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=(t < L)[:, None] & c_mask[None, :])
+    taps = ()
+    for k in tl.static_range(W):
+        tap = inputs[k]
+        if HAS_SEQ:
+            tap = tl.where((seqs[k] == seqs[W - 1])[:, None], tap, 0.0)
+        taps = taps + (tap,)
+    return g_t, taps
+
+
+@triton.jit
+def _bwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, L, C, S, n_tblocks,
+                blocks_per_program, n_parts, stride_xb, stride_xl,
+                W: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
+                SILU: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program walks blocks_per_program time blocks of BLOCK_C channels (`_bwd_block` each), summing the blocks'
+    # dw and dbias terms elementwise and over time only once at the end, into this program's partial-sum row (a
+    # sum over time per block, with its barriers, and more programs in flight made the backward latency-bound:
+    # H100, 4 x 2048 x 1792 bf16, 123-247 us against 35 us for the forward). dout and dx are contiguous; x is read
+    # through its strides as in the forward.
     b = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    part = tl.program_id(1)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    t_mask = t < L
-    dout = tl.load(dout_ptr + (b * L + t.to(tl.int64))[:, None] * C + c[None, :],
-                   mask=t_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-    dx = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    part = (b * n_tblocks + pid_t) * C + c
-    if HAS_SEQ:
-        seq_t = _seq_at(seq_ptr, b, t, L)
+    stride_xb, stride_xl = _row_strides(stride_xb, stride_xl, X_ALIGN)
+    weights = ()
     for k in tl.static_range(W):
-        w = tl.load(w_ptr + c * W + k, mask=c_mask, other=0.0).to(tl.float32)
-        later = t + (W - 1) - k
-        d_later = tl.load(dout_ptr + (b * L + tl.minimum(later, L - 1).to(tl.int64))[:, None] * C + c[None, :],
-                          mask=(later < L)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-        inputs = _inputs_at(x_ptr, past_ptr, b, t - (W - 1) + k, c, c_mask, L, C, S, stride_xb, stride_xl,
-                            HAS_PAST)
-        if HAS_SEQ:  # the taps the forward masked carry no gradient
-            d_later = tl.where((_seq_at(seq_ptr, b, later, L) == seq_t)[:, None], d_later, 0.0)
-            inputs = tl.where((_seq_at(seq_ptr, b, t - (W - 1) + k, L) == seq_t)[:, None], inputs, 0.0)
-        dx += w[None, :] * d_later
-        tl.store(dw_ptr + part * W + k, tl.sum(dout * inputs, axis=0), mask=c_mask)
-    tl.store(dbias_ptr + part, tl.sum(dout, axis=0), mask=c_mask)
-    tl.store(dx_ptr + (b * L + t.to(tl.int64))[:, None] * C + c[None, :], dx, mask=t_mask[:, None] & c_mask[None, :])
+        weights = weights + (tl.load(w_ptr + c * W + k, mask=c_mask, other=0.0).to(tl.float32),)
+    bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    dws = ()
+    for k in tl.static_range(W):
+        dws = dws + (tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32),)
+    dbias = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    first = part * blocks_per_program
+    for block in range(first, tl.minimum(first + blocks_per_program, n_tblocks)):
+        t = block * BLOCK_T + tl.arange(0, BLOCK_T)
+        g_t, taps = _bwd_block(x_ptr, past_ptr, seq_ptr, dout_ptr, dx_ptr, weights, bias, b, t, c, c_mask, L, C, S,
+                               stride_xb, stride_xl, W, HAS_PAST, HAS_SEQ, SILU, BLOCK_T, BLOCK_C)
+        summed = ()
+        for k in tl.static_range(W):
+            summed = summed + (dws[k] + g_t * taps[k],)
+        dws = summed
+        dbias += g_t
+    row = (b * n_parts + part) * C + c
+    for k in tl.static_range(W):
+        tl.store(dw_ptr + row * W + k, tl.sum(dws[k], axis=0), mask=c_mask)
+    tl.store(dbias_ptr + row, tl.sum(dbias, axis=0), mask=c_mask)
 
 
-BLOCK_T, BLOCK_C = 32, 64
+# (tokens, channels) per block, warps per program, and the time blocks one backward program walks (its dw and dbias
+# sums stay in registers). H100, 4 x 2048 x 1792 bf16 with SiLU, profiler kernel times (BENCHMARKS.md, seventh
+# session): backward 97.6 us here, 109-176 us in 9 other settings, 207 us with one block per program (a sum over
+# time per block); the forward takes 35-42 us in every setting.
+BLOCK_T, BLOCK_C = 16, 32
+WARPS = {"forward": 4, "backward": 4}
+BACKWARD_BLOCKS_PER_PROGRAM = 16
 
 
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, past, seq_idx):
+    def forward(ctx, x, weight, bias, past, seq_idx, activation):
         batch, seqlen, channels = x.shape
         width = weight.shape[-1]
         # x is usually a column slice of in_proj's output (Mamba's x half, Mamba-2's xBC): the kernels take its
@@ -113,49 +186,59 @@ class _CausalConv1d(torch.autograd.Function):
         past = past.contiguous() if past is not None else None
         seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous whatever x's strides
-        grid = (batch, triton.cdiv(seqlen, BLOCK_T), triton.cdiv(channels, BLOCK_C))
+        grid = (triton.cdiv(seqlen, BLOCK_T), batch, triton.cdiv(channels, BLOCK_C))
         with on_device_of(x):
             _fwd_kernel[grid](x, past if past is not None else x, weight, bias if bias is not None else weight,
                               seq_idx if seq_idx is not None else x, out,
                               seqlen, channels, past.shape[-1] if past is not None else 0, x.stride(0), x.stride(1),
                               W=width, HAS_PAST=past is not None, HAS_BIAS=bias is not None,
-                              HAS_SEQ=seq_idx is not None, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
-        ctx.save_for_backward(x, weight, past, seq_idx)
-        ctx.has_bias = bias is not None
+                              HAS_SEQ=seq_idx is not None, SILU=activation == "silu",
+                              X_ALIGN=row_alignment(x.stride(0), x.stride(1)), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+                              num_warps=WARPS["forward"])
+        ctx.save_for_backward(x, weight, bias, past, seq_idx)
+        ctx.activation = activation
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, past, seq_idx = ctx.saved_tensors
+        x, weight, bias, past, seq_idx = ctx.saved_tensors
         batch, seqlen, channels = x.shape
         width = weight.shape[-1]
         n_tblocks = triton.cdiv(seqlen, BLOCK_T)
-        dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        dw = torch.empty(batch * n_tblocks, channels, width, dtype=torch.float32, device=x.device)
-        dbias = torch.empty(batch * n_tblocks, channels, dtype=torch.float32, device=x.device)
+        n_parts = triton.cdiv(n_tblocks, BACKWARD_BLOCKS_PER_PROGRAM)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # stored in x's dtype by the kernel
+        dw = torch.empty(batch * n_parts, channels, width, dtype=torch.float32, device=x.device)
+        dbias = torch.empty(batch * n_parts, channels, dtype=torch.float32, device=x.device)
         with on_device_of(x):
-            _bwd_kernel[(batch, n_tblocks, triton.cdiv(channels, BLOCK_C))](
-                x, past if past is not None else x, weight, seq_idx if seq_idx is not None else x, dout.contiguous(),
-                dx, dw, dbias, seqlen, channels, past.shape[-1] if past is not None else 0, n_tblocks,
+            _bwd_kernel[(batch, n_parts, triton.cdiv(channels, BLOCK_C))](
+                x, past if past is not None else x, weight, bias if bias is not None else weight,
+                seq_idx if seq_idx is not None else x, dout.contiguous(), dx, dw, dbias, seqlen, channels,
+                past.shape[-1] if past is not None else 0, n_tblocks, BACKWARD_BLOCKS_PER_PROGRAM, n_parts,
                 x.stride(0), x.stride(1),
-                W=width, HAS_PAST=past is not None, HAS_SEQ=seq_idx is not None, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
-        return (dx.to(x.dtype), dw.sum(0).to(weight.dtype), dbias.sum(0).to(weight.dtype) if ctx.has_bias else None,
-                None, None)
+                W=width, HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
+                SILU=ctx.activation == "silu", X_ALIGN=row_alignment(x.stride(0), x.stride(1)),
+                BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=WARPS["backward"])
+        return (dx, dw.sum(0).to(weight.dtype), dbias.sum(0).to(bias.dtype) if bias is not None else None,
+                None, None, None)
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                         past: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                         past: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+                         activation: str | None = None) -> torch.Tensor:
     """As `causal_conv1d_torch.causal_conv1d`: x (batch, seqlen, channels), read in place when its channels are
     contiguous (any batch and row strides), weight (channels, width), past (batch, channels, k ≥ width - 1) the
-    inputs before x or None, seq_idx (batch or 1, seqlen) packed sequences or None.
+    inputs before x or None, seq_idx (batch or 1, seqlen) packed sequences or None, activation None or "silu".
     Returns (batch, seqlen, channels) in x's dtype. No gradient flows into `past` (a cache's state)."""
+    check_activation(activation)
     if seq_idx is not None:  # the kernels compare ids for equality: give them ids that change where a sequence starts
         seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     if x.shape[1] == 0:
         return x.new_empty(x.shape)
-    check_grid_axis(triton.cdiv(x.shape[1], BLOCK_T), f"A causal conv over {x.shape[1]} tokens")
+    check_grid_axis(x.shape[0], f"A causal conv of a batch of {x.shape[0]} rows", "split the batch")
+    check_grid_axis(triton.cdiv(triton.cdiv(x.shape[1], BLOCK_T), BACKWARD_BLOCKS_PER_PROGRAM),
+                    f"A causal conv over {x.shape[1]} tokens")
     check_grid_axis(triton.cdiv(x.shape[2], BLOCK_C), f"A causal conv over {x.shape[2]} channels")
     if past is not None and past.shape[-1] < weight.shape[-1] - 1:
         raise ValueError(f"past holds {past.shape[-1]} inputs; a width-{weight.shape[-1]} conv needs at least "
                          f"{weight.shape[-1] - 1}")
-    return _CausalConv1d.apply(x, weight, bias, past.detach() if past is not None else None, seq_idx)
+    return _CausalConv1d.apply(x, weight, bias, past.detach() if past is not None else None, seq_idx, activation)

@@ -10,12 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .causal_conv1d_torch import check_activation
 from .launch import on_device_of
 
 
 @triton.jit
 def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, C, K, S,
-                        HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     k = tl.arange(0, BLOCK_K)
@@ -29,6 +30,8 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, C, K, S,
     out = tl.sum(window * w.to(tl.float32), axis=1)
     if HAS_BIAS:
         out += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    if SILU:
+        out = out * tl.sigmoid(out)
     tl.store(out_ptr + b * C + c, out.to(out_ptr.dtype.element_ty), mask=c_mask)
     # shift the cached inputs left by one and append x (all reads above happen before these writes)
     shifted = tl.load(state_ptr + (b * C + c[:, None]) * S + 1 + tl.arange(0, BLOCK_K)[None, :],
@@ -40,9 +43,11 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, C, K, S,
 
 
 def causal_conv1d_update_triton(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
-                                bias: torch.Tensor | None = None) -> torch.Tensor:
+                                bias: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
     """x: (batch, channels) one new input; conv_state: (batch, channels, S ≥ width - 1) the inputs before it,
-    updated in place (shifted by one, x appended); weight: (channels, width). Returns (batch, channels)."""
+    updated in place (shifted by one, x appended); weight: (channels, width); activation None or "silu".
+    Returns (batch, channels)."""
+    check_activation(activation)
     batch, channels = x.shape
     width, size = weight.shape[-1], conv_state.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -52,7 +57,8 @@ def causal_conv1d_update_triton(x: torch.Tensor, conv_state: torch.Tensor, weigh
     with on_device_of(x):
         _conv_update_kernel[(batch, triton.cdiv(channels, 128))](
             x.contiguous(), state, weight.contiguous(), bias if bias is not None else weight, out,
-            channels, width, size, HAS_BIAS=bias is not None, BLOCK_C=128, BLOCK_K=block_k)
+            channels, width, size, HAS_BIAS=bias is not None, SILU=activation == "silu", BLOCK_C=128,
+            BLOCK_K=block_k)
     if state is not conv_state:
         conv_state.copy_(state)
     return out

@@ -20,10 +20,23 @@ def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
 MAX_GRID_YZ = 65535
 
 
-def check_grid_axis(programs: int, what: str) -> None:
-    """NotImplementedError naming `what` when `programs` (a grid's second or third axis) exceeds CUDA's limit: the
-    launch would fail with an opaque 'invalid argument' (Triton's interpreter has no such limit, so CPU tests would
-    never show it)."""
+def check_grid_axis(programs: int, what: str,
+                    remedy: str = "split the row (e.g. pack the sequences into several rows)") -> None:
+    """NotImplementedError naming `what` (and `remedy`) when `programs` (a grid's second or third axis) exceeds
+    CUDA's limit: the launch would fail with an opaque 'invalid argument' (Triton's interpreter has no such limit,
+    so CPU tests would never show it)."""
     if programs > MAX_GRID_YZ:
         raise NotImplementedError(f"{what} needs {programs} programs on one launch-grid axis, above CUDA's "
-                                  f"{MAX_GRID_YZ}: split the row (e.g. pack the sequences into several rows).")
+                                  f"{MAX_GRID_YZ}: {remedy}.")
+
+
+def row_alignment(*strides: int) -> int:
+    """The largest of 16, 8, 4, 2, 1 that divides every stride (in elements).
+
+    Triton specialises an integer argument only on whether it is a multiple of 16, so a row stride such as
+    Mamba-2's in_proj width (2 * d_inner + 2 * groups * d_state + heads, e.g. 3352 = 8 x 419) makes every load of a
+    row view scalar; a kernel told `tl.multiple_of(stride, row_alignment(stride))` reads 16 bytes at a time again."""
+    alignment = 16
+    while alignment > 1 and any(stride % alignment for stride in strides):
+        alignment //= 2
+    return alignment

@@ -11,29 +11,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of
+from .launch import on_device_of, row_alignment
 
 
 @triton.jit
-def _gated_input(x_ptr, z_ptr, row, cols, mask, H, stride_z, HAS_GATE: tl.constexpr):
-    # x's row is contiguous (H apart), the gate's rows stride_z apart
+def _gated_input(x_ptr, z_ptr, row, cols, mask, H, stride_z, HAS_GATE: tl.constexpr, Z_ALIGN: tl.constexpr):
+    # x's row is contiguous (H apart), the gate's rows stride_z apart: a multiple of Z_ALIGN, rebuilt as such so
+    # that the compiler loads the gate in vectors (tl.multiple_of has no effect on an argument)
     x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
     z = tl.zeros_like(x)
     u = x
     if HAS_GATE:
-        z = tl.load(z_ptr + row * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row * ((stride_z // Z_ALIGN) * Z_ALIGN) + cols, mask=mask, other=0.0).to(tl.float32)
         u = x * z * tl.sigmoid(z)
     return x, z, u
 
 
 @triton.jit
 def _fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps, stride_z,
-                HAS_GATE: tl.constexpr, ROUND_TO_INPUT: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_GATE: tl.constexpr, ROUND_TO_INPUT: tl.constexpr, Z_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * G + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < G
     offs = row * H + cols
-    _, _, u = _gated_input(x_ptr, z_ptr, row, cols, mask, H, stride_z, HAS_GATE)
+    _, _, u = _gated_input(x_ptr, z_ptr, row, cols, mask, H, stride_z, HAS_GATE, Z_ALIGN)
     rstd = 1.0 / tl.sqrt(tl.sum(u * u, axis=0) / G + eps)
     n = u * rstd
     if ROUND_TO_INPUT:  # as the reference: the normalised value is rounded to the input's dtype first
@@ -44,7 +45,8 @@ def _fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps, stride_z,
 
 @triton.jit
 def _bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, eps, rows_per_program, stride_z,
-                HAS_GATE: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_GATE: tl.constexpr, Z_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    # dx and dz are stored in their tensors' dtypes (x's and the gate's), rounded once
     block = tl.program_id(0)
     group = tl.program_id(1)
     cols = group * G + tl.arange(0, BLOCK)
@@ -55,7 +57,7 @@ def _bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, ep
         row = block * rows_per_program + i
         if row < M:
             offs = row.to(tl.int64) * H + cols
-            x, z, u = _gated_input(x_ptr, z_ptr, row.to(tl.int64), cols, mask, H, stride_z, HAS_GATE)
+            x, z, u = _gated_input(x_ptr, z_ptr, row.to(tl.int64), cols, mask, H, stride_z, HAS_GATE, Z_ALIGN)
             rstd = 1.0 / tl.sqrt(tl.sum(u * u, axis=0) / G + eps)
             n = u * rstd
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -64,10 +66,11 @@ def _bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, ep
             du = rstd * (dn - n * (tl.sum(dn * n, axis=0) / G))
             if HAS_GATE:
                 sig = tl.sigmoid(z)
-                tl.store(dx_ptr + offs, du * z * sig, mask=mask)
-                tl.store(dz_ptr + offs, du * x * sig * (1.0 + z * (1.0 - sig)), mask=mask)
+                tl.store(dx_ptr + offs, (du * z * sig).to(dx_ptr.dtype.element_ty), mask=mask)
+                tl.store(dz_ptr + offs, (du * x * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
+                         mask=mask)
             else:
-                tl.store(dx_ptr + offs, du, mask=mask)
+                tl.store(dx_ptr + offs, du.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_ptr + block.to(tl.int64) * H + cols, dw, mask=mask)
 
 
@@ -91,7 +94,8 @@ class _RMSNormGated(torch.autograd.Function):
                 _fwd_kernel[(rows, hidden // group_size)](
                     x2, z2 if z2 is not None else x2, weight, y, hidden, group_size, eps,
                     z2.stride(0) if z2 is not None else hidden,
-                    HAS_GATE=gate is not None, ROUND_TO_INPUT=x.dtype != torch.float32, BLOCK=block,
+                    HAS_GATE=gate is not None, ROUND_TO_INPUT=x.dtype != torch.float32,
+                    Z_ALIGN=row_alignment(z2.stride(0)) if z2 is not None else 1, BLOCK=block,
                     num_warps=min(max(block // 256, 1), 8))
         ctx.save_for_backward(x2, z2, weight)
         ctx.group_size, ctx.eps, ctx.shape = group_size, eps, shape
@@ -102,8 +106,8 @@ class _RMSNormGated(torch.autograd.Function):
         x2, z2, weight = ctx.saved_tensors
         rows, hidden = x2.shape
         group_size = ctx.group_size
-        dx = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
-        dz = torch.empty(x2.shape, dtype=torch.float32, device=x2.device) if z2 is not None else None
+        dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+        dz = torch.empty(x2.shape, dtype=z2.dtype, device=x2.device) if z2 is not None else None
         # a few hundred programs per group, each summing its rows' share of dweight
         programs = max(min(rows, 512 // max(hidden // group_size, 1)), 1)
         rows_per_program = triton.cdiv(max(rows, 1), programs)
@@ -114,10 +118,11 @@ class _RMSNormGated(torch.autograd.Function):
                 _bwd_kernel[(programs, hidden // group_size)](
                     x2, z2 if z2 is not None else x2, weight, dy.reshape(rows, hidden).contiguous(), dx,
                     dz if dz is not None else dx, dw, rows, hidden, group_size, ctx.eps, rows_per_program,
-                    z2.stride(0) if z2 is not None else hidden,
-                    HAS_GATE=z2 is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+                    z2.stride(0) if z2 is not None else hidden, HAS_GATE=z2 is not None,
+                    Z_ALIGN=row_alignment(z2.stride(0)) if z2 is not None else 1, BLOCK=block,
+                    num_warps=min(max(block // 256, 1), 8))
         shape = ctx.shape
-        return (dx.to(x2.dtype).reshape(shape), dz.to(z2.dtype).reshape(shape) if dz is not None else None,
+        return (dx.reshape(shape), dz.reshape(shape) if dz is not None else None,
                 dw.sum(0).to(weight.dtype), None, None)
 
 

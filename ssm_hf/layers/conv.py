@@ -24,11 +24,18 @@ def decoding_state(cache_params: Cache | None, layer_idx: int, seqlen: int) -> t
     return state, seqlen == 1
 
 
+def conv_activation(hidden_act: str) -> str | None:
+    """The activation the conv ops apply themselves for a config's `hidden_act` ("silu" for SiLU/swish, which the
+    kernels fuse into the conv), or None: the mixer then applies ACT2FN[hidden_act] after the conv."""
+    return "silu" if hidden_act in ("silu", "swish") else None
+
+
 def cached_causal_conv(
     conv1d: nn.Conv1d, x: torch.Tensor, cache_params: Cache | None, layer_idx: int,
-    mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None, activation: str | None = None,
 ) -> torch.Tensor:
-    """Depthwise causal conv of x: (batch, seqlen, channels), without activation.
+    """Depthwise causal conv of x: (batch, seqlen, channels), then `activation` (None or "silu", applied inside
+    the conv op).
 
     With a cache, the sequence continues from the layer's conv state (zeros before the first call), and the state
     is then replaced by the last `kernel_size` real inputs. With a padding `mask` (batch, seqlen), 1 for real
@@ -38,12 +45,12 @@ def cached_causal_conv(
     sequence.
     """
     with loaded_weights(conv1d):
-        return _cached_causal_conv(conv1d, x, cache_params, layer_idx, mask, seq_idx)
+        return _cached_causal_conv(conv1d, x, cache_params, layer_idx, mask, seq_idx, activation)
 
 
 def _cached_causal_conv(
     conv1d: nn.Conv1d, x: torch.Tensor, cache_params: Cache | None, layer_idx: int, mask: torch.Tensor | None,
-    seq_idx: torch.Tensor | None,
+    seq_idx: torch.Tensor | None, activation: str | None,
 ) -> torch.Tensor:
     weight, bias, width = conv1d.weight.squeeze(1), conv1d.bias, conv1d.kernel_size[0]
     past = cache_params.get_conv_state(layer_idx) if cache_params is not None else None
@@ -51,12 +58,12 @@ def _cached_causal_conv(
         # a decoding step: one fused op that also shifts the cached inputs in place; a padded step (mask 0) puts
         # the previous inputs back, without a host synchronisation
         before = past.clone() if mask is not None else None
-        out = kernels.causal_conv1d_update(x[:, 0], past, weight, bias).unsqueeze(1)
+        out = kernels.causal_conv1d_update(x[:, 0], past, weight, bias, activation).unsqueeze(1)
         if before is not None:
             past.copy_(torch.where(mask.bool()[:, :1, None], past, before))
         return out
     if mask is None or bool(mask.all()):
-        out = kernels.causal_conv1d(x, weight, bias, past=past, seq_idx=seq_idx)
+        out = kernels.causal_conv1d(x, weight, bias, past=past, seq_idx=seq_idx, activation=activation)
         if cache_params is not None:
             # only after the conv: the cache overwrites its conv state in place
             cache_params.update_conv_state(x.transpose(1, 2), layer_idx, conv_kernel_size=width)
@@ -70,7 +77,8 @@ def _cached_causal_conv(
     # packed sequences keep their ids through the reordering (a padded position's id only affects its own output)
     packed_seq_idx = seq_idx.gather(1, order) if seq_idx is not None else None
     out = torch.empty_like(x).scatter_(1, index, kernels.causal_conv1d(packed, weight, bias, past=past,
-                                                                       seq_idx=packed_seq_idx))
+                                                                       seq_idx=packed_seq_idx,
+                                                                       activation=activation))
     if cache_params is not None:
         before = (packed.new_zeros(x.shape[0], width, x.shape[2]) if past is None
                   else past[..., -width:].transpose(1, 2).to(x.dtype))

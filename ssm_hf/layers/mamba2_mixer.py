@@ -10,7 +10,7 @@ from transformers.cache_utils import Cache
 
 from .. import kernels
 from ..configs.mamba2 import Mamba2Config
-from .conv import cached_causal_conv, decoding_state
+from .conv import cached_causal_conv, conv_activation, decoding_state
 from .norm import RMSNormGated
 from .ssm_init import inverse_softplus_dt
 
@@ -34,6 +34,7 @@ class Mamba2Mixer(nn.Module):
         self.chunk_size = config.chunk_size
         self.time_step_limit = tuple(config.time_step_limit)
         self.act = ACT2FN[config.hidden_act]
+        self.conv_activation = conv_activation(config.hidden_act)  # SiLU is fused into the conv op
         self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
 
         self.in_proj = nn.Linear(config.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads,
@@ -79,7 +80,10 @@ class Mamba2Mixer(nn.Module):
             if z.requires_grad:  # xBC is a new tensor now: a view of z alone would keep all of in_proj's output
                 z = z.contiguous()
 
-        xBC = self.act(cached_causal_conv(self.conv1d, xBC, cache_params, self.layer_idx, padding, seq_idx))
+        xBC = cached_causal_conv(self.conv1d, xBC, cache_params, self.layer_idx, padding, seq_idx,
+                               activation=self.conv_activation)
+        if self.conv_activation is None:
+            xBC = self.act(xBC)
         if mask is not None:
             xBC = xBC * mask
 
