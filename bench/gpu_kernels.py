@@ -301,8 +301,8 @@ def conv_tiles():
                     out = module.causal_conv1d_triton(leaf[..., 1536:1536 + 1792], w, bias, activation=activation)
                     out.backward(dy)
                 times = _kernel_times(step)
-                fwd = sum(v for k, v in times.items() if "_fwd_kernel" in k)
-                bwd = sum(v for k, v in times.items() if "_bwd_kernel" in k)
+                fwd = sum(v for k, v in times.items() if "_conv_fwd_kernel" in k)
+                bwd = sum(v for k, v in times.items() if "_conv_bwd_kernel" in k)
                 rest = sum(times.values()) - fwd - bwd
                 step()
                 grads = [t.grad.float() for t in (leaf, w, bias)]

@@ -923,9 +923,9 @@ def test_triton_conv_reads_x_in_place(monkeypatch, dtype, with_past, with_seq, a
         out.backward(dout)
         return [out] + [t.grad for t in leaves]
 
-    launches = _record_launches(monkeypatch, module, ("_fwd_kernel", "_bwd_kernel"))
+    launches = _record_launches(monkeypatch, module, ("_conv_fwd_kernel", "_conv_bwd_kernel"))
     got = run(module.causal_conv1d_triton, view(xbuf))
-    assert sorted(name for name, _ in launches) == ["_bwd_kernel", "_fwd_kernel"]
+    assert sorted(name for name, _ in launches) == ["_conv_bwd_kernel", "_conv_fwd_kernel"]
     _assert_kernels_got(launches, "x_ptr", ("stride_xb", "stride_xl"), view(xbuf), copied=layout == "channels")
     for _, args in launches:  # the alignment promised to the compiler is the one of the strides passed
         assert args["X_ALIGN"] == row_alignment(args["stride_xb"], args["stride_xl"])
@@ -972,10 +972,10 @@ def test_triton_rms_norm_gated_reads_the_gate_in_place(monkeypatch, dtype, layou
         y.backward(dy)
         return [y] + [t.grad for t in leaves]
 
-    launches = _record_launches(monkeypatch, module, ("_fwd_kernel", "_bwd_kernel"))
+    launches = _record_launches(monkeypatch, module, ("_norm_fwd_kernel", "_norm_bwd_kernel"))
     got = run(view(zbuf))
     z = view(zbuf)
-    assert sorted(name for name, _ in launches) == ["_bwd_kernel", "_fwd_kernel"]
+    assert sorted(name for name, _ in launches) == ["_norm_bwd_kernel", "_norm_fwd_kernel"]
     for name, args in launches:
         passed = args["z_ptr"]
         if layout == "slice":

@@ -48,7 +48,7 @@ def _row_strides(stride_xb, stride_xl, X_ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, out_ptr, L, C, S, stride_xb, stride_xl,
+def _conv_fwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, out_ptr, L, C, S, stride_xb, stride_xl,
                 W: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
                 SILU: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     # time blocks on grid axis 0, the only one that CUDA lets exceed 65,535 programs
@@ -123,7 +123,7 @@ def _bwd_block(x_ptr, past_ptr, seq_ptr, dout_ptr, dx_ptr, weights, bias, b, t, 
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, L, C, S, n_tblocks,
+def _conv_bwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, L, C, S, n_tblocks,
                 blocks_per_program, n_parts, stride_xb, stride_xl,
                 W: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
                 SILU: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -188,7 +188,7 @@ class _CausalConv1d(torch.autograd.Function):
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous whatever x's strides
         grid = (triton.cdiv(seqlen, BLOCK_T), batch, triton.cdiv(channels, BLOCK_C))
         with on_device_of(x):
-            _fwd_kernel[grid](x, past if past is not None else x, weight, bias if bias is not None else weight,
+            _conv_fwd_kernel[grid](x, past if past is not None else x, weight, bias if bias is not None else weight,
                               seq_idx if seq_idx is not None else x, out,
                               seqlen, channels, past.shape[-1] if past is not None else 0, x.stride(0), x.stride(1),
                               W=width, HAS_PAST=past is not None, HAS_BIAS=bias is not None,
@@ -210,7 +210,7 @@ class _CausalConv1d(torch.autograd.Function):
         dw = torch.empty(batch * n_parts, channels, width, dtype=torch.float32, device=x.device)
         dbias = torch.empty(batch * n_parts, channels, dtype=torch.float32, device=x.device)
         with on_device_of(x):
-            _bwd_kernel[(batch, n_parts, triton.cdiv(channels, BLOCK_C))](
+            _conv_bwd_kernel[(batch, n_parts, triton.cdiv(channels, BLOCK_C))](
                 x, past if past is not None else x, weight, bias if bias is not None else weight,
                 seq_idx if seq_idx is not None else x, dout.contiguous(), dx, dw, dbias, seqlen, channels,
                 past.shape[-1] if past is not None else 0, n_tblocks, BACKWARD_BLOCKS_PER_PROGRAM, n_parts,

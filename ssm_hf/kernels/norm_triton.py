@@ -28,7 +28,7 @@ def _gated_input(x_ptr, z_ptr, row, cols, mask, H, stride_z, HAS_GATE: tl.conste
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps, stride_z,
+def _norm_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps, stride_z,
                 HAS_GATE: tl.constexpr, ROUND_TO_INPUT: tl.constexpr, Z_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * G + tl.arange(0, BLOCK)
@@ -44,7 +44,7 @@ def _fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps, stride_z,
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, eps, rows_per_program, stride_z,
+def _norm_bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, eps, rows_per_program, stride_z,
                 HAS_GATE: tl.constexpr, Z_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     # dx and dz are stored in their tensors' dtypes (x's and the gate's), rounded once
     block = tl.program_id(0)
@@ -91,7 +91,7 @@ class _RMSNormGated(torch.autograd.Function):
         block = triton.next_power_of_2(group_size)
         if rows:
             with on_device_of(x2):
-                _fwd_kernel[(rows, hidden // group_size)](
+                _norm_fwd_kernel[(rows, hidden // group_size)](
                     x2, z2 if z2 is not None else x2, weight, y, hidden, group_size, eps,
                     z2.stride(0) if z2 is not None else hidden,
                     HAS_GATE=gate is not None, ROUND_TO_INPUT=x.dtype != torch.float32,
@@ -115,7 +115,7 @@ class _RMSNormGated(torch.autograd.Function):
         block = triton.next_power_of_2(group_size)
         if rows:
             with on_device_of(x2):
-                _bwd_kernel[(programs, hidden // group_size)](
+                _norm_bwd_kernel[(programs, hidden // group_size)](
                     x2, z2 if z2 is not None else x2, weight, dy.reshape(rows, hidden).contiguous(), dx,
                     dz if dz is not None else dx, dw, rows, hidden, group_size, ctx.eps, rows_per_program,
                     z2.stride(0) if z2 is not None else hidden, HAS_GATE=z2 is not None,
