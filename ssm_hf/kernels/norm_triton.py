@@ -29,7 +29,8 @@ def _gated_input(x_ptr, z_ptr, row, cols, mask, H, stride_z, HAS_GATE: tl.conste
 
 @triton.jit
 def _norm_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps, stride_z,
-                HAS_GATE: tl.constexpr, ROUND_TO_INPUT: tl.constexpr, Z_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_GATE: tl.constexpr, ROUND_TO_INPUT: tl.constexpr, Z_ALIGN: tl.constexpr,
+                     BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * G + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < G
@@ -44,8 +45,8 @@ def _norm_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps, stride_z,
 
 
 @triton.jit
-def _norm_bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, eps, rows_per_program, stride_z,
-                HAS_GATE: tl.constexpr, Z_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+def _norm_bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, eps, rows_per_program,
+                     stride_z, HAS_GATE: tl.constexpr, Z_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     # dx and dz are stored in their tensors' dtypes (x's and the gate's), rounded once
     block = tl.program_id(0)
     group = tl.program_id(1)
