@@ -589,9 +589,35 @@ def test_triton_ssd_sequence_starts_across_row_blocks(seqlen, ssd_forward):
     assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(h.cpu(), h_ref) < 1e-5
 
 
+@pytest.mark.parametrize("seqlen", [70, 200, 128, 1])
+def test_triton_ssd_output_programs_stop_at_the_sequence_end(monkeypatch, seqlen):
+    """With chunks of four row blocks, the output kernel runs one program per row block up to the one holding the
+    last token (none for blocks wholly past the end of a short last chunk), and every output is still written."""
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels import ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "FORWARD_CHUNK", 128)
+    monkeypatch.setattr(ssd_triton, "OUTPUT_ROWS", 32)
+    monkeypatch.setattr(ssd_triton, "STATE_TILE", ssd_triton.LONG_CHUNK_TILE)
+    grids, kernel = [], ssd_triton._chunk_output_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(ssd_triton, "_chunk_output_kernel", Recorded())
+    inputs = ssd_inputs(2, seqlen, 2, 5, 1, 20, seed=seqlen)
+    y, h = ssd_triton.ssd_scan_triton(**_to(inputs, torch.float32), dt_softplus=True, return_final_state=True)
+    y_ref, h_ref = kernels.ssd_scan_sequential(**inputs, dt_softplus=True, return_final_state=True)
+    assert [grid[1] for grid in grids] == [-(-seqlen // 32)]
+    assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(h.cpu(), h_ref) < 1e-5
+
+
 def test_ssd_forward_plan(monkeypatch):
-    """Long chunks only for 16-bit inputs whose walker programs would leave multiprocessors idle; a forced chunk the
-    output kernel cannot cut into row blocks is refused by name, not computed wrongly."""
+    """Long chunks only for 16-bit inputs whose walker programs would leave multiprocessors idle; a forced chunk or
+    output row block the output kernel cannot use is refused by name, not computed wrongly."""
     from test_kernels_ssd import _inputs as ssd_inputs
 
     from ssm_hf.kernels import ssd_triton
@@ -609,6 +635,11 @@ def test_ssd_forward_plan(monkeypatch):
     for chunk in (48, 8):
         monkeypatch.setattr(ssd_triton, "FORWARD_CHUNK", chunk)
         with pytest.raises(ValueError, match="FORWARD_CHUNK"):
+            ssd_triton.ssd_scan_triton(**inputs)
+    monkeypatch.setattr(ssd_triton, "FORWARD_CHUNK", 64)
+    for rows in (8, 24, 48, 0):  # too short for a tl.dot, or not cutting the chunk into equal blocks
+        monkeypatch.setattr(ssd_triton, "OUTPUT_ROWS", rows)
+        with pytest.raises(ValueError, match="OUTPUT_ROWS"):
             ssd_triton.ssd_scan_triton(**inputs)
 
 

@@ -193,7 +193,8 @@ def _chunk_output_kernel(
     """y of BLOCK_M tokens (a row block of one chunk of BLOCK_Q tokens) from the state entering the chunk and the
     chunk's tokens up to them; d_state is walked in blocks of BLOCK_N. A chunk longer than a row block stores half
     (or fewer) chunk states: the row blocks before this one enter through their tokens, not through a state.
-    Grid: (batch * heads, chunks x row blocks per chunk, head_dim blocks)."""
+    Grid: (batch * heads, row blocks up to the sequence's end (block i starts at token i * BLOCK_M), head_dim
+    blocks)."""
     bh, row, head, group = _program_head(H, G)
     blocks: tl.constexpr = BLOCK_Q // BLOCK_M
     k = tl.program_id(1) // blocks
@@ -226,7 +227,7 @@ def _chunk_output_kernel(
     cum = tl.cumsum(a, axis=0)
     between = tl.sum(tl.zeros_like(a), axis=0)  # a float32 zero of the loop's type (a literal would be a constant)
     for back in range(1, m + 1):
-        # (all valid unless this row block lies past the sequence's end: its stores are masked, its loads too)
+        # (all inside the sequence: they come before this block, which holds a token of it)
         ts, valid_s, dts, as_, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, start - back * BLOCK_M, L, H, A,
                                                  HAS_SEQ, BLOCK_M)
         scores = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
@@ -446,9 +447,13 @@ def _forward_plan(x: torch.Tensor, d_state: int) -> tuple[int, int, tuple[int, i
         sms = _multiprocessors(x)
         if sms is not None and x.dtype != torch.float32 and grid[0] * grid[1] * grid[2] < sms:
             chunk, tile = LONG_CHUNK, LONG_CHUNK_TILE
-    if chunk < 16 or chunk & (chunk - 1) or chunk % min(OUTPUT_ROWS, chunk):
+    # the output kernel's row blocks are tl.dot operands (16 rows at least) and cut the chunk exactly: both powers
+    # of two then suffice
+    if not isinstance(OUTPUT_ROWS, int) or OUTPUT_ROWS < 16 or OUTPUT_ROWS & (OUTPUT_ROWS - 1):
+        raise ValueError(f"ssd_triton.OUTPUT_ROWS must be a power of two >= 16; got {OUTPUT_ROWS!r}.")
+    if not isinstance(chunk, int) or chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"The SSD forward's chunk (ssd_triton.FORWARD_CHUNK or LONG_CHUNK) must be a power of two "
-                         f">= 16 and a multiple of OUTPUT_ROWS ({OUTPUT_ROWS}); got {chunk}.")
+                         f">= 16; got {chunk!r}.")
     return chunk, min(OUTPUT_ROWS, chunk), tile
 
 
@@ -538,7 +543,9 @@ class _SSDScan(torch.autograd.Function):
         with on_device_of(x):
             states, final = _walk_chunks(x, dt, A, B, seq, h0, forward_q, reverse=False, tile=walk_tile)
             block_p = _block(head_dim, 64)
-            grid = (batch * heads, states.shape[1] * (forward_q // rows), triton.cdiv(head_dim, block_p))
+            # row blocks up to the one holding the last token: a chunk's blocks are consecutive, so program i of
+            # axis 1 starts at token i * rows (none wholly past the end, where the last chunk is short)
+            grid = (batch * heads, triton.cdiv(seqlen, rows), triton.cdiv(head_dim, block_p))
             _chunk_output_kernel[grid](
                 x, dt, A, B, C, D if D is not None else dt, seq if seq is not None else dt, states, y,
                 seqlen, heads, head_dim, groups, d_state, states.shape[1],
@@ -621,9 +628,8 @@ def ssd_scan_triton(
     if supports(d_state, head_dim):  # the chunk kernels run one program per chunk or row block on grid axis 1
         plan = _forward_plan(x, d_state)
         grads_heads_per_program = _grads_heads_per_program(x, groups)
-        forward_q, rows, _ = plan
-        output_blocks = triton.cdiv(x.shape[1], forward_q) * (forward_q // rows)
-        check_grid_axis(max(triton.cdiv(x.shape[1], _chunk(head_dim)), output_blocks),
+        rows = plan[1]
+        check_grid_axis(max(triton.cdiv(x.shape[1], _chunk(head_dim)), triton.cdiv(x.shape[1], rows)),
                         f"An SSD scan of {x.shape[1]} tokens")
     if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
         seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
