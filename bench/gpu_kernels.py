@@ -13,6 +13,8 @@ ssd      (on request) Mamba-2 SSD forward (+backward) beside mamba_ssm's and fla
 check_ssd  (on request) the SSD kernels on real shapes (lengths 1 to 16k, odd sizes, groups, packed sequences,
          float32/bf16/fp16) against the PyTorch chunked form in float32: outputs, final states and gradients.
 ssd_sweep  (on request) SSD forward and forward+backward times for a few chunk / warp / state-storage choices.
+ssd_grads_sweep  (on request) SSD forward+backward times for each number of heads per program of the gradient
+         kernel (GRADS_HEADS_PER_PROGRAM), at B8 T4096 and B4 T2048.
 decode   (on request) greedy decoding tokens/s after long prompts, and peak memory for a 64k-token prompt.
 step     (on request) decoding by single-token forward calls (no generate()), and the cache's bytes.
 check_mamba2  (on request) Mamba-2's gated-norm and decoding-step kernels against PyTorch, timed beside it.
@@ -593,6 +595,44 @@ def ssd_forward_sweep():
     R["ssd_forward_sweep"] = rows
 
 
+def ssd_grads_sweep():
+    """Our SSD forward+backward (bf16, 24 heads of dim 64, one group, d_state 128) at B8 T4096 and B4 T2048 for each
+    GRADS_HEADS_PER_PROGRAM (heads of a group whose dB and dC one program of the gradient kernel sums; None = the
+    default plan) and gradient-kernel warps, with the relative differences of dx, dB and dC from one head per program
+    at 4 warps (float summation order only). Each row is printed as it is measured."""
+    from ssm_hf.kernels import ssd_triton
+
+    saved = {"GRADS_HEADS_PER_PROGRAM": ssd_triton.GRADS_HEADS_PER_PROGRAM, "WARPS": dict(ssd_triton.WARPS)}
+    rows = {}
+    for b, t in ((8, 4096), (4, 2048)):
+        inp = ssd_inputs(b, t, 24, 64, 1, 128, torch.bfloat16)
+        inp.pop("initial_state")
+        leaves = {k: (v.clone().requires_grad_(True) if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+        dy = torch.randn_like(inp["x"])
+        ref = None
+        for per_program, warps in ((1, 4), (2, 4), (4, 4), (8, 4), (None, 4), (1, 8), (2, 8), (4, 8)):
+            if warps == 8 and b != 8:
+                continue
+            ssd_triton.GRADS_HEADS_PER_PROGRAM = per_program
+            ssd_triton.WARPS.update(grads=warps)
+            plan = ssd_triton._grads_heads_per_program(inp["x"], 1)
+            name = (f"B{b} T{t} heads per program {per_program} grads warps {warps}"
+                    + (f" (auto: {plan})" if per_program is None else ""))
+            try:
+                for v in leaves.values():
+                    v.grad = None
+                ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True).backward(dy)
+                grads = {k: leaves[k].grad.clone() for k in ("x", "B", "C")}
+                ref = ref or grads
+                errors = " ".join(f"d{k} {rel(grads[k], ref[k]):.1e}" for k in grads)
+                rows[name] = _ssd_times(inp, leaves, dy, backward=True)[1:] + (errors,)
+            except Exception as error:
+                rows[name] = repr(error)[:200]
+            print("ssd_grads_sweep", name, "(fwd+bwd us, rel diff from 1 head at 4 warps):", rows[name], flush=True)
+            _restore(ssd_triton, saved)
+    R["ssd_grads_sweep"] = rows
+
+
 def ssd():
     """Mamba-2's SSD at B8 T4096 H24 P64 N128, one group, bf16: our Triton forward and forward+backward beside
     mamba_ssm's and flash-linear-attention's Triton kernels, if they are importable (carried, see `anchors_gpu.py`)."""
@@ -951,7 +991,7 @@ def main():
             {"check": check, "check_mamba2": check_mamba2_kernels, "time": time_scan,
              "s4": s4_on_gpu, "conv": conv, "latency": latency, "e2e": e2e, "ssd": ssd,
              "check_ssd": check_ssd, "ssd_sweep": ssd_sweep, "ssd_forward_sweep": ssd_forward_sweep,
-             "conv_sweep": conv_sweep, "conv_tiles": conv_tiles,
+             "conv_sweep": conv_sweep, "conv_tiles": conv_tiles, "ssd_grads_sweep": ssd_grads_sweep,
              "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
              "profile_e2e": profile_e2e,
              "decode": decode, "step": step}[name]()

@@ -276,13 +276,24 @@ def drive_ssd_scan(rec: Recorder, kernels) -> None:
         _drive_ssd_scan(rec, kernels, "long chunks ")
     finally:
         ssd_triton.FORWARD_CHUNK, ssd_triton.STATE_TILE = saved
+    # CPU tensors get the most gradient heads per program that divides a group's (2 or 4 here); one head per program
+    # (what a GPU takes for few short rows) is another code path
+    saved_heads = ssd_triton.GRADS_HEADS_PER_PROGRAM
+    ssd_triton.GRADS_HEADS_PER_PROGRAM = 1
+    try:
+        _drive_ssd_scan(rec, kernels, "one head per gradient program ", shapes=((4, 64, 1, 128),))
+    finally:
+        ssd_triton.GRADS_HEADS_PER_PROGRAM = saved_heads
 
 
-def _drive_ssd_scan(rec: Recorder, kernels, plan: str) -> None:
+# (heads, head_dim, groups, d_state): Mamba-2's; the tiny test models'; the largest head_dim (other tiles)
+SSD_SHAPES = ((4, 64, 1, 128), (4, 16, 2, 8), (2, 128, 1, 64))
+
+
+def _drive_ssd_scan(rec: Recorder, kernels, plan: str, shapes=SSD_SHAPES) -> None:
     batch, seqlen = 2, 40
     names = ["D", "initial_state", "seq_idx", "grad", "final_grad"]
-    # (heads, head_dim, groups, d_state): Mamba-2's; the tiny test models'; the largest head_dim (other tiles)
-    for shape in ((4, 64, 1, 128), (4, 16, 2, 8), (2, 128, 1, 64)):
+    for shape in shapes:
         heads, head_dim, groups, d_state = shape
         variants = flag_variants(names) if head_dim == 64 else all_on(names)
         if head_dim == 128:  # float32 tiles at head_dim 128: the most shared memory (an A100 has the least)

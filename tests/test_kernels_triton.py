@@ -617,9 +617,35 @@ def test_triton_ssd_sequence_starts_across_row_blocks(seqlen, ssd_forward):
     assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(h.cpu(), h_ref) < 1e-5
 
 
+@pytest.mark.parametrize("seqlen", [70, 200, 128, 1])
+def test_triton_ssd_output_programs_stop_at_the_sequence_end(monkeypatch, seqlen):
+    """With chunks of four row blocks, the output kernel runs one program per row block up to the one holding the
+    last token (none for blocks wholly past the end of a short last chunk), and every output is still written."""
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels import ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "FORWARD_CHUNK", 128)
+    monkeypatch.setattr(ssd_triton, "OUTPUT_ROWS", 32)
+    monkeypatch.setattr(ssd_triton, "STATE_TILE", ssd_triton.LONG_CHUNK_TILE)
+    grids, kernel = [], ssd_triton._chunk_output_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(ssd_triton, "_chunk_output_kernel", Recorded())
+    inputs = ssd_inputs(2, seqlen, 2, 5, 1, 20, seed=seqlen)
+    y, h = ssd_triton.ssd_scan_triton(**_to(inputs, torch.float32), dt_softplus=True, return_final_state=True)
+    y_ref, h_ref = kernels.ssd_scan_sequential(**inputs, dt_softplus=True, return_final_state=True)
+    assert [grid[1] for grid in grids] == [-(-seqlen // 32)]
+    assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(h.cpu(), h_ref) < 1e-5
+
+
 def test_ssd_forward_plan(monkeypatch):
-    """Long chunks only for 16-bit inputs whose walker programs would leave multiprocessors idle; a forced chunk the
-    output kernel cannot cut into row blocks is refused by name, not computed wrongly."""
+    """Long chunks only for 16-bit inputs whose walker programs would leave multiprocessors idle; a forced chunk or
+    output row block the output kernel cannot use is refused by name, not computed wrongly."""
     from test_kernels_ssd import _inputs as ssd_inputs
 
     from ssm_hf.kernels import ssd_triton
@@ -638,6 +664,11 @@ def test_ssd_forward_plan(monkeypatch):
         monkeypatch.setattr(ssd_triton, "FORWARD_CHUNK", chunk)
         with pytest.raises(ValueError, match="FORWARD_CHUNK"):
             ssd_triton.ssd_scan_triton(**inputs)
+    monkeypatch.setattr(ssd_triton, "FORWARD_CHUNK", 64)
+    for rows in (8, 24, 48, 0):  # too short for a tl.dot, or not cutting the chunk into equal blocks
+        monkeypatch.setattr(ssd_triton, "OUTPUT_ROWS", rows)
+        with pytest.raises(ValueError, match="OUTPUT_ROWS"):
+            ssd_triton.ssd_scan_triton(**inputs)
 
 
 def test_triton_ssd_refuses_groups_that_do_not_divide_the_heads():
@@ -648,6 +679,63 @@ def test_triton_ssd_refuses_groups_that_do_not_divide_the_heads():
     inputs = _to(ssd_inputs(1, 8, 3, 4, 2, 5), torch.float32)  # 3 heads, 2 groups: head 2 would read group 2
     with pytest.raises(ValueError, match="groups"):
         ssd_scan_triton(**inputs, dt_softplus=True)
+
+
+@pytest.mark.parametrize("heads,groups,per_program", [(8, 1, 1), (8, 1, 2), (8, 1, 8), (8, 2, 2), (8, 2, 4),
+                                                      (6, 3, 2)])
+def test_triton_ssd_gradients_with_several_heads_per_program(monkeypatch, heads, groups, per_program):
+    """The gradient kernel with GRADS_HEADS_PER_PROGRAM heads of a group per program, which sums their dB and dC
+    (one head, a part of a group's heads, all of them; one group and several): every gradient equals the float64
+    recurrence's, with packed sequences (starts on a chunk's first token, inside chunks, different per row) and a
+    length that ends inside a chunk."""
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels import ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "GRADS_HEADS_PER_PROGRAM", per_program)
+    launches = _record_launches(monkeypatch, ssd_triton, ("_chunk_grads_kernel",))
+    batch, seqlen = 2, 77
+    inputs = ssd_inputs(batch, seqlen, heads, 4, groups, 20, seed=heads + groups + per_program)
+    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+    for row, starts in enumerate([(1, 32, 50), (20, 64, 76)]):
+        for t in starts:
+            seq_idx[row, t:] += 1
+    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
+    refs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y, h = ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True, return_final_state=True, seq_idx=seq_idx.to(DEVICE))
+    y_ref, h_ref = kernels.ssd_scan_sequential(**refs, dt_softplus=True, return_final_state=True, seq_idx=seq_idx)
+    g = torch.Generator().manual_seed(7)
+    w, wh = torch.randn(y_ref.shape, dtype=torch.float64, generator=g), torch.randn(h_ref.shape, dtype=torch.float64,
+                                                                                  generator=g)
+    ((y * w.to(y)).sum() + (h * wh.to(h)).sum()).backward()
+    ((y_ref * w).sum() + (h_ref * wh).sum()).backward()
+    assert [kwargs["HEADS_PER_PROGRAM"] for _, kwargs in launches] == [per_program]
+    for key in inputs:
+        assert _rel_err(leaves[key].grad.cpu(), refs[key].grad) < 1e-4, key
+
+
+def test_ssd_grads_heads_per_program_plan_and_refusal(monkeypatch):
+    """The default plan: the most heads per program of (8, 4, 2, 1) that divides the heads of a group while the
+    programs still fill the multiprocessors GRADS_MIN_PROGRAMS_PER_SM times, one for float32 on a GPU (without a
+    GPU: the most that divides); a forced count that does not divide the heads of a group is refused by name,
+    before anything runs."""
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels import ssd_triton
+
+    plan = ssd_triton._grads_heads_per_program
+    shaped = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device="meta")  # noqa: E731
+    big, mid, small = shaped(8, 4096, 24, 64), shaped(4, 2048, 24, 64), shaped(1, 64, 24, 64)  # 24,576 6,144 48
+    assert plan(big, 1) == 8 and plan(small, 1) == 8 and plan(big, 3) == 8 and plan(big, 6) == 4
+    assert plan(shaped(1, 64, 6, 64), 2) == 1 and plan(big.float(), 1) == 8  # 3 heads per group; float32
+    monkeypatch.setattr(ssd_triton, "_multiprocessors", lambda x: 132)
+    assert plan(big, 1) == 8 and plan(mid, 1) == 4 and plan(small, 1) == 1  # mid: 768 programs at 8 heads
+    assert plan(big.float(), 1) == 1  # float32 tiles spill already at one head
+    inputs = _to(ssd_inputs(1, 8, 4, 4, 2, 5), torch.float32)  # 2 heads per group
+    for bad in (3, 4, 0):
+        monkeypatch.setattr(ssd_triton, "GRADS_HEADS_PER_PROGRAM", bad)
+        with pytest.raises(ValueError, match="GRADS_HEADS_PER_PROGRAM"):
+            ssd_triton.ssd_scan_triton(**inputs)
 
 
 @pytest.mark.parametrize("op", ["ssd_scan", "selective_scan", "causal_conv1d", "selective_update", "ssd_update",

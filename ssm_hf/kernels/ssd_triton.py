@@ -12,9 +12,9 @@ independently, in row blocks, the intra-chunk part as `tl.dot`s (with a few long
 longer than a row block: fewer sequential steps). Backward: the forward states are recomputed (nothing of size
 (chunks, head_dim, d_state) is kept between passes), the same walker, mirrored (REVERSE), walks the chunks
 backwards for the gradient dH_{k+1} reaching each chunk's end, and `_chunk_grads_kernel` computes every input's
-gradient chunk by chunk. Segment sums of log-decays are always summed directly, never as differences of prefix
-sums, so small steps after a large one survive and a sequence start (`seq_idx`: a = -inf there) gives exact
-zeros, not NaNs.
+gradient chunk by chunk, a few heads of a group per program, which sum their dB and dC (GRADS_HEADS_PER_PROGRAM).
+Segment sums of log-decays are always summed directly, never as differences of prefix sums, so small steps after a
+large one survive and a sequence start (`seq_idx`: a = -inf there) gives exact zeros, not NaNs.
 """
 
 from __future__ import annotations
@@ -51,6 +51,15 @@ N_BLOCK = 64
 STATE_TILE = (64, 64)
 # whether the walker loads each chunk's inputs one chunk ahead
 WALK_PREFETCH = True
+# Heads of one group per program of the gradient kernel, which sums their dB and dC in its own float32 partial: one
+# head per program writes (and torch reads back) a (batch, seqlen, heads, d_state) float32 tensor twice, 400 MB each
+# at B8 T4096 H24 N128, while a whole group per program leaves too few programs (24 heads: 3,145 vs 2,575 us
+# forward+backward on an H100). None: the most of GRADS_HEADS_PER_PROGRAM_CHOICES that divides the heads of a group
+# and leaves at least GRADS_MIN_PROGRAMS_PER_SM programs per multiprocessor, one for float32 inputs (no GPU: the most
+# that divides, so that tests run the sums). An int forces it; it must divide heads // groups.
+GRADS_HEADS_PER_PROGRAM: int | None = None
+GRADS_HEADS_PER_PROGRAM_CHOICES = (8, 4, 2, 1)
+GRADS_MIN_PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -184,7 +193,8 @@ def _chunk_output_kernel(
     """y of BLOCK_M tokens (a row block of one chunk of BLOCK_Q tokens) from the state entering the chunk and the
     chunk's tokens up to them; d_state is walked in blocks of BLOCK_N. A chunk longer than a row block stores half
     (or fewer) chunk states: the row blocks before this one enter through their tokens, not through a state.
-    Grid: (batch * heads, chunks x row blocks per chunk, head_dim blocks)."""
+    Grid: (batch * heads, row blocks up to the sequence's end (block i starts at token i * BLOCK_M), head_dim
+    blocks)."""
     bh, row, head, group = _program_head(H, G)
     blocks: tl.constexpr = BLOCK_Q // BLOCK_M
     k = tl.program_id(1) // blocks
@@ -217,7 +227,7 @@ def _chunk_output_kernel(
     cum = tl.cumsum(a, axis=0)
     between = tl.sum(tl.zeros_like(a), axis=0)  # a float32 zero of the loop's type (a literal would be a constant)
     for back in range(1, m + 1):
-        # (all valid unless this row block lies past the sequence's end: its stores are masked, its loads too)
+        # (all inside the sequence: they come before this block, which holds a token of it)
         ts, valid_s, dts, as_, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, start - back * BLOCK_M, L, H, A,
                                                  HAS_SEQ, BLOCK_M)
         scores = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
@@ -259,75 +269,142 @@ def _chunk_grads_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
     L, H, P, G, N, n_chunks,
-    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Gradients of one chunk: dx, dΔ (after the Δ·A product), dB and dC of this head (summed over the heads of a
-    group afterwards), and this chunk's share of dA and dD. d_state is walked twice in blocks of BLOCK_N: first
-    for the products that contract it, then for dB and dC. Grid: (batch * heads, chunks)."""
-    bh, row, head, group = _program_head(H, G)
+    """Gradients of one chunk for HEADS_PER_PROGRAM consecutive heads of one group: dx, dΔ (after the Δ·A product)
+    and this chunk's share of dA and dD per head, one head after the other; dB and dC summed over the program's
+    heads into its own float32 partial, dB[row, t, split] and dC[row, t, split] of shape (batch, seqlen,
+    heads / HEADS_PER_PROGRAM, d_state) (summed over the splits of a group afterwards). Per head, d_state is walked
+    in blocks of BLOCK_N for the products that contract it; then, for dB and dC, once more per head (one head per
+    program) or once for all of them (`_group_grads_BC`). Grid: (batch * heads / HEADS_PER_PROGRAM, chunks)."""
+    splits = H // HEADS_PER_PROGRAM
+    row = (tl.program_id(0) // splits).to(tl.int64)
+    split = tl.program_id(0) % splits
+    group = split * HEADS_PER_PROGRAM // (H // G)  # the program's heads all lie in this group
     k = tl.program_id(1)
     p_offs = tl.arange(0, BLOCK_P)
     p_mask = p_offs < P
-    A = tl.load(A_ptr + head).to(tl.float32)
-    t, valid, dt, a, is_start = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
-    tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
-    tp_mask = valid[:, None] & p_mask[None, :]
-    x = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
-    xdt = x * dt[:, None]
-    state_base = ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N
     dot_dtype = x_ptr.dtype.element_ty
-
-    scores = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)      # C_t·B_s
-    C_state = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)     # C_t H_kᵀ
-    B_dnext = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)     # B_s dH_{k+1}ᵀ
-    state_dnext = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        Bq, Cq, state, dnext, n_offs, tn_mask = _grad_inputs_block(
-            B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N, BLOCK_N)
-        scores += _mm(Cq, tl.trans(Bq), dot_dtype, IEEE)
-        C_state += _mm(Cq, tl.trans(state), dot_dtype, IEEE)
-        B_dnext += _mm(Bq, tl.trans(dnext), dot_dtype, IEEE)
-        state_dnext += tl.sum(state.to(tl.float32) * dnext.to(tl.float32), axis=1)
-
     rows_t = tl.arange(0, BLOCK_Q)[:, None]
     cols_s = tl.arange(0, BLOCK_Q)[None, :]
-    decay = _decay_matrix(a, BLOCK_Q)                         # (t, s)
-    to_end = tl.exp(_decay_to_end(a, BLOCK_Q))                # (s,)
-    from_start = tl.exp(tl.cumsum(a, axis=0))                 # (t,)
-    d_mixed = tl.where(rows_t >= cols_s, _mm(dy, tl.trans(xdt), dot_dtype, IEEE), 0.0)   # dL/d(scores ∘ decay)
-    # dL/dxdt_s: through the chunk's outputs and, weighted by w_s = to_end, through the state it leaves
-    dxdt = _mm(tl.trans(scores * decay), dy, dot_dtype, IEEE) + to_end[:, None] * B_dnext
+    d_scores_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # Σ over the program's heads of dL/d(C_t·B_s)
+    for i in range(0, HEADS_PER_PROGRAM):
+        bh = tl.program_id(0) * HEADS_PER_PROGRAM + i  # row * H + head, in 32 bits
+        head = split * HEADS_PER_PROGRAM + i
+        A = tl.load(A_ptr + head).to(tl.float32)
+        t, valid, dt, a, is_start = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ,
+                                                  BLOCK_Q)
+        tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
+        tp_mask = valid[:, None] & p_mask[None, :]
+        x = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
+        xdt = x * dt[:, None]
+        state_base = ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N
 
-    # gradient of each log-decay a_j, through the three sums it enters (inside the chunk, from the chunk's start,
-    # to the chunk's end) and the chunk's total
-    d_seg = d_mixed * scores * decay                                                  # (t, s)
-    before = tl.cumsum(d_seg, axis=1) - d_seg                                         # Σ_{s<j} d_seg[t, s] at (t, j)
-    da = tl.sum(tl.where(rows_t >= cols_s, before, 0.0), axis=0)
-    d_from_start = from_start * tl.sum(dy * C_state, axis=1)                         # (t,)
-    da += tl.sum(tl.where(rows_t >= cols_s, d_from_start[:, None], 0.0), axis=0)     # Σ_{t≥j}
-    d_to_end = to_end * tl.sum(B_dnext * xdt, axis=1)                               # (s,)
-    da += tl.sum(tl.where(rows_t < cols_s, d_to_end[:, None], 0.0), axis=0)         # Σ_{s<j}
-    da += tl.exp(tl.sum(a, axis=0)) * tl.sum(state_dnext, axis=0)
-    da = tl.where(is_start | (t >= L), 0.0, da)      # a sequence start's decay is the constant -inf
+        scores = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)      # C_t·B_s
+        C_state = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)     # C_t H_kᵀ
+        B_dnext = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)     # B_s dH_{k+1}ᵀ
+        state_dnext = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            Bq, Cq, state, dnext, n_offs, tn_mask = _grad_inputs_block(
+                B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N,
+                BLOCK_N)
+            scores += _mm(Cq, tl.trans(Bq), dot_dtype, IEEE)
+            C_state += _mm(Cq, tl.trans(state), dot_dtype, IEEE)
+            B_dnext += _mm(Bq, tl.trans(dnext), dot_dtype, IEEE)
+            state_dnext += tl.sum(state.to(tl.float32) * dnext.to(tl.float32), axis=1)
 
-    dx = dxdt * dt[:, None]
-    if HAS_D:
-        Dh = tl.load(D_ptr + head).to(tl.float32)
-        dx += Dh * dy
-        tl.store(dD_ptr + bh * n_chunks + k, tl.sum(tl.sum(dy * x, axis=1), axis=0))
-    tl.store(dx_ptr + tp_offs, dx.to(dx_ptr.dtype.element_ty), mask=tp_mask)
-    tl.store(ddt_ptr + (row * L + t) * H + head, tl.sum(dxdt * x, axis=1) + A * da, mask=valid)
-    tl.store(dA_ptr + bh * n_chunks + k, tl.sum(da * dt, axis=0))
+        decay = _decay_matrix(a, BLOCK_Q)                         # (t, s)
+        to_end = tl.exp(_decay_to_end(a, BLOCK_Q))                # (s,)
+        from_start = tl.exp(tl.cumsum(a, axis=0))                 # (t,)
+        d_mixed = tl.where(rows_t >= cols_s, _mm(dy, tl.trans(xdt), dot_dtype, IEEE), 0.0)  # dL/d(scores ∘ decay)
+        # dL/dxdt_s: through the chunk's outputs and, weighted by w_s = to_end, through the state it leaves
+        dxdt = _mm(tl.trans(scores * decay), dy, dot_dtype, IEEE) + to_end[:, None] * B_dnext
 
-    d_scores = d_mixed * decay
+        # gradient of each log-decay a_j, through the three sums it enters (inside the chunk, from the chunk's
+        # start, to the chunk's end) and the chunk's total
+        d_seg = d_mixed * scores * decay                                                  # (t, s)
+        before = tl.cumsum(d_seg, axis=1) - d_seg                                         # Σ_{s<j} d_seg[t, s]
+        da = tl.sum(tl.where(rows_t >= cols_s, before, 0.0), axis=0)
+        d_from_start = from_start * tl.sum(dy * C_state, axis=1)                         # (t,)
+        da += tl.sum(tl.where(rows_t >= cols_s, d_from_start[:, None], 0.0), axis=0)     # Σ_{t≥j}
+        d_to_end = to_end * tl.sum(B_dnext * xdt, axis=1)                               # (s,)
+        da += tl.sum(tl.where(rows_t < cols_s, d_to_end[:, None], 0.0), axis=0)         # Σ_{s<j}
+        da += tl.exp(tl.sum(a, axis=0)) * tl.sum(state_dnext, axis=0)
+        da = tl.where(is_start | (t >= L), 0.0, da)      # a sequence start's decay is the constant -inf
+
+        dx = dxdt * dt[:, None]
+        if HAS_D:
+            Dh = tl.load(D_ptr + head).to(tl.float32)
+            dx += Dh * dy
+            tl.store(dD_ptr + bh * n_chunks + k, tl.sum(tl.sum(dy * x, axis=1), axis=0))
+        tl.store(dx_ptr + tp_offs, dx.to(dx_ptr.dtype.element_ty), mask=tp_mask)
+        tl.store(ddt_ptr + (row * L + t) * H + head, tl.sum(dxdt * x, axis=1) + A * da, mask=valid)
+        tl.store(dA_ptr + bh * n_chunks + k, tl.sum(da * dt, axis=0))
+
+        d_scores = d_mixed * decay
+        if HEADS_PER_PROGRAM == 1:  # this head's dB and dC from the tiles at hand
+            for n0 in range(0, N, BLOCK_N):
+                Bq, Cq, state, dnext, n_offs, tn_mask = _grad_inputs_block(
+                    B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N,
+                    BLOCK_N)
+                dC = _mm(d_scores, Bq, dot_dtype, IEEE) + from_start[:, None] * _mm(dy, state, dot_dtype, IEEE)
+                dB = _mm(tl.trans(d_scores), Cq, dot_dtype, IEEE) + to_end[:, None] * _mm(xdt, dnext, dot_dtype,
+                                                                                          IEEE)
+                dbc_offs = ((row * L + t[:, None]) * H + head) * N + n_offs[None, :]
+                tl.store(dB_ptr + dbc_offs, dB, mask=tn_mask)
+                tl.store(dC_ptr + dbc_offs, dC, mask=tn_mask)
+        else:
+            d_scores_sum += d_scores
+
+    if HEADS_PER_PROGRAM > 1:
+        _group_grads_BC(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr, dB_ptr, dC_ptr,
+                        d_scores_sum, row, split, splits, group, k, L, H, P, G, N, n_chunks, HAS_SEQ, IEEE,
+                        HEADS_PER_PROGRAM, BLOCK_Q, BLOCK_P, BLOCK_N)
+
+
+@triton.jit
+def _group_grads_BC(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr, dB_ptr, dC_ptr,
+                    d_scores_sum, row, split, splits, group, k, L, H, P, G, N, n_chunks, HAS_SEQ: tl.constexpr,
+                    IEEE: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dB and dC of one chunk summed over the HEADS_PER_PROGRAM heads of `_chunk_grads_kernel`'s program, stored
+    once into its partial. d_scores_sum (chunk, chunk): Σ over those heads of dL/d(C_t·B_s).
+    d_state is walked outside, the heads inside, so that each block's sums stay in registers and are stored once
+    (a read-modify-write of the partial per head, or sums of the whole d_state held across the heads, spill). C_t·B_s
+    is the same for the heads of a group, so dC_t = Σ_s (Σ_heads d_scores[t, s]) B_s + Σ_heads from_start_t dy_t H_kᵀ
+    (dB likewise): one product with the summed d_scores, and one per head with its state."""
+    p_offs = tl.arange(0, BLOCK_P)
+    p_mask = p_offs < P
+    dot_dtype = x_ptr.dtype.element_ty
+    t = k * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    valid = t < L
     for n0 in range(0, N, BLOCK_N):
-        Bq, Cq, state, dnext, n_offs, tn_mask = _grad_inputs_block(
-            B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N, BLOCK_N)
-        dC = _mm(d_scores, Bq, dot_dtype, IEEE) + from_start[:, None] * _mm(dy, state, dot_dtype, IEEE)
-        dB = _mm(tl.trans(d_scores), Cq, dot_dtype, IEEE) + to_end[:, None] * _mm(xdt, dnext, dot_dtype, IEEE)
-        dbc_offs = ((row * L + t[:, None]) * H + head) * N + n_offs[None, :]
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n_offs < N
+        tn_mask = valid[:, None] & n_mask[None, :]
+        tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
+        Bq = tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0)
+        Cq = tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0)
+        dC = _mm(d_scores_sum, Bq, dot_dtype, IEEE)
+        dB = _mm(tl.trans(d_scores_sum), Cq, dot_dtype, IEEE)
+        for i in range(0, HEADS_PER_PROGRAM):
+            # this head's tokens again (cheaper than holding every head's (chunk, head_dim) tiles)
+            head = split * HEADS_PER_PROGRAM + i
+            A = tl.load(A_ptr + head).to(tl.float32)
+            _, _, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
+            tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
+            tp_mask = valid[:, None] & p_mask[None, :]
+            xdt = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32) * dt[:, None]
+            dy = tl.load(dy_ptr + tp_offs, mask=tp_mask, other=0.0)
+            pn_offs = ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N + n_offs[None, :]
+            pn_mask = p_mask[:, None] & n_mask[None, :]
+            state = tl.load(states_ptr + pn_offs, mask=pn_mask, other=0.0)
+            dnext = tl.load(dstates_ptr + pn_offs, mask=pn_mask, other=0.0)
+            dC += tl.exp(tl.cumsum(a, axis=0))[:, None] * _mm(dy, state, dot_dtype, IEEE)
+            dB += tl.exp(_decay_to_end(a, BLOCK_Q))[:, None] * _mm(xdt, dnext, dot_dtype, IEEE)
+        dbc_offs = ((row * L + t[:, None]) * splits + split) * N + n_offs[None, :]
         tl.store(dB_ptr + dbc_offs, dB, mask=tn_mask)
         tl.store(dC_ptr + dbc_offs, dC, mask=tn_mask)
 
@@ -370,10 +447,37 @@ def _forward_plan(x: torch.Tensor, d_state: int) -> tuple[int, int, tuple[int, i
         sms = _multiprocessors(x)
         if sms is not None and x.dtype != torch.float32 and grid[0] * grid[1] * grid[2] < sms:
             chunk, tile = LONG_CHUNK, LONG_CHUNK_TILE
-    if chunk < 16 or chunk & (chunk - 1) or chunk % min(OUTPUT_ROWS, chunk):
+    # the output kernel's row blocks are tl.dot operands (16 rows at least) and cut the chunk exactly: both powers
+    # of two then suffice
+    if not isinstance(OUTPUT_ROWS, int) or OUTPUT_ROWS < 16 or OUTPUT_ROWS & (OUTPUT_ROWS - 1):
+        raise ValueError(f"ssd_triton.OUTPUT_ROWS must be a power of two >= 16; got {OUTPUT_ROWS!r}.")
+    if not isinstance(chunk, int) or chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"The SSD forward's chunk (ssd_triton.FORWARD_CHUNK or LONG_CHUNK) must be a power of two "
-                         f">= 16 and a multiple of OUTPUT_ROWS ({OUTPUT_ROWS}); got {chunk}.")
+                         f">= 16; got {chunk!r}.")
     return chunk, min(OUTPUT_ROWS, chunk), tile
+
+
+def _grads_heads_per_program(x: torch.Tensor, groups: int) -> int:
+    """Heads per program of `_chunk_grads_kernel` for x: (batch, seqlen, heads, head_dim) with `groups` groups of B
+    and C; see GRADS_HEADS_PER_PROGRAM."""
+    batch, seqlen, heads, head_dim = x.shape
+    per_group = heads // groups
+    if GRADS_HEADS_PER_PROGRAM is not None:
+        hpp = GRADS_HEADS_PER_PROGRAM
+        if not isinstance(hpp, int) or hpp < 1 or per_group % hpp:
+            # a program would sum heads of two groups into one group's partial
+            raise ValueError(f"ssd_triton.GRADS_HEADS_PER_PROGRAM must be a positive divisor of the heads per group "
+                             f"({heads} heads, {groups} groups: {per_group}); got {hpp!r}.")
+        return hpp
+    sms = _multiprocessors(x)
+    if sms is not None and x.dtype == torch.float32:
+        # float32 tiles already spill at one head (sm_90, head_dim 64: 840 bytes of stack; 2 heads: 1,240)
+        return 1
+    programs = batch * heads * triton.cdiv(seqlen, _chunk(head_dim))
+    for hpp in GRADS_HEADS_PER_PROGRAM_CHOICES:
+        if per_group % hpp == 0 and (sms is None or programs // hpp >= GRADS_MIN_PROGRAMS_PER_SM * sms):
+            return hpp
+    return 1
 
 
 def _block(size: int, cap: int) -> int:
@@ -426,7 +530,7 @@ def _walk_chunks(v, dt, A, w, seq_idx, init, block_q, reverse, tile=None):
 
 class _SSDScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx, plan):
+    def forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx, plan, grads_heads_per_program):
         batch, seqlen, heads, head_dim = x.shape
         groups, d_state = B.shape[-2:]
         block_q, (forward_q, rows, walk_tile) = _chunk(head_dim), plan
@@ -439,7 +543,9 @@ class _SSDScan(torch.autograd.Function):
         with on_device_of(x):
             states, final = _walk_chunks(x, dt, A, B, seq, h0, forward_q, reverse=False, tile=walk_tile)
             block_p = _block(head_dim, 64)
-            grid = (batch * heads, states.shape[1] * (forward_q // rows), triton.cdiv(head_dim, block_p))
+            # row blocks up to the one holding the last token: a chunk's blocks are consecutive, so program i of
+            # axis 1 starts at token i * rows (none wholly past the end, where the last chunk is short)
+            grid = (batch * heads, triton.cdiv(seqlen, rows), triton.cdiv(head_dim, block_p))
             _chunk_output_kernel[grid](
                 x, dt, A, B, C, D if D is not None else dt, seq if seq is not None else dt, states, y,
                 seqlen, heads, head_dim, groups, d_state, states.shape[1],
@@ -449,6 +555,7 @@ class _SSDScan(torch.autograd.Function):
             )
         ctx.save_for_backward(x, dt, A, B, C, D, h0, seq)
         ctx.block_q = block_q
+        ctx.grads_heads_per_program = grads_heads_per_program
         ctx.initial_state_dtype = initial_state.dtype if initial_state is not None else None
         return y, final
 
@@ -466,24 +573,32 @@ class _SSDScan(torch.autograd.Function):
             dstates, dh0 = _walk_chunks(dy, dt, A, C, seq, dfinal, block_q, reverse=True)
             dx = torch.empty_like(x)
             ddt = torch.empty_like(dt)
-            dB_heads = torch.empty(batch, seqlen, heads, d_state, device=x.device, dtype=torch.float32)
-            dC_heads = torch.empty_like(dB_heads)
+            hpp = ctx.grads_heads_per_program
+            splits = heads // hpp
+            dB_parts = torch.empty(batch, seqlen, splits, d_state, device=x.device, dtype=torch.float32)
+            dC_parts = torch.empty_like(dB_parts)
             dA_parts = torch.empty(batch * heads, n_chunks, device=x.device, dtype=torch.float32)
             dD_parts = torch.empty_like(dA_parts)
-            _chunk_grads_kernel[(batch * heads, n_chunks)](
+            _chunk_grads_kernel[(batch * splits, n_chunks)](
                 x, dt, A, B, C, D if D is not None else dt, seq if seq is not None else dt, states, dstates, dy,
-                dx, ddt, dB_heads, dC_heads, dA_parts, dD_parts,
+                dx, ddt, dB_parts, dC_parts, dA_parts, dD_parts,
                 seqlen, heads, head_dim, groups, d_state, n_chunks,
-                HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x),
+                HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x), HEADS_PER_PROGRAM=hpp,
                 BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128), BLOCK_N=_block(d_state, _grads_n_block(x)),
                 num_warps=WARPS["grads"],
             )
-        dB = dB_heads.unflatten(2, (groups, heads // groups)).sum(3).to(B.dtype)
-        dC = dC_heads.unflatten(2, (groups, heads // groups)).sum(3).to(C.dtype)
+        dB = _sum_group_parts(dB_parts, groups).to(B.dtype)
+        dC = _sum_group_parts(dC_parts, groups).to(C.dtype)
         dA = dA_parts.view(batch, heads, n_chunks).sum((0, 2))
         dD = dD_parts.view(batch, heads, n_chunks).sum((0, 2)).to(D.dtype) if D is not None else None
         dh0_out = dh0.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None
-        return dx, ddt, dA, dB, dC, dD, dh0_out, None, None
+        return dx, ddt, dA, dB, dC, dD, dh0_out, None, None, None
+
+
+def _sum_group_parts(parts: torch.Tensor, groups: int) -> torch.Tensor:
+    """(batch, seqlen, groups x splits, d_state) partial sums -> (batch, seqlen, groups, d_state)."""
+    parts = parts.unflatten(2, (groups, parts.shape[2] // groups))
+    return parts.squeeze(3) if parts.shape[3] == 1 else parts.sum(3)
 
 
 def ssd_scan_triton(
@@ -512,9 +627,9 @@ def ssd_scan_triton(
                          f"{tuple(B.shape)}, C {tuple(C.shape)}.")
     if supports(d_state, head_dim):  # the chunk kernels run one program per chunk or row block on grid axis 1
         plan = _forward_plan(x, d_state)
-        forward_q, rows, _ = plan
-        output_blocks = triton.cdiv(x.shape[1], forward_q) * (forward_q // rows)
-        check_grid_axis(max(triton.cdiv(x.shape[1], _chunk(head_dim)), output_blocks),
+        grads_heads_per_program = _grads_heads_per_program(x, groups)
+        rows = plan[1]
+        check_grid_axis(max(triton.cdiv(x.shape[1], _chunk(head_dim)), triton.cdiv(x.shape[1], rows)),
                         f"An SSD scan of {x.shape[1]} tokens")
     if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
         seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
@@ -522,5 +637,5 @@ def ssd_scan_triton(
     if x.shape[1] == 0 or not supports(d_state, head_dim):
         return ssd_scan_chunked(x, dt, A, B, C, chunk_size or CHUNK, D, initial_state=initial_state,
                                 return_final_state=return_final_state, seq_idx=seq_idx)
-    y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_state, seq_idx, plan)
+    y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_state, seq_idx, plan, grads_heads_per_program)
     return (y, final) if return_final_state else y
