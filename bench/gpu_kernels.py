@@ -24,6 +24,7 @@ conv_tiles  (on request) the conv's kernels alone (profiler) for a few tile shap
 s4       (on request) S4 / S4D on CUDA against the CPU, and prefill speed of the LRA-size presets.
 fwd_sweep  (on request) forward times of the Triton scan for a few FORWARD_CONFIG choices.
 profile_e2e  (on request) the largest kernels of a training step of each of our 130M models.
+host_e2e  (on request) a training step's wall, host-issue and GPU-busy times, and its top host functions.
 bwd_sweep  (on request) forward+backward times of the scan for a few BACKWARD_CONFIG shapes.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
          transformers' LlamaForCausalLM of the anchors' 130M shape with SDPA.
@@ -941,6 +942,64 @@ def e2e():
     R["e2e"] = rows
 
 
+def host_e2e():
+    """Whether a training step (4 x 2048, bf16 weights, AdamW) waits on the host: per step, the wall time
+    (synchronised), the host's time to issue it (the step's Python returns before the GPU finishes when the GPU is
+    the limit) and the GPU's busy time (profiler, kernels alone); then the host functions that take most of one
+    step's issue time (cProfile, by own time), each line printed as it comes."""
+    import cProfile
+    import io
+    import pstats
+    import statistics
+
+    llama = llama_130m_config(max_position_embeddings=4096)
+    for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
+                        ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
+                        ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):
+        model = build().to(DEV, torch.bfloat16).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        ids = torch.randint(0, 50000, (4, 2048), device=DEV)
+
+        def step():
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / 10 * 1e3
+        issue = []
+        for _ in range(10):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            issue.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize()
+        busy = sum(_kernel_times(step, 5).values()) / 1e3
+        line = (f"wall {wall:.1f} ms, host issue {statistics.median(issue):.1f} ms, GPU busy {busy:.1f} ms per step "
+                f"({8192 / wall * 1e3:,.0f} tokens/s)")
+        R.setdefault("host_e2e", {})[name] = line
+        print("host_e2e", name, line, flush=True)
+        profiler = cProfile.Profile()
+        torch.cuda.synchronize()
+        profiler.enable()
+        step()
+        profiler.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
+        for row in text.getvalue().splitlines():
+            if row.strip():
+                print("host_e2e", name, row[:180], flush=True)
+        model = opt = None
+        torch.cuda.empty_cache()
+
+
 def profile_e2e():
     """Where a training step's GPU time goes (4 x 2048, bf16 weights, AdamW): the 12 largest kernels by self CUDA
     time over 5 steps after 5 warm-up steps, for each of our 130M models."""
@@ -993,7 +1052,7 @@ def main():
              "check_ssd": check_ssd, "ssd_sweep": ssd_sweep, "ssd_forward_sweep": ssd_forward_sweep,
              "conv_sweep": conv_sweep, "conv_tiles": conv_tiles, "ssd_grads_sweep": ssd_grads_sweep,
              "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
-             "profile_e2e": profile_e2e,
+             "profile_e2e": profile_e2e, "host_e2e": host_e2e,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]

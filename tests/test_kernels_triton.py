@@ -653,7 +653,7 @@ def test_ssd_forward_plan(monkeypatch):
     # 48 and 384 walker tiles at d_state 128
     few, many = torch.empty(1, 8, 24, 64, dtype=torch.bfloat16), torch.empty(8, 8, 24, 64, dtype=torch.bfloat16)
     assert ssd_triton._forward_plan(few, 128) == (32, 32, ssd_triton.STATE_TILE)  # no GPU: nothing to fill
-    monkeypatch.setattr(ssd_triton, "_multiprocessors", lambda x: 132)
+    monkeypatch.setattr(ssd_triton, "multiprocessors", lambda x: 132)
     assert ssd_triton._forward_plan(few, 128) == (ssd_triton.LONG_CHUNK, 32, ssd_triton.LONG_CHUNK_TILE)
     assert ssd_triton._forward_plan(many, 128) == (32, 32, ssd_triton.STATE_TILE)
     assert ssd_triton._forward_plan(few.float(), 128) == (32, 32, ssd_triton.STATE_TILE)  # float32 would spill
@@ -728,7 +728,7 @@ def test_ssd_grads_heads_per_program_plan_and_refusal(monkeypatch):
     big, mid, small = shaped(8, 4096, 24, 64), shaped(4, 2048, 24, 64), shaped(1, 64, 24, 64)  # 24,576 6,144 48
     assert plan(big, 1) == 8 and plan(small, 1) == 8 and plan(big, 3) == 8 and plan(big, 6) == 4
     assert plan(shaped(1, 64, 6, 64), 2) == 1 and plan(big.float(), 1) == 8  # 3 heads per group; float32
-    monkeypatch.setattr(ssd_triton, "_multiprocessors", lambda x: 132)
+    monkeypatch.setattr(ssd_triton, "multiprocessors", lambda x: 132)
     assert plan(big, 1) == 8 and plan(mid, 1) == 4 and plan(small, 1) == 1  # mid: 768 programs at 8 heads
     assert plan(big.float(), 1) == 1  # float32 tiles spill already at one head
     inputs = _to(ssd_inputs(1, 8, 4, 4, 2, 5), torch.float32)  # 2 heads per group

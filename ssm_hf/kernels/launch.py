@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from functools import lru_cache
 
 import torch
 
@@ -40,3 +41,14 @@ def row_alignment(*strides: int) -> int:
     while alignment > 1 and any(stride % alignment for stride in strides):
         alignment //= 2
     return alignment
+
+
+@lru_cache(maxsize=None)
+def _device_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(tensor: torch.Tensor) -> int | None:
+    """The streaming multiprocessors of `tensor`'s GPU (None on the CPU), for launch plans; cached: asking the
+    driver on every call costs more host time than a short sequence's kernels take."""
+    return _device_multiprocessors(tensor.device.index) if tensor.is_cuda else None

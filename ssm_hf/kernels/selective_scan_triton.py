@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of
+from .launch import multiprocessors, on_device_of
 from .packing import kernel_segment_ids
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -463,8 +463,7 @@ def _time_chunks(config: dict, x: torch.Tensor, programs: int, n_tiles: int, til
     multiprocessor; none on the CPU interpreter)."""
     wanted = config["min_programs"]
     if wanted is None:
-        wanted = (config["programs_per_sm"] * torch.cuda.get_device_properties(x.device).multi_processor_count
-                  if x.is_cuda else 1)
+        wanted = config["programs_per_sm"] * multiprocessors(x) if x.is_cuda else 1
     # no programs: an empty batch or d_inner; chunks are launch-grid axis 2, which CUDA caps at 65,535
     n_chunks = min(n_tiles, 65535, max(1, -(-wanted // max(programs, 1))))
     tiles_per_chunk = -(-n_tiles // n_chunks)

@@ -19,14 +19,13 @@ large one survive and a sequence start (`seq_idx`: a = -inf there) gives exact z
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import check_grid_axis, on_device_of
+from .launch import check_grid_axis, multiprocessors, on_device_of
 from .packing import kernel_segment_ids
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked
 
@@ -426,16 +425,6 @@ def _chunk(head_dim: int) -> int:
     return CHUNK if head_dim <= 64 else min(CHUNK, 32)
 
 
-@functools.lru_cache(maxsize=None)
-def _device_multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _multiprocessors(x: torch.Tensor) -> int | None:
-    # cached: asking the driver on every call costs more host time than a short sequence's kernels take
-    return _device_multiprocessors(x.device.index) if x.is_cuda else None
-
-
 def _forward_plan(x: torch.Tensor, d_state: int) -> tuple[int, int, tuple[int, int]]:
     """(tokens per stored chunk state, the output kernel's row block, walker tile) of the forward of x: (batch,
     seqlen, heads, head_dim); see FORWARD_CHUNK."""
@@ -444,7 +433,7 @@ def _forward_plan(x: torch.Tensor, d_state: int) -> tuple[int, int, tuple[int, i
     if chunk is None:
         chunk = _chunk(head_dim)
         grid = _state_walk_grid(batch, heads, head_dim, d_state)[0]
-        sms = _multiprocessors(x)
+        sms = multiprocessors(x)
         if sms is not None and x.dtype != torch.float32 and grid[0] * grid[1] * grid[2] < sms:
             chunk, tile = LONG_CHUNK, LONG_CHUNK_TILE
     # the output kernel's row blocks are tl.dot operands (16 rows at least) and cut the chunk exactly: both powers
@@ -469,7 +458,7 @@ def _grads_heads_per_program(x: torch.Tensor, groups: int) -> int:
             raise ValueError(f"ssd_triton.GRADS_HEADS_PER_PROGRAM must be a positive divisor of the heads per group "
                              f"({heads} heads, {groups} groups: {per_group}); got {hpp!r}.")
         return hpp
-    sms = _multiprocessors(x)
+    sms = multiprocessors(x)
     if sms is not None and x.dtype == torch.float32:
         # float32 tiles already spill at one head (sm_90, head_dim 64: 840 bytes of stack; 2 heads: 1,240)
         return 1
