@@ -942,6 +942,24 @@ def e2e():
     R["e2e"] = rows
 
 
+def _warm_training_step(build):
+    """A training step (4 x 2048 random tokens, bf16 weights, AdamW) of the model `build()` makes, after 5 steps
+    of warm-up; the model and optimiser live in the returned function (drop it to free them)."""
+    model = build().to(DEV, torch.bfloat16).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids = torch.randint(0, 50000, (4, 2048), device=DEV)
+
+    def step():
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    return step
+
+
 def host_e2e():
     """Whether a training step (4 x 2048, bf16 weights, AdamW) waits on the host: per step, the wall time
     (synchronised), the host's time to issue it (the step's Python returns before the GPU finishes when the GPU is
@@ -956,18 +974,7 @@ def host_e2e():
     for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
                         ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
                         ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):
-        model = build().to(DEV, torch.bfloat16).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        ids = torch.randint(0, 50000, (4, 2048), device=DEV)
-
-        def step():
-            model(ids, labels=ids, use_cache=False).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
+        step = _warm_training_step(build)
         start = time.perf_counter()
         for _ in range(10):
             step()
@@ -996,7 +1003,7 @@ def host_e2e():
         for row in text.getvalue().splitlines():
             if row.strip():
                 print("host_e2e", name, row[:180], flush=True)
-        model = opt = None
+        step = None
         torch.cuda.empty_cache()
 
 
@@ -1008,18 +1015,7 @@ def profile_e2e():
     rows = {}
     for name, build in (("mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
                         ("mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):
-        model = build().to(DEV, torch.bfloat16).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        ids = torch.randint(0, 50000, (4, 2048), device=DEV)
-
-        def step():
-            model(ids, labels=ids, use_cache=False).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
+        step = _warm_training_step(build)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 step()
@@ -1032,7 +1028,7 @@ def profile_e2e():
         print("profile_e2e", name, f"{rows[name]['step_ms']:.1f} ms GPU per step", flush=True)
         for key, ms, share in rows[name]["top"]:  # each line names the section: gpu_ab.py keeps those
             print(f"profile_e2e {name} {ms:8.2f} ms {share:5.1f}%  {key}", flush=True)
-        model = opt = None
+        step = None
         torch.cuda.empty_cache()
     R["profile_e2e"] = rows
 
