@@ -272,7 +272,11 @@ def _kernel_times(fn, steps: int = 10) -> dict[str, float]:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    return {e.key[:60]: e.self_device_time_total / steps for e in prof.key_averages() if e.self_device_time_total}
+    times: dict[str, float] = {}
+    for event in prof.key_averages():  # summed: kernels whose names share a prefix must not overwrite each other
+        if event.self_device_time_total:
+            times[event.key[:60]] = times.get(event.key[:60], 0.0) + event.self_device_time_total / steps
+    return times
 
 
 def conv_tiles():

@@ -1035,6 +1035,42 @@ def test_triton_conv_reads_x_in_place(monkeypatch, dtype, with_past, with_seq, a
         assert _rel_err(a.float().cpu(), b.double().cpu()) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_layer_on_the_triton_kernels_equals_its_pytorch_form(monkeypatch, dtype):
+    """The models' RMSNorm (residual stream, final norm) runs the gated norm's kernels without a gate: output and
+    gradients as on the PyTorch path, which is transformers' formula (float32, rounded to the input's dtype before
+    the weight)."""
+    from ssm_hf.kernels import norm_triton
+    from ssm_hf.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(17)
+    norm = RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(24, generator=g))
+    norm = norm.to(DEVICE, dtype)
+    x = (3 * torch.randn(2, 7, 24, generator=g)).to(DEVICE, dtype)
+    dy = torch.randn(2, 7, 24, generator=g).to(DEVICE, dtype)
+
+    def run():
+        norm.weight.grad = None
+        leaf = x.clone().requires_grad_(True)
+        y = norm(leaf)
+        y.backward(dy)
+        return y, leaf.grad, norm.weight.grad
+
+    launches = _record_launches(monkeypatch, norm_triton, ("_norm_fwd_kernel", "_norm_bwd_kernel"))
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    ours = run()
+    assert sorted(name for name, _ in launches) == ["_norm_bwd_kernel", "_norm_fwd_kernel"]
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: False)
+    want = run()
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    assert torch.equal(want[0], norm.weight * (x.float() * torch.rsqrt(variance + 1e-5)).to(dtype))
+    for a, b in zip(ours, want):
+        assert a.dtype == b.dtype
+        assert _rel_err(a.float().cpu(), b.double().cpu()) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("layout", ["slice", "rows", "channels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_rms_norm_gated_reads_the_gate_in_place(monkeypatch, dtype, layout):

@@ -9,7 +9,12 @@ from .. import kernels
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32; `weight` is the only parameter. x: (..., hidden_size)."""
+    """Root-mean-square norm computed in float32 (float64 for float64 input), the normalised value rounded to the
+    input's dtype before `weight`, the only parameter, multiplies it (as transformers' Llama/Mamba norms).
+    x: (..., hidden_size).
+
+    It is the gated norm's op without a gate and with one group: on CUDA one Triton kernel each way instead of
+    about eight PyTorch ops forward and ten backward, per norm and step."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -17,11 +22,8 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return kernels.rms_norm_gated(hidden_states, None, self.weight, hidden_states.shape[-1],
+                                      self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
