@@ -402,7 +402,7 @@ def test_triton_rms_norm_gated_forward_and_gradients(hidden, group_size, gated):
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("batch,seqlen,channels,width,with_past,with_bias", [
     (2, 1, 5, 4, True, True), (1, 37, 70, 4, False, True), (2, 9, 3, 2, True, False), (1, 3, 8, 4, False, False),
-    (2, 19, 6, 3, True, True),
+    (2, 19, 6, 3, True, True), (2, 11, 5, 1, True, True),
 ])
 def test_triton_causal_conv1d_forward_and_gradients(monkeypatch, batch, seqlen, channels, width, with_past, with_bias,
                                                     activation):
@@ -438,6 +438,11 @@ def test_triton_causal_conv1d_forward_and_gradients(monkeypatch, batch, seqlen, 
     half = causal_conv1d_triton(leaves[0].detach().bfloat16(), leaves[1].detach(), None, None,
                                 activation=activation)
     assert half.dtype == torch.bfloat16
+    # bf16 x and bias with a float32 weight: each gradient in its own input's dtype
+    mixed = [leaves[0].detach().bfloat16().requires_grad_(True), leaves[1].detach().clone().requires_grad_(True),
+             torch.randn(channels, generator=g).bfloat16().to(DEVICE).requires_grad_(True)]
+    causal_conv1d_triton(*mixed, activation=activation).float().sum().backward()
+    assert [t.grad.dtype for t in mixed] == [torch.bfloat16, torch.float32, torch.bfloat16]
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d_triton(leaves[0], leaves[1], activation="gelu")
     with pytest.raises(ValueError, match="activation"):
@@ -1069,6 +1074,8 @@ def test_rms_norm_layer_on_the_triton_kernels_equals_its_pytorch_form(monkeypatc
     for a, b in zip(ours, want):
         assert a.dtype == b.dtype
         assert _rel_err(a.float().cpu(), b.double().cpu()) < (1e-5 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="weight has shape"):
+        norm_triton.rms_norm_gated_triton(x, None, norm.weight[:-1], 24, 1e-5)
 
 
 @pytest.mark.parametrize("layout", ["slice", "rows", "channels"])
@@ -1199,9 +1206,10 @@ def test_row_alignment_is_the_largest_power_of_two_up_to_16_dividing_every_strid
     assert row_alignment(12, 0) == 4         # a batch of one may have any batch stride
 
 
-def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
+def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused(monkeypatch):
     """One program per 32 tokens on a grid axis that CUDA caps at 65535: a longer row must raise a clear error
     before launching (on a GPU the launch fails with 'invalid argument'; the interpreter has no such cap)."""
+    from ssm_hf.kernels import causal_conv1d_triton as causal_conv1d_triton_module
     from ssm_hf.kernels.causal_conv1d_triton import causal_conv1d_triton
     from ssm_hf.kernels.launch import MAX_GRID_YZ
     from ssm_hf.kernels.ssd_triton import ssd_scan_triton
@@ -1210,9 +1218,12 @@ def test_triton_rows_too_long_for_one_launch_grid_axis_are_refused():
     x = torch.zeros(1, seqlen, 1, 1, device=DEVICE)
     with pytest.raises(NotImplementedError, match="split the row"):
         ssd_scan_triton(x, x[..., 0], -torch.ones(1, device=DEVICE), x, x)
-    # the conv puts its time blocks on the axis without that cap, its rows on one with it
-    with pytest.raises(NotImplementedError, match="batch of 65536 rows.*split the batch"):
-        causal_conv1d_triton(torch.zeros(MAX_GRID_YZ + 1, 1, 1, device=DEVICE), torch.ones(1, 4, device=DEVICE))
+    # the conv's forward puts (row, time block) pairs on the uncapped axis; its backward's programs per row (one per
+    # BACKWARD_BLOCKS_PER_PROGRAM time blocks) go on a capped one: one token per block and per program here
+    monkeypatch.setattr(causal_conv1d_triton_module, "BLOCK_T", 1)
+    monkeypatch.setattr(causal_conv1d_triton_module, "BACKWARD_BLOCKS_PER_PROGRAM", 1)
+    with pytest.raises(NotImplementedError, match="65536 tokens.*split the row"):
+        causal_conv1d_triton(torch.zeros(1, MAX_GRID_YZ + 1, 1, device=DEVICE), torch.ones(1, 4, device=DEVICE))
 
 
 def test_scan_time_chunks_respect_the_grid_and_the_tiles():

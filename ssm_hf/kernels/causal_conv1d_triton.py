@@ -48,13 +48,14 @@ def _row_strides(stride_xb, stride_xl, X_ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, out_ptr, L, C, S, stride_xb, stride_xl,
+def _conv_fwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, out_ptr, L, C, S, n_tblocks, stride_xb, stride_xl,
                      W: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
                      SILU: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    # time blocks on grid axis 0, the only one that CUDA lets exceed 65,535 programs
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    b = tl.program_id(1).to(tl.int64)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # (batch row, time block) pairs on grid axis 0, the only one that CUDA lets exceed 65,535 programs
+    pid = tl.program_id(0)
+    t = (pid % n_tblocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = (pid // n_tblocks).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     stride_xb, stride_xl = _row_strides(stride_xb, stride_xl, X_ALIGN)
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
@@ -186,12 +187,13 @@ class _CausalConv1d(torch.autograd.Function):
         past = past.contiguous() if past is not None else None
         seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous whatever x's strides
-        grid = (triton.cdiv(seqlen, BLOCK_T), batch, triton.cdiv(channels, BLOCK_C))
+        n_tblocks = triton.cdiv(seqlen, BLOCK_T)
+        grid = (batch * n_tblocks, triton.cdiv(channels, BLOCK_C))
         with on_device_of(x):
             _conv_fwd_kernel[grid](
                 x, past if past is not None else x, weight, bias if bias is not None else weight,
                 seq_idx if seq_idx is not None else x, out,
-                seqlen, channels, past.shape[-1] if past is not None else 0, x.stride(0), x.stride(1),
+                seqlen, channels, past.shape[-1] if past is not None else 0, n_tblocks, x.stride(0), x.stride(1),
                 W=width, HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
                 SILU=activation == "silu", X_ALIGN=row_alignment(x.stride(0), x.stride(1)), BLOCK_T=BLOCK_T,
                 BLOCK_C=BLOCK_C, num_warps=WARPS["forward"])
@@ -234,7 +236,7 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     if x.shape[1] == 0:
         return x.new_empty(x.shape)
-    check_grid_axis(x.shape[0], f"A causal conv of a batch of {x.shape[0]} rows", "split the batch")
+    # the forward's (row, time block) pairs go on the grid's uncapped axis; the backward's programs per row do not
     check_grid_axis(triton.cdiv(triton.cdiv(x.shape[1], BLOCK_T), BACKWARD_BLOCKS_PER_PROGRAM),
                     f"A causal conv over {x.shape[1]} tokens")
     check_grid_axis(triton.cdiv(x.shape[2], BLOCK_C), f"A causal conv over {x.shape[2]} channels")

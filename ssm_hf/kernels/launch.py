@@ -36,7 +36,9 @@ def row_alignment(*strides: int) -> int:
 
     Triton specialises an integer argument only on whether it is a multiple of 16, so a row stride such as
     Mamba-2's in_proj width (2 * d_inner + 2 * groups * d_state + heads, e.g. 3352 = 8 x 419) makes every load of a
-    row view scalar; a kernel told `tl.multiple_of(stride, row_alignment(stride))` reads 16 bytes at a time again."""
+    row view scalar. A kernel given A = row_alignment(stride) as a constexpr rebuilds the stride as (stride // A) * A,
+    which the compiler can see is a multiple of A (`tl.multiple_of` has no effect on an argument), and reads 16 bytes
+    at a time again."""
     alignment = 16
     while alignment > 1 and any(stride % alignment for stride in strides):
         alignment //= 2

@@ -132,4 +132,7 @@ def rms_norm_gated_triton(x: torch.Tensor, gate: torch.Tensor | None, weight: to
     """As `norm_torch.rms_norm_gated`, with Triton kernels. x, gate: (..., hidden); weight: (hidden,)."""
     if x.shape[-1] % group_size:
         raise ValueError(f"hidden size {x.shape[-1]} is not a multiple of the norm's group size {group_size}")
+    if tuple(weight.shape) != (x.shape[-1],):  # the kernels would read past the weight's end
+        raise ValueError(f"the norm's weight has shape {tuple(weight.shape)}; inputs of hidden size {x.shape[-1]} "
+                         f"need ({x.shape[-1]},)")
     return _RMSNormGated.apply(x, gate, weight, group_size, eps)
