@@ -110,7 +110,7 @@ def _conv_bwd_block(x_ptr, past_ptr, seq_ptr, dout_ptr, dx_ptr, weights, bias, b
         if j == 0:
             g_t = g
         if HAS_SEQ:  # the taps the forward masked carry no gradient
-            g = tl.where((_seq_at(seq_ptr, b, later, L) == _seq_at(seq_ptr, b, t, L))[:, None], g, 0.0)
+            g = tl.where((_seq_at(seq_ptr, b, later, L) == seqs[W - 1])[:, None], g, 0.0)
         dx += weights[W - 1 - j][None, :] * g
     tl.store(dx_ptr + (b * L + t.to(tl.int64))[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
              mask=(t < L)[:, None] & c_mask[None, :])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 
 from .. import kernels
@@ -24,18 +25,12 @@ def decoding_state(cache_params: Cache | None, layer_idx: int, seqlen: int) -> t
     return state, seqlen == 1
 
 
-def conv_activation(hidden_act: str) -> str | None:
-    """The activation the conv ops apply themselves for a config's `hidden_act` ("silu" for SiLU/swish, which the
-    kernels fuse into the conv), or None: the mixer then applies ACT2FN[hidden_act] after the conv."""
-    return "silu" if hidden_act in ("silu", "swish") else None
-
-
 def cached_causal_conv(
     conv1d: nn.Conv1d, x: torch.Tensor, cache_params: Cache | None, layer_idx: int,
-    mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None, activation: str | None = None,
+    mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None, hidden_act: str | None = None,
 ) -> torch.Tensor:
-    """Depthwise causal conv of x: (batch, seqlen, channels), then `activation` (None or "silu", applied inside
-    the conv op).
+    """Depthwise causal conv of x: (batch, seqlen, channels), then the activation ACT2FN[hidden_act] (none if
+    None). SiLU ("silu"/"swish") runs inside the conv ops, fused with the conv; any other activation after them.
 
     With a cache, the sequence continues from the layer's conv state (zeros before the first call), and the state
     is then replaced by the last `kernel_size` real inputs. With a padding `mask` (batch, seqlen), 1 for real
@@ -44,8 +39,10 @@ def cached_causal_conv(
     With `seq_idx` (batch, seqlen) (packed sequences, no cache), each token sees only earlier tokens of its own
     sequence.
     """
+    fused = "silu" if hidden_act in ("silu", "swish") else None
     with loaded_weights(conv1d):
-        return _cached_causal_conv(conv1d, x, cache_params, layer_idx, mask, seq_idx, activation)
+        out = _cached_causal_conv(conv1d, x, cache_params, layer_idx, mask, seq_idx, fused)
+    return out if fused is not None or hidden_act is None else ACT2FN[hidden_act](out)
 
 
 def _cached_causal_conv(

@@ -6,12 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 
 from .. import kernels
 from ..configs.mamba import MambaConfig
-from .conv import cached_causal_conv, conv_activation, decoding_state
+from .conv import cached_causal_conv, decoding_state
 from .norm import RMSNorm
 from .offload import loaded_weights
 from .ssm_init import inverse_softplus_dt
@@ -34,8 +33,7 @@ class MambaMixer(nn.Module):
         self.ssm_state_size = config.state_size
         self.time_step_rank = int(config.time_step_rank)
         self.scan_chunk_size = config.scan_chunk_size
-        self.act = ACT2FN[config.hidden_act]
-        self.conv_activation = conv_activation(config.hidden_act)  # SiLU is fused into the conv op
+        self.hidden_act = config.hidden_act  # the conv's activation (SiLU fused into the conv ops)
 
         self.in_proj = nn.Linear(self.hidden_size, 2 * self.intermediate_size, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
@@ -94,10 +92,7 @@ class MambaMixer(nn.Module):
             if z.requires_grad:  # x is a new tensor now: a view of z alone would keep all of in_proj's output
                 z = z.contiguous()
 
-        x = cached_causal_conv(self.conv1d, x, cache_params, self.layer_idx, padding, seq_idx,
-                               activation=self.conv_activation)
-        if self.conv_activation is None:
-            x = self.act(x)
+        x = cached_causal_conv(self.conv1d, x, cache_params, self.layer_idx, padding, seq_idx, self.hidden_act)
         if mask is not None:
             x = x * mask
 
