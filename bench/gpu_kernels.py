@@ -26,6 +26,7 @@ fwd_sweep  (on request) forward times of the Triton scan for a few FORWARD_CONFI
 profile_e2e  (on request) the largest kernels of a training step of each of our 130M models.
 host_e2e  (on request) a training step's wall, host-issue and GPU-busy times, and its top host functions.
 bwd_sweep  (on request) forward+backward times of the scan for a few BACKWARD_CONFIG shapes.
+e2e_shape_sweep  (on request) at the 130M models' training shape: SSD walker tiles, norm backward programs.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
          transformers' LlamaForCausalLM of the anchors' 130M shape with SDPA.
 Prints a table last; writes results.json under $OUT if set.
@@ -638,6 +639,46 @@ def ssd_grads_sweep():
     R["ssd_grads_sweep"] = rows
 
 
+def e2e_shape_sweep():
+    """At the 130M models' training shape (4 x 2048, bf16): our SSD (24 heads of dim 64, one group, d_state 128)
+    forward and forward+backward for a few walker tiles (STATE_TILE), and the norm backward's kernel time for a
+    few programs per multiprocessor (norm_triton.BACKWARD_PROGRAMS_PER_SM), gated (Mamba-2's, width 1536) and
+    plain (the blocks' RMSNorm, width 768). Each row printed as it is measured."""
+    from ssm_hf.kernels import norm_triton, ssd_triton
+
+    rows = {}
+    inp = ssd_inputs(4, 2048, 24, 64, 1, 128, torch.bfloat16)
+    inp.pop("initial_state")
+    leaves = {k: (v.clone().requires_grad_(True) if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+    dy = torch.randn_like(inp["x"])
+    saved = {"STATE_TILE": ssd_triton.STATE_TILE}
+    for tile in ((64, 64), (64, 32), (32, 64), (32, 32)):
+        ssd_triton.STATE_TILE = tile
+        name = f"ssd B4 T2048 walker tile {tile[0]}x{tile[1]} (fwd us, fwd+bwd us)"
+        try:
+            rows[name] = _ssd_times(inp, leaves, dy, backward=True)
+            kernel_us = _kernel_times(lambda: ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True).backward(dy))
+            rows[name + " kernels"] = {k: round(v, 1) for k, v in kernel_us.items() if v > 5}
+        except Exception as err:
+            rows[name] = repr(err)[:200]
+        print("e2e_shape_sweep", name, rows[name], rows.get(name + " kernels"), flush=True)
+    _restore(ssd_triton, saved)
+    per_sm = norm_triton.BACKWARD_PROGRAMS_PER_SM
+    for width, group, gated in ((1536, 1536, True), (768, 768, False)):
+        x = torch.randn(8192, width, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        z = torch.randn(8192, width, device=DEV, dtype=torch.bfloat16, requires_grad=True) if gated else None
+        w = torch.randn(width, device=DEV, requires_grad=True)
+        dout = torch.randn(8192, width, device=DEV, dtype=torch.bfloat16)
+        for programs in (2, 4, 8, 16, 32):
+            norm_triton.BACKWARD_PROGRAMS_PER_SM = programs
+            times = _kernel_times(lambda: kernels.rms_norm_gated(x, z, w, group, 1e-5).backward(dout))
+            name = f"norm {'gated' if gated else 'plain'} 8192x{width} backward programs per SM {programs}"
+            rows[name] = {k: round(v, 1) for k, v in times.items()}
+            print("e2e_shape_sweep", name, rows[name], flush=True)
+    norm_triton.BACKWARD_PROGRAMS_PER_SM = per_sm
+    R["e2e_shape_sweep"] = rows
+
+
 def ssd():
     """Mamba-2's SSD at B8 T4096 H24 P64 N128, one group, bf16: our Triton forward and forward+backward beside
     mamba_ssm's and flash-linear-attention's Triton kernels, if they are importable (carried, see `anchors_gpu.py`)."""
@@ -1052,7 +1093,7 @@ def main():
              "check_ssd": check_ssd, "ssd_sweep": ssd_sweep, "ssd_forward_sweep": ssd_forward_sweep,
              "conv_sweep": conv_sweep, "conv_tiles": conv_tiles, "ssd_grads_sweep": ssd_grads_sweep,
              "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
-             "profile_e2e": profile_e2e, "host_e2e": host_e2e,
+             "profile_e2e": profile_e2e, "host_e2e": host_e2e, "e2e_shape_sweep": e2e_shape_sweep,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]

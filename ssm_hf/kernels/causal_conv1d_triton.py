@@ -78,8 +78,8 @@ def _conv_fwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, out_ptr, L, C, S
 
 @triton.jit
 def _conv_bwd_block(x_ptr, past_ptr, seq_ptr, dout_ptr, dx_ptr, weights, bias, b, t, c, c_mask, L, C, S,
-                    stride_xb, stride_xl, W: tl.constexpr, HAS_PAST: tl.constexpr, HAS_SEQ: tl.constexpr,
-                    SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                    stride_xb, stride_xl, stride_dxb, stride_dxl, W: tl.constexpr, HAS_PAST: tl.constexpr,
+                    HAS_SEQ: tl.constexpr, SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """One (BLOCK_T, BLOCK_C) block of the backward: stores dx[t] = Σ_k w[k] g[t + (W-1) - k], with g[p] the
     gradient reaching output p before the activation (dout, or dout · silu'(pre[p]), the pre-activation recomputed
     from x); returns g[t] and the W taps of t (zero where the forward masked them), whose products make dw."""
@@ -112,8 +112,8 @@ def _conv_bwd_block(x_ptr, past_ptr, seq_ptr, dout_ptr, dx_ptr, weights, bias, b
         if HAS_SEQ:  # the taps the forward masked carry no gradient
             g = tl.where((_seq_at(seq_ptr, b, later, L) == seqs[W - 1])[:, None], g, 0.0)
         dx += weights[W - 1 - j][None, :] * g
-    tl.store(dx_ptr + (b * L + t.to(tl.int64))[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
-             mask=(t < L)[:, None] & c_mask[None, :])
+    tl.store(dx_ptr + (b * stride_dxb + t.to(tl.int64) * stride_dxl)[:, None] + c[None, :],
+             dx.to(dx_ptr.dtype.element_ty), mask=(t < L)[:, None] & c_mask[None, :])
     taps = ()
     for k in tl.static_range(W):
         tap = inputs[k]
@@ -125,19 +125,21 @@ def _conv_bwd_block(x_ptr, past_ptr, seq_ptr, dout_ptr, dx_ptr, weights, bias, b
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, L, C, S,
-                     n_tblocks, blocks_per_program, n_parts, stride_xb, stride_xl,
+                     n_tblocks, blocks_per_program, n_parts, stride_xb, stride_xl, stride_dxb, stride_dxl,
                      W: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
-                     SILU: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                     SILU: tl.constexpr, X_ALIGN: tl.constexpr, DX_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     # One program walks blocks_per_program time blocks of BLOCK_C channels (`_conv_bwd_block` each), summing the
     # blocks' dw and dbias terms elementwise and over time only once at the end, into this program's partial-sum
     # row (a sum over time per block, with its barriers, and more programs in flight made the backward
-    # latency-bound: H100, 4 x 2048 x 1792 bf16, 160-207 us against 35 us for the forward). dout and dx are
-    # contiguous; x is read through its strides as in the forward.
+    # latency-bound: H100, 4 x 2048 x 1792 bf16, 160-207 us against 35 us for the forward). dout is contiguous;
+    # x is read and dx written through their own strides (dx may be a column slice of a wider gradient).
     b = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     stride_xb, stride_xl = _row_strides(stride_xb, stride_xl, X_ALIGN)
+    stride_dxb, stride_dxl = _row_strides(stride_dxb, stride_dxl, DX_ALIGN)
     weights = ()
     for k in tl.static_range(W):
         weights = weights + (tl.load(w_ptr + c * W + k, mask=c_mask, other=0.0).to(tl.float32),)
@@ -152,7 +154,8 @@ def _conv_bwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr
     for block in range(first, tl.minimum(first + blocks_per_program, n_tblocks)):
         t = block * BLOCK_T + tl.arange(0, BLOCK_T)
         g_t, taps = _conv_bwd_block(x_ptr, past_ptr, seq_ptr, dout_ptr, dx_ptr, weights, bias, b, t, c, c_mask, L,
-                                    C, S, stride_xb, stride_xl, W, HAS_PAST, HAS_SEQ, SILU, BLOCK_T, BLOCK_C)
+                                    C, S, stride_xb, stride_xl, stride_dxb, stride_dxl, W, HAS_PAST, HAS_SEQ, SILU,
+                                    BLOCK_T, BLOCK_C)
         summed = ()
         for k in tl.static_range(W):
             summed = summed + (dws[k] + g_t * taps[k],)
@@ -173,11 +176,62 @@ WARPS = {"forward": 4, "backward": 4}
 BACKWARD_BLOCKS_PER_PROGRAM = 16
 
 
+def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, past: torch.Tensor | None,
+                 seq_idx: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    """The forward kernel, outside autograd. x: (batch, seqlen, channels) with contiguous channels (any batch and
+    row strides); weight: (channels, width), contiguous; bias: (channels,) contiguous or None; past: (batch,
+    channels, k) contiguous or None; seq_idx: (batch, seqlen) int32 kernel ids or None. Returns a new contiguous
+    (batch, seqlen, channels) tensor in x's dtype."""
+    batch, seqlen, channels = x.shape
+    width = weight.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous whatever x's strides
+    n_tblocks = triton.cdiv(seqlen, BLOCK_T)
+    grid = (batch * n_tblocks, triton.cdiv(channels, BLOCK_C))
+    with on_device_of(x):
+        _conv_fwd_kernel[grid](
+            x, past if past is not None else x, weight, bias if bias is not None else weight,
+            seq_idx if seq_idx is not None else x, out,
+            seqlen, channels, past.shape[-1] if past is not None else 0, n_tblocks, x.stride(0), x.stride(1),
+            W=width, HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
+            SILU=activation == "silu", X_ALIGN=row_alignment(x.stride(0), x.stride(1)), BLOCK_T=BLOCK_T,
+            BLOCK_C=BLOCK_C, num_warps=WARPS["forward"])
+    return out
+
+
+def conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, past: torch.Tensor | None,
+                  seq_idx: torch.Tensor | None, activation: str | None, dout: torch.Tensor,
+                  dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backward kernel, outside autograd, for `conv_forward`'s arguments and dout (batch, seqlen, channels),
+    contiguous. dx: where to write x's gradient ((batch, seqlen, channels) in x's dtype, contiguous channels, any
+    batch and row strides: a column slice of a wider gradient), or None for a new contiguous tensor. Returns (dx,
+    dweight in weight's dtype, dbias in bias's dtype or None)."""
+    batch, seqlen, channels = x.shape
+    width = weight.shape[-1]
+    n_tblocks = triton.cdiv(seqlen, BLOCK_T)
+    n_parts = triton.cdiv(n_tblocks, BACKWARD_BLOCKS_PER_PROGRAM)
+    if dx is None:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # stored in x's dtype by the kernel
+    elif dx.shape != x.shape or dx.stride(-1) != 1:
+        raise ValueError(f"dx must have x's shape {tuple(x.shape)} with contiguous channels; got shape "
+                         f"{tuple(dx.shape)}, strides {dx.stride()}")
+    dw = torch.empty(batch * n_parts, channels, width, dtype=torch.float32, device=x.device)
+    dbias = torch.empty(batch * n_parts, channels, dtype=torch.float32, device=x.device)
+    with on_device_of(x):
+        _conv_bwd_kernel[(batch, n_parts, triton.cdiv(channels, BLOCK_C))](
+            x, past if past is not None else x, weight, bias if bias is not None else weight,
+            seq_idx if seq_idx is not None else x, dout, dx, dw, dbias, seqlen, channels,
+            past.shape[-1] if past is not None else 0, n_tblocks, BACKWARD_BLOCKS_PER_PROGRAM, n_parts,
+            x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
+            W=width, HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
+            SILU=activation == "silu", X_ALIGN=row_alignment(x.stride(0), x.stride(1)),
+            DX_ALIGN=row_alignment(dx.stride(0), dx.stride(1)), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+            num_warps=WARPS["backward"])
+    return dx, dw.sum(0).to(weight.dtype), dbias.sum(0).to(bias.dtype) if bias is not None else None
+
+
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, past, seq_idx, activation):
-        batch, seqlen, channels = x.shape
-        width = weight.shape[-1]
         # x is usually a column slice of in_proj's output (Mamba's x half, Mamba-2's xBC): the kernels take its
         # batch and row strides, so it is neither copied nor saved as a copy, unless its channels are strided
         if x.stride(-1) != 1:
@@ -186,17 +240,7 @@ class _CausalConv1d(torch.autograd.Function):
         bias = bias.contiguous() if bias is not None else None  # indexed as bias_ptr + channel
         past = past.contiguous() if past is not None else None
         seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous whatever x's strides
-        n_tblocks = triton.cdiv(seqlen, BLOCK_T)
-        grid = (batch * n_tblocks, triton.cdiv(channels, BLOCK_C))
-        with on_device_of(x):
-            _conv_fwd_kernel[grid](
-                x, past if past is not None else x, weight, bias if bias is not None else weight,
-                seq_idx if seq_idx is not None else x, out,
-                seqlen, channels, past.shape[-1] if past is not None else 0, n_tblocks, x.stride(0), x.stride(1),
-                W=width, HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
-                SILU=activation == "silu", X_ALIGN=row_alignment(x.stride(0), x.stride(1)), BLOCK_T=BLOCK_T,
-                BLOCK_C=BLOCK_C, num_warps=WARPS["forward"])
+        out = conv_forward(x, weight, bias, past, seq_idx, activation)
         ctx.save_for_backward(x, weight, bias, past, seq_idx)
         ctx.activation = activation
         return out
@@ -204,24 +248,8 @@ class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, past, seq_idx = ctx.saved_tensors
-        batch, seqlen, channels = x.shape
-        width = weight.shape[-1]
-        n_tblocks = triton.cdiv(seqlen, BLOCK_T)
-        n_parts = triton.cdiv(n_tblocks, BACKWARD_BLOCKS_PER_PROGRAM)
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # stored in x's dtype by the kernel
-        dw = torch.empty(batch * n_parts, channels, width, dtype=torch.float32, device=x.device)
-        dbias = torch.empty(batch * n_parts, channels, dtype=torch.float32, device=x.device)
-        with on_device_of(x):
-            _conv_bwd_kernel[(batch, n_parts, triton.cdiv(channels, BLOCK_C))](
-                x, past if past is not None else x, weight, bias if bias is not None else weight,
-                seq_idx if seq_idx is not None else x, dout.contiguous(), dx, dw, dbias, seqlen, channels,
-                past.shape[-1] if past is not None else 0, n_tblocks, BACKWARD_BLOCKS_PER_PROGRAM, n_parts,
-                x.stride(0), x.stride(1),
-                W=width, HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
-                SILU=ctx.activation == "silu", X_ALIGN=row_alignment(x.stride(0), x.stride(1)),
-                BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=WARPS["backward"])
-        return (dx, dw.sum(0).to(weight.dtype), dbias.sum(0).to(bias.dtype) if bias is not None else None,
-                None, None, None)
+        dx, dw, dbias = conv_backward(x, weight, bias, past, seq_idx, ctx.activation, dout.contiguous())
+        return dx, dw, dbias, None, None, None
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

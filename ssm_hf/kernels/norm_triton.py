@@ -11,7 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device_of, row_alignment
+from .launch import multiprocessors, on_device_of, row_alignment
+
+# Programs per multiprocessor of the backward (all groups together; each sums its rows' share of dweight into its
+# own float32 row). Without a GPU (the interpreter) BACKWARD_PROGRAMS_NO_GPU in all. Module-level so that
+# bench/gpu_kernels.py can sweep it.
+BACKWARD_PROGRAMS_PER_SM = 8
+BACKWARD_PROGRAMS_NO_GPU = 512
 
 
 @triton.jit
@@ -46,8 +52,10 @@ def _norm_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps, stride_z,
 
 @triton.jit
 def _norm_bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, eps, rows_per_program,
-                     stride_z, HAS_GATE: tl.constexpr, Z_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-    # dx and dz are stored in their tensors' dtypes (x's and the gate's), rounded once
+                     stride_z, stride_dz, HAS_GATE: tl.constexpr, Z_ALIGN: tl.constexpr, DZ_ALIGN: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    # dx and dz are stored in their tensors' dtypes (x's and the gate's), rounded once; dz's rows stride_dz apart
+    # (it may be a column slice of a wider gradient), rebuilt as a multiple of DZ_ALIGN as the gate's stride is
     block = tl.program_id(0)
     group = tl.program_id(1)
     cols = group * G + tl.arange(0, BLOCK)
@@ -68,11 +76,70 @@ def _norm_bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, 
             if HAS_GATE:
                 sig = tl.sigmoid(z)
                 tl.store(dx_ptr + offs, (du * z * sig).to(dx_ptr.dtype.element_ty), mask=mask)
-                tl.store(dz_ptr + offs, (du * x * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
-                         mask=mask)
+                tl.store(dz_ptr + row.to(tl.int64) * ((stride_dz // DZ_ALIGN) * DZ_ALIGN) + cols,
+                         (du * x * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=mask)
             else:
                 tl.store(dx_ptr + offs, du.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_ptr + block.to(tl.int64) * H + cols, dw, mask=mask)
+
+
+def norm_forward(x2: torch.Tensor, z2: torch.Tensor | None, weight: torch.Tensor, group_size: int,
+                 eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """The forward kernel, outside autograd. x2: (rows, hidden) contiguous; z2: (rows, hidden) gate with
+    contiguous columns and any row stride, or None; weight: (hidden,) contiguous. Returns (rows, hidden) in
+    out_dtype."""
+    rows, hidden = x2.shape
+    y = torch.empty((rows, hidden), dtype=out_dtype, device=x2.device)
+    block = triton.next_power_of_2(group_size)
+    if rows:
+        with on_device_of(x2):
+            _norm_fwd_kernel[(rows, hidden // group_size)](
+                x2, z2 if z2 is not None else x2, weight, y, hidden, group_size, eps,
+                z2.stride(0) if z2 is not None else hidden,
+                HAS_GATE=z2 is not None, ROUND_TO_INPUT=x2.dtype != torch.float32,
+                Z_ALIGN=row_alignment(z2.stride(0)) if z2 is not None else 1, BLOCK=block,
+                num_warps=min(max(block // 256, 1), 8))
+    return y
+
+
+def norm_backward(x2: torch.Tensor, z2: torch.Tensor | None, weight: torch.Tensor, dy: torch.Tensor,
+                  group_size: int, eps: float, dz: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The backward kernel, outside autograd, for `norm_forward`'s arguments and dy (rows, hidden) contiguous.
+    dz: where to write the gate's gradient ((rows, hidden) in the gate's dtype, contiguous columns, any row stride:
+    a column slice of a wider gradient), or None for a new contiguous tensor. Returns (dx, dz or None without a
+    gate, dweight in weight's dtype)."""
+    rows, hidden = x2.shape
+    dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    if z2 is not None and dz is None:
+        dz = torch.empty(x2.shape, dtype=z2.dtype, device=x2.device)
+    elif dz is not None and (dz.shape != x2.shape or dz.stride(-1) != 1):
+        raise ValueError(f"dz must have shape {tuple(x2.shape)} with contiguous columns; got shape "
+                         f"{tuple(dz.shape)}, strides {dz.stride()}")
+    sms = multiprocessors(x2)
+    total = BACKWARD_PROGRAMS_PER_SM * sms if sms is not None else BACKWARD_PROGRAMS_NO_GPU
+    programs = max(min(rows, total // max(hidden // group_size, 1)), 1)  # per group
+    rows_per_program = triton.cdiv(max(rows, 1), programs)
+    dw = torch.empty((programs, hidden), dtype=torch.float32, device=x2.device)  # each program stores its row
+    block = triton.next_power_of_2(group_size)
+    if rows:
+        with on_device_of(x2):
+            _norm_bwd_kernel[(programs, hidden // group_size)](
+                x2, z2 if z2 is not None else x2, weight, dy, dx, dz if dz is not None else dx, dw, rows, hidden,
+                group_size, eps, rows_per_program, z2.stride(0) if z2 is not None else hidden,
+                dz.stride(0) if dz is not None else hidden, HAS_GATE=z2 is not None,
+                Z_ALIGN=row_alignment(z2.stride(0)) if z2 is not None else 1,
+                DZ_ALIGN=row_alignment(dz.stride(0)) if dz is not None else 1, BLOCK=block,
+                num_warps=min(max(block // 256, 1), 8))
+    return dx, dz, dw.sum(0).to(weight.dtype)
+
+
+def gate_rows(gate: torch.Tensor, hidden: int) -> torch.Tensor:
+    """The gate as (rows, hidden) with its row stride kept (Mamba-2's z, a column slice of in_proj's output, read
+    in place rather than copied); a copy only where its rows cannot be flattened to one stride or its columns are
+    strided."""
+    z2 = gate.reshape(-1, hidden)
+    return z2.contiguous() if z2.stride(-1) != 1 else z2
 
 
 class _RMSNormGated(torch.autograd.Function):
@@ -80,24 +147,9 @@ class _RMSNormGated(torch.autograd.Function):
     def forward(ctx, x, gate, weight, group_size, eps):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
-        # the gate keeps its row stride (Mamba-2's z: a column slice of in_proj's output, saved as that view rather
-        # than as a copy); a copy only where its rows cannot be flattened to one stride or its columns are strided
-        z2 = gate.reshape(-1, shape[-1]) if gate is not None else None
-        if z2 is not None and z2.stride(-1) != 1:
-            z2 = z2.contiguous()
+        z2 = gate_rows(gate, shape[-1]) if gate is not None else None
         weight = weight.contiguous()  # indexed as weight_ptr + column
-        rows, hidden = x2.shape
-        out_dtype = torch.promote_types(weight.dtype, x.dtype)
-        y = torch.empty((rows, hidden), dtype=out_dtype, device=x.device)
-        block = triton.next_power_of_2(group_size)
-        if rows:
-            with on_device_of(x2):
-                _norm_fwd_kernel[(rows, hidden // group_size)](
-                    x2, z2 if z2 is not None else x2, weight, y, hidden, group_size, eps,
-                    z2.stride(0) if z2 is not None else hidden,
-                    HAS_GATE=gate is not None, ROUND_TO_INPUT=x.dtype != torch.float32,
-                    Z_ALIGN=row_alignment(z2.stride(0)) if z2 is not None else 1, BLOCK=block,
-                    num_warps=min(max(block // 256, 1), 8))
+        y = norm_forward(x2, z2, weight, group_size, eps, torch.promote_types(weight.dtype, x.dtype))
         ctx.save_for_backward(x2, z2, weight)
         ctx.group_size, ctx.eps, ctx.shape = group_size, eps, shape
         return y.reshape(shape)
@@ -105,26 +157,9 @@ class _RMSNormGated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, z2, weight = ctx.saved_tensors
-        rows, hidden = x2.shape
-        group_size = ctx.group_size
-        dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-        dz = torch.empty(x2.shape, dtype=z2.dtype, device=x2.device) if z2 is not None else None
-        # a few hundred programs per group, each summing its rows' share of dweight
-        programs = max(min(rows, 512 // max(hidden // group_size, 1)), 1)
-        rows_per_program = triton.cdiv(max(rows, 1), programs)
-        dw = torch.zeros((programs, hidden), dtype=torch.float32, device=x2.device)
-        block = triton.next_power_of_2(group_size)
-        if rows:
-            with on_device_of(x2):
-                _norm_bwd_kernel[(programs, hidden // group_size)](
-                    x2, z2 if z2 is not None else x2, weight, dy.reshape(rows, hidden).contiguous(), dx,
-                    dz if dz is not None else dx, dw, rows, hidden, group_size, ctx.eps, rows_per_program,
-                    z2.stride(0) if z2 is not None else hidden, HAS_GATE=z2 is not None,
-                    Z_ALIGN=row_alignment(z2.stride(0)) if z2 is not None else 1, BLOCK=block,
-                    num_warps=min(max(block // 256, 1), 8))
         shape = ctx.shape
-        return (dx.reshape(shape), dz.reshape(shape) if dz is not None else None,
-                dw.sum(0).to(weight.dtype), None, None)
+        dx, dz, dw = norm_backward(x2, z2, weight, dy.reshape(x2.shape).contiguous(), ctx.group_size, ctx.eps)
+        return dx.reshape(shape), dz.reshape(shape) if dz is not None else None, dw, None, None
 
 
 def rms_norm_gated_triton(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, group_size: int,

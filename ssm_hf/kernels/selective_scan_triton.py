@@ -491,6 +491,7 @@ def _forward_blocks(block_n: int, tile_t: int) -> tuple[int, int, int]:
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
+        ctx.set_materialize_grads(False)  # an unused final state's gradient stays None, not a tensor of zeros
         batch, seqlen, d_inner = x.shape
         d_state = A.shape[-1]
         block_t, block_n = TILE_CONFIG["block_t"], triton.next_power_of_2(d_state)
@@ -550,6 +551,7 @@ class _SelectiveScan(torch.autograd.Function):
     def backward(ctx, dy, dfinal):
         x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles = ctx.saved_tensors
         batch, seqlen, d_inner = x.shape
+        dy = dy.contiguous() if dy is not None else torch.zeros_like(x)  # only the final state was used
         d_state = A_t.shape[0]
         block_t, block_n = ctx.block_t, triton.next_power_of_2(d_state)
         block_d = _channel_block(BACKWARD_CONFIG["block_d"], block_n)
@@ -580,7 +582,7 @@ class _SelectiveScan(torch.autograd.Function):
             if n_chunks > 1:  # every chunk but the first: its adjoint leaving from the left, from zero
                 _bwd_local_kernel[(batch, n_dblocks, n_chunks - 1)](
                     delta, A_t, C, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
-                    seq_idx if seq_idx is not None else dummy, dy.contiguous(), chunk_P, chunk_U,
+                    seq_idx if seq_idx is not None else dummy, dy, chunk_P, chunk_U,
                     seqlen, d_inner, d_state, chunk_len, n_chunks, *z_strides,
                     HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
                     HAS_SEQ=seq_idx is not None, BLOCK_D=block_d, BLOCK_N=block_n,
@@ -589,7 +591,7 @@ class _SelectiveScan(torch.autograd.Function):
             _bwd_kernel[(batch, n_dblocks, n_chunks)](
                 x, delta, A_t, B, C, D if D is not None else dummy, z if z is not None else dummy,
                 delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy, tiles,
-                scratch, dy.contiguous(), dfinal.contiguous() if dfinal is not None else dummy,
+                scratch, dy, dfinal.contiguous() if dfinal is not None else dummy,
                 dx, ddt, dz if dz is not None else dummy, dA, dB, dC, dD if dD is not None else dummy,
                 dbias if dbias is not None else dummy, dh0, chunk_P, chunk_U,
                 seqlen, d_inner, d_state, n_tiles, n_dblocks, chunk_len, n_chunks, *z_strides,

@@ -101,10 +101,10 @@ class MambaMixer(nn.Module):
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         with loaded_weights(self.dt_proj):  # read, not called: offloaded weights are loaded here
             dt = F.linear(dt, self.dt_proj.weight)
-            dt_bias = self.dt_proj.bias.float()
+            dt_bias = self.dt_proj.bias  # the scan ops add it in float32 themselves (no cast op here)
         dt_softplus = True
         if mask is not None:
-            dt = F.softplus(dt.float() + dt_bias) * mask.float()
+            dt = F.softplus(dt.float() + dt_bias.float()) * mask.float()
             dt_bias, dt_softplus = None, False
         A = -torch.exp(self.A_log.float())
 
