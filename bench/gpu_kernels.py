@@ -499,7 +499,55 @@ def check_ssd():
             rows.append((f"ssd fwd 2x2000x8x64 g2 n128 {tag}", rel(y, ref), rel(fin, fin_ref)))
             for k in leaves:
                 rows.append((f"ssd grad {k} {tag}", rel(leaves[k].grad, ref_leaves[k].grad), float("nan")))
+    rows += _check_ssd_views()
     report_errors("check_ssd", rows)
+
+
+def _check_ssd_views(b: int = 2, t: int = 2048, h: int = 24, p: int = 64, n: int = 128, width: int = 3352) -> list:
+    """Mamba-2 130M's layout: x, B, C column views of the conv's output (b, t, 1792) and raw Δ the last 24
+    columns of in_proj's output (b, t, 3352), read in place; Δ's bias, softplus and a limit (clamping on both
+    sides) made inside the kernels; against the PyTorch chunked form (ssd_prepare_dt) on float32 copies: outputs,
+    final states and every gradient (dt_bias's included)."""
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    rows = []
+    for dtype, packed in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        gen = torch.Generator(device=DEV).manual_seed(9)
+        conv = torch.randn(b, t, h * p + 2 * n, device=DEV, generator=gen).to(dtype).requires_grad_(True)
+        proj = (torch.randn(b, t, width, device=DEV, generator=gen) * 1.5 - 4).to(dtype).requires_grad_(True)
+        x, B, C = conv.split([h * p, n, n], -1)
+        views = dict(x=x.unflatten(-1, (h, p)), B=B.unflatten(-1, (1, n)), C=C.unflatten(-1, (1, n)),
+                     dt=proj[..., -h:])
+        common = dict(A=-torch.exp(torch.rand(h, device=DEV, generator=gen) * 2.7),
+                      D=torch.randn(h, device=DEV, generator=gen),
+                      dt_bias=torch.randn(h, device=DEV, generator=gen) * 0.5,
+                      initial_state=torch.randn(b, h, p, n, device=DEV, generator=gen))
+        common = {k: v.requires_grad_(True) for k, v in common.items()}
+        copies = {k: v.detach().float().contiguous().requires_grad_(True) for k, v in views.items()}
+        ref_common = {k: v.detach().clone().requires_grad_(True) for k, v in common.items()}
+        seq_idx = None
+        if packed:
+            seq_idx = torch.zeros(b, t, dtype=torch.int32, device=DEV)
+            for start in (1, 64, t // 3, t // 3 + 1, t - 1):
+                seq_idx[:, start:] += 1
+        options = dict(dt_softplus=True, dt_limit=(1e-3, 0.1), return_final_state=True, seq_idx=seq_idx)
+        w = torch.randn(b, t, h, p, device=DEV, generator=gen)
+        wh = torch.randn(b, h, p, n, device=DEV, generator=gen)
+        y, fin = ssd_scan_triton(**views, **common, **options)
+        ref, fin_ref = kernels.ssd_scan_chunked(**copies, **ref_common, chunk_size=64, **options)
+        ((y.float() * w).sum() + (fin * wh).sum()).backward()
+        ((ref * w).sum() + (fin_ref * wh).sum()).backward()
+        tag = f"views+bias+limit {str(dtype)[6:]}{' packed' if packed else ''}"
+        rows.append((f"ssd fwd {b}x{t}x{h}x{p} n{n} {tag}", rel(y, ref), rel(fin, fin_ref)))
+        got = dict(x=conv.grad[..., :h * p], B=conv.grad[..., h * p:h * p + n], C=conv.grad[..., h * p + n:],
+                   dt=proj.grad[..., -h:], **{k: v.grad for k, v in common.items()})
+        want = dict(x=copies["x"].grad.flatten(2), B=copies["B"].grad.flatten(2), C=copies["C"].grad.flatten(2),
+                    dt=copies["dt"].grad, **{k: v.grad for k, v in ref_common.items()})
+        for k in got:
+            rows.append((f"ssd grad {k} {tag}", rel(got[k], want[k]), float("nan")))
+        rows.append((f"ssd grad outside the views {tag} (must be 0)",
+                     float(proj.grad[..., :-h].abs().max()), float("nan")))
+    return rows
 
 
 def _ssd_times(inp: dict, leaves: dict, dy: torch.Tensor, backward: bool) -> tuple[float, float]:

@@ -292,7 +292,9 @@ SSD_SHAPES = ((4, 64, 1, 128), (4, 16, 2, 8), (2, 128, 1, 64))
 
 def _drive_ssd_scan(rec: Recorder, kernels, plan: str, shapes=SSD_SHAPES) -> None:
     batch, seqlen = 2, 40
-    names = ["D", "initial_state", "seq_idx", "grad", "final_grad"]
+    # dt_limit: Δ clamped in the kernels; views: x, B, C as column views of one conv-output-like tensor and Δ of a
+    # wider one (row strides that are not the packed sizes), read in place
+    names = ["D", "initial_state", "seq_idx", "grad", "final_grad", "dt_bias", "dt_limit", "views"]
     for shape in shapes:
         heads, head_dim, groups, d_state = shape
         variants = flag_variants(names) if head_dim == 64 else all_on(names)
@@ -302,14 +304,22 @@ def _drive_ssd_scan(rec: Recorder, kernels, plan: str, shapes=SSD_SHAPES) -> Non
             if not rec.begin(f"ssd_scan {plan}{dtype} (heads, head_dim, groups, d_state)={shape} {f}", level):
                 continue
             grad = f["grad"]
-            x = _randn(batch, seqlen, heads, head_dim, dtype=dtype, grad=grad)
-            dt = _randn(batch, seqlen, heads, dtype=dtype, grad=grad)
+            if f["views"]:
+                widths = [heads * head_dim, groups * d_state, groups * d_state]
+                xbc = _randn(batch, seqlen, sum(widths) + 8, dtype=dtype, grad=grad)
+                x, B, C = (t.unflatten(-1, (-1, n)) for t, n in zip(xbc[..., 8:].split(widths, -1),
+                                                                    (head_dim, d_state, d_state)))
+                dt = _randn(batch, seqlen, heads + 24, dtype=dtype, grad=grad)[..., 16:16 + heads]
+            else:
+                x = _randn(batch, seqlen, heads, head_dim, dtype=dtype, grad=grad)
+                dt = _randn(batch, seqlen, heads, dtype=dtype, grad=grad)
+                B, C = (_randn(batch, seqlen, groups, d_state, dtype=dtype, grad=grad) for _ in range(2))
             A = (-torch.rand(heads)).requires_grad_(grad)
-            B, C = (_randn(batch, seqlen, groups, d_state, dtype=dtype, grad=grad) for _ in range(2))
             with torch.set_grad_enabled(grad):
                 y, final = kernels.ssd_scan(
                     x, dt, A, B, C, None, D=_randn(heads, dtype=dtype, grad=grad) if f["D"] else None,
-                    dt_bias=_randn(heads, grad=grad), dt_softplus=True,
+                    dt_bias=_randn(heads, grad=grad) if f["dt_bias"] else None, dt_softplus=True,
+                    dt_limit=(1e-3, 0.1) if f["dt_limit"] else None,
                     initial_state=_randn(batch, heads, head_dim, d_state, grad=grad) if f["initial_state"] else None,
                     return_final_state=True, seq_idx=_packed_ids(batch, seqlen) if f["seq_idx"] else None)
             if grad:

@@ -648,6 +648,149 @@ def test_triton_ssd_output_programs_stop_at_the_sequence_end(monkeypatch, seqlen
     assert _rel_err(y.cpu(), y_ref) < 1e-5 and _rel_err(h.cpu(), h_ref) < 1e-5
 
 
+def _column_views(batch, seqlen, heads, head_dim, groups, d_state, seed, dt_dtype=torch.float32):
+    """x, B, C as column views of one (batch, seqlen, width) tensor with columns before, between and after them
+    (as the mixer's conv output, wider), and raw Δ as a column view of another: (wide tensors, views). Raw Δ is
+    spread (3 x randn) so that softplus and a limit of (0.05, 1.5) clamp some tokens on each side."""
+    g = torch.Generator().manual_seed(seed)
+    widths = [3, heads * head_dim, 2, groups * d_state, 1, groups * d_state, 5]
+    xbc = torch.randn(batch, seqlen, sum(widths), generator=g).to(DEVICE).requires_grad_(True)
+    _, x, _, B, _, C, _ = xbc.split(widths, -1)
+    dt_wide = (torch.randn(batch, seqlen, heads + 7, generator=g) * 3).to(DEVICE, dt_dtype).requires_grad_(True)
+    views = dict(x=x.unflatten(-1, (heads, head_dim)), B=B.unflatten(-1, (groups, d_state)),
+                 C=C.unflatten(-1, (groups, d_state)), dt=dt_wide[..., 4:4 + heads])
+    return (xbc, dt_wide), views
+
+
+def _ssd_common(heads, head_dim, d_state, batch, seed, bias):
+    g = torch.Generator().manual_seed(seed + 1)
+    common = dict(A=-torch.rand(heads, generator=g) * 4 - 0.1, D=torch.randn(heads, generator=g),
+                  initial_state=torch.randn(batch, heads, head_dim, d_state, generator=g))
+    if bias:
+        common["dt_bias"] = torch.randn(heads, generator=g) * 0.5
+    return {k: v.to(DEVICE).requires_grad_(True) for k, v in common.items()}
+
+
+@pytest.mark.parametrize("dt_dtype,bias,packed", [(torch.float32, True, False), (torch.float32, False, True),
+                                                  (torch.bfloat16, True, True), (torch.bfloat16, False, False)])
+def test_triton_ssd_reads_column_views_in_place(dt_dtype, bias, packed):
+    """x, B, C as column views of one wide tensor and raw Δ (float32 or bf16) as a column view of another, Δ's bias,
+    softplus and limit made inside the kernels: the same outputs and gradients (dt_bias's too) as contiguous
+    copies, the same as the PyTorch chunked form (which prepares Δ with ssd_prepare_dt), and exact zero gradients
+    for the stored Δ where the clamp holds, on both sides."""
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    batch, seqlen, heads, head_dim, groups, d_state = 2, 45, 4, 8, 2, 8
+    (xbc, dt_wide), views = _column_views(batch, seqlen, heads, head_dim, groups, d_state, seed=21, dt_dtype=dt_dtype)
+    assert not views["x"].is_contiguous() and views["dt"].stride(1) == heads + 7
+    common = _ssd_common(heads, head_dim, d_state, batch, 21, bias)
+    seq_idx = None
+    if packed:
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+        seq_idx[:, 20:] += 1
+        seq_idx[1:, 32:] += 1
+        seq_idx = seq_idx.to(DEVICE)
+    options = dict(dt_softplus=True, dt_limit=(0.05, 1.5), return_final_state=True, seq_idx=seq_idx)
+    g = torch.Generator().manual_seed(22)
+    wy = torch.randn(batch, seqlen, heads, head_dim, generator=g).to(DEVICE)
+    wh = torch.randn(batch, heads, head_dim, d_state, generator=g).to(DEVICE)
+
+    def run(scan, inputs, leaves):
+        y, h = scan(**inputs, **options)
+        grads = torch.autograd.grad((y * wy).sum() + (h * wh).sum(), leaves)
+        return [y, h, *grads]
+
+    strided = run(ssd_scan_triton, {**views, **common}, [xbc, dt_wide, *common.values()])
+    copies = {k: v.detach().contiguous().requires_grad_(True) for k, v in views.items()}
+    packed_out = run(ssd_scan_triton, {**copies, **common}, [*copies.values(), *common.values()])
+    reference = run(kernels.ssd_scan_chunked, {**copies, **common}, [*copies.values(), *common.values()])
+    for got in (packed_out, reference):  # the wide tensors' gradients in the copies' layout
+        xbc_grad = torch.zeros_like(xbc)
+        _, x, _, B, _, C, _ = xbc_grad.split([3, heads * head_dim, 2, groups * d_state, 1, groups * d_state, 5], -1)
+        x.copy_(got[2].flatten(2)), B.copy_(got[3].flatten(2)), C.copy_(got[4].flatten(2))
+        dt_grad = torch.zeros_like(dt_wide)
+        dt_grad[..., 4:4 + heads] = got[5]
+        got[2:6] = [xbc_grad, dt_grad]
+    names = ["y", "final", "xBC", "dt", *common]
+    assert strided[3].dtype == dt_dtype and (not bias or strided[-1].dtype == torch.float32)
+    for name, a, b, ref in zip(names, strided, packed_out, reference):
+        assert torch.equal(a, b), name  # the same kernels on the same values: only the addresses differ
+        tolerance = 1e-2 if name == "dt" and dt_dtype == torch.bfloat16 else 1e-5
+        assert _rel_err(a.cpu(), ref.cpu()) < tolerance, name
+    v = views["dt"].detach().float() + (common["dt_bias"].detach() if bias else 0)
+    sp = F.softplus(v)
+    low, high = sp < 0.05, sp > 1.5
+    assert low.any() and high.any() and (~low & ~high).any()
+    d_raw = strided[3][..., 4:4 + heads]
+    assert not d_raw[low | high].any() and d_raw[~low & ~high].all()
+    assert not strided[3][..., :4].any() and not strided[3][..., 4 + heads:].any()
+
+
+def test_triton_ssd_softplus_keeps_tiny_steps():
+    """Softplus made in the kernels equals torch's F.softplus (threshold 20) from very negative inputs (-30:
+    Δ ~ 1e-13, which log(1 + exp(v)) would round to 0) to above the threshold, and so does its gradient: one token,
+    no D or state, so y = (C·B) Δ x exactly."""
+    from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    raw = torch.tensor([-30.0, -17.0, -8.0, -1e-3, 0.0, 3.0, 20.0, 25.0])
+    heads = raw.numel()
+    g = torch.Generator().manual_seed(31)
+    x = torch.rand(1, 1, heads, 2, generator=g) + 0.5
+    B, C = torch.rand(1, 1, 1, 4, generator=g) + 0.5, torch.rand(1, 1, 1, 4, generator=g) + 0.5
+    A = -torch.rand(heads, generator=g) - 0.1
+    dt = raw.view(1, 1, heads).to(DEVICE).requires_grad_(True)
+    y = ssd_scan_triton(x.to(DEVICE), dt, A.to(DEVICE), B.to(DEVICE), C.to(DEVICE), dt_softplus=True)
+    y.sum().backward()
+    raw_ref = raw.view(1, 1, heads).clone().requires_grad_(True)
+    step = F.softplus(raw_ref)
+    step.backward((C * B).sum() * x.sum(-1))
+    got_step = (y.cpu() / ((C * B).sum() * x))[0, 0, :, 0]
+    assert step[0, 0, 0] > 0 and got_step[0] > 0
+    torch.testing.assert_close(got_step, step.detach()[0, 0], rtol=2e-6, atol=0)
+    torch.testing.assert_close(dt.grad.cpu(), raw_ref.grad, rtol=2e-6, atol=0)
+
+
+def test_triton_ssd_launches_read_the_callers_tensors(monkeypatch):
+    """No copy of x, B, C or Δ when they are column views with packed inner dimensions: every kernel launch gets the
+    caller's storage (their data pointers), forward and backward; a copy (other strides inside a token) only then."""
+    from ssm_hf.kernels import ssd_triton
+
+    launches = []
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel.__name__, {a.data_ptr() for a in args if torch.is_tensor(a)}))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_chunk_walk_kernel", "_chunk_output_kernel", "_chunk_grads_kernel"):
+        monkeypatch.setattr(ssd_triton, name, Recorded(getattr(ssd_triton, name)))
+    batch, heads, head_dim, groups, d_state = 2, 2, 4, 1, 4
+    (xbc, dt_wide), views = _column_views(batch, 19, heads, head_dim, groups, d_state, seed=41)
+    common = _ssd_common(heads, head_dim, d_state, batch, 41, True)
+    y = ssd_triton.ssd_scan_triton(**views, **common, dt_softplus=True, dt_limit=(0.01, 2.0))
+    y.sum().backward()
+    reads = ("x", "B", "C", "Δ")
+    pointers = {"x": views["x"].data_ptr(), "B": views["B"].data_ptr(), "C": views["C"].data_ptr(),
+                "Δ": views["dt"].data_ptr()}
+    walks = [ptrs for name, ptrs in launches if name == "_chunk_walk_kernel"]
+    assert len(walks) == 3 and len(launches) == 5  # forward walk, output; backward: both walks, gradients
+    assert {pointers["x"], pointers["B"], pointers["Δ"]} <= walks[0] and {pointers["Δ"], pointers["C"]} <= walks[2]
+    for name, ptrs in launches:
+        if name != "_chunk_walk_kernel":  # the output and gradient kernels read all four
+            assert all(pointers[key] in ptrs for key in reads), name
+    # heads not packed within a token (a transposed view): that input alone is copied
+    launches.clear()
+    x_t = views["x"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    ssd_triton.ssd_scan_triton(**{**views, "x": x_t.detach()}, **common, dt_softplus=True)
+    output_ptrs = [ptrs for name, ptrs in launches if name == "_chunk_output_kernel"][0]
+    assert x_t.data_ptr() not in output_ptrs and pointers["B"] in output_ptrs and pointers["Δ"] in output_ptrs
+
+
 def test_ssd_forward_plan(monkeypatch):
     """Long chunks only for 16-bit inputs whose walker programs would leave multiprocessors idle; a forced chunk or
     output row block the output kernel cannot use is refused by name, not computed wrongly."""
@@ -1183,13 +1326,14 @@ def test_mixer_training_forward_saves_in_proj_output_once(monkeypatch, family, d
         heads, gn = mixer.num_heads, mixer.n_groups * mixer.ssm_state_size
         bound = (tokens * e * (config.hidden_size   # in_proj's input
                                + 2 * d + 2 * gn + heads   # in_proj's output [z | xBC | Δ], once
-                               + d + 2 * gn         # the scan's copies of x, B, C out of the conv's output
+                               + d + 2 * gn         # the conv's output: the scan keeps its x, B, C views
                                + d                  # the norm's input (the scan's output)
                                + d)                 # the norm's output (out_proj's input)
-                 + 2 * tokens * heads * f32         # Δ in float32: softplus's input and the scan's Δ
                  + 2 * heads * f32)                 # A_log's exp and A = -exp
         # Before the conv and the norm read in place, their copies of xBC and z took tokens x (d + 2 gn + d)
-        # elements: `heads` per token fewer than in_proj's output, whose Δ columns now stay alive with it.
+        # elements: `heads` per token fewer than in_proj's output, whose Δ columns now stay alive with it. Before
+        # the scan made Δ itself (bias, softplus, limit), Δ in float32 was kept twice more (softplus's input and
+        # the scan's Δ).
     assert saved <= bound, f"{saved} bytes saved, {bound} expected at most: {sorted(storages.values())}"
 
     mask = torch.ones(batch, seqlen, dtype=torch.long, device=DEVICE)
@@ -1197,6 +1341,43 @@ def test_mixer_training_forward_saves_in_proj_output_once(monkeypatch, family, d
     projected.clear()
     storages = _saved_storages(mixer, hidden, None, mask)
     assert projected[0].untyped_storage().data_ptr() not in storages
+
+def test_mamba2_mixer_passes_views_and_raw_dt_to_the_scan(monkeypatch):
+    """Without a padding mask the mixer hands the scan x, B, C as views of the conv's output, raw Δ as a view of
+    in_proj's output, and Δ's bias, softplus and limit (the scan makes Δ and reads all four in place); with one, Δ
+    made and masked by the mixer. (The Triton conv's output is token-major; the PyTorch conv's is not.)"""
+    from conftest import tiny_config
+
+    calls = []
+    scan = kernels.ssd_scan
+
+    def recorded(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, **kwargs):
+        calls.append(dict(x=x, dt=dt, B=B, C=C, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit))
+        return scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, **kwargs)
+
+    monkeypatch.setattr(kernels, "ssd_scan", recorded)
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)  # the Triton conv
+    torch.manual_seed(0)
+    config = tiny_config("mamba2", time_step_limit=(0.01, 0.5))
+    mixer = transformers.AutoModelForCausalLM.from_config(config).backbone.layers[0].mixer.to(DEVICE)
+    projected = []
+    mixer.in_proj.register_forward_hook(lambda module, args, out: projected.append(out))
+    hidden = torch.randn(2, 9, config.hidden_size, device=DEVICE, requires_grad=True)
+    mixer(hidden).sum().backward()
+    call = calls[0]
+    conv_width = mixer.conv_dim
+    for key in ("x", "B", "C"):
+        assert call[key].stride(1) == conv_width and call[key].untyped_storage().data_ptr() \
+            == call["x"].untyped_storage().data_ptr(), key
+    assert call["dt"].untyped_storage().data_ptr() == projected[0].untyped_storage().data_ptr()
+    assert call["dt"].stride(1) == projected[0].shape[-1]
+    assert call["dt_bias"] is mixer.dt_bias and call["dt_softplus"] and tuple(call["dt_limit"]) == (0.01, 0.5)
+    mask = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
+    mask[0, :2] = 0
+    mixer(hidden, None, mask)
+    assert calls[1]["dt_bias"] is None and not calls[1]["dt_softplus"] and calls[1]["dt_limit"] is None
+    assert not calls[1]["dt"][0, :2].any()
+
 
 def test_row_alignment_is_the_largest_power_of_two_up_to_16_dividing_every_stride():
     assert row_alignment(3352) == 8          # Mamba-2 130M's in_proj width: 8 x 419

@@ -30,9 +30,18 @@ def ssd_prepare_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: 
         dt = dt + dt_bias.to(dtype)
     if dt_softplus:
         dt = F.softplus(dt)
-    if dt_limit is not None and (dt_limit[0] > 0.0 or dt_limit[1] != float("inf")):
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    bounds = dt_limit_bounds(dt_limit)
+    if bounds is not None:
+        dt = dt.clamp(min=bounds[0], max=bounds[1])
     return dt
+
+
+def dt_limit_bounds(dt_limit: tuple[float, float] | None) -> tuple[float, float] | None:
+    """(lo, hi) of Δ's clamp as floats, or None where `dt_limit` clamps nothing: none given, or lo ≤ 0 and hi
+    infinite (Mamba-2's default (0, inf))."""
+    if dt_limit is None or (dt_limit[0] <= 0.0 and dt_limit[1] == float("inf")):
+        return None
+    return float(dt_limit[0]), float(dt_limit[1])
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -15,11 +15,18 @@ backwards for the gradient dH_{k+1} reaching each chunk's end, and `_chunk_grads
 gradient chunk by chunk, a few heads of a group per program, which sum their dB and dC (GRADS_HEADS_PER_PROGRAM).
 Segment sums of log-decays are always summed directly, never as differences of prefix sums, so small steps after a
 large one survive and a sequence start (`seq_idx`: a = -inf there) gives exact zeros, not NaNs.
+
+Inputs are read where they are: x, B and C with any batch and token strides (the mixer passes column views of the
+conv's output; only a token's (heads, head_dim) and (groups, d_state) must be packed), Δ as stored (a column view of
+in_proj's output, any float dtype), its bias, softplus and limit applied in `_chunk_decays` as `ssd_prepare_dt`
+applies them, and the backward returns the gradient of Δ as stored (and of the bias). No copies, no Δ-preparation
+ops around the kernels.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -27,7 +34,7 @@ import triton.language as tl
 
 from .launch import check_grid_axis, multiprocessors, on_device_of
 from .packing import kernel_segment_ids
-from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked
+from .ssd_torch import dt_limit_bounds, ssd_scan_chunked
 
 CHUNK = 32
 # The forward stores the state entering every chunk of its own chunk size, and its output kernel cuts each chunk
@@ -71,11 +78,55 @@ def _mm(a, b, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_decays(dt_ptr, seq_ptr, row, head, start, L, H, A, HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """Tokens of the chunk at `start`: (t, valid, Δ, a = ΔA with -inf where a sequence starts, is_start)."""
+def _log1p_small(e):
+    """log(1 + e) for 0 ≤ e ≤ 1 to a few ulp: log(u) e / (u - 1) with u = 1 + e rounded cancels u's rounding (a
+    plain log(1 + e) keeps nothing of e below float32's epsilon, and errs by ~1e-6 relative at e ~ 1e-2)."""
+    u = 1.0 + e
+    return tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _dt_transform(raw, bias, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """Δ from its stored value as `ssd_prepare_dt` makes it (float32: + bias, softplus as torch's with threshold 20,
+    clamped to [lo, hi]) and dΔ/d(stored value): sigmoid below the threshold, 1 above, 0 where the clamp holds
+    (torch.clamp passes the gradient where lo ≤ v ≤ hi)."""
+    v = raw.to(tl.float32)
+    if HAS_BIAS:
+        v += bias
+    dt = v
+    deriv = tl.full(v.shape, 1.0, tl.float32)
+    if SOFTPLUS:
+        e = tl.exp(-tl.abs(v))  # ≤ 1: max(v, 0) + log(1 + e) keeps softplus's tiny values for very negative v
+        dt = tl.where(v > 20.0, v, tl.maximum(v, 0.0) + _log1p_small(e))
+        deriv = tl.where(v > 20.0, 1.0, tl.where(v >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e)))
+    if HAS_LIMIT:
+        deriv = tl.where((dt >= lo) & (dt <= hi), deriv, 0.0)
+        dt = tl.minimum(tl.maximum(dt, lo), hi)
+    return dt, deriv
+
+
+@triton.jit
+def _token_offsets(row, t, stride_b, stride_t):
+    """Offsets of tokens t of batch row `row` (int64) in a tensor with these batch and token strides; in int64, as
+    one row of a wide tensor (in_proj's output) may hold more than 2^31 elements."""
+    return row * stride_b + t.to(tl.int64) * stride_t
+
+
+@triton.jit
+def _chunk_decays(dt_ptr, bias_ptr, seq_ptr, row, head, start, L, stride_dt_b, stride_dt_t, dt_lo, dt_hi, A,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+                  BLOCK_Q: tl.constexpr):
+    """Tokens of the chunk at `start`: (t, valid, Δ, a = ΔA with -inf where a sequence starts, is_start,
+    dΔ/d(stored Δ)). Δ is read as stored (any float dtype, token rows stride_dt_t apart, heads packed) and made
+    here: + bias, softplus, clamp to [dt_lo, dt_hi] (see `_dt_transform`); 0 outside the sequence."""
     t = start + tl.arange(0, BLOCK_Q)
     valid = (t >= 0) & (t < L)  # a walker's look-ahead may ask for the chunk before the first
-    dt = tl.load(dt_ptr + (row * L + t) * H + head, mask=valid, other=0.0).to(tl.float32)
+    raw = tl.load(dt_ptr + _token_offsets(row, t, stride_dt_b, stride_dt_t) + head, mask=valid, other=0.0)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + head).to(tl.float32)
+    dt, deriv = _dt_transform(raw, bias, dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
+    dt = tl.where(valid, dt, 0.0)  # bias and softplus would make the padding's Δ nonzero: a decay past the end
     a = dt * A
     is_start = t < 0
     if HAS_SEQ:
@@ -83,7 +134,7 @@ def _chunk_decays(dt_ptr, seq_ptr, row, head, start, L, H, A, HAS_SEQ: tl.conste
         previous = tl.load(seq_ptr + row * L + t - 1, mask=valid & (t > 0), other=0)
         is_start = valid & (t > 0) & (current != previous)
         a = tl.where(is_start, float("-inf"), a)
-    return t, valid, dt, a, is_start
+    return t, valid, dt, a, is_start, deriv
 
 
 @triton.jit
@@ -122,23 +173,28 @@ def _state_tile(P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _walk_inputs(v_ptr, w_ptr, dt_ptr, seq_ptr, row, head, group, k, L, H, P, G, N, A, p_offs, n_offs, p_mask, n_mask,
-                 HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _walk_inputs(v_ptr, w_ptr, dt_ptr, bias_ptr, seq_ptr, row, head, group, k, L, P, N, stride_v_b, stride_v_t,
+                 stride_w_b, stride_w_t, stride_dt_b, stride_dt_t, dt_lo, dt_hi, A, p_offs, n_offs, p_mask, n_mask,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+                 BLOCK_Q: tl.constexpr):
     """Chunk k's Δ and a (Q,), v (Q, BLOCK_P) and w (Q, BLOCK_N) for `_chunk_walk_kernel`; a chunk outside the
     sequence (asked for one step ahead of the last) reads as empty."""
-    t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
-    v = tl.load(v_ptr + ((row * L + t[:, None]) * H + head) * P + p_offs[None, :],
+    t, valid, dt, a, _, _ = _chunk_decays(dt_ptr, bias_ptr, seq_ptr, row, head, k * BLOCK_Q, L, stride_dt_b,
+                                          stride_dt_t, dt_lo, dt_hi, A, HAS_BIAS, SOFTPLUS, HAS_LIMIT, HAS_SEQ,
+                                          BLOCK_Q)
+    v = tl.load(v_ptr + _token_offsets(row, t, stride_v_b, stride_v_t)[:, None] + head * P + p_offs[None, :],
                 mask=valid[:, None] & p_mask[None, :], other=0.0)
-    w = tl.load(w_ptr + ((row * L + t[:, None]) * G + group) * N + n_offs[None, :],
+    w = tl.load(w_ptr + _token_offsets(row, t, stride_w_b, stride_w_t)[:, None] + group * N + n_offs[None, :],
                 mask=valid[:, None] & n_mask[None, :], other=0.0)
     return dt, a, v, w
 
 
 @triton.jit
 def _chunk_walk_kernel(
-    v_ptr, dt_ptr, A_ptr, w_ptr, seq_ptr, init_ptr, walk_ptr, last_ptr,
-    L, H, P, G, N, n_chunks,
-    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, IEEE: tl.constexpr,
+    v_ptr, dt_ptr, bias_ptr, A_ptr, w_ptr, seq_ptr, init_ptr, walk_ptr, last_ptr,
+    L, H, P, G, N, n_chunks, stride_v_b, stride_v_t, stride_w_b, stride_w_t, stride_dt_b, stride_dt_t, dt_lo, dt_hi,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, REVERSE: tl.constexpr, IEEE: tl.constexpr,
     PREFETCH: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The one sequential part, in either direction: S ← exp(Σ_chunk a) S + Σ_t (c_t v_t) w_tᵀ over the chunks.
@@ -146,7 +202,9 @@ def _chunk_walk_kernel(
     init = the initial state; walk[row, k, head] = H_k entering chunk k, last = the final state. Backward
     (REVERSE on): v = dy, w = C, c_t = exp(Σ_{j≤t} a_j) (decay from the chunk's start), chunks in reverse, init =
     the final state's gradient; walk[row, k, head] = dH_{k+1} reaching chunk k's end, last = the initial state's
-    gradient. Grid: (batch * heads, head_dim blocks, d_state blocks)."""
+    gradient. v and w are read in place (token rows stride_*_t apart, (heads, head_dim) and (groups, d_state)
+    packed within a token), Δ as stored (see `_chunk_decays`). Grid: (batch * heads, head_dim blocks, d_state
+    blocks)."""
     bh, row, head, group = _program_head(H, G)
     p_offs, n_offs, p_mask, n_mask, pn_offs, pn_mask = _state_tile(P, N, BLOCK_P, BLOCK_N)
     A = tl.load(A_ptr + head).to(tl.float32)
@@ -156,16 +214,20 @@ def _chunk_walk_kernel(
         state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     # each chunk's inputs are loaded one chunk ahead (PREFETCH): the walk is a chain of small dependent matmuls,
     # and without this every chunk would wait for its loads
-    cur = _walk_inputs(v_ptr, w_ptr, dt_ptr, seq_ptr, row, head, group, n_chunks - 1 if REVERSE else 0, L, H, P, G,
-                       N, A, p_offs, n_offs, p_mask, n_mask, HAS_SEQ, BLOCK_Q)
+    cur = _walk_inputs(v_ptr, w_ptr, dt_ptr, bias_ptr, seq_ptr, row, head, group, n_chunks - 1 if REVERSE else 0, L,
+                       P, N, stride_v_b, stride_v_t, stride_w_b, stride_w_t, stride_dt_b, stride_dt_t, dt_lo, dt_hi,
+                       A, p_offs, n_offs, p_mask, n_mask, HAS_BIAS, SOFTPLUS, HAS_LIMIT, HAS_SEQ, BLOCK_Q)
     for i in range(0, n_chunks):
         k = n_chunks - 1 - i if REVERSE else i
         if PREFETCH:
-            nxt = _walk_inputs(v_ptr, w_ptr, dt_ptr, seq_ptr, row, head, group, k - 1 if REVERSE else k + 1, L, H, P,
-                               G, N, A, p_offs, n_offs, p_mask, n_mask, HAS_SEQ, BLOCK_Q)
+            nxt = _walk_inputs(v_ptr, w_ptr, dt_ptr, bias_ptr, seq_ptr, row, head, group, k - 1 if REVERSE else k + 1,
+                               L, P, N, stride_v_b, stride_v_t, stride_w_b, stride_w_t, stride_dt_b, stride_dt_t,
+                               dt_lo, dt_hi, A, p_offs, n_offs, p_mask, n_mask, HAS_BIAS, SOFTPLUS, HAS_LIMIT,
+                               HAS_SEQ, BLOCK_Q)
         else:
-            cur = _walk_inputs(v_ptr, w_ptr, dt_ptr, seq_ptr, row, head, group, k, L, H, P, G, N, A, p_offs, n_offs,
-                               p_mask, n_mask, HAS_SEQ, BLOCK_Q)
+            cur = _walk_inputs(v_ptr, w_ptr, dt_ptr, bias_ptr, seq_ptr, row, head, group, k, L, P, N, stride_v_b,
+                               stride_v_t, stride_w_b, stride_w_t, stride_dt_b, stride_dt_t, dt_lo, dt_hi, A, p_offs,
+                               n_offs, p_mask, n_mask, HAS_BIAS, SOFTPLUS, HAS_LIMIT, HAS_SEQ, BLOCK_Q)
         tl.store(walk_ptr + ((row * n_chunks + k) * H + head) * P * N + pn_offs,
                  state.to(walk_ptr.dtype.element_ty), mask=pn_mask)
         dt, a, v, w = cur
@@ -184,16 +246,19 @@ def _chunk_walk_kernel(
 
 @triton.jit
 def _chunk_output_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, y_ptr,
-    L, H, P, G, N, n_chunks,
-    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr,
+    x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, y_ptr,
+    L, H, P, G, N, n_chunks, stride_x_b, stride_x_t, stride_B_b, stride_B_t, stride_C_b, stride_C_t, stride_dt_b,
+    stride_dt_t, dt_lo, dt_hi,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """y of BLOCK_M tokens (a row block of one chunk of BLOCK_Q tokens) from the state entering the chunk and the
     chunk's tokens up to them; d_state is walked in blocks of BLOCK_N. A chunk longer than a row block stores half
     (or fewer) chunk states: the row blocks before this one enter through their tokens, not through a state.
-    Grid: (batch * heads, row blocks up to the sequence's end (block i starts at token i * BLOCK_M), head_dim
-    blocks)."""
+    x, B and C are read in place (token rows stride_*_t apart, heads and groups packed within a token), Δ as stored
+    (see `_chunk_decays`); y is contiguous. Grid: (batch * heads, row blocks up to the sequence's end (block i
+    starts at token i * BLOCK_M), head_dim blocks)."""
     bh, row, head, group = _program_head(H, G)
     blocks: tl.constexpr = BLOCK_Q // BLOCK_M
     k = tl.program_id(1) // blocks
@@ -202,8 +267,11 @@ def _chunk_output_kernel(
     p_mask = p_offs < P
     A = tl.load(A_ptr + head).to(tl.float32)
     start = k * BLOCK_Q + m * BLOCK_M
-    t, valid, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, start, L, H, A, HAS_SEQ, BLOCK_M)
-    tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
+    t, valid, dt, a, _, _ = _chunk_decays(dt_ptr, bias_ptr, seq_ptr, row, head, start, L, stride_dt_b, stride_dt_t,
+                                          dt_lo, dt_hi, A, HAS_BIAS, SOFTPLUS, HAS_LIMIT, HAS_SEQ, BLOCK_M)
+    x_offs = _token_offsets(row, t, stride_x_b, stride_x_t)[:, None] + head * P + p_offs[None, :]
+    B_rows = _token_offsets(row, t, stride_B_b, stride_B_t)[:, None] + group * N
+    C_rows = _token_offsets(row, t, stride_C_b, stride_C_t)[:, None] + group * N
     tp_mask = valid[:, None] & p_mask[None, :]
     dot_dtype = x_ptr.dtype.element_ty
     scores = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
@@ -211,15 +279,14 @@ def _chunk_output_kernel(
     for n0 in range(0, N, BLOCK_N):
         n_offs = n0 + tl.arange(0, BLOCK_N)
         n_mask = n_offs < N
-        tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
         tn_mask = valid[:, None] & n_mask[None, :]
-        Cq = tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0)
-        Bq = tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0)
+        Cq = tl.load(C_ptr + C_rows + n_offs[None, :], mask=tn_mask, other=0.0)
+        Bq = tl.load(B_ptr + B_rows + n_offs[None, :], mask=tn_mask, other=0.0)
         state = tl.load(states_ptr + ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N
                         + n_offs[None, :], mask=p_mask[:, None] & n_mask[None, :], other=0.0)
         scores += _mm(Cq, tl.trans(Bq), dot_dtype, IEEE)
         from_state += _mm(Cq, tl.trans(state), dot_dtype, IEEE)
-    x = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0)
+    x = tl.load(x_ptr + x_offs, mask=tp_mask, other=0.0)
     y = _mm(scores * _decay_matrix(a, BLOCK_M), x.to(tl.float32) * dt[:, None], dot_dtype, IEEE)
     # the chunk's earlier row blocks, nearest first: token s of one reaches t with exp(Σ_{start≤j≤t} a_j + the
     # blocks in between + Σ_{j>s in its block} a_j), each a direct sum of terms ≤ 0 (no differences of prefix sums)
@@ -227,18 +294,18 @@ def _chunk_output_kernel(
     between = tl.sum(tl.zeros_like(a), axis=0)  # a float32 zero of the loop's type (a literal would be a constant)
     for back in range(1, m + 1):
         # (all inside the sequence: they come before this block, which holds a token of it)
-        ts, valid_s, dts, as_, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, start - back * BLOCK_M, L, H, A,
-                                                 HAS_SEQ, BLOCK_M)
+        ts, valid_s, dts, as_, _, _ = _chunk_decays(dt_ptr, bias_ptr, seq_ptr, row, head, start - back * BLOCK_M, L,
+                                                    stride_dt_b, stride_dt_t, dt_lo, dt_hi, A, HAS_BIAS, SOFTPLUS,
+                                                    HAS_LIMIT, HAS_SEQ, BLOCK_M)
+        Bs_rows = _token_offsets(row, ts, stride_B_b, stride_B_t)[:, None] + group * N
         scores = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n_offs = n0 + tl.arange(0, BLOCK_N)
             n_mask = n_offs < N
-            Cq = tl.load(C_ptr + ((row * L + t[:, None]) * G + group) * N + n_offs[None, :],
-                         mask=valid[:, None] & n_mask[None, :], other=0.0)
-            Bs = tl.load(B_ptr + ((row * L + ts[:, None]) * G + group) * N + n_offs[None, :],
-                         mask=valid_s[:, None] & n_mask[None, :], other=0.0)
+            Cq = tl.load(C_ptr + C_rows + n_offs[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
+            Bs = tl.load(B_ptr + Bs_rows + n_offs[None, :], mask=valid_s[:, None] & n_mask[None, :], other=0.0)
             scores += _mm(Cq, tl.trans(Bs), dot_dtype, IEEE)
-        xs = tl.load(x_ptr + ((row * L + ts[:, None]) * H + head) * P + p_offs[None, :],
+        xs = tl.load(x_ptr + _token_offsets(row, ts, stride_x_b, stride_x_t)[:, None] + head * P + p_offs[None, :],
                      mask=valid_s[:, None] & p_mask[None, :], other=0.0)
         decay = tl.exp(cum[:, None] + between + _decay_to_end(as_, BLOCK_M)[None, :])
         y += _mm(scores * decay, xs.to(tl.float32) * dts[:, None], dot_dtype, IEEE)
@@ -246,37 +313,43 @@ def _chunk_output_kernel(
     y += from_state * tl.exp(cum + between)[:, None]
     if HAS_D:
         y += tl.load(D_ptr + head).to(tl.float32) * x.to(tl.float32)
-    tl.store(y_ptr + tp_offs, y.to(y_ptr.dtype.element_ty), mask=tp_mask)
+    tl.store(y_ptr + ((row * L + t[:, None]) * H + head) * P + p_offs[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=tp_mask)
 
 
 @triton.jit
-def _grad_inputs_block(B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N,
+def _grad_inputs_block(B_ptr, C_ptr, states_ptr, dstates_ptr, B_rows, C_rows, valid, state_base, p_mask, n0, N,
                        BLOCK_N: tl.constexpr):
-    """B and C of the chunk's tokens, H_k and dH_{k+1} for d_state block n0 (with its offsets and token mask)."""
+    """B and C of the chunk's tokens (B_rows, C_rows: (Q, 1) offsets of their group's d_state), H_k and dH_{k+1}
+    for d_state block n0 (with its offsets and token mask)."""
     n_offs = n0 + tl.arange(0, BLOCK_N)
     n_mask = n_offs < N
-    tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
     tn_mask = valid[:, None] & n_mask[None, :]
     pn_mask = p_mask[:, None] & n_mask[None, :]
-    return (tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0), tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0),
+    return (tl.load(B_ptr + B_rows + n_offs[None, :], mask=tn_mask, other=0.0),
+            tl.load(C_ptr + C_rows + n_offs[None, :], mask=tn_mask, other=0.0),
             tl.load(states_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0),
             tl.load(dstates_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0), n_offs, tn_mask)
 
 
 @triton.jit
 def _chunk_grads_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
+    x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
-    L, H, P, G, N, n_chunks,
-    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    L, H, P, G, N, n_chunks, stride_x_b, stride_x_t, stride_B_b, stride_B_t, stride_C_b, stride_C_t, stride_dt_b,
+    stride_dt_t, dt_lo, dt_hi,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, IEEE: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Gradients of one chunk for HEADS_PER_PROGRAM consecutive heads of one group: dx, dΔ (after the Δ·A product)
-    and this chunk's share of dA and dD per head, one head after the other; dB and dC summed over the program's
+    """Gradients of one chunk for HEADS_PER_PROGRAM consecutive heads of one group: dx, the gradient of Δ as stored
+    (through the Δ·A product and Δ x, then back through the clamp, softplus and bias: float32 (batch, seqlen,
+    heads)) and this chunk's share of dA and dD per head, one head after the other; dB and dC summed over the program's
     heads into its own float32 partial, dB[row, t, split] and dC[row, t, split] of shape (batch, seqlen,
     heads / HEADS_PER_PROGRAM, d_state) (summed over the splits of a group afterwards). Per head, d_state is walked
     in blocks of BLOCK_N for the products that contract it; then, for dB and dC, once more per head (one head per
-    program) or once for all of them (`_group_grads_BC`). Grid: (batch * heads / HEADS_PER_PROGRAM, chunks)."""
+    program) or once for all of them (`_group_grads_BC`). x, B, C and Δ are read in place as in
+    `_chunk_output_kernel`; dy and dx are contiguous. Grid: (batch * heads / HEADS_PER_PROGRAM, chunks)."""
     splits = H // HEADS_PER_PROGRAM
     row = (tl.program_id(0) // splits).to(tl.int64)
     split = tl.program_id(0) % splits
@@ -292,11 +365,15 @@ def _chunk_grads_kernel(
         bh = tl.program_id(0) * HEADS_PER_PROGRAM + i  # row * H + head, in 32 bits
         head = split * HEADS_PER_PROGRAM + i
         A = tl.load(A_ptr + head).to(tl.float32)
-        t, valid, dt, a, is_start = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ,
-                                                  BLOCK_Q)
-        tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
+        t, valid, dt, a, is_start, dt_deriv = _chunk_decays(dt_ptr, bias_ptr, seq_ptr, row, head, k * BLOCK_Q, L,
+                                                            stride_dt_b, stride_dt_t, dt_lo, dt_hi, A, HAS_BIAS,
+                                                            SOFTPLUS, HAS_LIMIT, HAS_SEQ, BLOCK_Q)
+        tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]  # dy and dx
         tp_mask = valid[:, None] & p_mask[None, :]
-        x = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
+        B_rows = _token_offsets(row, t, stride_B_b, stride_B_t)[:, None] + group * N
+        C_rows = _token_offsets(row, t, stride_C_b, stride_C_t)[:, None] + group * N
+        x = tl.load(x_ptr + _token_offsets(row, t, stride_x_b, stride_x_t)[:, None] + head * P + p_offs[None, :],
+                    mask=tp_mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32)
         xdt = x * dt[:, None]
         state_base = ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N
@@ -307,8 +384,7 @@ def _chunk_grads_kernel(
         state_dnext = tl.zeros((BLOCK_P,), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             Bq, Cq, state, dnext, n_offs, tn_mask = _grad_inputs_block(
-                B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N,
-                BLOCK_N)
+                B_ptr, C_ptr, states_ptr, dstates_ptr, B_rows, C_rows, valid, state_base, p_mask, n0, N, BLOCK_N)
             scores += _mm(Cq, tl.trans(Bq), dot_dtype, IEEE)
             C_state += _mm(Cq, tl.trans(state), dot_dtype, IEEE)
             B_dnext += _mm(Bq, tl.trans(dnext), dot_dtype, IEEE)
@@ -339,14 +415,15 @@ def _chunk_grads_kernel(
             dx += Dh * dy
             tl.store(dD_ptr + bh * n_chunks + k, tl.sum(tl.sum(dy * x, axis=1), axis=0))
         tl.store(dx_ptr + tp_offs, dx.to(dx_ptr.dtype.element_ty), mask=tp_mask)
-        tl.store(ddt_ptr + (row * L + t) * H + head, tl.sum(dxdt * x, axis=1) + A * da, mask=valid)
+        # dL/dΔ, then back through the clamp, softplus and bias to Δ as stored
+        tl.store(ddt_ptr + (row * L + t) * H + head, (tl.sum(dxdt * x, axis=1) + A * da) * dt_deriv, mask=valid)
         tl.store(dA_ptr + bh * n_chunks + k, tl.sum(da * dt, axis=0))
 
         d_scores = d_mixed * decay
         if HEADS_PER_PROGRAM == 1:  # this head's dB and dC from the tiles at hand
             for n0 in range(0, N, BLOCK_N):
                 Bq, Cq, state, dnext, n_offs, tn_mask = _grad_inputs_block(
-                    B_ptr, C_ptr, states_ptr, dstates_ptr, row, t, valid, group, state_base, p_mask, n0, G, L, N,
+                    B_ptr, C_ptr, states_ptr, dstates_ptr, B_rows, C_rows, valid, state_base, p_mask, n0, N,
                     BLOCK_N)
                 dC = _mm(d_scores, Bq, dot_dtype, IEEE) + from_start[:, None] * _mm(dy, state, dot_dtype, IEEE)
                 dB = _mm(tl.trans(d_scores), Cq, dot_dtype, IEEE) + to_end[:, None] * _mm(xdt, dnext, dot_dtype,
@@ -358,14 +435,18 @@ def _chunk_grads_kernel(
             d_scores_sum += d_scores
 
     if HEADS_PER_PROGRAM > 1:
-        _group_grads_BC(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr, dB_ptr, dC_ptr,
-                        d_scores_sum, row, split, splits, group, k, L, H, P, G, N, n_chunks, HAS_SEQ, IEEE,
-                        HEADS_PER_PROGRAM, BLOCK_Q, BLOCK_P, BLOCK_N)
+        _group_grads_BC(x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
+                        dB_ptr, dC_ptr, d_scores_sum, row, split, splits, group, k, L, H, P, N, n_chunks, stride_x_b,
+                        stride_x_t, stride_B_b, stride_B_t, stride_C_b, stride_C_t, stride_dt_b, stride_dt_t, dt_lo,
+                        dt_hi, HAS_SEQ, HAS_BIAS, SOFTPLUS, HAS_LIMIT, IEEE, HEADS_PER_PROGRAM, BLOCK_Q, BLOCK_P,
+                        BLOCK_N)
 
 
 @triton.jit
-def _group_grads_BC(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr, dB_ptr, dC_ptr,
-                    d_scores_sum, row, split, splits, group, k, L, H, P, G, N, n_chunks, HAS_SEQ: tl.constexpr,
+def _group_grads_BC(x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr, dB_ptr,
+                    dC_ptr, d_scores_sum, row, split, splits, group, k, L, H, P, N, n_chunks, stride_x_b, stride_x_t,
+                    stride_B_b, stride_B_t, stride_C_b, stride_C_t, stride_dt_b, stride_dt_t, dt_lo, dt_hi,
+                    HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
                     IEEE: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, BLOCK_Q: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """dB and dC of one chunk summed over the HEADS_PER_PROGRAM heads of `_chunk_grads_kernel`'s program, stored
@@ -379,24 +460,28 @@ def _group_grads_BC(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, states_ptr, dst
     dot_dtype = x_ptr.dtype.element_ty
     t = k * BLOCK_Q + tl.arange(0, BLOCK_Q)
     valid = t < L
+    x_rows = _token_offsets(row, t, stride_x_b, stride_x_t)[:, None]
     for n0 in range(0, N, BLOCK_N):
         n_offs = n0 + tl.arange(0, BLOCK_N)
         n_mask = n_offs < N
         tn_mask = valid[:, None] & n_mask[None, :]
-        tn_offs = ((row * L + t[:, None]) * G + group) * N + n_offs[None, :]
-        Bq = tl.load(B_ptr + tn_offs, mask=tn_mask, other=0.0)
-        Cq = tl.load(C_ptr + tn_offs, mask=tn_mask, other=0.0)
+        Bq = tl.load(B_ptr + _token_offsets(row, t, stride_B_b, stride_B_t)[:, None] + group * N + n_offs[None, :],
+                     mask=tn_mask, other=0.0)
+        Cq = tl.load(C_ptr + _token_offsets(row, t, stride_C_b, stride_C_t)[:, None] + group * N + n_offs[None, :],
+                     mask=tn_mask, other=0.0)
         dC = _mm(d_scores_sum, Bq, dot_dtype, IEEE)
         dB = _mm(tl.trans(d_scores_sum), Cq, dot_dtype, IEEE)
         for i in range(0, HEADS_PER_PROGRAM):
             # this head's tokens again (cheaper than holding every head's (chunk, head_dim) tiles)
             head = split * HEADS_PER_PROGRAM + i
             A = tl.load(A_ptr + head).to(tl.float32)
-            _, _, dt, a, _ = _chunk_decays(dt_ptr, seq_ptr, row, head, k * BLOCK_Q, L, H, A, HAS_SEQ, BLOCK_Q)
-            tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]
+            _, _, dt, a, _, _ = _chunk_decays(dt_ptr, bias_ptr, seq_ptr, row, head, k * BLOCK_Q, L, stride_dt_b,
+                                              stride_dt_t, dt_lo, dt_hi, A, HAS_BIAS, SOFTPLUS, HAS_LIMIT, HAS_SEQ,
+                                              BLOCK_Q)
             tp_mask = valid[:, None] & p_mask[None, :]
-            xdt = tl.load(x_ptr + tp_offs, mask=tp_mask, other=0.0).to(tl.float32) * dt[:, None]
-            dy = tl.load(dy_ptr + tp_offs, mask=tp_mask, other=0.0)
+            xdt = tl.load(x_ptr + x_rows + head * P + p_offs[None, :], mask=tp_mask, other=0.0).to(tl.float32) \
+                * dt[:, None]
+            dy = tl.load(dy_ptr + ((row * L + t[:, None]) * H + head) * P + p_offs[None, :], mask=tp_mask, other=0.0)
             pn_offs = ((row * n_chunks + k) * H + head) * P * N + p_offs[:, None] * N + n_offs[None, :]
             pn_mask = p_mask[:, None] & n_mask[None, :]
             state = tl.load(states_ptr + pn_offs, mask=pn_mask, other=0.0)
@@ -497,21 +582,60 @@ def _state_walk_grid(batch: int, heads: int, head_dim: int, d_state: int,
     return (batch * heads, triton.cdiv(head_dim, block_p), triton.cdiv(d_state, block_n)), block_p, block_n
 
 
-def _walk_chunks(v, dt, A, w, seq_idx, init, block_q, reverse, tile=None):
+class _Delta(NamedTuple):
+    """Δ as the kernels take it: the stored values (batch, seqlen, heads), any float dtype, read in place (heads
+    packed within a token), and what makes Δ of them (`ssd_prepare_dt`'s steps, run in `_chunk_decays`): a bias
+    (heads,) or None, softplus, a clamp to (lo, hi) or None."""
+    raw: torch.Tensor
+    bias: torch.Tensor | None
+    softplus: bool
+    limit: tuple[float, float] | None
+
+    def pointers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.raw, self.bias if self.bias is not None else self.raw
+
+    def scalars(self) -> tuple:
+        """Batch and token strides, then the limit's bounds."""
+        return (*self.raw.stride()[:2], *(self.limit or (0.0, 0.0)))
+
+    def flags(self) -> dict:
+        return dict(HAS_BIAS=self.bias is not None, SOFTPLUS=self.softplus, HAS_LIMIT=self.limit is not None)
+
+
+def _rows(t: torch.Tensor) -> tuple[int, int]:
+    """Batch and token strides of a (batch, seqlen, ...) tensor."""
+    return t.stride(0), t.stride(1)
+
+
+def _packed_within_token(t: torch.Tensor, inner_dims: int) -> torch.Tensor:
+    """t itself if its last `inner_dims` dimensions are packed, as the kernels index them (one run of elements per
+    token, any batch and token strides: column views of the conv's or in_proj's output are read in place); else a
+    contiguous copy (then the kernels read the copy)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[-inner_dims:]), reversed(t.stride()[-inner_dims:])):
+        if size != 1 and stride != expected:
+            return t.contiguous()
+        expected *= size
+    return t
+
+
+def _walk_chunks(v, delta, A, w, seq_idx, init, block_q, reverse, tile=None):
     """`_chunk_walk_kernel` over every (row, head): forward (v = x, w = B, init = h0) the states entering every chunk
     (batch, chunks, heads, head_dim, d_state) and the final state (batch, heads, head_dim, d_state); reverse (v = dy,
-    w = C, init = dfinal) the gradients reaching every chunk's end and the initial state's gradient, same shapes."""
+    w = C, init = dfinal) the gradients reaching every chunk's end and the initial state's gradient, same shapes.
+    v and w are read in place (inner dimensions packed: `_packed_within_token`), Δ as `delta` says."""
     batch, seqlen, heads, head_dim = v.shape
     groups, d_state = w.shape[-2:]
     n_chunks = triton.cdiv(seqlen, block_q)
     walk = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=v.device, dtype=_states_dtype(v))
     last = torch.empty(batch, heads, head_dim, d_state, device=v.device, dtype=torch.float32)
     grid, block_p, block_n = _state_walk_grid(batch, heads, head_dim, d_state, tile)
+    dt, bias = delta.pointers()
     _chunk_walk_kernel[grid](
-        v, dt, A, w, seq_idx if seq_idx is not None else dt, init if init is not None else last, walk, last,
-        seqlen, heads, head_dim, groups, d_state, n_chunks,
-        HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, REVERSE=reverse, IEEE=_full_precision(v),
-        PREFETCH=WALK_PREFETCH, BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n,
+        v, dt, bias, A, w, seq_idx if seq_idx is not None else dt, init if init is not None else last, walk, last,
+        seqlen, heads, head_dim, groups, d_state, n_chunks, *_rows(v), *_rows(w), *delta.scalars(),
+        HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, **delta.flags(), REVERSE=reverse,
+        IEEE=_full_precision(v), PREFETCH=WALK_PREFETCH, BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n,
         num_warps=WARPS["state_grads" if reverse else "states"],
     )
     return walk, last
@@ -519,69 +643,88 @@ def _walk_chunks(v, dt, A, w, seq_idx, init, block_q, reverse, tile=None):
 
 class _SSDScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx, plan, grads_heads_per_program):
+    def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, plan,
+                grads_heads_per_program):
         batch, seqlen, heads, head_dim = x.shape
         groups, d_state = B.shape[-2:]
         block_q, (forward_q, rows, walk_tile) = _chunk(head_dim), plan
-        x, dt, A, B, C = x.contiguous(), dt.float().contiguous(), A.float().contiguous(), B.contiguous(), \
-            C.contiguous()
+        # x, B, C and Δ are read where they are (column views of the conv's and in_proj's outputs in the mixer): a
+        # copy only where a token's (heads, head_dim), (groups, d_state) or heads are not one packed run
+        x, B, C = _packed_within_token(x, 2), _packed_within_token(B, 2), _packed_within_token(C, 2)
+        delta = _Delta(_packed_within_token(dt, 1), dt_bias.contiguous() if dt_bias is not None else None,
+                       dt_softplus, dt_limit)
+        A = A.float().contiguous()
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         D = D.contiguous() if D is not None else None  # the kernels index it as D_ptr + head
         seq = seq_idx.contiguous() if seq_idx is not None else None
-        y = torch.empty_like(x)
+        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, whatever x's strides
         with on_device_of(x):
-            states, final = _walk_chunks(x, dt, A, B, seq, h0, forward_q, reverse=False, tile=walk_tile)
+            states, final = _walk_chunks(x, delta, A, B, seq, h0, forward_q, reverse=False, tile=walk_tile)
             block_p = _block(head_dim, 64)
             # row blocks up to the one holding the last token: a chunk's blocks are consecutive, so program i of
             # axis 1 starts at token i * rows (none wholly past the end, where the last chunk is short)
             grid = (batch * heads, triton.cdiv(seqlen, rows), triton.cdiv(head_dim, block_p))
+            dt_ptr, bias_ptr = delta.pointers()
             _chunk_output_kernel[grid](
-                x, dt, A, B, C, D if D is not None else dt, seq if seq is not None else dt, states, y,
-                seqlen, heads, head_dim, groups, d_state, states.shape[1],
-                HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x),
+                x, dt_ptr, bias_ptr, A, B, C, D if D is not None else A, seq if seq is not None else A, states, y,
+                seqlen, heads, head_dim, groups, d_state, states.shape[1], *_rows(x), *_rows(B), *_rows(C),
+                *delta.scalars(),
+                HAS_D=D is not None, HAS_SEQ=seq is not None, **delta.flags(), IEEE=_full_precision(x),
                 BLOCK_Q=forward_q, BLOCK_M=rows, BLOCK_P=block_p, BLOCK_N=_block(d_state, N_BLOCK),
                 num_warps=WARPS["output"],
             )
-        ctx.save_for_backward(x, dt, A, B, C, D, h0, seq)
+        ctx.save_for_backward(x, delta.raw, delta.bias, A, B, C, D, h0, seq)
+        ctx.dt_softplus, ctx.dt_limit = dt_softplus, dt_limit
         ctx.block_q = block_q
         ctx.grads_heads_per_program = grads_heads_per_program
         ctx.initial_state_dtype = initial_state.dtype if initial_state is not None else None
+        # an output whose gradient is not asked for (often the final state) stays None in the backward, not zeros
+        ctx.set_materialize_grads(False)
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, h0, seq = ctx.saved_tensors
+        x, dt, dt_bias, A, B, C, D, h0, seq = ctx.saved_tensors
+        none = (None,) * 13
+        if dy is None and dfinal is None:
+            return none
+        delta = _Delta(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit)
         batch, seqlen, heads, head_dim = x.shape
         groups, d_state = B.shape[-2:]
         block_q = ctx.block_q
-        dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
+        # dy, dx and the gradient buffers are contiguous: the kernels index them so
+        dy = dy.contiguous() if dy is not None else torch.zeros(x.shape, device=x.device, dtype=x.dtype)
         dfinal = dfinal.float().contiguous() if dfinal is not None else None
         with on_device_of(x):
-            states, _ = _walk_chunks(x, dt, A, B, seq, h0, block_q, reverse=False)
+            states, _ = _walk_chunks(x, delta, A, B, seq, h0, block_q, reverse=False)
             n_chunks = states.shape[1]
-            dstates, dh0 = _walk_chunks(dy, dt, A, C, seq, dfinal, block_q, reverse=True)
-            dx = torch.empty_like(x)
-            ddt = torch.empty_like(dt)
+            dstates, dh0 = _walk_chunks(dy, delta, A, C, seq, dfinal, block_q, reverse=True)
+            dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+            ddt = torch.empty(batch, seqlen, heads, device=x.device, dtype=torch.float32)  # of Δ as stored
             hpp = ctx.grads_heads_per_program
             splits = heads // hpp
             dB_parts = torch.empty(batch, seqlen, splits, d_state, device=x.device, dtype=torch.float32)
             dC_parts = torch.empty_like(dB_parts)
             dA_parts = torch.empty(batch * heads, n_chunks, device=x.device, dtype=torch.float32)
             dD_parts = torch.empty_like(dA_parts)
+            dt_ptr, bias_ptr = delta.pointers()
             _chunk_grads_kernel[(batch * splits, n_chunks)](
-                x, dt, A, B, C, D if D is not None else dt, seq if seq is not None else dt, states, dstates, dy,
-                dx, ddt, dB_parts, dC_parts, dA_parts, dD_parts,
-                seqlen, heads, head_dim, groups, d_state, n_chunks,
-                HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=_full_precision(x), HEADS_PER_PROGRAM=hpp,
-                BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128), BLOCK_N=_block(d_state, _grads_n_block(x)),
-                num_warps=WARPS["grads"],
+                x, dt_ptr, bias_ptr, A, B, C, D if D is not None else A, seq if seq is not None else A, states,
+                dstates, dy, dx, ddt, dB_parts, dC_parts, dA_parts, dD_parts,
+                seqlen, heads, head_dim, groups, d_state, n_chunks, *_rows(x), *_rows(B), *_rows(C),
+                *delta.scalars(),
+                HAS_D=D is not None, HAS_SEQ=seq is not None, **delta.flags(), IEEE=_full_precision(x),
+                HEADS_PER_PROGRAM=hpp, BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128),
+                BLOCK_N=_block(d_state, _grads_n_block(x)), num_warps=WARPS["grads"],
             )
         dB = _sum_group_parts(dB_parts, groups).to(B.dtype)
         dC = _sum_group_parts(dC_parts, groups).to(C.dtype)
         dA = dA_parts.view(batch, heads, n_chunks).sum((0, 2))
         dD = dD_parts.view(batch, heads, n_chunks).sum((0, 2)).to(D.dtype) if D is not None else None
+        # the bias enters every token's Δ: its gradient sums the stored Δ's, in float32
+        d_bias = ddt.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None and ctx.needs_input_grad[6] else None
         dh0_out = dh0.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None
-        return dx, ddt, dA, dB, dC, dD, dh0_out, None, None, None
+        return dx, ddt.to(dt.dtype), dA, dB, dC, dD, d_bias, dh0_out, None, None, None, None, None
 
 
 def _sum_group_parts(parts: torch.Tensor, groups: int) -> torch.Tensor:
@@ -609,7 +752,9 @@ def ssd_scan_triton(
     """SSD scan with the Triton kernels: same arguments and results as `ssd_scan_chunked`. The kernels use their
     own chunks (CHUNK and FORWARD_CHUNK tokens); the result does not depend on the chunk, so `chunk_size` is only
     used where the PyTorch form runs (d_state > 256 or head_dim > 128). The backward always recomputes the chunk
-    states (`recompute_in_backward` is accepted for the common signature)."""
+    states (`recompute_in_backward` is accepted for the common signature). x, B, C and dt are read in place when
+    each token's (heads, head_dim), (groups, d_state) and heads are packed (column views of a wider tensor are);
+    Δ's bias, softplus and limit run inside the kernels."""
     heads, head_dim, groups, d_state = x.shape[2], x.shape[3], B.shape[-2], B.shape[-1]
     if heads % groups or C.shape[-2] != groups:  # the kernels would read B and C of groups that do not exist
         raise ValueError(f"B and C must have a number of groups that divides the {heads} heads; got B "
@@ -622,9 +767,9 @@ def ssd_scan_triton(
                         f"An SSD scan of {x.shape[1]} tokens")
     if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
         seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
-    dt = ssd_prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
-    if x.shape[1] == 0 or not supports(d_state, head_dim):
-        return ssd_scan_chunked(x, dt, A, B, C, chunk_size or CHUNK, D, initial_state=initial_state,
-                                return_final_state=return_final_state, seq_idx=seq_idx)
-    y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_state, seq_idx, plan, grads_heads_per_program)
+    if x.shape[1] == 0 or not supports(d_state, head_dim):  # the PyTorch form, Δ through ssd_prepare_dt
+        return ssd_scan_chunked(x, dt, A, B, C, chunk_size or CHUNK, D, dt_bias, dt_softplus, dt_limit,
+                                initial_state=initial_state, return_final_state=return_final_state, seq_idx=seq_idx)
+    y, final = _SSDScan.apply(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus,
+                              dt_limit_bounds(dt_limit), plan, grads_heads_per_program)
     return (y, final) if return_final_state else y

@@ -82,6 +82,8 @@ class Mamba2Mixer(nn.Module):
         if mask is not None:
             xBC = xBC * mask
 
+        # views again: the Triton scan reads x, B, C and the raw Δ in place and applies Δ's bias, softplus and limit
+        # itself (no copies, no Δ ops here)
         group_state = self.n_groups * self.ssm_state_size
         x, B, C = xBC.split([self.intermediate_size, group_state, group_state], dim=-1)
         x = x.unflatten(-1, (self.num_heads, self.head_dim))
