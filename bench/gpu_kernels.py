@@ -11,13 +11,15 @@ time     B8 D1536 T4096 N16 bf16: forward and forward+backward (triton.testing.d
 latency  first call (forward+backward) in a fresh process with an empty Triton cache, then with the cache warm.
 ssd      (on request) Mamba-2 SSD forward (+backward) beside mamba_ssm's and fla's Triton kernels, when carried.
 check_ssd  (on request) the SSD kernels on real shapes (lengths 1 to 16k, odd sizes, groups, packed sequences,
-         float32/bf16/fp16) against the PyTorch chunked form in float32: outputs, final states and gradients.
+         float32/bf16/fp16) against the PyTorch chunked form in float32: outputs, final states and gradients;
+         and Mamba-2 130M's layout (x, B, C, Δ column views read in place; Δ's bias, softplus and limit applied).
 ssd_sweep  (on request) SSD forward and forward+backward times for a few chunk / warp / state-storage choices.
 ssd_grads_sweep  (on request) SSD forward+backward times for each number of heads per program of the gradient
          kernel (GRADS_HEADS_PER_PROGRAM), at B8 T4096 and B4 T2048.
 decode   (on request) greedy decoding tokens/s after long prompts, and peak memory for a 64k-token prompt.
 step     (on request) decoding by single-token forward calls (no generate()), and the cache's bytes.
 check_mamba2  (on request) Mamba-2's gated-norm and decoding-step kernels against PyTorch, timed beside it.
+check_fused  (on request) Mamba-2's conv + SSD + norm as one op on mamba2-130m (4 layers): loss and gradients.
 conv     (on request) the Triton causal conv1d against F.conv1d: errors and forward(+backward) times.
 conv_sweep  (on request) the conv as the mixers call it: SiLU fused or after, vector or scalar row loads, warps.
 conv_tiles  (on request) the conv's kernels alone (profiler) for a few tile shapes and warp counts.
@@ -168,6 +170,47 @@ def check_mamba2_kernels():
     rows["mamba2 greedy tokens equal to the PyTorch path"] = greedy_matches_reference(
         ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))
     report("check_mamba2", rows)
+
+
+def check_fused():
+    """Mamba-2's conv -> SSD -> norm as one op (`kernels.conv_ssd_norm`) on the real model: mamba2-130m cut to 4
+    layers, 2 x 1024 random tokens, loss and every parameter's gradient. float32: the fused op against the PyTorch
+    path (SSM_HF_FORCE_REFERENCE); bf16: against the same kernels run op by op (`conv_ssd_norm_by_ops`). Largest
+    relative error over the parameters, and the parameter it belongs to."""
+    rows = {}
+    model = ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m", num_hidden_layers=4)).to(DEV)
+    ids = torch.randint(0, 50000, (2, 1024), device=DEV)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return {"loss": loss.detach()} | {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def worst(a, b):
+        errors = {k: rel(a[k].float(), b[k].float()) for k in a}
+        name = max(errors, key=errors.get)
+        return f"{errors[name]:.2e} ({name})"
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        fused = run()
+        if dtype == torch.float32:
+            os.environ["SSM_HF_FORCE_REFERENCE"] = "1"
+            try:
+                reference = run()
+            finally:
+                del os.environ["SSM_HF_FORCE_REFERENCE"]
+            rows["float32 fused vs PyTorch path, worst"] = worst(fused, reference)
+        saved = kernels.conv_ssd_norm
+        kernels.conv_ssd_norm = kernels.conv_ssd_norm_by_ops
+        try:
+            by_ops = run()
+        finally:
+            kernels.conv_ssd_norm = saved
+        rows[f"{str(dtype)[6:]} fused vs op by op, worst"] = worst(fused, by_ops)
+        print("check_fused", rows, flush=True)
+    report("check_fused", rows)
 
 
 def conv():
@@ -1136,7 +1179,7 @@ def main():
     for name in args.sections.split(","):
         start = time.time()
         try:
-            {"check": check, "check_mamba2": check_mamba2_kernels, "time": time_scan,
+            {"check": check, "check_mamba2": check_mamba2_kernels, "check_fused": check_fused, "time": time_scan,
              "s4": s4_on_gpu, "conv": conv, "latency": latency, "e2e": e2e, "ssd": ssd,
              "check_ssd": check_ssd, "ssd_sweep": ssd_sweep, "ssd_forward_sweep": ssd_forward_sweep,
              "conv_sweep": conv_sweep, "conv_tiles": conv_tiles, "ssd_grads_sweep": ssd_grads_sweep,

@@ -5,7 +5,8 @@ are replaced by counters and `kernels.use_triton` is forced on, so the wrappers'
     python bench/host_ops.py [--models mamba-130m,mamba2-130m] [--top 25]
 
 Per layer = (ops of a 4-layer model - ops of a 2-layer model) / 2, at the preset's widths, batch 2 x 64 tokens.
-Views (no kernel, little host time) are counted apart from ops that launch a kernel or allocate.
+Views (no kernel, little host time) are counted apart from ops that launch a kernel or allocate; the autograd
+nodes the backward runs (each costs the engine host time of its own) apart from both.
 """
 
 from __future__ import annotations
@@ -66,7 +67,20 @@ class _Stub:
         return launch
 
 
-def count(preset: str, layers: int) -> tuple[collections.Counter, collections.Counter]:
+def _graph_nodes(loss: torch.Tensor) -> collections.Counter:
+    """The autograd nodes (by type) the backward of `loss` runs."""
+    seen, stack, nodes = set(), [loss.grad_fn], collections.Counter()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes[type(node).__name__] += 1
+        stack.extend(fn for fn, _ in node.next_functions)
+    return nodes
+
+
+def count(preset: str, layers: int) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
     config = ssm_hf.preset_config(preset, num_hidden_layers=layers)
     model = ssm_hf.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).train()
     ids = torch.randint(0, config.vocab_size, (2, 64))
@@ -75,8 +89,10 @@ def count(preset: str, layers: int) -> tuple[collections.Counter, collections.Co
         launches.calls.clear()
         model.zero_grad(set_to_none=True)
         with _Counter() as mode:
-            model(ids, labels=ids, use_cache=False).loss.backward()
-    return mode.ops, launches.calls
+            loss = model(ids, labels=ids, use_cache=False).loss
+            nodes = _graph_nodes(loss)
+            loss.backward()
+    return mode.ops, launches.calls, nodes
 
 
 def main() -> None:
@@ -86,17 +102,20 @@ def main() -> None:
     args = parser.parse_args()
     kernels.use_triton = lambda tensor: tensor.dtype != torch.float64
     for preset in args.models.split(","):
-        (ops4, calls4), (ops2, calls2) = count(preset, 4), count(preset, 2)
+        (ops4, calls4, nodes4), (ops2, calls2, nodes2) = count(preset, 4), count(preset, 2)
+        nodes = {k: (nodes4[k] - nodes2[k]) / 2 for k in nodes4 | nodes2 if nodes4[k] != nodes2[k]}
         per_layer = {k: (ops4[k] - ops2[k]) / 2 for k in ops4 | ops2 if ops4[k] != ops2[k]}
         launches = {k: (calls4[k] - calls2[k]) / 2 for k in calls4 | calls2 if calls4[k] != calls2[k]}
         views = sum(v for k, v in per_layer.items() if k in VIEWS)
         work = {k: v for k, v in per_layer.items() if k not in VIEWS}
         print(f"{preset}: per layer, forward + backward: {sum(work.values()):.0f} PyTorch ops that launch a kernel "
-              f"or allocate, {views:.0f} views, {sum(launches.values()):.0f} Triton launches")
+              f"or allocate, {views:.0f} views, {sum(launches.values()):.0f} Triton launches, "
+              f"{sum(nodes.values()):.0f} autograd nodes")
         for name, n in sorted(work.items(), key=lambda kv: -kv[1])[:args.top]:
             print(f"  {n:5.1f}  aten::{name}")
         for name, n in sorted(launches.items(), key=lambda kv: -kv[1]):
             print(f"  {n:5.1f}  triton {name}")
+        print("  autograd nodes: " + ", ".join(f"{name} {n:.0f}" for name, n in sorted(nodes.items())))
 
 
 if __name__ == "__main__":

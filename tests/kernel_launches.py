@@ -284,6 +284,12 @@ def drive_ssd_scan(rec: Recorder, kernels) -> None:
         _drive_ssd_scan(rec, kernels, "one head per gradient program ", shapes=((4, 64, 1, 128),))
     finally:
         ssd_triton.GRADS_HEADS_PER_PROGRAM = saved_heads
+    # Δ made inside the chunk kernels (bias, softplus, clamp in `_chunk_decays`) rather than once beforehand
+    ssd_triton.MAKE_DT_IN_KERNELS = True
+    try:
+        _drive_ssd_scan(rec, kernels, "Δ made in the chunk kernels ", shapes=((4, 64, 1, 128),))
+    finally:
+        ssd_triton.MAKE_DT_IN_KERNELS = False
 
 
 # (heads, head_dim, groups, d_state): Mamba-2's; the tiny test models'; the largest head_dim (other tiles)

@@ -673,12 +673,17 @@ def _ssd_common(heads, head_dim, d_state, batch, seed, bias):
 
 @pytest.mark.parametrize("dt_dtype,bias,packed", [(torch.float32, True, False), (torch.float32, False, True),
                                                   (torch.bfloat16, True, True), (torch.bfloat16, False, False)])
-def test_triton_ssd_reads_column_views_in_place(dt_dtype, bias, packed):
+@pytest.mark.parametrize("in_kernels", [False, True])
+def test_triton_ssd_reads_column_views_in_place(monkeypatch, dt_dtype, bias, packed, in_kernels):
     """x, B, C as column views of one wide tensor and raw Δ (float32 or bf16) as a column view of another, Δ's bias,
-    softplus and limit made inside the kernels: the same outputs and gradients (dt_bias's too) as contiguous
-    copies, the same as the PyTorch chunked form (which prepares Δ with ssd_prepare_dt), and exact zero gradients
-    for the stored Δ where the clamp holds, on both sides."""
+    softplus and limit made by the Triton code (once per token by `_dt_make_kernel`, or, `in_kernels`, inside the
+    chunk kernels): the same outputs and gradients (dt_bias's too) as contiguous copies, the same as the PyTorch
+    chunked form (which prepares Δ with ssd_prepare_dt), and exact zero gradients for the stored Δ where the clamp
+    holds, on both sides."""
+    from ssm_hf.kernels import ssd_triton
     from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    monkeypatch.setattr(ssd_triton, "MAKE_DT_IN_KERNELS", in_kernels)
 
     batch, seqlen, heads, head_dim, groups, d_state = 2, 45, 4, 8, 2, 8
     (xbc, dt_wide), views = _column_views(batch, seqlen, heads, head_dim, groups, d_state, seed=21, dt_dtype=dt_dtype)
@@ -726,11 +731,15 @@ def test_triton_ssd_reads_column_views_in_place(dt_dtype, bias, packed):
     assert not strided[3][..., :4].any() and not strided[3][..., 4 + heads:].any()
 
 
-def test_triton_ssd_softplus_keeps_tiny_steps():
-    """Softplus made in the kernels equals torch's F.softplus (threshold 20) from very negative inputs (-30:
-    Δ ~ 1e-13, which log(1 + exp(v)) would round to 0) to above the threshold, and so does its gradient: one token,
-    no D or state, so y = (C·B) Δ x exactly."""
+@pytest.mark.parametrize("in_kernels", [False, True])
+def test_triton_ssd_softplus_keeps_tiny_steps(monkeypatch, in_kernels):
+    """Softplus made by the Triton code (`_dt_make_kernel`, or inside the chunk kernels) equals torch's F.softplus
+    (threshold 20) from very negative inputs (-30: Δ ~ 1e-13, which log(1 + exp(v)) would round to 0) to above the
+    threshold, and so does its gradient: one token, no D or state, so y = (C·B) Δ x exactly."""
+    from ssm_hf.kernels import ssd_triton
     from ssm_hf.kernels.ssd_triton import ssd_scan_triton
+
+    monkeypatch.setattr(ssd_triton, "MAKE_DT_IN_KERNELS", in_kernels)
 
     raw = torch.tensor([-30.0, -17.0, -8.0, -1e-3, 0.0, 3.0, 20.0, 25.0])
     heads = raw.numel()
@@ -752,7 +761,8 @@ def test_triton_ssd_softplus_keeps_tiny_steps():
 
 def test_triton_ssd_launches_read_the_callers_tensors(monkeypatch):
     """No copy of x, B, C or Δ when they are column views with packed inner dimensions: every kernel launch gets the
-    caller's storage (their data pointers), forward and backward; a copy (other strides inside a token) only then."""
+    caller's storage (their data pointers; Δ's, the kernel that makes Δ once), forward and backward; a copy (other
+    strides inside a token) only then."""
     from ssm_hf.kernels import ssd_triton
 
     launches = []
@@ -767,28 +777,30 @@ def test_triton_ssd_launches_read_the_callers_tensors(monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    for name in ("_chunk_walk_kernel", "_chunk_output_kernel", "_chunk_grads_kernel"):
+    for name in ("_chunk_walk_kernel", "_chunk_output_kernel", "_chunk_grads_kernel", "_dt_make_kernel"):
         monkeypatch.setattr(ssd_triton, name, Recorded(getattr(ssd_triton, name)))
     batch, heads, head_dim, groups, d_state = 2, 2, 4, 1, 4
     (xbc, dt_wide), views = _column_views(batch, 19, heads, head_dim, groups, d_state, seed=41)
     common = _ssd_common(heads, head_dim, d_state, batch, 41, True)
     y = ssd_triton.ssd_scan_triton(**views, **common, dt_softplus=True, dt_limit=(0.01, 2.0))
     y.sum().backward()
-    reads = ("x", "B", "C", "Δ")
+    reads = ("x", "B", "C")
     pointers = {"x": views["x"].data_ptr(), "B": views["B"].data_ptr(), "C": views["C"].data_ptr(),
                 "Δ": views["dt"].data_ptr()}
     walks = [ptrs for name, ptrs in launches if name == "_chunk_walk_kernel"]
-    assert len(walks) == 3 and len(launches) == 5  # forward walk, output; backward: both walks, gradients
-    assert {pointers["x"], pointers["B"], pointers["Δ"]} <= walks[0] and {pointers["Δ"], pointers["C"]} <= walks[2]
+    # forward: Δ made, walk, output; backward: Δ made again (with its derivative), both walks, gradients
+    assert [name for name, _ in launches].count("_dt_make_kernel") == 2 and len(walks) == 3 and len(launches) == 7
+    assert all(pointers["Δ"] in ptrs for name, ptrs in launches if name == "_dt_make_kernel")
+    assert {pointers["x"], pointers["B"]} <= walks[0] and pointers["C"] in walks[2]
     for name, ptrs in launches:
-        if name != "_chunk_walk_kernel":  # the output and gradient kernels read all four
+        if name in ("_chunk_output_kernel", "_chunk_grads_kernel"):  # they read all three
             assert all(pointers[key] in ptrs for key in reads), name
     # heads not packed within a token (a transposed view): that input alone is copied
     launches.clear()
     x_t = views["x"].transpose(-1, -2).contiguous().transpose(-1, -2)
     ssd_triton.ssd_scan_triton(**{**views, "x": x_t.detach()}, **common, dt_softplus=True)
     output_ptrs = [ptrs for name, ptrs in launches if name == "_chunk_output_kernel"][0]
-    assert x_t.data_ptr() not in output_ptrs and pointers["B"] in output_ptrs and pointers["Δ"] in output_ptrs
+    assert x_t.data_ptr() not in output_ptrs and pointers["B"] in output_ptrs
 
 
 def test_ssd_forward_plan(monkeypatch):
@@ -1345,11 +1357,13 @@ def test_mixer_training_forward_saves_in_proj_output_once(monkeypatch, family, d
 def test_mamba2_mixer_passes_views_and_raw_dt_to_the_scan(monkeypatch):
     """Without a padding mask the mixer hands the scan x, B, C as views of the conv's output, raw Δ as a view of
     in_proj's output, and Δ's bias, softplus and limit (the scan makes Δ and reads all four in place); with one, Δ
-    made and masked by the mixer. (The Triton conv's output is token-major; the PyTorch conv's is not.)"""
+    made and masked by the mixer. (The Triton conv's output is token-major; the PyTorch conv's is not.) The
+    unmasked path is `conv_ssd_norm`, here its op-by-op form (the fused one reads the same views itself)."""
     from conftest import tiny_config
 
     calls = []
     scan = kernels.ssd_scan
+    monkeypatch.setattr(kernels, "conv_ssd_norm", kernels.conv_ssd_norm_by_ops)
 
     def recorded(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, **kwargs):
         calls.append(dict(x=x, dt=dt, B=B, C=C, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit))

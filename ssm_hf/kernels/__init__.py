@@ -4,7 +4,8 @@ never branch on the device themselves.
 `selective_scan` and `ssd_scan` run Triton kernels for CUDA tensors when Triton is installed, and the
 PyTorch chunked forms otherwise; both compute the same function; so do the single-token decoding steps
 `selective_state_update`, `ssd_state_update` and `causal_conv1d_update` (Triton only outside autograd), the
-prefill conv `causal_conv1d` and Mamba-2's gated norm `rms_norm_gated`. Set the environment variable
+prefill conv `causal_conv1d` and Mamba-2's gated norm `rms_norm_gated`. `conv_ssd_norm` is Mamba-2's conv, scan and
+norm in one op (one autograd node on the Triton path). Set the environment variable
 `SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for debugging).
 
 `selective_scan`, `ssd_scan` and `causal_conv1d` take `seq_idx` (batch or 1, seqlen) for packed sequences (several
@@ -21,6 +22,7 @@ from functools import lru_cache
 import torch
 
 from . import causal_conv1d_torch, norm_torch, selective_scan_torch, ssd_torch
+from .conv_ssd_norm import Mamba2Shape, conv_ssd_norm_by_ops
 from .selective_scan_torch import selective_scan_chunked, selective_scan_sequential
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked, ssd_scan_sequential
 
@@ -108,7 +110,33 @@ def ssd_scan(x: torch.Tensor, *args, **kwargs):
     return ssd_scan_chunked(x, *args, **kwargs)
 
 
+def conv_ssd_norm(
+    zxbcdt: torch.Tensor, shape: Mamba2Shape, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+    activation: str | None, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,
+    dt_limit: tuple[float, float] | None, norm_weight: torch.Tensor, norm_group_size: int, eps: float,
+    chunk_size: int, seq_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mamba-2's mixer core, in_proj's output (batch, seqlen, shape.width) → causal conv (+ SiLU) → SSD scan →
+    gated RMS norm; arguments and result as `conv_ssd_norm.conv_ssd_norm_by_ops`. On the Triton path one autograd
+    op (see `conv_ssd_norm_triton`); elsewhere, or where the SSD kernels have no tiles for the shape, the three
+    ops one after the other."""
+    if zxbcdt.shape[-1] != shape.width:
+        raise ValueError(f"in_proj's output has {zxbcdt.shape[-1]} columns; {shape} needs {shape.width}")
+    args = (zxbcdt, shape, conv_weight, conv_bias, activation, dt_bias, A_log, D, dt_limit, norm_weight,
+            norm_group_size, eps, chunk_size, seq_idx)
+    if use_triton(zxbcdt) and zxbcdt.shape[1] > 0 and activation in (None, "silu"):
+        from .ssd_triton import supports
+
+        if supports(shape.d_state, shape.head_dim):
+            from .conv_ssd_norm_triton import conv_ssd_norm_triton
+
+            return conv_ssd_norm_triton(*args)
+    return conv_ssd_norm_by_ops(*args)
+
+
 __all__ = [
+    "Mamba2Shape",
+    "conv_ssd_norm",
     "causal_conv1d",
     "causal_conv1d_update",
     "selective_scan",

@@ -337,7 +337,7 @@ def _chunk_grads_kernel(
     x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
     L, H, P, G, N, n_chunks, stride_x_b, stride_x_t, stride_B_b, stride_B_t, stride_C_b, stride_C_t, stride_dt_b,
-    stride_dt_t, dt_lo, dt_hi,
+    stride_dt_t, dt_lo, dt_hi, stride_dx_b, stride_dx_t,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, IEEE: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -368,7 +368,7 @@ def _chunk_grads_kernel(
         t, valid, dt, a, is_start, dt_deriv = _chunk_decays(dt_ptr, bias_ptr, seq_ptr, row, head, k * BLOCK_Q, L,
                                                             stride_dt_b, stride_dt_t, dt_lo, dt_hi, A, HAS_BIAS,
                                                             SOFTPLUS, HAS_LIMIT, HAS_SEQ, BLOCK_Q)
-        tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]  # dy and dx
+        tp_offs = ((row * L + t[:, None]) * H + head) * P + p_offs[None, :]  # dy (contiguous)
         tp_mask = valid[:, None] & p_mask[None, :]
         B_rows = _token_offsets(row, t, stride_B_b, stride_B_t)[:, None] + group * N
         C_rows = _token_offsets(row, t, stride_C_b, stride_C_t)[:, None] + group * N
@@ -414,7 +414,9 @@ def _chunk_grads_kernel(
             Dh = tl.load(D_ptr + head).to(tl.float32)
             dx += Dh * dy
             tl.store(dD_ptr + bh * n_chunks + k, tl.sum(tl.sum(dy * x, axis=1), axis=0))
-        tl.store(dx_ptr + tp_offs, dx.to(dx_ptr.dtype.element_ty), mask=tp_mask)
+        # dx through its own strides (it may be a column slice of the gradient of the conv's output)
+        tl.store(dx_ptr + _token_offsets(row, t, stride_dx_b, stride_dx_t)[:, None] + head * P + p_offs[None, :],
+                 dx.to(dx_ptr.dtype.element_ty), mask=tp_mask)
         # dL/dΔ, then back through the clamp, softplus and bias to Δ as stored
         tl.store(ddt_ptr + (row * L + t) * H + head, (tl.sum(dxdt * x, axis=1) + A * da) * dt_deriv, mask=valid)
         tl.store(dA_ptr + bh * n_chunks + k, tl.sum(da * dt, axis=0))
@@ -582,6 +584,34 @@ def _state_walk_grid(batch: int, heads: int, head_dim: int, d_state: int,
     return (batch * heads, triton.cdiv(head_dim, block_p), triton.cdiv(d_state, block_n)), block_p, block_n
 
 
+@triton.jit
+def _dt_make_kernel(raw_ptr, bias_ptr, out_ptr, deriv_ptr, n, L, H, stride_b, stride_t, dt_lo, dt_hi,
+                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                    STORE_DERIV: tl.constexpr, BLOCK: tl.constexpr):
+    """Δ (float32, contiguous (batch, seqlen, heads)) from its stored values (read in place through their batch and
+    token strides) by `_dt_transform`, and, with STORE_DERIV, dΔ/d(stored value) beside it."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    head = i % H
+    t = (i // H) % L
+    row = i // (H * L)
+    raw = tl.load(raw_ptr + row * stride_b + t * stride_t + head, mask=mask, other=0.0)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + head, mask=mask, other=0.0).to(tl.float32)
+    dt, deriv = _dt_transform(raw, bias, dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
+    tl.store(out_ptr + i, dt, mask=mask)
+    if STORE_DERIV:
+        tl.store(deriv_ptr + i, deriv, mask=mask)
+
+
+# Whether the chunk kernels make Δ from its stored values themselves (bias, softplus, clamp in `_chunk_decays`, per
+# chunk and head wherever Δ is read) instead of reading Δ made once per token by `_dt_make_kernel`. Inside, the
+# sequential walker's loop grew from 423 to 817 SASS instructions (sm_90) and the walk took 1.66x as long on an
+# H100 (BENCHMARKS.md, eighth session); module-level so that tests and bench/gpu_kernels.py can run both.
+MAKE_DT_IN_KERNELS = False
+
+
 class _Delta(NamedTuple):
     """Δ as the kernels take it: the stored values (batch, seqlen, heads), any float dtype, read in place (heads
     packed within a token), and what makes Δ of them (`ssd_prepare_dt`'s steps, run in `_chunk_decays`): a bias
@@ -600,6 +630,24 @@ class _Delta(NamedTuple):
 
     def flags(self) -> dict:
         return dict(HAS_BIAS=self.bias is not None, SOFTPLUS=self.softplus, HAS_LIMIT=self.limit is not None)
+
+    def made(self, derivative: bool = False) -> tuple[_Delta, torch.Tensor | None]:
+        """Δ for the chunk kernels: made once per token by `_dt_make_kernel` (float32, contiguous, nothing left to
+        make), with dΔ/d(stored value) (float32, same shape) if `derivative`, else None; or, with
+        MAKE_DT_IN_KERNELS or nothing to make, this Δ as it is (derivative None: the kernels apply it)."""
+        if MAKE_DT_IN_KERNELS or (self.bias is None and not self.softplus and self.limit is None
+                                  and self.raw.dtype == torch.float32):
+            return self, None
+        batch, seqlen, heads = self.raw.shape
+        made = torch.empty(batch, seqlen, heads, device=self.raw.device, dtype=torch.float32)
+        deriv = torch.empty_like(made) if derivative else None
+        raw, bias = self.pointers()
+        n, block = made.numel(), 1024
+        with on_device_of(raw):
+            _dt_make_kernel[(triton.cdiv(n, block),)](raw, bias, made, deriv if deriv is not None else made, n,
+                                                      seqlen, heads, *self.scalars(), **self.flags(),
+                                                      STORE_DERIV=derivative, BLOCK=block, num_warps=4)
+        return _Delta(made, None, False, None), deriv
 
 
 def _rows(t: torch.Tensor) -> tuple[int, int]:
@@ -641,41 +689,94 @@ def _walk_chunks(v, delta, A, w, seq_idx, init, block_q, reverse, tile=None):
     return walk, last
 
 
+def _forward(x, delta, A, B, C, D, h0, seq, plan):
+    """The forward kernels on prepared inputs (`_SSDScan.forward` says which): (y contiguous in x's dtype, final
+    state float32)."""
+    batch, seqlen, heads, head_dim = x.shape
+    groups, d_state = B.shape[-2:]
+    forward_q, rows, walk_tile = plan
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, whatever x's strides
+    delta, _ = delta.made()
+    with on_device_of(x):
+        states, final = _walk_chunks(x, delta, A, B, seq, h0, forward_q, reverse=False, tile=walk_tile)
+        block_p = _block(head_dim, 64)
+        # row blocks up to the one holding the last token: a chunk's blocks are consecutive, so program i of
+        # axis 1 starts at token i * rows (none wholly past the end, where the last chunk is short)
+        grid = (batch * heads, triton.cdiv(seqlen, rows), triton.cdiv(head_dim, block_p))
+        dt_ptr, bias_ptr = delta.pointers()
+        _chunk_output_kernel[grid](
+            x, dt_ptr, bias_ptr, A, B, C, D if D is not None else A, seq if seq is not None else A, states, y,
+            seqlen, heads, head_dim, groups, d_state, states.shape[1], *_rows(x), *_rows(B), *_rows(C),
+            *delta.scalars(),
+            HAS_D=D is not None, HAS_SEQ=seq is not None, **delta.flags(), IEEE=_full_precision(x),
+            BLOCK_Q=forward_q, BLOCK_M=rows, BLOCK_P=block_p, BLOCK_N=_block(d_state, N_BLOCK),
+            num_warps=WARPS["output"],
+        )
+    return y, final
+
+
+def _backward(x, delta, A, B, C, D, h0, seq, dy, dfinal, hpp, dx=None):
+    """The backward kernels on `_forward`'s inputs; dy contiguous (batch, seqlen, heads, head_dim), dfinal float32
+    contiguous or None. dx: where to write x's gradient (x's shape and dtype, (heads, head_dim) packed within a
+    token, any batch and token strides), or None for a new contiguous tensor. Returns (dx, the gradient of Δ as
+    stored (float32, contiguous), dA, dB and dC summed over the heads of each group (float32), dD (float32) or
+    None, dh0 (float32))."""
+    batch, seqlen, heads, head_dim = x.shape
+    groups, d_state = B.shape[-2:]
+    block_q = _chunk(head_dim)
+    delta, deriv = delta.made(derivative=True)
+    with on_device_of(x):
+        states, _ = _walk_chunks(x, delta, A, B, seq, h0, block_q, reverse=False)
+        n_chunks = states.shape[1]
+        dstates, dh0 = _walk_chunks(dy, delta, A, C, seq, dfinal, block_q, reverse=True)
+        if dx is None:
+            dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        ddt = torch.empty(batch, seqlen, heads, device=x.device, dtype=torch.float32)  # of Δ as stored
+        splits = heads // hpp
+        dB_parts = torch.empty(batch, seqlen, splits, d_state, device=x.device, dtype=torch.float32)
+        dC_parts = torch.empty_like(dB_parts)
+        dA_parts = torch.empty(batch * heads, n_chunks, device=x.device, dtype=torch.float32)
+        dD_parts = torch.empty_like(dA_parts) if D is not None else dA_parts
+        dt_ptr, bias_ptr = delta.pointers()
+        _chunk_grads_kernel[(batch * splits, n_chunks)](
+            x, dt_ptr, bias_ptr, A, B, C, D if D is not None else A, seq if seq is not None else A, states,
+            dstates, dy, dx, ddt, dB_parts, dC_parts, dA_parts, dD_parts,
+            seqlen, heads, head_dim, groups, d_state, n_chunks, *_rows(x), *_rows(B), *_rows(C),
+            *delta.scalars(), *_rows(dx),
+            HAS_D=D is not None, HAS_SEQ=seq is not None, **delta.flags(), IEEE=_full_precision(x),
+            HEADS_PER_PROGRAM=hpp, BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128),
+            BLOCK_N=_block(d_state, _grads_n_block(x)), num_warps=WARPS["grads"],
+        )
+    if deriv is not None:  # the kernel's gradient is of the Δ it read: back through its making
+        ddt.mul_(deriv)
+    dA = dA_parts.view(batch, heads, n_chunks).sum((0, 2))
+    dD = dD_parts.view(batch, heads, n_chunks).sum((0, 2)) if D is not None else None
+    return dx, ddt, dA, _sum_group_parts(dB_parts, groups), _sum_group_parts(dC_parts, groups), dD, dh0
+
+
+def _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, seq_idx):
+    """The inputs as the kernels take them: x, B, C and Δ where they are (column views of the conv's and in_proj's
+    outputs in the mixer) unless a token's (heads, head_dim), (groups, d_state) or heads are not one packed run
+    (then a copy), Δ with its bias, softplus and limit (`_Delta`), A, h0 float32, D and seq_idx contiguous."""
+    x, B, C = _packed_within_token(x, 2), _packed_within_token(B, 2), _packed_within_token(C, 2)
+    delta = _Delta(_packed_within_token(dt, 1), dt_bias.contiguous() if dt_bias is not None else None,
+                   dt_softplus, dt_limit)
+    A = A.float().contiguous()
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    D = D.contiguous() if D is not None else None  # the kernels index it as D_ptr + head
+    seq = seq_idx.contiguous() if seq_idx is not None else None
+    return x, delta, A, B, C, D, h0, seq
+
+
 class _SSDScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus, dt_limit, plan,
                 grads_heads_per_program):
-        batch, seqlen, heads, head_dim = x.shape
-        groups, d_state = B.shape[-2:]
-        block_q, (forward_q, rows, walk_tile) = _chunk(head_dim), plan
-        # x, B, C and Δ are read where they are (column views of the conv's and in_proj's outputs in the mixer): a
-        # copy only where a token's (heads, head_dim), (groups, d_state) or heads are not one packed run
-        x, B, C = _packed_within_token(x, 2), _packed_within_token(B, 2), _packed_within_token(C, 2)
-        delta = _Delta(_packed_within_token(dt, 1), dt_bias.contiguous() if dt_bias is not None else None,
-                       dt_softplus, dt_limit)
-        A = A.float().contiguous()
-        h0 = initial_state.float().contiguous() if initial_state is not None else None
-        D = D.contiguous() if D is not None else None  # the kernels index it as D_ptr + head
-        seq = seq_idx.contiguous() if seq_idx is not None else None
-        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, whatever x's strides
-        with on_device_of(x):
-            states, final = _walk_chunks(x, delta, A, B, seq, h0, forward_q, reverse=False, tile=walk_tile)
-            block_p = _block(head_dim, 64)
-            # row blocks up to the one holding the last token: a chunk's blocks are consecutive, so program i of
-            # axis 1 starts at token i * rows (none wholly past the end, where the last chunk is short)
-            grid = (batch * heads, triton.cdiv(seqlen, rows), triton.cdiv(head_dim, block_p))
-            dt_ptr, bias_ptr = delta.pointers()
-            _chunk_output_kernel[grid](
-                x, dt_ptr, bias_ptr, A, B, C, D if D is not None else A, seq if seq is not None else A, states, y,
-                seqlen, heads, head_dim, groups, d_state, states.shape[1], *_rows(x), *_rows(B), *_rows(C),
-                *delta.scalars(),
-                HAS_D=D is not None, HAS_SEQ=seq is not None, **delta.flags(), IEEE=_full_precision(x),
-                BLOCK_Q=forward_q, BLOCK_M=rows, BLOCK_P=block_p, BLOCK_N=_block(d_state, N_BLOCK),
-                num_warps=WARPS["output"],
-            )
+        x, delta, A, B, C, D, h0, seq = _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit,
+                                                   initial_state, seq_idx)
+        y, final = _forward(x, delta, A, B, C, D, h0, seq, plan)
         ctx.save_for_backward(x, delta.raw, delta.bias, A, B, C, D, h0, seq)
         ctx.dt_softplus, ctx.dt_limit = dt_softplus, dt_limit
-        ctx.block_q = block_q
         ctx.grads_heads_per_program = grads_heads_per_program
         ctx.initial_state_dtype = initial_state.dtype if initial_state is not None else None
         # an output whose gradient is not asked for (often the final state) stays None in the backward, not zeros
@@ -685,52 +786,77 @@ class _SSDScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dfinal):
         x, dt, dt_bias, A, B, C, D, h0, seq = ctx.saved_tensors
-        none = (None,) * 13
         if dy is None and dfinal is None:
-            return none
-        delta = _Delta(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit)
-        batch, seqlen, heads, head_dim = x.shape
-        groups, d_state = B.shape[-2:]
-        block_q = ctx.block_q
-        # dy, dx and the gradient buffers are contiguous: the kernels index them so
+            return (None,) * 13
+        # dy and the gradient buffers are contiguous: the kernels index them so
         dy = dy.contiguous() if dy is not None else torch.zeros(x.shape, device=x.device, dtype=x.dtype)
         dfinal = dfinal.float().contiguous() if dfinal is not None else None
-        with on_device_of(x):
-            states, _ = _walk_chunks(x, delta, A, B, seq, h0, block_q, reverse=False)
-            n_chunks = states.shape[1]
-            dstates, dh0 = _walk_chunks(dy, delta, A, C, seq, dfinal, block_q, reverse=True)
-            dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-            ddt = torch.empty(batch, seqlen, heads, device=x.device, dtype=torch.float32)  # of Δ as stored
-            hpp = ctx.grads_heads_per_program
-            splits = heads // hpp
-            dB_parts = torch.empty(batch, seqlen, splits, d_state, device=x.device, dtype=torch.float32)
-            dC_parts = torch.empty_like(dB_parts)
-            dA_parts = torch.empty(batch * heads, n_chunks, device=x.device, dtype=torch.float32)
-            dD_parts = torch.empty_like(dA_parts)
-            dt_ptr, bias_ptr = delta.pointers()
-            _chunk_grads_kernel[(batch * splits, n_chunks)](
-                x, dt_ptr, bias_ptr, A, B, C, D if D is not None else A, seq if seq is not None else A, states,
-                dstates, dy, dx, ddt, dB_parts, dC_parts, dA_parts, dD_parts,
-                seqlen, heads, head_dim, groups, d_state, n_chunks, *_rows(x), *_rows(B), *_rows(C),
-                *delta.scalars(),
-                HAS_D=D is not None, HAS_SEQ=seq is not None, **delta.flags(), IEEE=_full_precision(x),
-                HEADS_PER_PROGRAM=hpp, BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128),
-                BLOCK_N=_block(d_state, _grads_n_block(x)), num_warps=WARPS["grads"],
-            )
-        dB = _sum_group_parts(dB_parts, groups).to(B.dtype)
-        dC = _sum_group_parts(dC_parts, groups).to(C.dtype)
-        dA = dA_parts.view(batch, heads, n_chunks).sum((0, 2))
-        dD = dD_parts.view(batch, heads, n_chunks).sum((0, 2)).to(D.dtype) if D is not None else None
+        dx, ddt, dA, dB, dC, dD, dh0 = _backward(x, _Delta(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit), A, B, C, D,
+                                                  h0, seq, dy, dfinal, ctx.grads_heads_per_program)
         # the bias enters every token's Δ: its gradient sums the stored Δ's, in float32
         d_bias = ddt.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None and ctx.needs_input_grad[6] else None
         dh0_out = dh0.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None
-        return dx, ddt.to(dt.dtype), dA, dB, dC, dD, d_bias, dh0_out, None, None, None, None, None
+        return (dx, ddt.to(dt.dtype), dA, dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype) if dD is not None else None,
+                d_bias, dh0_out, None, None, None, None, None)
+
+
+def ssd_forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
+                dt_limit: tuple[float, float] | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """The SSD forward outside autograd, from zero state (for an op that runs its own backward, see
+    `conv_ssd_norm_triton`). x: (batch, seqlen, heads, head_dim), B, C: (batch, seqlen, groups, d_state), dt:
+    (batch, seqlen, heads) as stored, each with packed inner dimensions (any batch and token strides: read in
+    place); seq_idx: kernel ids (`packing.kernel_segment_ids`) or None. Returns y (batch, seqlen, heads, head_dim)
+    contiguous in x's dtype."""
+    check_ssd_shapes(x, B, C)
+    x, delta, A, B, C, D, _, seq = _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit_bounds(dt_limit),
+                                             None, seq_idx)
+    return _forward(x, delta, A, B, C, D, None, seq, _forward_plan(x, B.shape[-1]))[0]
+
+
+def ssd_backward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
+                 dt_limit: tuple[float, float] | None, seq_idx: torch.Tensor | None, dy: torch.Tensor,
+                 dx: torch.Tensor, dB: torch.Tensor, dC: torch.Tensor, ddt: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The backward of `ssd_forward` (same inputs, as given to it) for dy (y's shape): writes the gradients of x, B,
+    C and Δ as stored into dx, dB, dC, ddt (the inputs' shapes, packed inner dimensions, any batch and token
+    strides: column slices of one gradient tensor). Returns (dA float32, dD in D's dtype or None, the Δ bias's
+    gradient in its dtype or None)."""
+    x, delta, A, B, C, D, _, seq = _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit_bounds(dt_limit),
+                                             None, seq_idx)
+    for name, grad, like in (("dx", dx, x), ("dB", dB, B), ("dC", dC, C), ("ddt", ddt, dt)):
+        if grad.shape != like.shape or _packed_within_token(grad, grad.dim() - 2) is not grad:
+            raise ValueError(f"{name} must have shape {tuple(like.shape)} with packed inner dimensions; got shape "
+                             f"{tuple(grad.shape)}, strides {grad.stride()}")
+    _, ddt_stored, dA, dB_sum, dC_sum, dD, _ = _backward(
+        x, delta, A, B, C, D, None, seq, dy.contiguous(), None, _grads_heads_per_program(x, B.shape[-2]), dx=dx)
+    dB.copy_(dB_sum)
+    dC.copy_(dC_sum)
+    ddt.copy_(ddt_stored)
+    d_bias = ddt_stored.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
+    return dA, dD.to(D.dtype) if dD is not None else None, d_bias
 
 
 def _sum_group_parts(parts: torch.Tensor, groups: int) -> torch.Tensor:
     """(batch, seqlen, groups x splits, d_state) partial sums -> (batch, seqlen, groups, d_state)."""
     parts = parts.unflatten(2, (groups, parts.shape[2] // groups))
     return parts.squeeze(3) if parts.shape[3] == 1 else parts.sum(3)
+
+
+def check_ssd_shapes(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, grid: bool = True) -> None:
+    """Refuse, by name, what the kernels cannot run: groups of B and C that do not divide the heads (they would read
+    groups that do not exist) and (with `grid`) more chunks or row blocks than a grid axis holds."""
+    heads, head_dim, groups = x.shape[2], x.shape[3], B.shape[-2]
+    if heads % groups or C.shape[-2] != groups:
+        raise ValueError(f"B and C must have a number of groups that divides the {heads} heads; got B "
+                         f"{tuple(B.shape)}, C {tuple(C.shape)}.")
+    if not grid:
+        return
+    # the chunk kernels run one program per chunk or row block on grid axis 1
+    rows = _forward_plan(x, B.shape[-1])[1]
+    check_grid_axis(max(triton.cdiv(x.shape[1], _chunk(head_dim)), triton.cdiv(x.shape[1], rows)),
+                    f"An SSD scan of {x.shape[1]} tokens")
 
 
 def ssd_scan_triton(
@@ -755,16 +881,11 @@ def ssd_scan_triton(
     states (`recompute_in_backward` is accepted for the common signature). x, B, C and dt are read in place when
     each token's (heads, head_dim), (groups, d_state) and heads are packed (column views of a wider tensor are);
     Δ's bias, softplus and limit run inside the kernels."""
-    heads, head_dim, groups, d_state = x.shape[2], x.shape[3], B.shape[-2], B.shape[-1]
-    if heads % groups or C.shape[-2] != groups:  # the kernels would read B and C of groups that do not exist
-        raise ValueError(f"B and C must have a number of groups that divides the {heads} heads; got B "
-                         f"{tuple(B.shape)}, C {tuple(C.shape)}.")
-    if supports(d_state, head_dim):  # the chunk kernels run one program per chunk or row block on grid axis 1
+    head_dim, groups, d_state = x.shape[3], B.shape[-2], B.shape[-1]
+    check_ssd_shapes(x, B, C, grid=supports(d_state, head_dim))
+    if supports(d_state, head_dim):
         plan = _forward_plan(x, d_state)
         grads_heads_per_program = _grads_heads_per_program(x, groups)
-        rows = plan[1]
-        check_grid_axis(max(triton.cdiv(x.shape[1], _chunk(head_dim)), triton.cdiv(x.shape[1], rows)),
-                        f"An SSD scan of {x.shape[1]} tokens")
     if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
         seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
     if x.shape[1] == 0 or not supports(d_state, head_dim):  # the PyTorch form, Δ through ssd_prepare_dt

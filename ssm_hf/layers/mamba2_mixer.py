@@ -11,6 +11,7 @@ from .. import kernels
 from ..configs.mamba2 import Mamba2Config
 from .conv import cached_causal_conv, decoding_state
 from .norm import RMSNormGated
+from .offload import loaded_weights
 from .ssm_init import inverse_softplus_dt
 
 
@@ -34,6 +35,7 @@ class Mamba2Mixer(nn.Module):
         self.time_step_limit = tuple(config.time_step_limit)
         self.hidden_act = config.hidden_act  # the conv's activation (SiLU fused into the conv ops)
         self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
+        self.layout = kernels.Mamba2Shape(self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size)
 
         self.in_proj = nn.Linear(config.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads,
                                  bias=config.use_bias)
@@ -69,10 +71,18 @@ class Mamba2Mixer(nn.Module):
         padding = attention_mask[:, -seqlen:] if attention_mask is not None else None    # (batch, seqlen)
         mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
 
+        zxbcdt = self.in_proj(hidden_states)
+        if cache_params is None and mask is None and self.hidden_act in ("silu", "swish"):
+            # training and scoring: conv, scan and norm as one op (one autograd node on the Triton path)
+            with loaded_weights(self.conv1d, self.norm):
+                y = kernels.conv_ssd_norm(zxbcdt, self.layout, self.conv1d.weight, self.conv1d.bias, "silu",
+                                          self.dt_bias, self.A_log, self.D, self.time_step_limit, self.norm.weight,
+                                          self.norm.group_size, self.norm.variance_epsilon, self.chunk_size, seq_idx)
+            return self.out_proj(y.to(hidden_states.dtype))
+
         # views of one tensor, not copies: the Triton conv reads xBC and the gated norm z in place, so their backward
         # keeps in_proj's output once (Δ's columns with it)
-        z, xBC, dt = self.in_proj(hidden_states).split(
-            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        z, xBC, dt = self.layout.split(zxbcdt)
         if mask is not None:
             xBC = xBC * mask
             if z.requires_grad:  # xBC is a new tensor now: a view of z alone would keep all of in_proj's output

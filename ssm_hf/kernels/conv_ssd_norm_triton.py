@@ -1,0 +1,80 @@
+"""Mamba-2's mixer core (causal conv + SiLU, SSD scan, gated RMS norm) on the Triton kernels as one autograd op.
+
+Same function as `conv_ssd_norm.conv_ssd_norm_by_ops`. Run op by op, a training step spends as much host time as the
+GPU spends computing (BENCHMARKS.md, seventh session): per layer each op is an autograd node with its own views,
+casts and launches, and the gradients of in_proj's column slices are joined by two `cat`s. Here the forward runs
+the three kernels on views of in_proj's output (nothing copied), and the backward writes the gradients of z, xBC
+and Δ straight into their columns of one gradient tensor for in_proj's output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ssd_triton
+from .causal_conv1d_triton import conv_backward, conv_forward
+from .conv_ssd_norm import Mamba2Shape
+from .norm_triton import gate_rows, norm_backward, norm_forward
+
+
+class _ConvSSDNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape, activation, dt_limit,
+                norm_group_size, eps, seq_idx):
+        batch, seqlen, _ = zxbcdt.shape
+        if zxbcdt.stride(-1) != 1:  # the kernels read its columns in place: they must be packed
+            zxbcdt = zxbcdt.contiguous()
+        z, xBC_in, dt = shape.split(zxbcdt)
+        weight = conv_weight.reshape(shape.conv_dim, -1).contiguous()
+        xBC = conv_forward(xBC_in, weight, conv_bias, None, seq_idx, activation)
+        x, B, C = shape.split_xBC(xBC)
+        A = -torch.exp(A_log.float())
+        y = ssd_triton.ssd_forward(x, dt, A, B, C, D, dt_bias, True, dt_limit, seq_idx)
+        y2 = y.view(batch * seqlen, shape.d_inner)
+        z2 = gate_rows(z, shape.d_inner)
+        out = norm_forward(y2, z2, norm_weight, norm_group_size, eps, torch.promote_types(norm_weight.dtype, y.dtype))
+        ctx.save_for_backward(zxbcdt, weight, conv_bias, dt_bias, A, D, norm_weight, xBC, y2, seq_idx)
+        ctx.shape, ctx.activation, ctx.dt_limit, ctx.norm_group_size, ctx.eps = \
+            shape, activation, dt_limit, norm_group_size, eps
+        ctx.conv_weight_shape, ctx.A_log_dtype = conv_weight.shape, A_log.dtype
+        return out.view(batch, seqlen, shape.d_inner)
+
+    @staticmethod
+    def backward(ctx, dout):
+        zxbcdt, weight, conv_bias, dt_bias, A, D, norm_weight, xBC, y2, seq_idx = ctx.saved_tensors
+        shape = ctx.shape
+        z, xBC_in, dt = shape.split(zxbcdt)
+        # one gradient for in_proj's output; each op below writes its columns
+        dzxbcdt = torch.empty_like(zxbcdt, memory_format=torch.contiguous_format)
+        dz, dxBC_in, ddt = shape.split(dzxbcdt)
+        dy2, _, dnorm_weight = norm_backward(y2, gate_rows(z, shape.d_inner), norm_weight,
+                                             dout.reshape(y2.shape).contiguous(), ctx.norm_group_size, ctx.eps,
+                                             dz=gate_rows(dz, shape.d_inner))
+        x, B, C = shape.split_xBC(xBC)
+        dxBC = torch.empty_like(xBC)
+        dx, dB, dC = shape.split_xBC(dxBC)
+        dA, dD, d_dt_bias = ssd_triton.ssd_backward(x, dt, A, B, C, D, dt_bias, True, ctx.dt_limit, seq_idx,
+                                                    dy2.view(x.shape), dx, dB, dC, ddt)
+        _, dweight, dconv_bias = conv_backward(xBC_in, weight, conv_bias, None, seq_idx, ctx.activation, dxBC,
+                                               dx=dxBC_in)
+        dA_log = (dA * A).to(ctx.A_log_dtype)  # A = -exp(A_log)
+        return (dzxbcdt, dweight.view(ctx.conv_weight_shape), dconv_bias, d_dt_bias, dA_log, dD, dnorm_weight,
+                None, None, None, None, None, None)
+
+
+def conv_ssd_norm_triton(
+    zxbcdt: torch.Tensor, shape: Mamba2Shape, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+    activation: str | None, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,
+    dt_limit: tuple[float, float] | None, norm_weight: torch.Tensor, norm_group_size: int, eps: float,
+    chunk_size: int, seq_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """As `conv_ssd_norm.conv_ssd_norm_by_ops` (same arguments; `chunk_size` is the PyTorch form's: the kernels use
+    their own chunks)."""
+    from .causal_conv1d_torch import check_activation
+    from .packing import kernel_segment_ids
+
+    check_activation(activation)
+    if seq_idx is not None:
+        seq_idx = kernel_segment_ids(seq_idx, zxbcdt.shape[0], zxbcdt.shape[1], zxbcdt.device)
+    return _ConvSSDNorm.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape, activation,
+                              dt_limit, norm_group_size, eps, seq_idx)

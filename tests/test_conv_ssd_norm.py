@@ -1,0 +1,147 @@
+"""Mamba-2's conv → SSD → gated norm as one op (`kernels.conv_ssd_norm`): the Triton form (one autograd op, run by
+Triton's interpreter on CPU tensors) against the three ops one after the other on the PyTorch path."""
+
+import pytest
+import torch
+import transformers
+from test_kernels import _rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ssm_hf import kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(shape, batch, seqlen, dtype, g, conv_bias=True, width=4):
+    """Leaves of one call: in_proj's output and the parameters, fresh random values (Δ's raw values spread so that
+    softplus sees both signs)."""
+    zxbcdt = torch.randn(batch, seqlen, shape.width, generator=g)
+    zxbcdt[..., -shape.heads:] = 2.0 * torch.randn(batch, seqlen, shape.heads, generator=g) - 1.0
+    params = dict(
+        conv_weight=0.5 * torch.randn(shape.conv_dim, 1, width, generator=g),
+        conv_bias=0.1 * torch.randn(shape.conv_dim, generator=g) if conv_bias else None,
+        dt_bias=0.5 * torch.randn(shape.heads, generator=g),
+        A_log=torch.log(torch.rand(shape.heads, generator=g) * 4 + 0.5),
+        D=torch.randn(shape.heads, generator=g),
+        norm_weight=1 + 0.3 * torch.randn(shape.d_inner, generator=g),
+    )
+    leaves = {"zxbcdt": zxbcdt, **{k: v for k, v in params.items() if v is not None}}
+    return {k: v.to(DEVICE, dtype).requires_grad_(True) for k, v in leaves.items()}
+
+
+def _run(leaves, shape, dout, dt_limit, seq_idx, norm_groups=1):
+    for v in leaves.values():
+        v.grad = None
+    out = kernels.conv_ssd_norm(
+        leaves["zxbcdt"], shape, leaves["conv_weight"], leaves.get("conv_bias"), "silu", leaves["dt_bias"],
+        leaves["A_log"], leaves["D"], dt_limit, leaves["norm_weight"], shape.d_inner // norm_groups, 1e-5, 8,
+        seq_idx)
+    out.backward(dout)
+    return out.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("case", ["plain", "packed_limit_groups", "no_conv_bias"])
+def test_triton_conv_ssd_norm_equals_the_ops_one_after_the_other(monkeypatch, case):
+    """Output and every gradient (in_proj's output, conv weight and bias, Δ bias, A_log, D, norm weight) equal the
+    PyTorch path of conv, SSD and gated norm, float32; packed sequences with Δ clamped on both sides and two
+    groups of B/C (and of the norm) too."""
+    g = torch.Generator().manual_seed(5)
+    groups = 2 if case == "packed_limit_groups" else 1
+    shape = kernels.Mamba2Shape(heads=4, head_dim=8, groups=groups, d_state=16)
+    batch, seqlen = 2, 37
+    leaves = _case(shape, batch, seqlen, torch.float32, g, conv_bias=case != "no_conv_bias")
+    dout = torch.randn(batch, seqlen, shape.d_inner, generator=g).to(DEVICE)
+    dt_limit, seq_idx = None, None
+    if case == "packed_limit_groups":
+        dt_limit = (0.2, 1.5)  # softplus of the raw values above spans about 0.05 to 4: both sides clamp
+        seq_idx = torch.tensor([[0] * 11 + [1] * 20 + [2] * 6, [0] * 30 + [1] * 7], device=DEVICE)
+    launches = []
+    from ssm_hf.kernels import conv_ssd_norm_triton
+
+    original = conv_ssd_norm_triton._ConvSSDNorm.apply
+    monkeypatch.setattr(conv_ssd_norm_triton._ConvSSDNorm, "apply",
+                        lambda *a: launches.append(1) or original(*a))
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    got = _run(leaves, shape, dout, dt_limit, seq_idx, norm_groups=groups)
+    assert launches == [1]
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: False)
+    want = _run(leaves, shape, dout, dt_limit, seq_idx, norm_groups=groups)
+    assert _rel_err(got[0].cpu(), want[0].double().cpu()) < 1e-5
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        assert got[1][name].dtype == want[1][name].dtype, name
+        assert _rel_err(got[1][name].cpu(), want[1][name].double().cpu()) < 1e-5, name
+    if case == "packed_limit_groups":  # the clamp held somewhere, so the gradient's zeros were tested
+        dt = torch.nn.functional.softplus(leaves["zxbcdt"][..., -shape.heads:].detach() + leaves["dt_bias"].detach())
+        assert bool((dt < dt_limit[0]).any()) and bool((dt > dt_limit[1]).any())
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_triton_conv_ssd_norm_backward_joins_no_gradients(monkeypatch):
+    """The point of one op: the backward writes the gradients of z, xBC and Δ into one tensor for in_proj's output
+    (no `cat` of column gradients, as autograd's split backward would run) and copies none of its inputs."""
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    g = torch.Generator().manual_seed(6)
+    shape = kernels.Mamba2Shape(heads=2, head_dim=8, groups=1, d_state=16)
+    leaves = _case(shape, 1, 16, torch.float32, g)
+    out = kernels.conv_ssd_norm(leaves["zxbcdt"], shape, leaves["conv_weight"], leaves["conv_bias"], "silu",
+                                leaves["dt_bias"], leaves["A_log"], leaves["D"], None, leaves["norm_weight"],
+                                shape.d_inner, 1e-5, 8)
+    # one node between the output and the leaves: no split, view or cast of in_proj's output in the graph
+    assert type(out.grad_fn).__name__ == "_ConvSSDNormBackward"
+    assert {type(fn).__name__ for fn, _ in out.grad_fn.next_functions if fn is not None} == {"AccumulateGrad"}
+    with _Ops() as ops:
+        out.backward(torch.randn(out.shape, generator=g).to(DEVICE))
+    assert "cat" not in ops.names and "clone" not in ops.names, ops.names
+    assert leaves["zxbcdt"].grad.shape == leaves["zxbcdt"].shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba2_model_trains_the_same_on_the_fused_op(monkeypatch, dtype):
+    """A tiny Mamba2ForCausalLM: loss and every parameter's gradient with the fused op equal those of the same
+    kernels run op by op (bf16 to 1e-3: the same roundings), and, in float32, those of the PyTorch path (1e-5)."""
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("mamba2")).to(DEVICE, dtype)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), device=DEVICE)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return [loss.detach()] + [p.grad for _, p in model.named_parameters()]
+
+    names = ["loss"] + [name for name, _ in model.named_parameters()]
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    got = run()
+    fused = kernels.conv_ssd_norm
+    monkeypatch.setattr(kernels, "conv_ssd_norm", kernels.conv_ssd_norm_by_ops)
+    by_ops = run()
+    for name, a, b in zip(names, got, by_ops):
+        assert _rel_err(a.float().cpu(), b.double().cpu()) < (1e-6 if dtype == torch.float32 else 1e-3), name
+    if dtype == torch.float32:
+        monkeypatch.setattr(kernels, "conv_ssd_norm", fused)
+        monkeypatch.setattr(kernels, "use_triton", lambda tensor: False)
+        for name, a, b in zip(names, got, run()):
+            assert _rel_err(a.cpu(), b.double().cpu()) < 1e-5, name
+
+
+def test_conv_ssd_norm_refuses_an_input_of_the_wrong_width():
+    """An in_proj output that does not match the layout is refused by name on either path, not split wrongly."""
+    g = torch.Generator().manual_seed(7)
+    shape = kernels.Mamba2Shape(heads=2, head_dim=8, groups=1, d_state=16)
+    leaves = _case(shape, 1, 8, torch.float32, g)
+    with pytest.raises(ValueError, match="in_proj's output has"):
+        kernels.conv_ssd_norm(leaves["zxbcdt"][..., 1:], shape, leaves["conv_weight"], leaves["conv_bias"], "silu",
+                              leaves["dt_bias"], leaves["A_log"], leaves["D"], None, leaves["norm_weight"],
+                              shape.d_inner, 1e-5, 8)
