@@ -32,24 +32,33 @@ def _case(shape, batch, seqlen, dtype, g, conv_bias=True, width=4):
 def _run(leaves, shape, dout, dt_limit, seq_idx, norm_groups=1):
     for v in leaves.values():
         v.grad = None
+    zxbcdt = leaves["zxbcdt"]
+    if zxbcdt.shape[1] != dout.shape[1]:  # a buffer of twice the tokens: its even tokens
+        zxbcdt = zxbcdt[:, ::2]
     out = kernels.conv_ssd_norm(
-        leaves["zxbcdt"], shape, leaves["conv_weight"], leaves.get("conv_bias"), "silu", leaves["dt_bias"],
+        zxbcdt, shape, leaves["conv_weight"], leaves.get("conv_bias"), "silu", leaves["dt_bias"],
         leaves["A_log"], leaves["D"], dt_limit, leaves["norm_weight"], shape.d_inner // norm_groups, 1e-5, 8,
         seq_idx)
     out.backward(dout)
     return out.detach(), {k: v.grad for k, v in leaves.items()}
 
 
-@pytest.mark.parametrize("case", ["plain", "packed_limit_groups", "no_conv_bias"])
+@pytest.mark.parametrize("case", ["plain", "packed_limit_groups", "no_conv_bias", "one_token_strided"])
 def test_triton_conv_ssd_norm_equals_the_ops_one_after_the_other(monkeypatch, case):
     """Output and every gradient (in_proj's output, conv weight and bias, Δ bias, A_log, D, norm weight) equal the
     PyTorch path of conv, SSD and gated norm, float32; packed sequences with Δ clamped on both sides and two
-    groups of B/C (and of the norm) too."""
+    groups of B/C (and of the norm) too; one token of one row, with a 2-D conv weight and in_proj's output a view
+    of every other token of a longer buffer."""
     g = torch.Generator().manual_seed(5)
     groups = 2 if case == "packed_limit_groups" else 1
     shape = kernels.Mamba2Shape(heads=4, head_dim=8, groups=groups, d_state=16)
-    batch, seqlen = 2, 37
+    batch, seqlen = (1, 1) if case == "one_token_strided" else (2, 37)
     leaves = _case(shape, batch, seqlen, torch.float32, g, conv_bias=case != "no_conv_bias")
+    if case == "one_token_strided":
+        buffer = torch.randn(batch, 2 * seqlen, shape.width, generator=g).to(DEVICE)
+        buffer[:, ::2] = leaves["zxbcdt"].detach()
+        leaves["zxbcdt"] = buffer.requires_grad_(True)
+        leaves["conv_weight"] = leaves["conv_weight"].detach()[:, 0].requires_grad_(True)
     dout = torch.randn(batch, seqlen, shape.d_inner, generator=g).to(DEVICE)
     dt_limit, seq_idx = None, None
     if case == "packed_limit_groups":
@@ -70,7 +79,9 @@ def test_triton_conv_ssd_norm_equals_the_ops_one_after_the_other(monkeypatch, ca
     assert got[1].keys() == want[1].keys()
     for name in want[1]:
         assert got[1][name].dtype == want[1][name].dtype, name
-        assert _rel_err(got[1][name].cpu(), want[1][name].double().cpu()) < 1e-5, name
+        # (one token from a zero state: A_log's gradient is exactly zero on both paths)
+        assert torch.equal(got[1][name], want[1][name]) or \
+            _rel_err(got[1][name].cpu(), want[1][name].double().cpu()) < 1e-5, name
     if case == "packed_limit_groups":  # the clamp held somewhere, so the gradient's zeros were tested
         dt = torch.nn.functional.softplus(leaves["zxbcdt"][..., -shape.heads:].detach() + leaves["dt_bias"].detach())
         assert bool((dt < dt_limit[0]).any()) and bool((dt > dt_limit[1]).any())
@@ -121,9 +132,15 @@ def test_mamba2_model_trains_the_same_on_the_fused_op(monkeypatch, dtype):
         loss.backward()
         return [loss.detach()] + [p.grad for _, p in model.named_parameters()]
 
+    from ssm_hf.kernels import conv_ssd_norm_triton
+
     names = ["loss"] + [name for name, _ in model.named_parameters()]
     monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    calls = []
+    original = conv_ssd_norm_triton._ConvSSDNorm.apply
+    monkeypatch.setattr(conv_ssd_norm_triton._ConvSSDNorm, "apply", lambda *a: calls.append(1) or original(*a))
     got = run()
+    assert len(calls) == model.config.num_hidden_layers  # the mixers took the fused op
     fused = kernels.conv_ssd_norm
     monkeypatch.setattr(kernels, "conv_ssd_norm", kernels.conv_ssd_norm_by_ops)
     by_ops = run()
@@ -145,3 +162,31 @@ def test_conv_ssd_norm_refuses_an_input_of_the_wrong_width():
         kernels.conv_ssd_norm(leaves["zxbcdt"][..., 1:], shape, leaves["conv_weight"], leaves["conv_bias"], "silu",
                               leaves["dt_bias"], leaves["A_log"], leaves["D"], None, leaves["norm_weight"],
                               shape.d_inner, 1e-5, 8)
+
+
+def test_triton_conv_ssd_norm_refuses_what_the_ops_would(monkeypatch):
+    """The fused op checks what the three ops check one by one: the norm's group size and weight, the conv's
+    weight (the kernels would leave columns unwritten or read past the end)."""
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    g = torch.Generator().manual_seed(8)
+    shape = kernels.Mamba2Shape(heads=2, head_dim=8, groups=1, d_state=16)
+    leaves = _case(shape, 1, 8, torch.float32, g)
+    args = dict(zxbcdt=leaves["zxbcdt"], shape=shape, conv_weight=leaves["conv_weight"],
+                conv_bias=leaves["conv_bias"], activation="silu", dt_bias=leaves["dt_bias"], A_log=leaves["A_log"],
+                D=leaves["D"], dt_limit=None, norm_weight=leaves["norm_weight"], norm_group_size=shape.d_inner,
+                eps=1e-5, chunk_size=8)
+    for change, message in ((dict(norm_group_size=12), "group size"),
+                            (dict(norm_weight=leaves["norm_weight"][:-1]), "norm's weight"),
+                            (dict(conv_weight=leaves["conv_weight"][1:]), "conv's weight")):
+        with pytest.raises(ValueError, match=message):
+            kernels.conv_ssd_norm(**{**args, **change})
+
+
+def test_triton_norm_of_no_rows_has_a_zero_weight_gradient(monkeypatch):
+    """No rows, no kernel: dweight is zeros (not an unwritten buffer)."""
+    from ssm_hf.kernels.norm_triton import rms_norm_gated_triton
+
+    weight = torch.randn(16, device=DEVICE, requires_grad=True)
+    x, z = (torch.randn(2, 0, 16, device=DEVICE) for _ in range(2))
+    rms_norm_gated_triton(x, z, weight, 16, 1e-5).sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight))

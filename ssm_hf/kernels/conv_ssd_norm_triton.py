@@ -26,6 +26,8 @@ class _ConvSSDNorm(torch.autograd.Function):
             zxbcdt = zxbcdt.contiguous()
         z, xBC_in, dt = shape.split(zxbcdt)
         weight = conv_weight.reshape(shape.conv_dim, -1).contiguous()
+        conv_bias = conv_bias.contiguous() if conv_bias is not None else None
+        norm_weight = norm_weight.contiguous()
         xBC = conv_forward(xBC_in, weight, conv_bias, None, seq_idx, activation)
         x, B, C = shape.split_xBC(xBC)
         A = -torch.exp(A_log.float())
@@ -74,6 +76,14 @@ def conv_ssd_norm_triton(
     from .packing import kernel_segment_ids
 
     check_activation(activation)
+    # what the three ops would refuse one by one (the kernels index these as ptr + column)
+    if shape.d_inner % norm_group_size:
+        raise ValueError(f"d_inner {shape.d_inner} is not a multiple of the norm's group size {norm_group_size}")
+    if tuple(norm_weight.shape) != (shape.d_inner,):
+        raise ValueError(f"the norm's weight has shape {tuple(norm_weight.shape)}; {shape} needs ({shape.d_inner},)")
+    if conv_weight.shape[0] != shape.conv_dim or conv_weight[0].numel() != conv_weight.shape[-1]:
+        raise ValueError(f"the conv's weight has shape {tuple(conv_weight.shape)}; {shape} needs ({shape.conv_dim}, "
+                         f"width) or ({shape.conv_dim}, 1, width)")
     if seq_idx is not None:
         seq_idx = kernel_segment_ids(seq_idx, zxbcdt.shape[0], zxbcdt.shape[1], zxbcdt.device)
     return _ConvSSDNorm.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape, activation,

@@ -120,7 +120,8 @@ def norm_backward(x2: torch.Tensor, z2: torch.Tensor | None, weight: torch.Tenso
     total = BACKWARD_PROGRAMS_PER_SM * sms if sms is not None else BACKWARD_PROGRAMS_NO_GPU
     programs = max(min(rows, total // max(hidden // group_size, 1)), 1)  # per group
     rows_per_program = triton.cdiv(max(rows, 1), programs)
-    dw = torch.empty((programs, hidden), dtype=torch.float32, device=x2.device)  # each program stores its row
+    # each program stores its row; without rows no kernel runs and dweight is zero
+    dw = (torch.empty if rows else torch.zeros)((programs, hidden), dtype=torch.float32, device=x2.device)
     block = triton.next_power_of_2(group_size)
     if rows:
         with on_device_of(x2):

@@ -655,16 +655,20 @@ def _rows(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
-def _packed_within_token(t: torch.Tensor, inner_dims: int) -> torch.Tensor:
-    """t itself if its last `inner_dims` dimensions are packed, as the kernels index them (one run of elements per
-    token, any batch and token strides: column views of the conv's or in_proj's output are read in place); else a
-    contiguous copy (then the kernels read the copy)."""
+def _is_packed_within_token(t: torch.Tensor, inner_dims: int) -> bool:
+    """Whether t's last `inner_dims` dimensions are packed, as the kernels index them: one run of elements per
+    token, any batch and token strides (column views of the conv's or in_proj's output are)."""
     expected = 1
     for size, stride in zip(reversed(t.shape[-inner_dims:]), reversed(t.stride()[-inner_dims:])):
         if size != 1 and stride != expected:
-            return t.contiguous()
+            return False
         expected *= size
-    return t
+    return True
+
+
+def _packed_within_token(t: torch.Tensor, inner_dims: int) -> torch.Tensor:
+    """t itself if `_is_packed_within_token` (read in place), else a contiguous copy (the kernels read the copy)."""
+    return t if _is_packed_within_token(t, inner_dims) else t.contiguous()
 
 
 def _walk_chunks(v, delta, A, w, seq_idx, init, block_q, reverse, tile=None):
@@ -826,7 +830,7 @@ def ssd_backward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     x, delta, A, B, C, D, _, seq = _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit_bounds(dt_limit),
                                              None, seq_idx)
     for name, grad, like in (("dx", dx, x), ("dB", dB, B), ("dC", dC, C), ("ddt", ddt, dt)):
-        if grad.shape != like.shape or _packed_within_token(grad, grad.dim() - 2) is not grad:
+        if grad.shape != like.shape or not _is_packed_within_token(grad, grad.dim() - 2):
             raise ValueError(f"{name} must have shape {tuple(like.shape)} with packed inner dimensions; got shape "
                              f"{tuple(grad.shape)}, strides {grad.stride()}")
     _, ddt_stored, dA, dB_sum, dC_sum, dD, _ = _backward(

@@ -73,7 +73,8 @@ class Mamba2Mixer(nn.Module):
 
         zxbcdt = self.in_proj(hidden_states)
         if cache_params is None and mask is None and self.hidden_act in ("silu", "swish"):
-            # training and scoring: conv, scan and norm as one op (one autograd node on the Triton path)
+            # no cache (training, or a forward with use_cache=False): conv, scan and norm as one op, one autograd
+            # node on the Triton path (`self.norm` is read, not called: hooks on it do not run here)
             with loaded_weights(self.conv1d, self.norm):
                 y = kernels.conv_ssd_norm(zxbcdt, self.layout, self.conv1d.weight, self.conv1d.bias, "silu",
                                           self.dt_bias, self.A_log, self.D, self.time_step_limit, self.norm.weight,
