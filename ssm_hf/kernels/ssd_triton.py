@@ -614,8 +614,8 @@ MAKE_DT_IN_KERNELS = False
 
 class _Delta(NamedTuple):
     """Δ as the kernels take it: the stored values (batch, seqlen, heads), any float dtype, read in place (heads
-    packed within a token), and what makes Δ of them (`ssd_prepare_dt`'s steps, run in `_chunk_decays`): a bias
-    (heads,) or None, softplus, a clamp to (lo, hi) or None."""
+    packed within a token), and what makes Δ of them (`ssd_prepare_dt`'s steps, run by `_dt_make_kernel` or, with
+    MAKE_DT_IN_KERNELS, in `_chunk_decays`): a bias (heads,) or None, softplus, a clamp to (lo, hi) or None."""
     raw: torch.Tensor
     bias: torch.Tensor | None
     softplus: bool
@@ -812,10 +812,11 @@ def ssd_forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     (batch, seqlen, heads) as stored, each with packed inner dimensions (any batch and token strides: read in
     place); seq_idx: kernel ids (`packing.kernel_segment_ids`) or None. Returns y (batch, seqlen, heads, head_dim)
     contiguous in x's dtype."""
-    check_ssd_shapes(x, B, C)
+    plan = _forward_plan(x, B.shape[-1])
+    check_ssd_shapes(x, B, C, plan)
     x, delta, A, B, C, D, _, seq = _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit_bounds(dt_limit),
                                              None, seq_idx)
-    return _forward(x, delta, A, B, C, D, None, seq, _forward_plan(x, B.shape[-1]))[0]
+    return _forward(x, delta, A, B, C, D, None, seq, plan)[0]
 
 
 def ssd_backward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -848,18 +849,19 @@ def _sum_group_parts(parts: torch.Tensor, groups: int) -> torch.Tensor:
     return parts.squeeze(3) if parts.shape[3] == 1 else parts.sum(3)
 
 
-def check_ssd_shapes(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, grid: bool = True) -> None:
+def check_ssd_shapes(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     plan: tuple[int, int, tuple[int, int]] | None) -> None:
     """Refuse, by name, what the kernels cannot run: groups of B and C that do not divide the heads (they would read
-    groups that do not exist) and (with `grid`) more chunks or row blocks than a grid axis holds."""
+    groups that do not exist) and, for the forward `plan` the kernels will run (`_forward_plan`; None where they do
+    not run), more chunks or row blocks than a grid axis holds."""
     heads, head_dim, groups = x.shape[2], x.shape[3], B.shape[-2]
     if heads % groups or C.shape[-2] != groups:
         raise ValueError(f"B and C must have a number of groups that divides the {heads} heads; got B "
                          f"{tuple(B.shape)}, C {tuple(C.shape)}.")
-    if not grid:
+    if plan is None:
         return
     # the chunk kernels run one program per chunk or row block on grid axis 1
-    rows = _forward_plan(x, B.shape[-1])[1]
-    check_grid_axis(max(triton.cdiv(x.shape[1], _chunk(head_dim)), triton.cdiv(x.shape[1], rows)),
+    check_grid_axis(max(triton.cdiv(x.shape[1], _chunk(head_dim)), triton.cdiv(x.shape[1], plan[1])),
                     f"An SSD scan of {x.shape[1]} tokens")
 
 
@@ -884,15 +886,15 @@ def ssd_scan_triton(
     used where the PyTorch form runs (d_state > 256 or head_dim > 128). The backward always recomputes the chunk
     states (`recompute_in_backward` is accepted for the common signature). x, B, C and dt are read in place when
     each token's (heads, head_dim), (groups, d_state) and heads are packed (column views of a wider tensor are);
-    Δ's bias, softplus and limit run inside the kernels."""
+    Δ's bias, softplus and limit are applied by `_dt_make_kernel` (see MAKE_DT_IN_KERNELS)."""
     head_dim, groups, d_state = x.shape[3], B.shape[-2], B.shape[-1]
-    check_ssd_shapes(x, B, C, grid=supports(d_state, head_dim))
-    if supports(d_state, head_dim):
-        plan = _forward_plan(x, d_state)
-        grads_heads_per_program = _grads_heads_per_program(x, groups)
+    supported = supports(d_state, head_dim)
+    plan = _forward_plan(x, d_state) if supported else None
+    check_ssd_shapes(x, B, C, plan)
+    grads_heads_per_program = _grads_heads_per_program(x, groups) if supported else None
     if seq_idx is not None:  # full rows of int32 ids that change exactly where a sequence starts
         seq_idx = kernel_segment_ids(seq_idx, x.shape[0], x.shape[1], x.device)
-    if x.shape[1] == 0 or not supports(d_state, head_dim):  # the PyTorch form, Δ through ssd_prepare_dt
+    if x.shape[1] == 0 or not supported:  # the PyTorch form, Δ through ssd_prepare_dt
         return ssd_scan_chunked(x, dt, A, B, C, chunk_size or CHUNK, D, dt_bias, dt_softplus, dt_limit,
                                 initial_state=initial_state, return_final_state=return_final_state, seq_idx=seq_idx)
     y, final = _SSDScan.apply(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus,

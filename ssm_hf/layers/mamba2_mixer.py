@@ -34,8 +34,8 @@ class Mamba2Mixer(nn.Module):
         self.chunk_size = config.chunk_size
         self.time_step_limit = tuple(config.time_step_limit)
         self.hidden_act = config.hidden_act  # the conv's activation (SiLU fused into the conv ops)
-        self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
         self.layout = kernels.Mamba2Shape(self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size)
+        self.conv_dim = self.layout.conv_dim
 
         self.in_proj = nn.Linear(config.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads,
                                  bias=config.use_bias)
@@ -95,11 +95,7 @@ class Mamba2Mixer(nn.Module):
 
         # views again: the Triton scan reads x, B, C and the raw Δ in place and applies Δ's bias, softplus and limit
         # itself (no copies, no Δ ops here)
-        group_state = self.n_groups * self.ssm_state_size
-        x, B, C = xBC.split([self.intermediate_size, group_state, group_state], dim=-1)
-        x = x.unflatten(-1, (self.num_heads, self.head_dim))
-        B = B.unflatten(-1, (self.n_groups, self.ssm_state_size))
-        C = C.unflatten(-1, (self.n_groups, self.ssm_state_size))
+        x, B, C = self.layout.split_xBC(xBC)
         A = -torch.exp(self.A_log.float())
         dt_bias, dt_softplus, dt_limit = self.dt_bias, True, self.time_step_limit
         if mask is not None:
