@@ -46,6 +46,7 @@ import transformers  # noqa: E402
 from llama_peer import llama_130m_config  # noqa: E402
 
 import ssm_hf  # noqa: E402
+from ssm_hf.models.cache_names import output_cache  # noqa: E402
 from ssm_hf.models.graphs import clear_decode_graphs, decode_graph_store  # noqa: E402
 
 DEV = "cuda"
@@ -87,7 +88,7 @@ def timed_generate(model, ids: torch.Tensor, new: int, graphs: bool, fresh: bool
 
 def replays(out) -> int:
     """Decoding steps replayed from graphs in a generate() output (its cache's captured steps)."""
-    return sum(entry.replays for entry in getattr(out.past_key_values, "decode_graphs", {}).values())
+    return sum(entry.replays for entry in getattr(output_cache(out), "decode_graphs", {}).values())
 
 
 def measure(model, ids: torch.Tensor, new: int, path: str, runs: int = 2) -> dict:

@@ -921,6 +921,8 @@ def step():
     """Decoding without generate(): after a prompt, time `model(next_token, cache)` calls in a loop (eager, greedy
     feedback), bf16; for our models also the step captured in a CUDA graph; and the bytes the cache holds after
     the prompt."""
+    from ssm_hf.models.cache_names import output_cache  # (not at the top: gpu_ab.py's base may lack it)
+
     llama = llama_130m_config()
     rows = {}
     for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
@@ -935,8 +937,7 @@ def step():
                 with torch.no_grad():
                     ids = torch.randint(1, 50000, (batch, prompt_len), device=DEV)
                     out = model(ids, use_cache=True, logits_to_keep=1)
-                    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None \
-                        else out.cache_params
+                    cache = output_cache(out)
                     nxt = out.logits[:, -1:].argmax(-1)
                     row[key + "_cache_GB"] = sum(t.numel() * t.element_size() for layer in cache.layers
                                                  for t in vars(layer).values()

@@ -91,7 +91,7 @@ def main() -> None:
         prompt_ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
         ids = torch.cat([file_ids, prompt_ids])[None]
         start = time.perf_counter()
-        out = model.generate(ids, past_key_values=snapshot.to_cache(), max_new_tokens=args.new_tokens,
+        out = model.generate(ids, cache=snapshot.to_cache(), max_new_tokens=args.new_tokens,
                              do_sample=False)
         answers[prompt] = (ids, out, time.perf_counter() - start)
         print(f"--- {prompt!r} from the snapshot ({answers[prompt][2]:.2f} s):\n"
@@ -107,7 +107,7 @@ def main() -> None:
 
     # 5. fork the snapshot into a batch: three sampled continuations of one prompt, the file read zero more times
     torch.manual_seed(1)
-    samples = model.generate(ids.repeat(3, 1), past_key_values=snapshot.fork(3).to_cache(),
+    samples = model.generate(ids.repeat(3, 1), cache=snapshot.fork(3).to_cache(),
                              max_new_tokens=args.new_tokens, do_sample=True, top_k=20)
     for row in samples:
         print(f"--- sample: {PROMPTS[0] + tokenizer.decode(row[ids.shape[1]:])!r}")

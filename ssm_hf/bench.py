@@ -47,6 +47,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrain
 
 from . import __version__
 from .configs import list_presets, preset_config
+from .models.cache_names import GENERATE_CACHE_KEY, output_cache
 from .zoo import format_count, parameter_count
 
 COLUMNS = (
@@ -226,13 +227,12 @@ def cache_nbytes(cache) -> int:
     return total
 
 
-def output_cache(output):
-    """The cache a causal LM returned: `cache_params` (Mamba style) or `past_key_values`."""
-    for name in ("cache_params", "past_key_values"):
-        cache = getattr(output, name, None)
-        if cache is not None:
-            return cache
-    raise ValueError("the model returned no cache with use_cache=True")
+def returned_cache(output):
+    """The cache a causal LM returned (under the installed transformers' name, `cache_names`)."""
+    cache = output_cache(output)
+    if cache is None:
+        raise ValueError("the model returned no cache with use_cache=True")
+    return cache
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,14 +405,14 @@ def measure_point(model: nn.Module, length: int, batch_size: int, decode_tokens:
                 raise PointSkipped(f"a prefill of {format_length(length)} tokens took {seconds:.1f}s: {runs} of "
                                    f"them are over the {budget.time_budget:g}s budget per point")
         prefill = statistics.median(times[warmup:])
-        cache = output_cache(output)
+        cache = returned_cache(output)
         cache_bytes = cache_nbytes(cache)
         token = output.logits[:, -1:].argmax(-1)
 
         def steps(count: int) -> torch.Tensor:
             nonlocal output, token
             for _ in range(count):
-                output = model(token, past_key_values=cache, use_cache=True)
+                output = model(token, use_cache=True, **{GENERATE_CACHE_KEY: cache})
                 token = output.logits[:, -1:].argmax(-1)
             return token
 

@@ -73,8 +73,9 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from transformers.utils import logging
 
+from .cache_names import pick_cache
 from .outputs import SSMCausalLMOutput
-from .state import StateCache, pick_cache, release_inference_tensors
+from .state import StateCache, release_inference_tensors
 
 logger = logging.get_logger(__name__)
 
@@ -85,7 +86,7 @@ DISABLE_ENV = "SSM_HF_NO_CUDA_GRAPHS"
 DEFAULT_KEPT = 4
 
 # The forward arguments a decoding step may carry; with any other argument set, the step runs eagerly.
-_STEP_ARGUMENTS = frozenset({"input_ids", "past_key_values", "cache_params", "attention_mask", "inputs_embeds",
+_STEP_ARGUMENTS = frozenset({"input_ids", "cache", "past_key_values", "cache_params", "attention_mask", "inputs_embeds",
                              "use_cache", "return_dict", "logits_to_keep", "output_hidden_states", "position_ids",
                              "labels"})
 
@@ -390,7 +391,7 @@ class CapturedDecodeStep:
         static, ids, model_ref = self.static_cache, self.input_ids, self._model   # no reference to self: no cycle
 
         def step() -> torch.Tensor:
-            return model_ref()(input_ids=ids, past_key_values=static, use_cache=True, return_dict=True,
+            return model_ref()(input_ids=ids, cache=static, use_cache=True, return_dict=True,
                                logits_to_keep=1, output_hidden_states=False).logits
 
         with torch.no_grad():
@@ -474,7 +475,7 @@ class CapturedDecodeStep:
         cache.seen_tokens = seen + 1  # what the backbone's forward does, which a replay does not run
         self.replays += 1
         # the static logits: valid until the next step (generate() copies the last position right away)
-        return SSMCausalLMOutput(logits=self.logits, cache_params=cache)
+        return SSMCausalLMOutput(logits=self.logits, cache=cache)
 
 
 class DecodeGraphUse:
@@ -732,7 +733,7 @@ class GraphedDecodeStep:
             return None
         if torch.is_grad_enabled() or self.model.training:
             return None
-        cache = pick_cache(kwargs.get("cache_params"), kwargs.get("past_key_values"))
+        cache = pick_cache(kwargs.get("cache"), kwargs.get("cache_params"), kwargs.get("past_key_values"))
         if not isinstance(cache, StateCache) or not cache.is_compileable:
             return None
         return cache

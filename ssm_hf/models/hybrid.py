@@ -23,6 +23,7 @@ from ..kernels.packing import positions_in_sequence
 from ..layers import Mamba2Mixer, MambaMixer, RMSNorm
 from ..layers.attention import Attention, causal_padding_mask
 from ..layers.mlp import GatedMLP, MoE, load_balancing_loss
+from .cache_names import OUTPUT_CACHE_FIELD, output_cache, pick_cache
 from .heads import LastTokenClassifierMixin
 from .modeling_utils import (
     StrictLoadingMixin,
@@ -30,7 +31,6 @@ from .modeling_utils import (
     init_module_weights,
     mask_sequence_starts,
     packed_seq_idx,
-    pick_cache,
     start_backbone,
 )
 from .state import StateCache, StateGenerationMixin
@@ -139,9 +139,12 @@ class HybridModel(HybridPreTrainedModel):
         return_dict: bool | None = None,
         cache_params: Cache | None = None,
         seq_idx: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple | MoeModelOutputWithPast:
-        """input_ids: (batch, seqlen); attention_mask: (batch, past + seqlen) with 1 for real tokens.
+        """input_ids: (batch, seqlen); attention_mask: (batch, past + seqlen) with 1 for real tokens. The state
+        comes in as `cache` (or `past_key_values`, `cache_params`) and goes out under the installed transformers'
+        name (`cache` from 5.24, `past_key_values` before).
         router_logits (with `output_router_logits`): one (batch * seqlen, num_experts) tensor per MoE layer.
         Packed sequences (several per row, no cache): `position_ids` restarting at each one, as
         `DataCollatorWithFlattening` gives, or `seq_idx` (batch, seqlen), or flash attention's `cu_seq_lens_q` (the
@@ -153,9 +156,9 @@ class HybridModel(HybridPreTrainedModel):
                                 else config.output_router_logits)
         return_dict = return_dict if return_dict is not None else config.return_dict
         # position_ids stays out of the signature: generate() would otherwise build them from a left-padding mask
-        inputs_embeds, cache, seq_idx = start_backbone(self, input_ids, inputs_embeds, attention_mask, cache_params,
-                                                       past_key_values, use_cache, kwargs.get("position_ids"), seq_idx,
-                                                       cu_seq_lens_of(kwargs))
+        inputs_embeds, cache, seq_idx = start_backbone(
+            self, input_ids, inputs_embeds, attention_mask, pick_cache(cache, cache_params, past_key_values),
+            use_cache, kwargs.get("position_ids"), seq_idx, cu_seq_lens_of(kwargs))
 
         seqlen = inputs_embeds.shape[1]
         attention_bias = None
@@ -182,8 +185,9 @@ class HybridModel(HybridPreTrainedModel):
             cache.advance(seqlen)
 
         output = MoeModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states,
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states,
             router_logits=all_router_logits if (output_router_logits or self.training) else None,
+            **{OUTPUT_CACHE_FIELD: cache},
         )
         return output if return_dict else output.to_tuple()
 
@@ -224,6 +228,7 @@ class HybridForCausalLM(HybridPreTrainedModel, StateGenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         cache_params: Cache | None = None,
         seq_idx: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple | MoeCausalLMOutputWithPast:
         """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored. Packed sequences:
@@ -235,7 +240,7 @@ class HybridForCausalLM(HybridPreTrainedModel, StateGenerationMixin):
             seq_idx = packed_seq_idx(kwargs.get("position_ids"), seq_idx, *inputs.shape[:2], cu_seq_lens_of(kwargs))
         outputs = self.backbone(
             input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            past_key_values=pick_cache(cache_params, past_key_values), use_cache=use_cache,
+            cache=pick_cache(cache, cache_params, past_key_values), use_cache=use_cache,
             output_hidden_states=output_hidden_states, output_router_logits=output_router_logits, return_dict=True,
             seq_idx=seq_idx,
         )
@@ -255,8 +260,8 @@ class HybridForCausalLM(HybridPreTrainedModel, StateGenerationMixin):
                                        loss.device)
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device) * share
         output = MoeCausalLMOutputWithPast(
-            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states, router_logits=outputs.router_logits,
+            loss=loss, aux_loss=aux_loss, logits=logits, hidden_states=outputs.hidden_states,
+            router_logits=outputs.router_logits, **{OUTPUT_CACHE_FIELD: output_cache(outputs)},
         )
         return output if return_dict else output.to_tuple()
 

@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAt
 from ..kernels.packing import segment_ids, sequence_starts
 from ..layers import RMSNorm, RMSNormGated
 from ..layers.mlp import Experts, Router
-from .state import StateCache, cache_batch_size, pick_cache, release_inference_tensors
+from .state import StateCache, cache_batch_size, release_inference_tensors
 
 
 @torch.no_grad()
@@ -192,7 +192,7 @@ def resolve_cache(
 
 def start_backbone(
     model: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-    attention_mask: torch.Tensor | None, cache_params: Cache | None, past_key_values: Cache | None,
+    attention_mask: torch.Tensor | None, cache: Cache | None,
     use_cache: bool | None, position_ids: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
     cu_seq_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Cache | None, torch.Tensor | None]:
@@ -208,14 +208,14 @@ def start_backbone(
     seq_idx = packed_seq_idx(position_ids, seq_idx, batch, length, cu_seq_lens)
     if seq_idx is not None:
         # a cache after a packed row would mix sequences (conv inputs and attention keys of all of them)
-        if use_cache or pick_cache(cache_params, past_key_values) is not None:
+        if use_cache or cache is not None:
             raise ValueError(
                 "Packed sequences (position_ids restarting inside a row, seq_idx or cu_seq_lens_q) run without a "
                 "cache: they are for training and cache-free prefill. Drop the cache / use_cache=True, or pass one "
                 "sequence per row."
             )
         use_cache = False
-    cache = resolve_cache(pick_cache(cache_params, past_key_values), use_cache, model.config, model.training,
+    cache = resolve_cache(cache, use_cache, model.config, model.training,
                           model.gradient_checkpointing, batch)
     check_padding_mask(attention_mask, (batch, length))
     if cache is not None:

@@ -15,6 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import slice_logits_to_keep
 
 from ..layers import RMSNorm
+from .cache_names import pick_cache
 from .heads import LastTokenClassifierMixin
 from .modeling_utils import (
     StrictLoadingMixin,
@@ -22,7 +23,6 @@ from .modeling_utils import (
     init_module_weights,
     mask_sequence_starts,
     packed_seq_idx,
-    pick_cache,
     start_backbone,
 )
 from .outputs import SSMCausalLMOutput, SSMModelOutput
@@ -103,10 +103,11 @@ class SSMModel(SSMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         seq_idx: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple | SSMModelOutput:
-        """input_ids: (batch, seqlen). `cache_params` (or `past_key_values`) continues from a previous state;
-        with `use_cache`, the returned `cache_params` holds the state after the last token. Packed sequences
+        """input_ids: (batch, seqlen). `cache` (or `cache_params`, or `past_key_values`) continues from a previous
+        state; with `use_cache`, the returned `cache` holds the state after the last token. Packed sequences
         (several per row, no cache): `position_ids` restarting at each one, as `DataCollatorWithFlattening` gives,
         or `seq_idx` (batch, seqlen), or flash attention's `cu_seq_lens_q` (the collator's
         `return_flash_attn_kwargs`); each sequence is then computed as if it were alone."""
@@ -115,27 +116,25 @@ class SSMModel(SSMPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         # position_ids stays out of the signature: generate() would otherwise build them from a left-padding mask
-        inputs_embeds, cache_params, seq_idx = start_backbone(
-            self, input_ids, inputs_embeds, attention_mask, cache_params, past_key_values, use_cache,
-            kwargs.get("position_ids"), seq_idx, cu_seq_lens_of(kwargs))
+        inputs_embeds, cache, seq_idx = start_backbone(
+            self, input_ids, inputs_embeds, attention_mask, pick_cache(cache, cache_params, past_key_values),
+            use_cache, kwargs.get("position_ids"), seq_idx, cu_seq_lens_of(kwargs))
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = block(hidden_states, cache_params=cache_params, attention_mask=attention_mask,
-                                  seq_idx=seq_idx)
+            hidden_states = block(hidden_states, cache_params=cache, attention_mask=attention_mask, seq_idx=seq_idx)
         hidden_states = self.norm_f(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        if isinstance(cache_params, StateCache):
-            cache_params.advance(inputs_embeds.shape[1])
+        if isinstance(cache, StateCache):
+            cache.advance(inputs_embeds.shape[1])
 
         if not return_dict:
-            return tuple(v for v in (hidden_states, cache_params, all_hidden_states) if v is not None)
-        return SSMModelOutput(last_hidden_state=hidden_states, cache_params=cache_params,
-                              hidden_states=all_hidden_states)
+            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
+        return SSMModelOutput(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
 
 
 class SSMForCausalLM(SSMPreTrainedModel, StateGenerationMixin):
@@ -162,12 +161,12 @@ class SSMForCausalLM(SSMPreTrainedModel, StateGenerationMixin):
         self.backbone.set_input_embeddings(new_embeddings)
 
     def prepare_inputs_for_generation(
-        self, input_ids, inputs_embeds=None, use_cache=None, cache_params: Cache | None = None,
-        attention_mask=None, is_first_iteration: bool | None = False, **kwargs,
+        self, input_ids, inputs_embeds=None, use_cache=None, attention_mask=None,
+        is_first_iteration: bool | None = False, **kwargs,
     ):
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, cache_params=cache_params,
-            attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs,
+            input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration, **kwargs,
         )
         if use_cache and not is_first_iteration:
             # Once the prompt is in the state only the new (real) token is fed; its mask column is all ones.
@@ -187,6 +186,7 @@ class SSMForCausalLM(SSMPreTrainedModel, StateGenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
         seq_idx: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple | SSMCausalLMOutput:
         """labels: (batch, seqlen), shifted inside (pass labels = input_ids); -100 is ignored. Packed sequences:
@@ -197,7 +197,7 @@ class SSMForCausalLM(SSMPreTrainedModel, StateGenerationMixin):
             inputs = input_ids if input_ids is not None else inputs_embeds
             seq_idx = packed_seq_idx(kwargs.get("position_ids"), seq_idx, *inputs.shape[:2], cu_seq_lens_of(kwargs))
         outputs = self.backbone(
-            input_ids, inputs_embeds=inputs_embeds, cache_params=pick_cache(cache_params, past_key_values),
+            input_ids, inputs_embeds=inputs_embeds, cache=pick_cache(cache, cache_params, past_key_values),
             use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
             attention_mask=attention_mask, seq_idx=seq_idx,
         )
@@ -208,10 +208,9 @@ class SSMForCausalLM(SSMPreTrainedModel, StateGenerationMixin):
             labels, kwargs = mask_sequence_starts(labels, seq_idx, kwargs)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if not return_dict:
-            output = tuple(v for v in (logits, outputs.cache_params, outputs.hidden_states) if v is not None)
+            output = tuple(v for v in (logits, outputs.cache, outputs.hidden_states) if v is not None)
             return (loss,) + output if loss is not None else output
-        return SSMCausalLMOutput(loss=loss, logits=logits, cache_params=outputs.cache_params,
-                                 hidden_states=outputs.hidden_states)
+        return SSMCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
 
 
 class SSMForSequenceClassification(LastTokenClassifierMixin, SSMPreTrainedModel):

@@ -48,6 +48,8 @@ from transformers.cache_utils import (
     LinearAttentionCacheLayerMixin,
 )
 
+from .cache_names import CACHE_IS_NAMED_CACHE, GENERATE_CACHE_KEY, pick_cache
+
 SNAPSHOT_FORMAT = "ssm_hf.state/1"
 
 # Config fields that do not change the state a model computes from given weights and tokens: bookkeeping,
@@ -60,13 +62,6 @@ _STATE_NEUTRAL_FIELDS = frozenset({
     "time_step_init_scheme", "time_step_scale", "router_aux_loss_coef", "attention_dropout", "scan_chunk_size",
     "chunk_size", "mamba2_chunk_size", "tie_word_embeddings",
 })
-
-
-def pick_cache(cache_params: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """Models accept the state as `cache_params` (transformers' Mamba name) or `past_key_values`."""
-    if cache_params is not None and past_key_values is not None and cache_params is not past_key_values:
-        raise ValueError("Pass the cache as either `cache_params` or `past_key_values`, not two different ones.")
-    return cache_params if cache_params is not None else past_key_values
 
 
 def architecture_fields(config: PreTrainedConfig) -> dict:
@@ -358,6 +353,11 @@ class StateCache(DynamicCache):
         the whole state is restored instead."""
         self.recording = True
 
+    # `crop` takes back tokens read while recording, whatever the layers (transformers >= 5.24 asks before it
+    # starts recording, and its assisted decoding after the first forward); transformers' linear-attention layers
+    # say no once they hold a recurrent state
+    is_croppable = True
+
     def stop_recording(self) -> None:
         """Stop recording and accept what was read (the kept copy and inputs are dropped)."""
         self.recording = False
@@ -410,7 +410,7 @@ class StateCache(DynamicCache):
         self.recording = False   # the replay is not recorded: the next forward takes a new rollback point
         try:
             with torch.no_grad():
-                backbone(inputs_embeds=embeds, attention_mask=mask, past_key_values=self, use_cache=True)
+                backbone(inputs_embeds=embeds, attention_mask=mask, cache=self, use_cache=True)
         finally:
             self.recording = True
 
@@ -553,8 +553,8 @@ def snapshot(cache: Cache, model: torch.nn.Module | None = None, num_tokens: int
     continuing the cache afterwards leaves the snapshot as it was.
     """
     if not isinstance(cache, Cache):
-        raise TypeError(f"snapshot() takes the model's cache (e.g. `out.cache_params` or `out.past_key_values` "
-                        f"after a forward with use_cache=True), got {type(cache).__name__}.")
+        raise TypeError(f"snapshot() takes the model's cache (e.g. `out.cache` after a forward with "
+                        f"use_cache=True), got {type(cache).__name__}.")
     tensors, classes, flags = {}, [], []
     for index, layer in enumerate(cache.layers):
         _check_layer(layer, index)
@@ -651,7 +651,7 @@ def stream(model: torch.nn.Module, chunks: Iterable, cache: Cache | None = None,
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         with torch.no_grad():
-            out = model(ids, past_key_values=cache, use_cache=True, **forward_kwargs)
+            out = model(ids, cache=cache, use_cache=True, **forward_kwargs)
         yield out
 
 
@@ -660,7 +660,8 @@ def stream(model: torch.nn.Module, chunks: Iterable, cache: Cache | None = None,
 class StateGenerationMixin(GenerationMixin):
     """`generate()` for ssm-hf models: the cache is always a StateCache, so generation can start from one.
 
-    Pass the cache as `past_key_values=` (or `cache_params=`) with `input_ids` holding the whole sequence, cached
+    Pass the cache as `cache=` (`past_key_values=` and `cache_params=` work too; transformers >= 5.24 renames them
+    with a warning) with `input_ids` holding the whole sequence, cached
     tokens first; transformers slices the cached prefix off (or pass only the new ids with an `attention_mask`
     covering the whole sequence). A cache of batch b given with `num_return_sequences` / `num_beams` k > 1 is
     repeated to b*k rows like the inputs. The cache is advanced in place: use a fresh `snapshot.to_cache()` per call.
@@ -705,7 +706,7 @@ class StateGenerationMixin(GenerationMixin):
             return True
         # transformers takes the faster decoding call on accelerators only; a capture strategy set on the model
         # takes it anywhere, with the same switch (disable_compile) and the same need for a compileable cache
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(GENERATE_CACHE_KEY)
         return (self.decode_capture is not None and not generation_config.disable_compile
                 and isinstance(cache, Cache) and cache.is_compileable)
 
@@ -719,9 +720,10 @@ class StateGenerationMixin(GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, batch_size: int,
                                       max_cache_length: int, *args, **kwargs) -> None:
-        # Replaces transformers' version, which makes a plain DynamicCache (unable to count recurrent tokens) and
-        # files a given cache under `cache_params` for classes named like Mamba, where its prefill never looks.
-        cache = pick_cache(model_kwargs.pop("cache_params", None), model_kwargs.pop("past_key_values", None))
+        # Replaces transformers' version, which makes a plain DynamicCache (unable to count recurrent tokens) and,
+        # before 5.24, files a given cache under `cache_params` for classes named like Mamba, where its prefill
+        # never looks.
+        cache = pick_cache(*(model_kwargs.pop(name, None) for name in ("cache", "cache_params", "past_key_values")))
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} is not supported by "
                              f"ssm-hf models: their state is a fixed-size ssm_hf.StateCache.")
@@ -740,33 +742,32 @@ class StateGenerationMixin(GenerationMixin):
             elif cache.recording:
                 cache.stop_recording()   # left recording by an earlier call; assisted decoding turns it on again
             # under this name for every class: transformers' prefill reads it there to slice off the cached prefix
-            model_kwargs["past_key_values"] = cache
+            model_kwargs[GENERATE_CACHE_KEY] = cache
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, next_sequence_length: int | None = None,
-                                      past_key_values: Cache | None = None,
                                       attention_mask: torch.Tensor | None = None,
                                       inputs_embeds: torch.Tensor | None = None, is_first_iteration: bool = False,
                                       **kwargs) -> dict:
         # transformers' assisted decoding feeds the whole sequence in its first step even when the cache already
         # holds a prefix of it (`_prefill` slices it off in the other decoding modes): slice it off the same way,
         # when the mask covers the whole sequence as it does there
+        cache = kwargs.get(GENERATE_CACHE_KEY)
         if (is_first_iteration and next_sequence_length is None and inputs_embeds is None
-                and isinstance(past_key_values, Cache) and attention_mask is not None
+                and isinstance(cache, Cache) and attention_mask is not None
                 and attention_mask.shape[1] == input_ids.shape[1]):
-            past = past_key_values.get_seq_length()
+            past = cache.get_seq_length()
             if 0 < past < input_ids.shape[1]:
                 next_sequence_length = input_ids.shape[1] - past
         return super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, past_key_values=past_key_values,
-            attention_mask=attention_mask, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration,
-            **kwargs)
+            input_ids, next_sequence_length=next_sequence_length, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
 
     def _read_all_but_the_last_token(self, input_ids: torch.Tensor, model_kwargs: dict, mask_length: int) -> None:
         """Before a forward that a rollback may follow (assisted decoding), read the part of `input_ids` (batch 1)
         that the cache does not hold yet, but its last token, without recording it: a rollback then reads again
         at most the last token and the accepted candidates, never the prompt. Only when input_ids is the whole
         sequence, which the mask's length tells (`mask_length` when generate() dropped an all-ones mask)."""
-        cache, mask = model_kwargs.get("past_key_values"), model_kwargs.get("attention_mask")
+        cache, mask = model_kwargs.get(GENERATE_CACHE_KEY), model_kwargs.get("attention_mask")
         if (not isinstance(cache, StateCache) or cache._rollback is not None or input_ids.shape[0] != 1
                 or model_kwargs.get("inputs_embeds") is not None
                 or (mask.shape[1] if mask is not None else mask_length) != input_ids.shape[1]):
@@ -778,7 +779,7 @@ class StateGenerationMixin(GenerationMixin):
         try:
             with torch.no_grad():
                 self(input_ids=input_ids[:, past:-1], attention_mask=None if mask is None else mask[:, :-1],
-                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+                     cache=cache, use_cache=True, logits_to_keep=1)
         finally:
             cache.recording = recording
 
@@ -796,7 +797,7 @@ class StateGenerationMixin(GenerationMixin):
             self._read_all_but_the_last_token(input_ids, kwargs, input_ids.shape[1])
         # transformers turns recording on for the main model's cache (to take back rejected candidates) and leaves
         # it on; the cache may be returned and continued, so recording ends with the call
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(GENERATE_CACHE_KEY)
         try:
             return super()._assisted_decoding(input_ids, *args, **kwargs)
         finally:
@@ -807,9 +808,18 @@ class StateGenerationMixin(GenerationMixin):
         if generation_config.is_assistant:
             # an assistant's prompt (first call) or last accepted tokens: the rollback point comes before the last
             self._read_all_but_the_last_token(input_ids, model_kwargs, getattr(generation_config, "_mask_length", -1))
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(GENERATE_CACHE_KEY)
         past = cache.get_seq_length() if cache is not None else 0
-        if past and model_kwargs.get("inputs_embeds") is None:
+        embeds = model_kwargs.get("inputs_embeds")
+        first = kwargs.get("is_first_iteration", args[0] if args else True)
+        # transformers >= 5.24 slices the cached prefix off the inputs only for caches with attention layers (its
+        # linear-attention layers cannot count tokens; a StateCache does): for the others it is sliced here, as
+        # transformers slices it
+        slice_here = past > 0 and CACHE_IS_NAMED_CACHE and all(cache.is_linear)
+        if past and embeds is not None and first:
+            if slice_here:
+                model_kwargs["inputs_embeds"] = embeds[:, past:]
+        elif past:
             mask = model_kwargs.get("attention_mask")
             mask_length = mask.shape[1] if mask is not None else getattr(generation_config, "_mask_length", -1)
             if mask_length == input_ids.shape[1] and input_ids.shape[1] <= past:
@@ -819,4 +829,6 @@ class StateGenerationMixin(GenerationMixin):
                     f"{input_ids.shape[1]} columns: pass the whole sequence (the cached tokens followed by at least "
                     f"one new token); the cached part is sliced off. To continue right after a prompt, snapshot "
                     f"all but its last token and pass the full prompt.")
+            if slice_here and mask_length == input_ids.shape[1]:
+                input_ids = input_ids[:, past:]
         return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
