@@ -14,6 +14,9 @@ from ssm_hf import kernels
 from ssm_hf.kernels.launch import row_alignment
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from ssm_hf.kernels import triton_math  # noqa: E402
 from ssm_hf.kernels.selective_scan_triton import selective_scan_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -364,6 +367,48 @@ def test_triton_ssd_state_update_matches_reference(options):
     ours["x"] = ours["x"].bfloat16()
     y16, _ = ssd_state_update_triton(**ours, **kw)
     assert y16.dtype == torch.bfloat16 and _rel_err(y16.cpu(), y_ref) < 2e-2
+
+
+@triton.jit
+def _softplus_kernel(v_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, triton_math.softplus(tl.load(v_ptr + offs, mask=offs < n)), mask=offs < n)
+
+
+def test_triton_softplus_keeps_tiny_values():
+    v = torch.cat([torch.linspace(-60.0, 40.0, 57), torch.tensor([-17.5, -20.0, 19.9, 20.1, 0.0, 1e-3])])
+    v = v.to(DEVICE)
+    out = torch.empty_like(v)
+    _softplus_kernel[(1,)](v, out, v.numel(), BLOCK=64)
+    reference = F.softplus(v.cpu().double())
+    # tiny values included, not 0 (on a GPU exp(v) of float32 v ≈ -50 carries v's rounding: ~3e-6 relative)
+    assert (out.cpu().double() - reference).abs().div(reference).max() < 1e-5
+
+
+@pytest.mark.parametrize("step", ["mamba", "mamba2"])
+def test_triton_decode_steps_keep_tiny_softplus_steps(step):
+    """Δ = softplus(-25) ≈ 1.4e-11: a plain log(1 + exp(v)) makes it 0 in float32; with x ~ 1e9 the step is seen."""
+    from ssm_hf.kernels import selective_scan_torch, ssd_torch
+    from ssm_hf.kernels.decode_triton import selective_state_update_triton, ssd_state_update_triton
+
+    g = torch.Generator().manual_seed(11)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)  # noqa: E731
+    if step == "mamba":
+        batch, d_inner, d_state = 2, 6, 4
+        args = (r(batch, d_inner, d_state), r(batch, d_inner) * 1e9, -25.0 + r(batch, d_inner) * 0.5,
+                -torch.rand(d_inner, d_state, dtype=torch.float64, generator=g), r(batch, d_state), r(batch, d_state))
+        kw = dict(delta_softplus=True)
+        pair = selective_state_update_triton, selective_scan_torch.selective_state_update
+    else:
+        batch, heads, head_dim, groups, d_state = 2, 4, 3, 2, 5
+        args = (r(batch, heads, head_dim, d_state), r(batch, heads, head_dim) * 1e9, -25.0 + r(batch, heads) * 0.5,
+                -torch.rand(heads, dtype=torch.float64, generator=g), r(batch, groups, d_state),
+                r(batch, groups, d_state))
+        kw = dict(dt_softplus=True)
+        pair = ssd_state_update_triton, ssd_torch.ssd_state_update
+    y_ref, new_ref = pair[1](*args, **kw)
+    y, new = pair[0](*[a.to(DEVICE, torch.float32) for a in args], **kw)
+    assert _rel_err(new.cpu(), new_ref) < 1e-5 and _rel_err(y.cpu(), y_ref) < 1e-5
 
 
 @pytest.mark.parametrize("hidden,group_size,gated", [(12, 12, True), (12, 4, True), (15, 5, False), (16, 16, False)])

@@ -12,6 +12,8 @@ import triton.language as tl
 
 from .causal_conv1d_torch import check_activation
 from .launch import on_device_of
+from .ssd_torch import dt_limit_bounds
+from .triton_math import softplus
 
 
 @triton.jit
@@ -77,7 +79,7 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
     if HAS_BIAS:
         dt += tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
     if SOFTPLUS:
-        dt = tl.maximum(dt, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(dt)))
+        dt = softplus(dt)
     x = tl.load(x_ptr + b * Dm + d, mask=d_mask, other=0.0).to(tl.float32)
     A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * N + n, mask=n_mask, other=0.0).to(tl.float32)
@@ -146,7 +148,7 @@ def _ssd_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bia
     if HAS_BIAS:
         dt += tl.load(bias_ptr + head).to(tl.float32)
     if SOFTPLUS:
-        dt = tl.maximum(dt, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(dt)))
+        dt = softplus(dt)
     if CLAMP:
         dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     decay = tl.exp(dt * tl.load(A_ptr + head).to(tl.float32))
@@ -175,8 +177,9 @@ def ssd_state_update_triton(state, x, dt, A, B, C, D=None, dt_bias=None, dt_soft
     new = _new_state_buffer(state, state_out)
     block_n = triton.next_power_of_2(d_state)
     block_p = min(triton.next_power_of_2(head_dim), max(4096 // block_n, 1))
-    clamp = dt_limit is not None and (dt_limit[0] > 0.0 or dt_limit[1] != float("inf"))
-    low, high = (float(dt_limit[0]), float(dt_limit[1])) if clamp else (0.0, 0.0)
+    bounds = dt_limit_bounds(dt_limit)
+    clamp = bounds is not None
+    low, high = bounds if clamp else (0.0, 0.0)
     dummy = y
     with on_device_of(x):
         _ssd_update_kernel[(batch, heads, triton.cdiv(head_dim, block_p))](

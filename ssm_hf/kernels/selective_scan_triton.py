@@ -25,6 +25,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _softplus(x):
+    # Gives 0 for x below about -17 where softplus is exp(x) < 4e-8 (a negligible Δ); the exact form,
+    # `triton_math.softplus`, made this scan 3.5% slower forward and 14% forward+backward (H100, B8 T4096)
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 

@@ -35,6 +35,7 @@ import triton.language as tl
 from .launch import check_grid_axis, multiprocessors, on_device_of
 from .packing import kernel_segment_ids
 from .ssd_torch import dt_limit_bounds, ssd_scan_chunked
+from .triton_math import log1p_small
 
 CHUNK = 32
 # The forward stores the state entering every chunk of its own chunk size, and its output kernel cuts each chunk
@@ -78,14 +79,6 @@ def _mm(a, b, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _log1p_small(e):
-    """log(1 + e) for 0 ≤ e ≤ 1 to a few ulp: log(u) e / (u - 1) with u = 1 + e rounded cancels u's rounding (a
-    plain log(1 + e) keeps nothing of e below float32's epsilon, and errs by ~1e-6 relative at e ~ 1e-2)."""
-    u = 1.0 + e
-    return tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
-
-
-@triton.jit
 def _dt_transform(raw, bias, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
     """Δ from its stored value as `ssd_prepare_dt` makes it (float32: + bias, softplus as torch's with threshold 20,
     clamped to [lo, hi]) and dΔ/d(stored value): sigmoid below the threshold, 1 above, 0 where the clamp holds
@@ -97,7 +90,7 @@ def _dt_transform(raw, bias, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.conste
     deriv = tl.full(v.shape, 1.0, tl.float32)
     if SOFTPLUS:
         e = tl.exp(-tl.abs(v))  # ≤ 1: max(v, 0) + log(1 + e) keeps softplus's tiny values for very negative v
-        dt = tl.where(v > 20.0, v, tl.maximum(v, 0.0) + _log1p_small(e))
+        dt = tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_small(e))
         deriv = tl.where(v > 20.0, 1.0, tl.where(v >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e)))
     if HAS_LIMIT:
         deriv = tl.where((dt >= lo) & (dt <= hi), deriv, 0.0)
