@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_lm
 from transformers.utils import logging as transformers_logging
 
@@ -70,6 +71,35 @@ def test_output_classes_name_the_cache_as_the_installed_transformers_does():
         warnings.simplefilter("ignore")
         older = SSMModelOutput(last_hidden_state=hidden, cache_params=cache)  # transformers' Mamba's keyword
     assert older.cache is cache
+    other = ssm_hf.StateCache()
+    older.cache = other   # set under the new name, read under the installed one
+    assert older[field] is other and output_cache(older) is other
+
+
+def test_a_state_cache_is_croppable_while_recording_only():
+    """transformers asks before it decides to record (a deferred stop check on MPS would then leave the returned
+    cache recording) and, in assisted decoding, after it started recording."""
+    cache = ssm_hf.StateCache()
+    assert not cache.is_croppable
+    cache.activate_past_recording()
+    assert cache.is_croppable
+    cache.stop_recording()
+    assert not cache.is_croppable
+
+
+def test_stream_passes_the_cache_to_a_transformers_model():
+    """`ssm_hf.stream` works for any causal LM: the cache goes under the installed transformers' keyword."""
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = _ids(12, seed=8) % 100
+    with torch.no_grad():
+        whole = model(ids).logits
+    cache = ssm_hf.StateCache()
+    chunks = list(ssm_hf.stream(model, ids.split(4, dim=1), cache))
+    torch.testing.assert_close(torch.cat([out.logits for out in chunks], dim=1), whole, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 12
 
 
 @pytest.fixture

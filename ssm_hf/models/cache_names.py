@@ -50,9 +50,13 @@ def with_installed_cache_name(cls: type[ModelOutput]) -> type[ModelOutput]:
         return cls
     fields = [("cache_params" if field.name == "cache" else field.name, field.type, dataclasses.field(default=None))
               for field in dataclasses.fields(cls)]
-    cache_params = property(lambda self: self.cache_params, doc="The `cache_params` field, under its newer name.")
+
+    def alias(name: str) -> property:
+        return property(lambda self: self.cache_params, lambda self, value: setattr(self, "cache_params", value),
+                        doc=f"The `cache_params` field, under the name `{name}`.")
+
     namespace = {"__doc__": cls.__doc__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                 "cache": cache_params, "past_key_values": cache_params}
+                 "cache": alias("cache"), "past_key_values": alias("past_key_values")}
     renamed = dataclasses.make_dataclass(cls.__name__, fields, bases=(ModelOutput,), namespace=namespace)
     dataclass_init = renamed.__init__
 

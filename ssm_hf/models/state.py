@@ -353,10 +353,12 @@ class StateCache(DynamicCache):
         the whole state is restored instead."""
         self.recording = True
 
-    # `crop` takes back tokens read while recording, whatever the layers (transformers >= 5.24 asks before it
-    # starts recording, and its assisted decoding after the first forward); transformers' linear-attention layers
-    # say no once they hold a recurrent state
-    is_croppable = True
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can take tokens back now: while recording. transformers >= 5.24's assisted decoding asks
+        after it turned recording on; its deferred stop check (MPS) asks before, and would turn recording on and
+        leave it on in the returned cache (every later forward kept its inputs) if this said yes then."""
+        return self.recording
 
     def stop_recording(self) -> None:
         """Stop recording and accept what was read (the kept copy and inputs are dropped)."""
@@ -651,7 +653,7 @@ def stream(model: torch.nn.Module, chunks: Iterable, cache: Cache | None = None,
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         with torch.no_grad():
-            out = model(ids, cache=cache, use_cache=True, **forward_kwargs)
+            out = model(ids, use_cache=True, **{GENERATE_CACHE_KEY: cache}, **forward_kwargs)
         yield out
 
 
