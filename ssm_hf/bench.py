@@ -47,7 +47,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrain
 
 from . import __version__
 from .configs import list_presets, preset_config
-from .models.cache_names import GENERATE_CACHE_KEY, output_cache
+from .models.cache_names import CACHE_NAME, output_cache
 from .zoo import format_count, parameter_count
 
 COLUMNS = (
@@ -412,7 +412,7 @@ def measure_point(model: nn.Module, length: int, batch_size: int, decode_tokens:
         def steps(count: int) -> torch.Tensor:
             nonlocal output, token
             for _ in range(count):
-                output = model(token, use_cache=True, **{GENERATE_CACHE_KEY: cache})
+                output = model(token, use_cache=True, **{CACHE_NAME: cache})
                 token = output.logits[:, -1:].argmax(-1)
             return token
 

@@ -17,10 +17,9 @@ from transformers.utils import ModelOutput
 
 # True on transformers >= 5.24, whose output classes (and generate()) name the cache `cache`
 CACHE_IS_NAMED_CACHE: bool = "cache" in {field.name for field in dataclasses.fields(MoeModelOutputWithPast)}
-# the keyword generate() passes the cache under, and its key in generate()'s model kwargs
-GENERATE_CACHE_KEY: str = "cache" if CACHE_IS_NAMED_CACHE else "past_key_values"
-# the field of transformers' own output classes (ours too, on >= 5.24; before, ours are Mamba's `cache_params`)
-OUTPUT_CACHE_FIELD: str = "cache" if CACHE_IS_NAMED_CACHE else "past_key_values"
+# transformers' name for the cache: the keyword generate() passes it under, its key in generate()'s model kwargs,
+# and the field of transformers' own output classes (ours too from 5.24; before, ours are Mamba's `cache_params`)
+CACHE_NAME: str = "cache" if CACHE_IS_NAMED_CACHE else "past_key_values"
 
 
 def pick_cache(*given: Cache | None) -> Cache | None:

@@ -23,7 +23,7 @@ from ..kernels.packing import positions_in_sequence
 from ..layers import Mamba2Mixer, MambaMixer, RMSNorm
 from ..layers.attention import Attention, causal_padding_mask
 from ..layers.mlp import GatedMLP, MoE, load_balancing_loss
-from .cache_names import OUTPUT_CACHE_FIELD, output_cache, pick_cache
+from .cache_names import CACHE_NAME, output_cache, pick_cache
 from .heads import LastTokenClassifierMixin
 from .modeling_utils import (
     StrictLoadingMixin,
@@ -187,7 +187,7 @@ class HybridModel(HybridPreTrainedModel):
         output = MoeModelOutputWithPast(
             last_hidden_state=hidden_states, hidden_states=all_hidden_states,
             router_logits=all_router_logits if (output_router_logits or self.training) else None,
-            **{OUTPUT_CACHE_FIELD: cache},
+            **{CACHE_NAME: cache},
         )
         return output if return_dict else output.to_tuple()
 
@@ -261,7 +261,7 @@ class HybridForCausalLM(HybridPreTrainedModel, StateGenerationMixin):
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device) * share
         output = MoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux_loss, logits=logits, hidden_states=outputs.hidden_states,
-            router_logits=outputs.router_logits, **{OUTPUT_CACHE_FIELD: output_cache(outputs)},
+            router_logits=outputs.router_logits, **{CACHE_NAME: output_cache(outputs)},
         )
         return output if return_dict else output.to_tuple()
 

@@ -48,7 +48,7 @@ from transformers.cache_utils import (
     LinearAttentionCacheLayerMixin,
 )
 
-from .cache_names import CACHE_IS_NAMED_CACHE, GENERATE_CACHE_KEY, pick_cache
+from .cache_names import CACHE_IS_NAMED_CACHE, CACHE_NAME, pick_cache
 
 SNAPSHOT_FORMAT = "ssm_hf.state/1"
 
@@ -653,7 +653,7 @@ def stream(model: torch.nn.Module, chunks: Iterable, cache: Cache | None = None,
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         with torch.no_grad():
-            out = model(ids, use_cache=True, **{GENERATE_CACHE_KEY: cache}, **forward_kwargs)
+            out = model(ids, use_cache=True, **{CACHE_NAME: cache}, **forward_kwargs)
         yield out
 
 
@@ -663,10 +663,10 @@ class StateGenerationMixin(GenerationMixin):
     """`generate()` for ssm-hf models: the cache is always a StateCache, so generation can start from one.
 
     Pass the cache as `cache=` (`past_key_values=` and `cache_params=` work too; transformers >= 5.24 renames them
-    with a warning) with `input_ids` holding the whole sequence, cached
-    tokens first; transformers slices the cached prefix off (or pass only the new ids with an `attention_mask`
-    covering the whole sequence). A cache of batch b given with `num_return_sequences` / `num_beams` k > 1 is
-    repeated to b*k rows like the inputs. The cache is advanced in place: use a fresh `snapshot.to_cache()` per call.
+    with a warning) with `input_ids` holding the whole sequence, cached tokens first; the cached prefix is sliced
+    off (or pass only the new ids with an `attention_mask` covering the whole sequence). A cache of batch b given
+    with `num_return_sequences` / `num_beams` k > 1 is repeated to b*k rows like the inputs. The cache is advanced
+    in place: use a fresh `snapshot.to_cache()` per call.
 
     Assisted decoding (`assistant_model=`, `prompt_lookup_num_tokens=`) works with ssm-hf models as the main model
     and as the assistant: the rejected candidates are taken back from their StateCache (`StateCache.crop`), so
@@ -708,7 +708,7 @@ class StateGenerationMixin(GenerationMixin):
             return True
         # transformers takes the faster decoding call on accelerators only; a capture strategy set on the model
         # takes it anywhere, with the same switch (disable_compile) and the same need for a compileable cache
-        cache = model_kwargs.get(GENERATE_CACHE_KEY)
+        cache = model_kwargs.get(CACHE_NAME)
         return (self.decode_capture is not None and not generation_config.disable_compile
                 and isinstance(cache, Cache) and cache.is_compileable)
 
@@ -744,7 +744,7 @@ class StateGenerationMixin(GenerationMixin):
             elif cache.recording:
                 cache.stop_recording()   # left recording by an earlier call; assisted decoding turns it on again
             # under this name for every class: transformers' prefill reads it there to slice off the cached prefix
-            model_kwargs[GENERATE_CACHE_KEY] = cache
+            model_kwargs[CACHE_NAME] = cache
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, next_sequence_length: int | None = None,
                                       attention_mask: torch.Tensor | None = None,
@@ -753,7 +753,7 @@ class StateGenerationMixin(GenerationMixin):
         # transformers' assisted decoding feeds the whole sequence in its first step even when the cache already
         # holds a prefix of it (`_prefill` slices it off in the other decoding modes): slice it off the same way,
         # when the mask covers the whole sequence as it does there
-        cache = kwargs.get(GENERATE_CACHE_KEY)
+        cache = kwargs.get(CACHE_NAME)
         if (is_first_iteration and next_sequence_length is None and inputs_embeds is None
                 and isinstance(cache, Cache) and attention_mask is not None
                 and attention_mask.shape[1] == input_ids.shape[1]):
@@ -769,7 +769,7 @@ class StateGenerationMixin(GenerationMixin):
         that the cache does not hold yet, but its last token, without recording it: a rollback then reads again
         at most the last token and the accepted candidates, never the prompt. Only when input_ids is the whole
         sequence, which the mask's length tells (`mask_length` when generate() dropped an all-ones mask)."""
-        cache, mask = model_kwargs.get(GENERATE_CACHE_KEY), model_kwargs.get("attention_mask")
+        cache, mask = model_kwargs.get(CACHE_NAME), model_kwargs.get("attention_mask")
         if (not isinstance(cache, StateCache) or cache._rollback is not None or input_ids.shape[0] != 1
                 or model_kwargs.get("inputs_embeds") is not None
                 or (mask.shape[1] if mask is not None else mask_length) != input_ids.shape[1]):
@@ -799,7 +799,7 @@ class StateGenerationMixin(GenerationMixin):
             self._read_all_but_the_last_token(input_ids, kwargs, input_ids.shape[1])
         # transformers turns recording on for the main model's cache (to take back rejected candidates) and leaves
         # it on; the cache may be returned and continued, so recording ends with the call
-        cache = kwargs.get(GENERATE_CACHE_KEY)
+        cache = kwargs.get(CACHE_NAME)
         try:
             return super()._assisted_decoding(input_ids, *args, **kwargs)
         finally:
@@ -810,7 +810,7 @@ class StateGenerationMixin(GenerationMixin):
         if generation_config.is_assistant:
             # an assistant's prompt (first call) or last accepted tokens: the rollback point comes before the last
             self._read_all_but_the_last_token(input_ids, model_kwargs, getattr(generation_config, "_mask_length", -1))
-        cache = model_kwargs.get(GENERATE_CACHE_KEY)
+        cache = model_kwargs.get(CACHE_NAME)
         past = cache.get_seq_length() if cache is not None else 0
         embeds = model_kwargs.get("inputs_embeds")
         first = kwargs.get("is_first_iteration", args[0] if args else True)
