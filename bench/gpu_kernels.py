@@ -27,6 +27,8 @@ s4       (on request) S4 / S4D on CUDA against the CPU, and prefill speed of the
 fwd_sweep  (on request) forward times of the Triton scan for a few FORWARD_CONFIG choices.
 profile_e2e  (on request) the largest kernels of a training step of each of our 130M models.
 host_e2e  (on request) a training step's wall, host-issue and GPU-busy times, and its top host functions.
+host_breakdown  (on request) a training step's host time with and without Triton's launches, and its top ops.
+launch_ab  (on request) training and eager decoding steps with launch.FastLaunch and with Triton's launch path.
 bwd_sweep  (on request) forward+backward times of the scan for a few BACKWARD_CONFIG shapes.
 e2e_shape_sweep  (on request) at the 130M models' training shape: SSD walker tiles, norm backward programs.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
@@ -893,20 +895,22 @@ def graphed_steps(model, cache, nxt: torch.Tensor, steps: int) -> dict:
     from a copy of the cache, then times `steps` replays with greedy feedback."""
     import copy
 
+    from ssm_hf.models.cache_names import CACHE_NAME  # transformers' keyword for the cache (5.24: `cache`)
+
     static_in = nxt.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):  # warm-up on a side stream, as graph capture requires
-            model(static_in, past_key_values=cache, use_cache=True)
+            model(static_in, **{CACHE_NAME: cache}, use_cache=True)
     torch.cuda.current_stream().wait_stream(side)
     twin = copy.deepcopy(cache)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_logits = model(static_in, past_key_values=cache, use_cache=True).logits
+        static_logits = model(static_in, **{CACHE_NAME: cache}, use_cache=True).logits
     # capture does not run the step: replay it once and compare with an eager step from the same state
     graph.replay()
-    eager = model(static_in, past_key_values=twin, use_cache=True).logits
+    eager = model(static_in, **{CACHE_NAME: twin}, use_cache=True).logits
     err = ((static_logits.float() - eager.float()).norm() / eager.float().norm()).item()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -921,7 +925,7 @@ def step():
     """Decoding without generate(): after a prompt, time `model(next_token, cache)` calls in a loop (eager, greedy
     feedback), bf16; for our models also the step captured in a CUDA graph; and the bytes the cache holds after
     the prompt."""
-    from ssm_hf.models.cache_names import output_cache  # (not at the top: gpu_ab.py's base may lack it)
+    from ssm_hf.models.cache_names import CACHE_NAME, output_cache  # (not at the top: gpu_ab.py's base may lack it)
 
     llama = llama_130m_config()
     rows = {}
@@ -950,7 +954,7 @@ def step():
                         if i == 8:
                             torch.cuda.synchronize()
                             start = time.perf_counter()
-                        out = model(nxt, past_key_values=cache, use_cache=True)
+                        out = model(nxt, **{CACHE_NAME: cache}, use_cache=True)
                         nxt = out.logits[:, -1:].argmax(-1)
                     torch.cuda.synchronize()
                     row[key + "_tok_s"] = batch * steps / (time.perf_counter() - start)
@@ -1144,6 +1148,152 @@ def host_e2e():
         torch.cuda.empty_cache()
 
 
+def _launch_costs(step, launches: int = 200) -> dict[str, tuple[float, float, int]]:
+    """Host time per launch of each FastLaunch kernel one training step launches (its first launch's arguments,
+    relaunched `launches` times): through Triton's `JITFunction.run`, then through the cache. {} on an ssm_hf
+    without FastLaunch."""
+    try:
+        from ssm_hf.kernels.launch import FastLaunch
+    except ImportError:
+        return {}
+    captured = {}
+    original = FastLaunch._launch
+
+    def capture(self, grid, args, kwargs):
+        captured.setdefault(self.__name__, (self, grid, args, kwargs))
+        return original(self, grid, args, kwargs)
+
+    FastLaunch._launch = capture
+    try:
+        step()
+    finally:
+        FastLaunch._launch = original
+    torch.cuda.synchronize()
+    costs = {}
+    for name, (kernel, grid, args, kwargs) in captured.items():
+        times = []
+        for launch in (kernel.fn[grid], kernel[grid]):
+            launch(*args, **kwargs)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(launches):
+                launch(*args, **kwargs)
+            times.append((time.perf_counter() - start) / launches * 1e6)
+            torch.cuda.synchronize()
+        costs[name] = (*times, len(args))
+    return costs
+
+
+def launch_ab():
+    """`launch.FastLaunch` against Triton's own launch path (SSM_HF_TRITON_LAUNCH_CACHE=0), alternated six times in
+    one process: the wall time of 10 training steps (4 x 2048, bf16, AdamW) and of 64 eager single-token decoding
+    steps at batch 1 (bf16, after a 64-token prompt), per step, for each of our 130M models."""
+    import statistics
+
+    from ssm_hf.models.cache_names import CACHE_NAME, output_cache
+
+    def timed(fn, n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / n * 1e3
+
+    for name, build in (("mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m"))),
+                        ("mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m")))):
+        step = _warm_training_step(build)
+        model = build().to(DEV, torch.bfloat16).eval()
+        prompt = torch.randint(0, 50000, (1, 64), device=DEV)
+        with torch.no_grad():
+            prefilled = output_cache(model(prompt, use_cache=True))
+        token = prompt[:, -1:]
+
+        def decode_step():
+            with torch.no_grad():
+                model(token, use_cache=True, **{CACHE_NAME: prefilled})
+
+        times = {key: [] for key in ("train 0", "train 1", "decode 0", "decode 1")}
+        for _ in range(6):
+            for setting in ("0", "1"):
+                os.environ["SSM_HF_TRITON_LAUNCH_CACHE"] = setting
+                step()
+                times[f"train {setting}"].append(timed(step, 10))
+                decode_step()
+                times[f"decode {setting}"].append(timed(decode_step, 64))
+        os.environ.pop("SSM_HF_TRITON_LAUNCH_CACHE")
+        for key, values in times.items():
+            print("launch_ab", name, f"{key}: median {statistics.median(values):.2f} ms per step "
+                  f"({', '.join(f'{v:.1f}' for v in values)})", flush=True)
+        step = model = prefilled = None
+        torch.cuda.empty_cache()
+
+
+def host_breakdown():
+    """Where a training step's host time goes (4 x 2048, bf16 weights, AdamW): the host-issue time per step as it
+    is, then with every Triton launch of ours replaced by a no-op (the difference is what Triton's launches cost the
+    host; the numbers the step computes are then garbage, only its host time counts), and the PyTorch ops that
+    take the most host time (profiler, CPU only, self time per step)."""
+    import statistics
+
+    from host_ops import _Launches
+    from torch.profiler import ProfilerActivity, profile
+
+    def issue_ms(step, n=15):
+        times = []
+        for _ in range(n):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize()
+        return statistics.median(times)
+
+    llama = llama_130m_config(max_position_embeddings=4096)
+    for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
+                        ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m"))),
+                        ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m")))):
+        step = _warm_training_step(build)
+        line = f"host issue {issue_ms(step):.1f} ms per step"
+        if name.startswith("ours"):
+            # Triton's own launch path against `launch.FastLaunch`'s, alternated in this process: host issue and
+            # wall (synchronised, 20 steps) per step
+            for setting in ("0", "1", "0", "1"):
+                os.environ["SSM_HF_TRITON_LAUNCH_CACHE"] = setting
+                step()
+                issue = issue_ms(step)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(20):
+                    step()
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - start) / 20 * 1e3
+                line += f"; launch cache {setting}: issue {issue:.1f} ms, wall {wall:.1f} ms"
+            os.environ.pop("SSM_HF_TRITON_LAUNCH_CACHE")
+            for kernel_name, (triton_us, cached_us, n_args) in _launch_costs(step).items():
+                print("host_breakdown", name, f"{kernel_name} ({n_args} arguments): {triton_us:.1f} us per launch "
+                      f"through Triton, {cached_us:.1f} us through FastLaunch", flush=True)
+            with _Launches() as launches:
+                step()
+                launches.calls.clear()
+                stubbed = issue_ms(step)
+                per_step = sum(launches.calls.values()) / 15
+            line += f"; Triton launches stubbed {stubbed:.1f} ms ({per_step:.0f} launches per step)"
+        print("host_breakdown", name, line, flush=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) / 3e3
+        print("host_breakdown", name, f"profiled self CPU {total:.1f} ms per step", flush=True)
+        for event in events[:28]:
+            print("host_breakdown", name, f"{event.self_cpu_time_total / 3e3:7.2f} ms {event.count / 3:7.0f}x "
+                  f"{event.key[:90]}", flush=True)
+        step = None
+        torch.cuda.empty_cache()
+
+
 def profile_e2e():
     """Where a training step's GPU time goes (4 x 2048, bf16 weights, AdamW): the 12 largest kernels by self CUDA
     time over 5 steps after 5 warm-up steps, for each of our 130M models."""
@@ -1185,7 +1335,9 @@ def main():
              "check_ssd": check_ssd, "ssd_sweep": ssd_sweep, "ssd_forward_sweep": ssd_forward_sweep,
              "conv_sweep": conv_sweep, "conv_tiles": conv_tiles, "ssd_grads_sweep": ssd_grads_sweep,
              "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
-             "profile_e2e": profile_e2e, "host_e2e": host_e2e, "e2e_shape_sweep": e2e_shape_sweep,
+             "profile_e2e": profile_e2e, "host_e2e": host_e2e, "host_breakdown": host_breakdown,
+             "launch_ab": launch_ab,
+             "e2e_shape_sweep": e2e_shape_sweep,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run
             R[f"{name}.error"] = repr(err)[:400]

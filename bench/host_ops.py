@@ -22,6 +22,11 @@ import ssm_hf
 from ssm_hf import kernels
 from ssm_hf.kernels import causal_conv1d_triton, decode_triton, norm_triton, selective_scan_triton, ssd_triton
 
+try:
+    from ssm_hf.kernels.launch import FastLaunch
+except ImportError:  # an ssm_hf from before FastLaunch (bench/gpu_ab.py's base)
+    FastLaunch = triton.runtime.jit.JITFunction
+
 VIEWS = {"view", "_unsafe_view", "split", "split_with_sizes", "unflatten", "as_strided", "t", "transpose", "permute",
          "expand", "slice", "select", "squeeze", "unsqueeze", "alias", "detach", "_reshape_alias", "unbind",
          "reshape", "flatten", "view_as", "narrow", "diagonal", "chunk", "_to_copy_noop"}
@@ -47,7 +52,7 @@ class _Launches:
     def __enter__(self):
         for module in (causal_conv1d_triton, decode_triton, norm_triton, selective_scan_triton, ssd_triton):
             for name, value in vars(module).items():
-                if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("kernel"):
+                if isinstance(value, (triton.runtime.jit.JITFunction, FastLaunch)) and name.endswith("kernel"):
                     self.saved.append((module, name, value))
                     setattr(module, name, _Stub(self.calls, name))
         return self

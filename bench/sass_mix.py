@@ -95,6 +95,7 @@ def main() -> None:
 
     module_name, kernel_name = args.kernel.split(":")
     kernel = getattr(importlib.import_module(f"ssm_hf.kernels.{module_name}"), kernel_name)
+    kernel = getattr(kernel, "fn", kernel)  # a FastLaunch wraps the JITFunction
     constexprs = {name: int(value) for name, value in (item.split("=", 1) for item in args.constexprs)}
     missing = [n for n, p in zip(kernel.arg_names, kernel.params) if p.is_constexpr and n not in constexprs]
     if missing:

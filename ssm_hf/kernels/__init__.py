@@ -6,7 +6,8 @@ PyTorch chunked forms otherwise; both compute the same function; so do the singl
 `selective_state_update`, `ssd_state_update` and `causal_conv1d_update` (Triton only outside autograd), the
 prefill conv `causal_conv1d` and Mamba-2's gated norm `rms_norm_gated`. `conv_ssd_norm` is Mamba-2's conv, scan and
 norm in one op (one autograd node on the Triton path). Set the environment variable
-`SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for debugging).
+`SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for debugging);
+`SSM_HF_TRITON_LAUNCH_CACHE=0` launches the Triton kernels through Triton's own path (see `launch.FastLaunch`).
 
 `selective_scan`, `ssd_scan` and `causal_conv1d` take `seq_idx` (batch or 1, seqlen) for packed sequences (several
 sequences end to end in a row, a new one wherever the id changes, see `packing`): nothing crosses from one

@@ -16,8 +16,9 @@ import triton
 import triton.language as tl
 
 from .causal_conv1d_torch import check_activation
-from .launch import check_grid_axis, on_device_of, row_alignment
+from .launch import cdiv, check_grid_axis, fast_launch, on_device_of, row_alignment
 from .packing import kernel_segment_ids
+from .triton_math import aligned
 
 
 @triton.jit
@@ -42,11 +43,11 @@ def _seq_at(seq_ptr, b, s, L):
 
 @triton.jit
 def _row_strides(stride_xb, stride_xl, X_ALIGN: tl.constexpr):
-    # x's strides, which the host found to be multiples of X_ALIGN elements (`launch.row_alignment`), rebuilt as
-    # such so that the compiler sees it and loads rows in vectors (tl.multiple_of has no effect on an argument)
-    return (stride_xb // X_ALIGN) * X_ALIGN, (stride_xl // X_ALIGN) * X_ALIGN
+    # x's strides, multiples of X_ALIGN elements (see `triton_math.aligned`)
+    return aligned(stride_xb, X_ALIGN), aligned(stride_xl, X_ALIGN)
 
 
+@fast_launch
 @triton.jit
 def _conv_fwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, out_ptr, L, C, S, n_tblocks, stride_xb, stride_xl,
                      W: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
@@ -123,6 +124,7 @@ def _conv_bwd_block(x_ptr, past_ptr, seq_ptr, dout_ptr, dx_ptr, weights, bias, b
     return g_t, taps
 
 
+@fast_launch
 @triton.jit
 def _conv_bwd_kernel(x_ptr, past_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, L, C, S,
                      n_tblocks, blocks_per_program, n_parts, stride_xb, stride_xl, stride_dxb, stride_dxl,
@@ -185,8 +187,8 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     batch, seqlen, channels = x.shape
     width = weight.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous whatever x's strides
-    n_tblocks = triton.cdiv(seqlen, BLOCK_T)
-    grid = (batch * n_tblocks, triton.cdiv(channels, BLOCK_C))
+    n_tblocks = cdiv(seqlen, BLOCK_T)
+    grid = (batch * n_tblocks, cdiv(channels, BLOCK_C))
     with on_device_of(x):
         _conv_fwd_kernel[grid](
             x, past if past is not None else x, weight, bias if bias is not None else weight,
@@ -207,8 +209,8 @@ def conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dweight in weight's dtype, dbias in bias's dtype or None)."""
     batch, seqlen, channels = x.shape
     width = weight.shape[-1]
-    n_tblocks = triton.cdiv(seqlen, BLOCK_T)
-    n_parts = triton.cdiv(n_tblocks, BACKWARD_BLOCKS_PER_PROGRAM)
+    n_tblocks = cdiv(seqlen, BLOCK_T)
+    n_parts = cdiv(n_tblocks, BACKWARD_BLOCKS_PER_PROGRAM)
     if dx is None:
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # stored in x's dtype by the kernel
     elif dx.shape != x.shape or dx.stride(-1) != 1:
@@ -217,7 +219,7 @@ def conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dw = torch.empty(batch * n_parts, channels, width, dtype=torch.float32, device=x.device)
     dbias = torch.empty(batch * n_parts, channels, dtype=torch.float32, device=x.device)
     with on_device_of(x):
-        _conv_bwd_kernel[(batch, n_parts, triton.cdiv(channels, BLOCK_C))](
+        _conv_bwd_kernel[(batch, n_parts, cdiv(channels, BLOCK_C))](
             x, past if past is not None else x, weight, bias if bias is not None else weight,
             seq_idx if seq_idx is not None else x, dout, dx, dw, dbias, seqlen, channels,
             past.shape[-1] if past is not None else 0, n_tblocks, BACKWARD_BLOCKS_PER_PROGRAM, n_parts,
@@ -265,9 +267,9 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if x.shape[1] == 0:
         return x.new_empty(x.shape)
     # the forward's (row, time block) pairs go on the grid's uncapped axis; the backward's programs per row do not
-    check_grid_axis(triton.cdiv(triton.cdiv(x.shape[1], BLOCK_T), BACKWARD_BLOCKS_PER_PROGRAM),
+    check_grid_axis(cdiv(cdiv(x.shape[1], BLOCK_T), BACKWARD_BLOCKS_PER_PROGRAM),
                     f"A causal conv over {x.shape[1]} tokens")
-    check_grid_axis(triton.cdiv(x.shape[2], BLOCK_C), f"A causal conv over {x.shape[2]} channels")
+    check_grid_axis(cdiv(x.shape[2], BLOCK_C), f"A causal conv over {x.shape[2]} channels")
     if past is not None and past.shape[-1] < weight.shape[-1] - 1:
         raise ValueError(f"past holds {past.shape[-1]} inputs; a width-{weight.shape[-1]} conv needs at least "
                          f"{weight.shape[-1] - 1}")

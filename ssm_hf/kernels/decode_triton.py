@@ -11,11 +11,12 @@ import triton
 import triton.language as tl
 
 from .causal_conv1d_torch import check_activation
-from .launch import on_device_of
+from .launch import cdiv, fast_launch, next_power_of_2, on_device_of
 from .ssd_torch import dt_limit_bounds
 from .triton_math import softplus
 
 
+@fast_launch
 @triton.jit
 def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, C, K, S,
                         HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -53,11 +54,11 @@ def causal_conv1d_update_triton(x: torch.Tensor, conv_state: torch.Tensor, weigh
     batch, channels = x.shape
     width, size = weight.shape[-1], conv_state.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_k = triton.next_power_of_2(max(width, size))
+    block_k = next_power_of_2(max(width, size))
     # the kernel indexes a row-major state; a strided view (e.g. after a cache crop) is updated through a copy
     state = conv_state if conv_state.is_contiguous() else conv_state.contiguous()
     with on_device_of(x):
-        _conv_update_kernel[(batch, triton.cdiv(channels, 128))](
+        _conv_update_kernel[(batch, cdiv(channels, 128))](
             x.contiguous(), state, weight.contiguous(), bias if bias is not None else weight, out,
             channels, width, size, HAS_BIAS=bias is not None, SILU=activation == "silu", BLOCK_C=128,
             BLOCK_K=block_k)
@@ -66,6 +67,7 @@ def causal_conv1d_update_triton(x: torch.Tensor, conv_state: torch.Tensor, weigh
     return out
 
 
+@fast_launch
 @triton.jit
 def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, new_ptr,
                          Dm, N, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -119,11 +121,11 @@ def selective_state_update_triton(state, x, delta, A, B, C, D=None, z=None, delt
     d_state = A.shape[-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)       # row-major, as the kernel writes them
     new = _new_state_buffer(state, state_out)
-    block_n = triton.next_power_of_2(d_state)
+    block_n = next_power_of_2(d_state)
     block_d = max(16, 2048 // block_n)
     dummy = y
     with on_device_of(x):
-        _state_update_kernel[(batch, triton.cdiv(d_inner, block_d))](
+        _state_update_kernel[(batch, cdiv(d_inner, block_d))](
             state.contiguous(), x.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
             D.contiguous() if D is not None else dummy, z.contiguous() if z is not None else dummy,
             delta_bias.contiguous() if delta_bias is not None else dummy, y, new, d_inner, d_state,
@@ -132,6 +134,7 @@ def selective_state_update_triton(state, x, delta, A, B, C, D=None, z=None, delt
     return y, _finish_state(new, state_out)
 
 
+@fast_launch
 @triton.jit
 def _ssd_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, new_ptr,
                        H, P, N, heads_per_group, dt_min, dt_max,
@@ -175,14 +178,14 @@ def ssd_state_update_triton(state, x, dt, A, B, C, D=None, dt_bias=None, dt_soft
     groups, d_state = B.shape[1], B.shape[2]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     new = _new_state_buffer(state, state_out)
-    block_n = triton.next_power_of_2(d_state)
-    block_p = min(triton.next_power_of_2(head_dim), max(4096 // block_n, 1))
+    block_n = next_power_of_2(d_state)
+    block_p = min(next_power_of_2(head_dim), max(4096 // block_n, 1))
     bounds = dt_limit_bounds(dt_limit)
     clamp = bounds is not None
     low, high = bounds if clamp else (0.0, 0.0)
     dummy = y
     with on_device_of(x):
-        _ssd_update_kernel[(batch, heads, triton.cdiv(head_dim, block_p))](
+        _ssd_update_kernel[(batch, heads, cdiv(head_dim, block_p))](
             state.contiguous(), x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
             D.contiguous() if D is not None else dummy, dt_bias.contiguous() if dt_bias is not None else dummy, y, new,
             heads, head_dim, d_state, heads // groups, low, high,

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
+import os
 from functools import lru_cache
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -15,6 +20,17 @@ def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     may live on cuda:1 while the current device is cuda:0, so every launch site enters this first. CPU tensors
     (Triton's interpreter, in tests) need no guard."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids; plain Python, since `triton.cdiv` is a constexpr function that costs a few
+    microseconds of host time per call (a training step of a 24-layer model calls these about a thousand times)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as `triton.next_power_of_2`, in plain Python (see `cdiv`)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 # CUDA's limit on the second and third axes of a launch grid (the first may reach 2**31 - 1)
@@ -54,3 +70,212 @@ def multiprocessors(tensor: torch.Tensor) -> int | None:
     """The streaming multiprocessors of `tensor`'s GPU (None on the CPU), for launch plans; cached: asking the
     driver on every call costs more host time than a short sequence's kernels take."""
     return _device_multiprocessors(tensor.device.index) if tensor.is_cuda else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launches with less host time
+#
+# Each `kernel[grid](...)` through `JITFunction.run` works out the launch's specialisation again (the binder visits
+# every argument, the cache key is rebuilt with a string of the options), builds launch metadata and calls two empty
+# hook chains before the compiled launcher runs: 24-59 us of host time per launch of our kernels on the device's
+# host, and a 24-layer Mamba-2 training step launches 314 (BENCHMARKS.md, tenth session). `FastLaunch` keeps, per
+# kernel, the compiled kernel Triton returned under a key at least as fine as Triton's specialisation, and on a hit
+# calls its launcher as `JITFunction.run` does once it has the kernel: 16-51 us per launch there; with it the median
+# training step of the 130M models took 5-23% less wall time in three processes (eager decoding: +3% to -40%).
+
+_Tensor = torch.Tensor  # a module global: looked up once per argument on every launch
+
+
+@lru_cache(maxsize=None)
+def _triton_runtime() -> tuple | None:
+    """(knobs, driver, JITFunction) of the installed Triton; None without Triton or before 3.4 (no `knobs`), where
+    kernels keep Triton's own launches. (Imported here, in a try block, so that this module needs no Triton, and
+    transformers' remote-code check does not ask for it.)"""
+    try:
+        from triton import knobs
+        from triton.runtime.driver import driver
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return None
+    return knobs, driver, JITFunction
+
+
+def _argument_key(args: tuple) -> tuple | None:
+    """One entry per positional runtime argument, at least as fine as Triton's specialisation of it: a tensor's
+    dtype and its address modulo 16; an int's class (equal to 1, a multiple of 16, 32-bit, below 2**63: what
+    Triton asks); a bool's value (tagged: True == 1 in a tuple); float; None. None for any other argument (such a
+    launch is not cached)."""
+    key = []
+    for arg in args:
+        if isinstance(arg, _Tensor):
+            key.append((arg.dtype, arg.data_ptr() & 15))
+        elif type(arg) is int:
+            key.append((arg == 1, not arg & 15, -0x80000000 <= arg <= 0x7FFFFFFF, arg < 0x8000000000000000))
+        elif arg is None:
+            key.append(None)
+        elif type(arg) is bool:
+            key.append((bool, arg))
+        elif type(arg) is float:
+            key.append(float)
+        else:
+            return None
+    return tuple(key)
+
+
+_TRITON_LAUNCH_CALL = ("kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,launch_metadata,"
+                       "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())")
+
+_PROBE_INTS = (1, 2, 3, 8, 15, 16, 17, 31, 32, 48, 64, 100, 128, 256, 4096, 65536, 0x7FFFFFF0, 0x7FFFFFFF, 1 << 31,
+               1 << 32, 1 << 40, (1 << 63) - 16, 1 << 63, (1 << 64) - 16, 0, -1, -16, -32, -(1 << 31), -(1 << 31) - 16)
+
+
+@lru_cache(maxsize=None)
+def _keys_separate_triton_specialisations() -> bool:
+    """Whether `JITFunction.run` launches a compiled kernel as FastLaunch does, and `_argument_key` separates every
+    pair of probe arguments that the installed Triton specialises apart: ints of every width, bools, a float, None,
+    tensors at byte offsets 0 to 256 in two dtypes. False (and Triton's own path everywhere) if a Triton version
+    launches otherwise, specialises on something the key misses, or cannot be asked."""
+    runtime = _triton_runtime()
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        # the launcher call FastLaunch repeats (Triton 3.6 and 3.9); any other form: Triton's own path
+        source = inspect.getsource(runtime[2].run)
+    except (ImportError, OSError, TypeError):
+        return False
+    if _TRITON_LAUNCH_CALL not in "".join(source.split()):
+        logger.info("Triton's launches keep their own path: JITFunction.run launches differently than FastLaunch")
+        return False
+    storage = {dtype: torch.empty(512, dtype=torch.uint8).view(dtype) for dtype in (torch.bfloat16, torch.float32)}
+    probes = [*_PROBE_INTS, True, False, 0.5, None]
+    for dtype, tensor in storage.items():
+        probes += [tensor[offset // tensor.element_size():] for offset in (0, 4, 8, 12, 16, 32, 48, 64, 128, 256)]
+    seen: dict = {}
+    for probe in probes:
+        try:
+            triton_key = repr(native_specialize_impl(BaseBackend, probe, False, True, True))
+        except Exception:  # an argument kind this Triton asks about differently
+            return False
+        ours = _argument_key((probe,))
+        if seen.setdefault(ours, triton_key) != triton_key:
+            logger.info("Triton's launches keep their own path: it specialises %r apart from another argument "
+                        "of the same key (%s vs %s)", probe, triton_key, seen[ours])
+            return False
+    return True
+
+
+def launch_cache_enabled() -> bool:
+    """False with the environment variable SSM_HF_TRITON_LAUNCH_CACHE=0 (Triton's own launch path everywhere, for
+    debugging; read at each launch) or where the installed Triton's specialisation is not what the cache's key
+    assumes."""
+    return (os.environ.get("SSM_HF_TRITON_LAUNCH_CACHE", "") not in ("0", "false", "False")
+            and _keys_separate_triton_specialisations())
+
+
+# keys kept per kernel before its cache starts again (each a few hundred bytes)
+MAX_CACHED_LAUNCHES = 1024
+
+
+def _hook_set(hook) -> bool:
+    """Whether a Triton launch hook is set: recent versions keep an empty `HookChain` (its `calls`) rather than
+    None, and still call it on every launch."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class FastLaunch:
+    """A `@triton.jit` kernel launched as `kernel[grid](*args, **constexprs)`, with less host time per launch.
+
+    The first launch of each key (device, `_argument_key` of the positional arguments, the keyword arguments) goes
+    through Triton (compiling if need be); later ones reuse the compiled kernel it returned and call its launcher
+    with the arguments in the kernel's order, as `JITFunction.run` does once it has the kernel. Triton's own path
+    runs instead under torch.compile, with launch hooks or pre-run hooks set, with Triton's debug, instrumentation
+    or stage-inspection knobs on, for a callable grid, a constexpr passed positionally, a GPU other than NVIDIA's,
+    and where `launch_cache_enabled()` is false. Unlike Triton's path, a cached launch does not check that the
+    module globals the kernel read when it compiled are unchanged: the kernels here read only fixed constants."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+        self._kernels: dict = {}
+        self._knobs, self._driver, _ = _triton_runtime()  # looked up on every launch
+        # Triton keys a constexpr by its value: launches that pass one positionally keep Triton's path
+        self._positional_limit = next((i for i, param in enumerate(fn.params) if param.is_constexpr),
+                                      len(fn.params))
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def __getattr__(self, name: str):
+        # the kernel's own attributes (arg_names, params, warmup, ...): a FastLaunch stands in for its JITFunction
+        if name == "fn":
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+    def __repr__(self) -> str:
+        return f"FastLaunch({self.fn!r})"
+
+    def _triton_path(self) -> bool:
+        if torch.compiler.is_compiling() or not launch_cache_enabled():
+            return True
+        knobs = self._knobs
+        runtime, compilation = knobs.runtime, knobs.compilation
+        # what else enters Triton's cache key or launch: hooks, debug, instrumentation, and knobs of some versions
+        return (_hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook) or bool(runtime.debug)
+                or bool(self.fn.debug) or bool(self.fn.pre_run_hooks) or bool(compilation.instrumentation_mode)
+                or getattr(runtime, "add_stages_inspection_hook", None) is not None
+                or bool(getattr(compilation, "fpsan_homomorphic_casts", False)))
+
+    def _launch(self, grid, args: tuple, kwargs: dict):
+        if callable(grid) or len(args) > self._positional_limit or self._triton_path():
+            return self.fn[grid](*args, **kwargs)
+        argument_key = _argument_key(args)
+        if argument_key is None:
+            return self.fn[grid](*args, **kwargs)
+        active = self._driver.active
+        device = active.get_current_device()
+        key = (device, argument_key, tuple(kwargs.items()))
+        try:
+            cached = self._kernels.get(key)
+        except TypeError:  # an unhashable keyword value (a list for a tuple constexpr): Triton's path
+            return self.fn[grid](*args, **kwargs)
+        if cached is None:
+            if len(self._kernels) >= MAX_CACHED_LAUNCHES:
+                self._kernels.clear()
+            kernel = self.fn[grid](*args, **kwargs)
+            if kernel is not None and hasattr(kernel, "result"):  # an asynchronous compile's future
+                kernel = kernel.result()
+            tail = self._tail(len(args), kwargs)
+            # NVIDIA only: other backends specialise on more (AMD's buffer ops on a tensor's size)
+            if (kernel is not None and tail is not None and hasattr(kernel, "run")
+                    and getattr(active.get_current_target(), "backend", None) == "cuda"):
+                # the launcher, the loaded function and the metadata Triton passes it: fixed once launched
+                self._kernels[key] = (kernel, kernel.run, kernel.function, kernel.packed_metadata, tail)
+            return kernel
+        kernel, run, function, metadata, tail = cached
+        run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+            active.get_current_stream(device), function, metadata, None, None, None, *args, *tail)
+        return kernel
+
+    def _tail(self, positional: int, kwargs: dict) -> tuple | None:
+        """The kernel's arguments after the positional ones, in its parameter order: from the keywords, else the
+        parameter's default; None if one has neither, or if a keyword gives a runtime (not constexpr) argument:
+        the tail is kept for later launches, so it may hold only values the key compares (constexprs)."""
+        tail = []
+        for param in self.fn.params[positional:]:
+            if param.name in kwargs:
+                if not param.is_constexpr:
+                    return None
+                tail.append(kwargs[param.name])
+            elif param.default is not inspect.Parameter.empty:
+                tail.append(param.default)
+            else:
+                return None
+        return tuple(tail)
+
+
+def fast_launch(fn):
+    """Decorator (above `@triton.jit`) making a kernel a `FastLaunch`; an interpreted kernel (TRITON_INTERPRET=1),
+    or any kernel under a Triton older than 3.4, is returned as it is."""
+    runtime = _triton_runtime()
+    return FastLaunch(fn) if runtime is not None and isinstance(fn, runtime[2]) else fn

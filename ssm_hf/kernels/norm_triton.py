@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import multiprocessors, on_device_of, row_alignment
+from .launch import cdiv, fast_launch, multiprocessors, next_power_of_2, on_device_of, row_alignment
+from .triton_math import aligned
 
 # Programs per multiprocessor of the backward (all groups together; each sums its rows' share of dweight into its
 # own float32 row). Without a GPU (the interpreter) BACKWARD_PROGRAMS_NO_GPU in all. Module-level so that
@@ -22,17 +23,18 @@ BACKWARD_PROGRAMS_NO_GPU = 512
 
 @triton.jit
 def _gated_input(x_ptr, z_ptr, row, cols, mask, H, stride_z, HAS_GATE: tl.constexpr, Z_ALIGN: tl.constexpr):
-    # x's row is contiguous (H apart), the gate's rows stride_z apart: a multiple of Z_ALIGN, rebuilt as such so
-    # that the compiler loads the gate in vectors (tl.multiple_of has no effect on an argument)
+    # x's row is contiguous (H apart), the gate's rows stride_z apart: a multiple of Z_ALIGN (`aligned`), so that
+    # the compiler loads the gate in vectors
     x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
     z = tl.zeros_like(x)
     u = x
     if HAS_GATE:
-        z = tl.load(z_ptr + row * ((stride_z // Z_ALIGN) * Z_ALIGN) + cols, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row * aligned(stride_z, Z_ALIGN) + cols, mask=mask, other=0.0).to(tl.float32)
         u = x * z * tl.sigmoid(z)
     return x, z, u
 
 
+@fast_launch
 @triton.jit
 def _norm_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps, stride_z,
                      HAS_GATE: tl.constexpr, ROUND_TO_INPUT: tl.constexpr, Z_ALIGN: tl.constexpr,
@@ -50,12 +52,13 @@ def _norm_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, G, eps, stride_z,
     tl.store(y_ptr + offs, (n * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _norm_bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, G, eps, rows_per_program,
                      stride_z, stride_dz, HAS_GATE: tl.constexpr, Z_ALIGN: tl.constexpr, DZ_ALIGN: tl.constexpr,
                      BLOCK: tl.constexpr):
     # dx and dz are stored in their tensors' dtypes (x's and the gate's), rounded once; dz's rows stride_dz apart
-    # (it may be a column slice of a wider gradient), rebuilt as a multiple of DZ_ALIGN as the gate's stride is
+    # (it may be a column slice of a wider gradient), a multiple of DZ_ALIGN as the gate's stride is
     block = tl.program_id(0)
     group = tl.program_id(1)
     cols = group * G + tl.arange(0, BLOCK)
@@ -76,7 +79,7 @@ def _norm_bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, M, H, 
             if HAS_GATE:
                 sig = tl.sigmoid(z)
                 tl.store(dx_ptr + offs, (du * z * sig).to(dx_ptr.dtype.element_ty), mask=mask)
-                tl.store(dz_ptr + row.to(tl.int64) * ((stride_dz // DZ_ALIGN) * DZ_ALIGN) + cols,
+                tl.store(dz_ptr + row.to(tl.int64) * aligned(stride_dz, DZ_ALIGN) + cols,
                          (du * x * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=mask)
             else:
                 tl.store(dx_ptr + offs, du.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -90,7 +93,7 @@ def norm_forward(x2: torch.Tensor, z2: torch.Tensor | None, weight: torch.Tensor
     out_dtype."""
     rows, hidden = x2.shape
     y = torch.empty((rows, hidden), dtype=out_dtype, device=x2.device)
-    block = triton.next_power_of_2(group_size)
+    block = next_power_of_2(group_size)
     if rows:
         with on_device_of(x2):
             _norm_fwd_kernel[(rows, hidden // group_size)](
@@ -119,10 +122,10 @@ def norm_backward(x2: torch.Tensor, z2: torch.Tensor | None, weight: torch.Tenso
     sms = multiprocessors(x2)
     total = BACKWARD_PROGRAMS_PER_SM * sms if sms is not None else BACKWARD_PROGRAMS_NO_GPU
     programs = max(min(rows, total // max(hidden // group_size, 1)), 1)  # per group
-    rows_per_program = triton.cdiv(max(rows, 1), programs)
+    rows_per_program = cdiv(max(rows, 1), programs)
     # each program stores its row; without rows no kernel runs and dweight is zero
     dw = (torch.empty if rows else torch.zeros)((programs, hidden), dtype=torch.float32, device=x2.device)
-    block = triton.next_power_of_2(group_size)
+    block = next_power_of_2(group_size)
     if rows:
         with on_device_of(x2):
             _norm_bwd_kernel[(programs, hidden // group_size)](

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import multiprocessors, on_device_of
+from .launch import cdiv, fast_launch, multiprocessors, next_power_of_2, on_device_of
 from .packing import kernel_segment_ids
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -116,6 +116,7 @@ def _channels(A_ptr, bias_ptr, Dm, N, HAS_BIAS: tl.constexpr, BLOCK_D: tl.conste
     return d_offs, d_in, n_offs, d_mask, n_mask, nd_mask, A, bias
 
 
+@fast_launch
 @triton.jit
 def _fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr, y_ptr, hT_ptr, tile_states_ptr,
@@ -255,6 +256,7 @@ def _reverse_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, z_ptr, dy_ptr, scratch
     return x, dt, raw, Bt, Ct, starts, valid, row, g, z, h_prev
 
 
+@fast_launch
 @triton.jit
 def _bwd_local_kernel(
     dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, seq_ptr, dy_ptr, P_ptr, U_ptr, L, Dm, N, chunk_len, n_chunks, stride_zb,
@@ -317,6 +319,7 @@ def _adjoint_inputs(dt_ptr, C_ptr, z_ptr, dy_ptr, seq_ptr, bias, t, L, Dm, strid
     return dt, Ct, g, starts
 
 
+@fast_launch
 @triton.jit
 def _bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, tile_states_ptr, scratch_ptr, dy_ptr,
@@ -496,8 +499,8 @@ class _SelectiveScan(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused final state's gradient stays None, not a tensor of zeros
         batch, seqlen, d_inner = x.shape
         d_state = A.shape[-1]
-        block_t, block_n = TILE_CONFIG["block_t"], triton.next_power_of_2(d_state)
-        n_tiles = triton.cdiv(seqlen, block_t)
+        block_t, block_n = TILE_CONFIG["block_t"], next_power_of_2(d_state)
+        n_tiles = cdiv(seqlen, block_t)
         x, delta = x.contiguous(), delta.contiguous()
         # B and C in their own dtype, contiguous and padded with zeros to BLOCK_N states, so that the kernels read
         # each token's B_t and C_t unmasked; they are small ((batch, seqlen, d_state)) and usually column slices of
@@ -523,7 +526,7 @@ class _SelectiveScan(torch.autograd.Function):
         seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         dummy = final
         fwd_block_d, unroll, fwd_warps = _forward_blocks(block_n, block_t)
-        n_dblocks = triton.cdiv(d_inner, fwd_block_d)
+        n_dblocks = cdiv(d_inner, fwd_block_d)
         chunk_len, n_chunks = _time_chunks(FORWARD_CONFIG, x, batch * n_dblocks, n_tiles, block_t)
         chunk_P = chunk_S = dummy
         if n_chunks > 1:
@@ -555,10 +558,10 @@ class _SelectiveScan(torch.autograd.Function):
         batch, seqlen, d_inner = x.shape
         dy = dy.contiguous() if dy is not None else torch.zeros_like(x)  # only the final state was used
         d_state = A_t.shape[0]
-        block_t, block_n = ctx.block_t, triton.next_power_of_2(d_state)
+        block_t, block_n = ctx.block_t, next_power_of_2(d_state)
         block_d = _channel_block(BACKWARD_CONFIG["block_d"], block_n)
         n_tiles = tiles.shape[1]
-        n_dblocks = triton.cdiv(d_inner, block_d)
+        n_dblocks = cdiv(d_inner, block_d)
         chunk_len, n_chunks = _time_chunks(BACKWARD_CONFIG, x, batch * n_dblocks, n_tiles, block_t)
         f32 = dict(device=x.device, dtype=torch.float32)
         # dx, dΔ, dz: contiguous, stored by the kernel in their inputs' dtypes (no float32 copy to cast afterwards)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import check_grid_axis, multiprocessors, on_device_of
+from .launch import cdiv, check_grid_axis, fast_launch, multiprocessors, next_power_of_2, on_device_of
 from .packing import kernel_segment_ids
 from .ssd_torch import dt_limit_bounds, ssd_scan_chunked
 from .triton_math import log1p_small
@@ -182,6 +182,7 @@ def _walk_inputs(v_ptr, w_ptr, dt_ptr, bias_ptr, seq_ptr, row, head, group, k, L
     return dt, a, v, w
 
 
+@fast_launch
 @triton.jit
 def _chunk_walk_kernel(
     v_ptr, dt_ptr, bias_ptr, A_ptr, w_ptr, seq_ptr, init_ptr, walk_ptr, last_ptr,
@@ -237,6 +238,7 @@ def _chunk_walk_kernel(
     tl.store(last_ptr + (row * H + head) * P * N + pn_offs, state, mask=pn_mask)
 
 
+@fast_launch
 @triton.jit
 def _chunk_output_kernel(
     x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, y_ptr,
@@ -325,6 +327,7 @@ def _grad_inputs_block(B_ptr, C_ptr, states_ptr, dstates_ptr, B_rows, C_rows, va
             tl.load(dstates_ptr + state_base + n_offs[None, :], mask=pn_mask, other=0.0), n_offs, tn_mask)
 
 
+@fast_launch
 @triton.jit
 def _chunk_grads_kernel(
     x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
@@ -542,7 +545,7 @@ def _grads_heads_per_program(x: torch.Tensor, groups: int) -> int:
     if sms is not None and x.dtype == torch.float32:
         # float32 tiles already spill at one head (sm_90, head_dim 64: 840 bytes of stack; 2 heads: 1,240)
         return 1
-    programs = batch * heads * triton.cdiv(seqlen, _chunk(head_dim))
+    programs = batch * heads * cdiv(seqlen, _chunk(head_dim))
     for hpp in GRADS_HEADS_PER_PROGRAM_CHOICES:
         if per_group % hpp == 0 and (sms is None or programs // hpp >= GRADS_MIN_PROGRAMS_PER_SM * sms):
             return hpp
@@ -550,7 +553,7 @@ def _grads_heads_per_program(x: torch.Tensor, groups: int) -> int:
 
 
 def _block(size: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(size)))
+    return max(16, min(cap, next_power_of_2(size)))
 
 
 def _grads_n_block(x: torch.Tensor) -> int:
@@ -574,9 +577,10 @@ def _state_walk_grid(batch: int, heads: int, head_dim: int, d_state: int,
     STATE_TILE)."""
     tile = tile or STATE_TILE
     block_p, block_n = _block(head_dim, tile[0]), _block(d_state, tile[1])
-    return (batch * heads, triton.cdiv(head_dim, block_p), triton.cdiv(d_state, block_n)), block_p, block_n
+    return (batch * heads, cdiv(head_dim, block_p), cdiv(d_state, block_n)), block_p, block_n
 
 
+@fast_launch
 @triton.jit
 def _dt_make_kernel(raw_ptr, bias_ptr, out_ptr, deriv_ptr, n, L, H, stride_b, stride_t, dt_lo, dt_hi,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
@@ -637,7 +641,7 @@ class _Delta(NamedTuple):
         raw, bias = self.pointers()
         n, block = made.numel(), 1024
         with on_device_of(raw):
-            _dt_make_kernel[(triton.cdiv(n, block),)](raw, bias, made, deriv if deriv is not None else made, n,
+            _dt_make_kernel[(cdiv(n, block),)](raw, bias, made, deriv if deriv is not None else made, n,
                                                       seqlen, heads, *self.scalars(), **self.flags(),
                                                       STORE_DERIV=derivative, BLOCK=block, num_warps=4)
         return _Delta(made, None, False, None), deriv
@@ -671,7 +675,7 @@ def _walk_chunks(v, delta, A, w, seq_idx, init, block_q, reverse, tile=None):
     v and w are read in place (inner dimensions packed: `_packed_within_token`), Δ as `delta` says."""
     batch, seqlen, heads, head_dim = v.shape
     groups, d_state = w.shape[-2:]
-    n_chunks = triton.cdiv(seqlen, block_q)
+    n_chunks = cdiv(seqlen, block_q)
     walk = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=v.device, dtype=_states_dtype(v))
     last = torch.empty(batch, heads, head_dim, d_state, device=v.device, dtype=torch.float32)
     grid, block_p, block_n = _state_walk_grid(batch, heads, head_dim, d_state, tile)
@@ -699,7 +703,7 @@ def _forward(x, delta, A, B, C, D, h0, seq, plan):
         block_p = _block(head_dim, 64)
         # row blocks up to the one holding the last token: a chunk's blocks are consecutive, so program i of
         # axis 1 starts at token i * rows (none wholly past the end, where the last chunk is short)
-        grid = (batch * heads, triton.cdiv(seqlen, rows), triton.cdiv(head_dim, block_p))
+        grid = (batch * heads, cdiv(seqlen, rows), cdiv(head_dim, block_p))
         dt_ptr, bias_ptr = delta.pointers()
         _chunk_output_kernel[grid](
             x, dt_ptr, bias_ptr, A, B, C, D if D is not None else A, seq if seq is not None else A, states, y,
@@ -854,7 +858,7 @@ def check_ssd_shapes(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     if plan is None:
         return
     # the chunk kernels run one program per chunk or row block on grid axis 1
-    check_grid_axis(max(triton.cdiv(x.shape[1], _chunk(head_dim)), triton.cdiv(x.shape[1], plan[1])),
+    check_grid_axis(max(cdiv(x.shape[1], _chunk(head_dim)), cdiv(x.shape[1], plan[1])),
                     f"An SSD scan of {x.shape[1]} tokens")
 
 

@@ -1,4 +1,4 @@
-"""Elementwise Triton helpers shared by the kernels (float32 in, float32 out)."""
+"""Triton helpers shared by the kernels: elementwise float32 math, and strides rebuilt as known multiples."""
 
 from __future__ import annotations
 
@@ -19,3 +19,10 @@ def softplus(v):
     """softplus as torch computes it (threshold 20: v itself above), with its tiny values for very negative v
     (exp(v) where a plain log(1 + exp(v)) gives 0, below v ≈ -17)."""
     return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_small(tl.exp(-tl.abs(v))))
+
+
+@triton.jit
+def aligned(stride, ALIGN: tl.constexpr):
+    """A stride the host found to be a multiple of ALIGN elements (`launch.row_alignment`), rebuilt as one so that
+    the compiler sees it and loads rows in vectors (`tl.multiple_of` has no effect on an argument)."""
+    return (stride // ALIGN) * ALIGN
