@@ -87,6 +87,45 @@ def test_a_state_cache_is_croppable_while_recording_only():
     assert not cache.is_croppable
 
 
+@pytest.mark.skipif(not hasattr(transformers.generation.utils, "DeferredStopCheck"),
+                    reason="this transformers has no deferred stop check")
+@pytest.mark.parametrize("preset", ["mamba-tiny", "hybrid-tiny"])
+def test_a_given_cache_ends_at_the_last_token_with_a_deferred_stop_check(preset, monkeypatch):
+    """transformers (5.23, 5.24) on MPS learns of a stop one step late (one extra forward). A cache the caller passed
+    outlives generate(), so it must not keep that step: transformers takes care of that for a cache it marks as the
+    caller's. MPS is simulated on the CPU: the check is allowed on any device, with events that do nothing."""
+    generation = transformers.generation.utils
+    model = tiny_lm(preset, seed=5).eval()
+    ids = _ids(8, seed=6)
+    greedy = model.generate(ids, max_new_tokens=6, do_sample=False)
+    eos = int(greedy[0, 10])  # the third new token: generation stops there
+    expected = output_cache(model.generate(ids, cache=ssm_hf.StateCache(config=model.config), max_new_tokens=6,
+                                           do_sample=False, eos_token_id=eos, return_dict_in_generate=True))
+
+    class Event:  # the CPU has no events; the steps run in order anyway
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def record(self, *args):
+            pass
+
+        def synchronize(self):
+            pass
+
+    supported = generation.DeferredStopCheck.is_supported  # a staticmethod: the plain function
+    monkeypatch.setattr(torch, "Event", Event)
+    monkeypatch.setattr(generation.DeferredStopCheck, "is_supported", staticmethod(
+        lambda device, *args, **kwargs: supported(torch.device("mps"), *args, **kwargs)))
+    cache = ssm_hf.StateCache(config=model.config)
+    out = model.generate(ids, cache=cache, max_new_tokens=6, do_sample=False, eos_token_id=eos)
+    assert torch.equal(out, greedy[:, :11])
+    assert cache.get_seq_length() == expected.get_seq_length() == 10 and not cache.recording
+    # the same state: reading the last token from each gives the same logits
+    with torch.no_grad():
+        mine, reference = (model(out[:, -1:], cache=c, use_cache=True).logits for c in (cache, expected))
+    assert torch.equal(mine, reference)
+
+
 def test_stream_passes_the_cache_to_a_transformers_model():
     """`ssm_hf.stream` works for any causal LM: the cache goes under the installed transformers' keyword."""
     config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

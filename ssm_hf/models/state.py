@@ -734,6 +734,9 @@ class StateGenerationMixin(GenerationMixin):
             expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
             if expand > 1 and cache_batch_size(cache) == batch_size:
                 cache.batch_repeat_interleave(expand)
+            # as transformers marks a cache the caller passed: it outlives generate(), so a stop check that runs one
+            # step late (transformers' deferred check on MPS) must not leave that step in it
+            cache._is_user_defined = True
         elif generation_config.use_cache is not False:
             cache = StateCache(config=self.config)
         if cache is not None:
