@@ -1101,6 +1101,30 @@ def _warm_training_step(build):
     return step
 
 
+def _wall_ms(fn, n: int) -> float:
+    """Synchronised wall time per call of `fn` over n calls in a row, ms."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def _issue_ms(step, n: int) -> float:
+    """Median over n steps of the host's time to issue one step after a synchronise (its Python returning), ms."""
+    import statistics
+
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def host_e2e():
     """Whether a training step (4 x 2048, bf16 weights, AdamW) waits on the host: per step, the wall time
     (synchronised), the host's time to issue it (the step's Python returns before the GPU finishes when the GPU is
@@ -1109,27 +1133,16 @@ def host_e2e():
     import cProfile
     import io
     import pstats
-    import statistics
 
     llama = llama_130m_config(max_position_embeddings=4096)
     for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
                         ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
                         ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):
         step = _warm_training_step(build)
-        start = time.perf_counter()
-        for _ in range(10):
-            step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) / 10 * 1e3
-        issue = []
-        for _ in range(10):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            issue.append((time.perf_counter() - start) * 1e3)
-        torch.cuda.synchronize()
+        wall = _wall_ms(step, 10)
+        issue = _issue_ms(step, 10)
         busy = sum(_kernel_times(step, 5).values()) / 1e3
-        line = (f"wall {wall:.1f} ms, host issue {statistics.median(issue):.1f} ms, GPU busy {busy:.1f} ms per step "
+        line = (f"wall {wall:.1f} ms, host issue {issue:.1f} ms, GPU busy {busy:.1f} ms per step "
                 f"({8192 / wall * 1e3:,.0f} tokens/s)")
         R.setdefault("host_e2e", {})[name] = line
         print("host_e2e", name, line, flush=True)
@@ -1192,14 +1205,6 @@ def launch_ab():
 
     from ssm_hf.models.cache_names import CACHE_NAME, output_cache
 
-    def timed(fn, n):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / n * 1e3
-
     for name, build in (("mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m"))),
                         ("mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m")))):
         step = _warm_training_step(build)
@@ -1218,9 +1223,9 @@ def launch_ab():
             for setting in ("0", "1"):
                 os.environ["SSM_HF_TRITON_LAUNCH_CACHE"] = setting
                 step()
-                times[f"train {setting}"].append(timed(step, 10))
+                times[f"train {setting}"].append(_wall_ms(step, 10))
                 decode_step()
-                times[f"decode {setting}"].append(timed(decode_step, 64))
+                times[f"decode {setting}"].append(_wall_ms(decode_step, 64))
         os.environ.pop("SSM_HF_TRITON_LAUNCH_CACHE")
         for key, values in times.items():
             print("launch_ab", name, f"{key}: median {statistics.median(values):.2f} ms per step "
@@ -1233,50 +1238,25 @@ def host_breakdown():
     """Where a training step's host time goes (4 x 2048, bf16 weights, AdamW): the host-issue time per step as it
     is, then with every Triton launch of ours replaced by a no-op (the difference is what Triton's launches cost the
     host; the numbers the step computes are then garbage, only its host time counts), and the PyTorch ops that
-    take the most host time (profiler, CPU only, self time per step)."""
-    import statistics
-
+    take the most host time (profiler, CPU only, self time per step). With FastLaunch, also each kernel's host time
+    per launch through it and through Triton (`_launch_costs`); whole steps on both paths are `launch_ab`'s."""
     from host_ops import _Launches
     from torch.profiler import ProfilerActivity, profile
-
-    def issue_ms(step, n=15):
-        times = []
-        for _ in range(n):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - start) * 1e3)
-        torch.cuda.synchronize()
-        return statistics.median(times)
 
     llama = llama_130m_config(max_position_embeddings=4096)
     for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
                         ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m"))),
                         ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m")))):
         step = _warm_training_step(build)
-        line = f"host issue {issue_ms(step):.1f} ms per step"
+        line = f"host issue {_issue_ms(step, 15):.1f} ms per step"
         if name.startswith("ours"):
-            # Triton's own launch path against `launch.FastLaunch`'s, alternated in this process: host issue and
-            # wall (synchronised, 20 steps) per step
-            for setting in ("0", "1", "0", "1"):
-                os.environ["SSM_HF_TRITON_LAUNCH_CACHE"] = setting
-                step()
-                issue = issue_ms(step)
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(20):
-                    step()
-                torch.cuda.synchronize()
-                wall = (time.perf_counter() - start) / 20 * 1e3
-                line += f"; launch cache {setting}: issue {issue:.1f} ms, wall {wall:.1f} ms"
-            os.environ.pop("SSM_HF_TRITON_LAUNCH_CACHE")
             for kernel_name, (triton_us, cached_us, n_args) in _launch_costs(step).items():
                 print("host_breakdown", name, f"{kernel_name} ({n_args} arguments): {triton_us:.1f} us per launch "
                       f"through Triton, {cached_us:.1f} us through FastLaunch", flush=True)
             with _Launches() as launches:
                 step()
                 launches.calls.clear()
-                stubbed = issue_ms(step)
+                stubbed = _issue_ms(step, 15)
                 per_step = sum(launches.calls.values()) / 15
             line += f"; Triton launches stubbed {stubbed:.1f} ms ({per_step:.0f} launches per step)"
         print("host_breakdown", name, line, flush=True)

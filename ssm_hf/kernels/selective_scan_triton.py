@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, fast_launch, multiprocessors, next_power_of_2, on_device_of
+from .launch import MAX_GRID_YZ, cdiv, fast_launch, multiprocessors, next_power_of_2, on_device_of
 from .packing import kernel_segment_ids
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -470,9 +470,9 @@ def _time_chunks(config: dict, x: torch.Tensor, programs: int, n_tiles: int, til
     if wanted is None:
         wanted = config["programs_per_sm"] * multiprocessors(x) if x.is_cuda else 1
     # no programs: an empty batch or d_inner; chunks are launch-grid axis 2, which CUDA caps at 65,535
-    n_chunks = min(n_tiles, 65535, max(1, -(-wanted // max(programs, 1))))
-    tiles_per_chunk = -(-n_tiles // n_chunks)
-    return tiles_per_chunk * tile_t, -(-n_tiles // tiles_per_chunk)
+    n_chunks = min(n_tiles, MAX_GRID_YZ, max(1, cdiv(wanted, max(programs, 1))))
+    tiles_per_chunk = cdiv(n_tiles, n_chunks)
+    return tiles_per_chunk * tile_t, cdiv(n_tiles, tiles_per_chunk)
 
 
 def _padded_states(v: torch.Tensor, block_n: int) -> torch.Tensor:

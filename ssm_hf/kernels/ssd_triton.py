@@ -642,8 +642,8 @@ class _Delta(NamedTuple):
         n, block = made.numel(), 1024
         with on_device_of(raw):
             _dt_make_kernel[(cdiv(n, block),)](raw, bias, made, deriv if deriv is not None else made, n,
-                                                      seqlen, heads, *self.scalars(), **self.flags(),
-                                                      STORE_DERIV=derivative, BLOCK=block, num_warps=4)
+                                               seqlen, heads, *self.scalars(), **self.flags(),
+                                               STORE_DERIV=derivative, BLOCK=block, num_warps=4)
         return _Delta(made, None, False, None), deriv
 
 
