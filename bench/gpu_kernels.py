@@ -29,6 +29,10 @@ profile_e2e  (on request) the largest kernels of a training step of each of our 
 host_e2e  (on request) a training step's wall, host-issue and GPU-busy times, and its top host functions.
 host_breakdown  (on request) a training step's host time with and without Triton's launches, and its top ops.
 launch_ab  (on request) training and eager decoding steps with launch.FastLaunch and with Triton's launch path.
+prefill_split  (on request) a prefill forward's wall, host-issue and GPU-busy times, and our largest kernels.
+sync_check  (on request) where a prefill forward or a training step of each family synchronises with the GPU.
+check_ab  (on request) prefill and training with and without the token-id check's read-back, alternated.
+check_add_norm  (on request) the add + cast + RMS norm kernel against float64, timed beside the ops it stands for.
 bwd_sweep  (on request) forward+backward times of the scan for a few BACKWARD_CONFIG shapes.
 e2e_shape_sweep  (on request) at the 130M models' training shape: SSD walker tiles, norm backward programs.
 e2e      bf16 weights, AdamW: training step and prefill tokens/s at 4x2048 for our mamba-130m and mamba2-130m and
@@ -660,29 +664,30 @@ def ssd_sweep():
 
 
 def ssd_forward_sweep():
-    """Our SSD forward and forward+backward (bf16, 24 heads of dim 64, one group, d_state 128) at a few batch x
-    length shapes for a few forward chunks (tokens per stored chunk state; 32 = one output row block per chunk, as
-    before the sixth session), walker tiles and output warps; with each one's relative difference from chunk 32."""
+    """Our SSD forward (bf16, one group) at a few (batch, length, heads, head_dim, d_state) shapes for a few forward
+    chunks (tokens per stored chunk state), walker tiles and walker / output warps; with each one's relative
+    difference from chunk 32. Forward+backward only at the bench shape for the default and chunk 32."""
     from ssm_hf.kernels import ssd_triton
 
     knobs = ("FORWARD_CHUNK", "OUTPUT_ROWS", "STATE_TILE", "N_BLOCK")
     saved = {k: getattr(ssd_triton, k) for k in knobs} | {"WARPS": dict(ssd_triton.WARPS)}
     rows = {}
-    for b, t in ((8, 4096), (4, 2048), (1, 16384), (1, 2048)):
-        inp = ssd_inputs(b, t, 24, 64, 1, 128, torch.bfloat16)
+    for b, t, h, p, n in ((8, 4096, 24, 64, 128), (4, 2048, 24, 64, 128), (2, 2048, 24, 64, 128),
+                          (16, 1024, 24, 64, 128), (1, 16384, 24, 64, 128), (4, 2048, 12, 128, 128),
+                          (4, 2048, 24, 64, 64), (4, 2048, 48, 64, 128), (4, 2048, 24, 64, 256)):
+        inp = ssd_inputs(b, t, h, p, 1, n, torch.bfloat16)
         inp.pop("initial_state")
         leaves = {k: (v.clone().requires_grad_(True) if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
         dy = torch.randn_like(inp["x"])
         ssd_triton.FORWARD_CHUNK = 32
         ref = ssd_triton.ssd_scan_triton(**inp, dt_softplus=True)
-        for chunk, tile, n_block, warps in ((None, None, 64, 4), (32, (64, 64), 64, 4), (128, (64, 32), 64, 4),
-                                            (256, (64, 32), 64, 4), (128, (32, 32), 64, 4), (128, (64, 16), 64, 4),
-                                            (64, (64, 32), 64, 4)):
-            ssd_triton.FORWARD_CHUNK, ssd_triton.N_BLOCK = chunk, n_block
+        for chunk, tile, walk_warps in ((None, None, 4), (32, (64, 64), 4), (64, (64, 64), 4), (64, (64, 128), 4),
+                                        (64, (64, 128), 8), (64, (32, 128), 4), (128, (64, 32), 4)):
+            ssd_triton.FORWARD_CHUNK = chunk
             ssd_triton.STATE_TILE = tile or ssd_triton.STATE_TILE
-            ssd_triton.WARPS.update(output=warps)
-            plan = ssd_triton._forward_plan(inp["x"], 128)
-            name = (f"B{b} T{t} chunk {chunk} walker tile {tile} output n_block {n_block} warps {warps}"
+            ssd_triton.WARPS.update(states=walk_warps)
+            plan = ssd_triton._forward_plan(inp["x"], n)
+            name = (f"B{b} T{t} H{h} P{p} N{n} chunk {chunk} walker tile {tile} walker warps {walk_warps}"
                     + (f" (auto: {plan})" if chunk is None else ""))
             try:
                 err = rel(ssd_triton.ssd_scan_triton(**inp, dt_softplus=True), ref)
@@ -1161,6 +1166,187 @@ def host_e2e():
         torch.cuda.empty_cache()
 
 
+def prefill_split():
+    """Whether prefill (4 x 2048, bf16, forward with use_cache=False, no gradients) waits on the host: per forward,
+    the wall time (synchronised), the host's time to issue it and the GPU's busy time (profiler, kernels alone),
+    for Llama and our two 130M models in one process; and the largest kernels of ours."""
+    llama = llama_130m_config(max_position_embeddings=4096)
+    for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
+                        ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
+                        ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):
+        model = build().to(DEV, torch.bfloat16).eval()
+        ids = torch.randint(0, 50000, (4, 2048), device=DEV)
+
+        def forward():
+            with torch.no_grad():
+                model(ids, use_cache=False)
+
+        for _ in range(5):
+            forward()
+        wall = _wall_ms(forward, 20)
+        issue = _issue_ms(forward, 20)
+        kernels_us = _kernel_times(forward, 5)
+        busy = sum(kernels_us.values()) / 1e3
+        line = (f"wall {wall:.2f} ms, host issue {issue:.2f} ms, GPU busy {busy:.2f} ms per forward "
+                f"({8192 / wall * 1e3:,.0f} tokens/s)")
+        R.setdefault("prefill_split", {})[name] = line
+        print("prefill_split", name, line, flush=True)
+        for key, us in sorted(kernels_us.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"prefill_split {name} {us:9.1f} us  {key}", flush=True)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                forward()
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        for event in ops[:14]:  # host time per forward, by op (self time: without the ops it calls)
+            print(f"prefill_split {name} host {event.self_cpu_time_total / 3e3:7.2f} ms "
+                  f"{event.count / 3:6.0f} calls  {event.key[:60]}", flush=True)
+        model = None
+        torch.cuda.empty_cache()
+
+
+def sync_check():
+    """Device synchronisations in a prefill forward (eval, no gradients, use_cache=False) and a training step
+    (4 x 512, bf16, AdamW) of each family: with torch.cuda.set_sync_debug_mode("error") the first one raises, and
+    its innermost frames are printed; "none" when a forward or step runs without one."""
+    import traceback
+
+    for preset in ("mamba-130m", "mamba2-130m", "hybrid-130m", "s4d-130m"):
+        model = ssm_hf.AutoModelForCausalLM.from_config(ssm_hf.preset_config(preset)).to(DEV, torch.bfloat16)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        ids = torch.randint(0, 50000, (4, 512), device=DEV)
+
+        def forward():
+            with torch.no_grad():
+                model.eval()(ids, use_cache=False)
+
+        def step():
+            model.train()(ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for name, fn in (("prefill", forward), ("training step", step)):
+            fn()  # warm: first calls compile and look up what they may, outside the check
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                fn()
+                found = "none"
+            except RuntimeError as err:
+                frames = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
+                          for f in traceback.extract_tb(err.__traceback__)][-4:]
+                found = f"{str(err).splitlines()[0][:80]} at " + " <- ".join(reversed(frames))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            R.setdefault("sync_check", {})[f"{preset} {name}"] = found
+            print("sync_check", preset, name, found, flush=True)
+        model = opt = None
+        torch.cuda.empty_cache()
+
+
+def check_ab(rounds: int = 5):
+    """The token-id range check's device synchronisation, A/B in one process: prefill forwards (4 x 2048, bf16, no
+    gradients, use_cache=False; synchronised wall per forward over 20) and training steps (AdamW; over 10) with
+    SSM_HF_CHECK_TOKEN_IDS=1 (the check reads the ids back in every forward, as before the eleventh session) and
+    unset (no read-back in cache-less forwards on the GPU), alternated `rounds` times; medians, and how many pairs
+    were faster without the read-back."""
+    import statistics
+
+    for preset in ("mamba2-130m", "mamba-130m"):
+        model = ssm_hf.AutoModelForCausalLM.from_config(ssm_hf.preset_config(preset)).to(DEV, torch.bfloat16)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        ids = torch.randint(0, 50000, (4, 2048), device=DEV)
+
+        def forward():
+            with torch.no_grad():
+                model(ids, use_cache=False)
+
+        def step():
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for name, fn, n, train in (("prefill", forward, 20, False), ("training step", step, 10, True)):
+            model.train(train)
+            for _ in range(3):
+                fn()
+            times = {"check": [], "no check": []}
+            for _ in range(rounds):
+                for label in times:
+                    if label == "check":
+                        os.environ["SSM_HF_CHECK_TOKEN_IDS"] = "1"
+                    else:
+                        os.environ.pop("SSM_HF_CHECK_TOKEN_IDS", None)
+                    times[label].append(_wall_ms(fn, n))
+            os.environ.pop("SSM_HF_CHECK_TOKEN_IDS", None)
+            wins = sum(b < a for a, b in zip(times["check"], times["no check"]))
+            line = (f"{preset} {name}: check {statistics.median(times['check']):.2f} ms, no check "
+                    f"{statistics.median(times['no check']):.2f} ms per call (median of {rounds}); faster without "
+                    f"in {wins} of {rounds} pairs; " + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in
+                                                                 zip(times["check"], times["no check"])))
+            R.setdefault("check_ab", {})[f"{preset} {name}"] = line
+            print("check_ab", line, flush=True)
+        model = opt = None
+        torch.cuda.empty_cache()
+
+
+def check_add_norm():
+    """The residual add + cast + RMS norm op (`kernels.add_rms_norm`, one Triton kernel each way) at the 130M models'
+    training shape (4 x 2048 x 768, weight bf16), as the blocks use it (a float32 stream normed in bf16, "cast")
+    and with a bf16 input added to a float32 residual ("add"): y, h and the gradients against its PyTorch form in
+    float64 on the same values, beside the separate ops it stands for (add, cast, the norm kernel); then forward
+    and forward+backward times (do_bench medians) of both in the same process."""
+    from ssm_hf.kernels import norm_torch
+    from ssm_hf.kernels.norm_triton import add_rms_norm_triton, rms_norm_gated_triton
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    w = (1 + 0.3 * torch.randn(768, device=DEV, generator=g)).bfloat16()
+    rows = {}
+    for case in ("cast", "add"):
+        x = 3 * torch.randn(4, 2048, 768, device=DEV, generator=g)
+        r = None
+        if case == "add":
+            x, r = x.bfloat16(), 3 * torch.randn(4, 2048, 768, device=DEV, generator=g)
+        dy = torch.randn(4, 2048, 768, device=DEV, generator=g).bfloat16()
+        dh = torch.randn(4, 2048, 768, device=DEV, generator=g)
+
+        def fused(x, r, w):
+            return add_rms_norm_triton(x, r, w, 1e-5, None, torch.bfloat16)
+
+        def by_ops(x, r, w):  # h = residual + x, the norm kernel on h cast to the weight's dtype
+            h = x if r is None else r + x
+            return rms_norm_gated_triton(h.to(torch.bfloat16), None, w, 768, 1e-5), h
+
+        def run(fn, x, r, w):
+            leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, r, w)]
+            y, h = fn(*leaves)
+            torch.autograd.backward([y, h], [dy.to(y.dtype), dh.to(h.dtype)])
+            return [y, h] + [t.grad if t is not None else None for t in leaves], leaves
+
+        got, _ = run(fused, x, r, w)
+        ops, _ = run(by_ops, x, r, w)
+        exact, _ = run(lambda *t: norm_torch.add_rms_norm(*t, 1e-5, None, torch.bfloat16), x.double(),
+                       r.double() if r is not None else None, w.double())
+        for name, a, b, e in zip(("y", "h", "dx", "dresidual", "dweight"), got, ops, exact):
+            if e is not None:
+                rows[f"{case} {name}"] = dict(fused=rel(a.double(), e), by_ops=rel(b.double(), e), dtype=str(a.dtype))
+                print("check_add_norm", case, name, rows[f"{case} {name}"], flush=True)
+        for name, fn in (("fused", fused), ("by ops", by_ops)):
+            fwd = do_bench(lambda: fn(x, r, w), return_mode="median") * 1e3
+            _, leaves = run(fn, x, r, w)
+            live = [t for t in leaves if t is not None]
+
+            def both():
+                y, h = fn(*leaves)
+                torch.autograd.backward([y, h], [dy, dh.to(h.dtype)])
+
+            fwd_bwd = do_bench(both, return_mode="median", grad_to_none=live) * 1e3
+            rows[f"{case} {name}"] = dict(forward_us=round(fwd, 1), forward_backward_us=round(fwd_bwd, 1))
+            print("check_add_norm", case, name, rows[f"{case} {name}"], flush=True)
+    R["check_add_norm"] = rows
+
+
 def _launch_costs(step, launches: int = 200) -> dict[str, tuple[float, float, int]]:
     """Host time per launch of each FastLaunch kernel one training step launches (its first launch's arguments,
     relaunched `launches` times): through Triton's `JITFunction.run`, then through the cache. {} on an ssm_hf
@@ -1316,7 +1502,8 @@ def main():
              "conv_sweep": conv_sweep, "conv_tiles": conv_tiles, "ssd_grads_sweep": ssd_grads_sweep,
              "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
              "profile_e2e": profile_e2e, "host_e2e": host_e2e, "host_breakdown": host_breakdown,
-             "launch_ab": launch_ab,
+             "launch_ab": launch_ab, "prefill_split": prefill_split, "sync_check": sync_check, "check_ab": check_ab,
+             "check_add_norm": check_add_norm,
              "e2e_shape_sweep": e2e_shape_sweep,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run

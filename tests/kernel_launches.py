@@ -405,6 +405,29 @@ def drive_rms_norm_gated(rec: Recorder, kernels) -> None:
                 y.backward(torch.randn_like(y))
 
 
+def drive_add_rms_norm(rec: Recorder, kernels) -> None:
+    """The residual add + cast + norm op: the blocks' use (a float32 stream normed in its 16-bit weight's dtype,
+    the norm's input kept for the backward) and its other paths (a residual added, kept in float32 or the inputs'
+    dtype; the norm reading the stream uncast), with and without gradients."""
+    rows, hidden = (2, 5), 768
+    for x_dtype, with_residual, residual_dtype, norm_dtype, level in (
+            (torch.float32, False, None, torch.bfloat16, CORE), (torch.float32, False, None, torch.float16, PRIMARY),
+            (torch.bfloat16, True, torch.float32, torch.bfloat16, PRIMARY), (torch.bfloat16, True, None, None, FULL),
+            (torch.bfloat16, False, torch.float32, None, FULL), (torch.float32, True, None, torch.float32, FULL)):
+        w_dtype = norm_dtype or x_dtype
+        for grad in (True, False):
+            if not rec.begin(f"add_rms_norm x {x_dtype} residual {with_residual} stream {residual_dtype} norm "
+                             f"{norm_dtype} grad {grad}", level):
+                continue
+            x = _randn(*rows, hidden, dtype=x_dtype, grad=grad)
+            residual = _randn(*rows, hidden, dtype=residual_dtype or x_dtype, grad=grad) if with_residual else None
+            weight = _randn(hidden, dtype=w_dtype, grad=grad)
+            with torch.set_grad_enabled(grad):
+                y, h = kernels.add_rms_norm(x, residual, weight, 1e-5, residual_dtype, norm_dtype)
+            if grad:
+                torch.autograd.backward([y, h], [torch.randn_like(y), torch.randn_like(h)])
+
+
 def drive_models(rec: Recorder, kernels) -> None:
     """Mamba and Mamba-2 at their real per-layer sizes (one layer, small vocabulary), calling the ops as the models
     do: training forward+backward (plain, left-padded, packed) and greedy generation (prefill, decoding steps).
@@ -441,7 +464,7 @@ def drive_models(rec: Recorder, kernels) -> None:
 
 
 DRIVERS = (drive_selective_scan, drive_selective_scan_chunked, drive_ssd_scan, drive_causal_conv1d,
-           drive_decode_steps, drive_rms_norm_gated, drive_models)
+           drive_decode_steps, drive_rms_norm_gated, drive_add_rms_norm, drive_models)
 
 
 # ---------------------------------------------------------------------------------------------------------------

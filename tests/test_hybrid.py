@@ -60,6 +60,16 @@ def test_logits_equal_transformers_jamba(overrides):
     assert transformers.JambaConfig(**fields).layers_block_type == jamba_config.layers_block_type
 
 
+def test_logits_in_lm_head_dtype_and_loss_in_float32():
+    torch.manual_seed(0)
+    model = ssm_hf.HybridForCausalLM(_tiny()).to(torch.bfloat16).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_jamba_converter_names_what_does_not_fit():
     jamba_config = _jamba_config()
     state_dict = transformers.JambaForCausalLM(jamba_config).state_dict()

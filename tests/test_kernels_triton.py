@@ -1278,6 +1278,110 @@ def test_rms_norm_layer_on_the_triton_kernels_equals_its_pytorch_form(monkeypatc
         norm_triton.rms_norm_gated_triton(x, None, norm.weight[:-1], 24, 1e-5)
 
 
+@pytest.mark.parametrize("x_dtype,residual,residual_dtype,norm_dtype,w_dtype", [
+    (torch.float32, None, None, None, torch.float32),                    # a norm alone
+    (torch.float32, None, None, torch.bfloat16, torch.bfloat16),         # a block's norm of its float32 stream
+    (torch.float32, torch.float32, None, torch.float32, torch.float32),  # add + norm, float32
+    (torch.bfloat16, None, torch.float32, torch.bfloat16, torch.bfloat16),       # cast to a float32 stream + norm
+    (torch.bfloat16, torch.float32, None, torch.bfloat16, torch.bfloat16),       # add to a float32 stream + norm
+    (torch.bfloat16, torch.float32, None, None, torch.bfloat16),                 # ... the norm reading it uncast
+    (torch.bfloat16, torch.bfloat16, None, torch.bfloat16, torch.bfloat16),      # a bf16 stream
+    (torch.bfloat16, torch.float32, None, torch.float32, torch.float32),         # a float32 norm weight
+])
+def test_triton_add_rms_norm_forward_and_gradients(monkeypatch, x_dtype, residual, residual_dtype, norm_dtype,
+                                                   w_dtype):
+    """The residual add + cast + RMS norm op (one kernel each way) against its PyTorch form in the same dtypes
+    (the ops it stands for: h = residual + x, norm(h cast to norm_dtype)): y, h and the gradients of x, the
+    residual and the weight, with gradients arriving at both outputs. float32 also against float64. Several rows
+    per backward program."""
+    from ssm_hf.kernels import norm_torch, norm_triton
+
+    monkeypatch.setattr(norm_triton, "BACKWARD_PROGRAMS_NO_GPU", 3)
+    g = torch.Generator().manual_seed(18)
+    hidden = 20
+    x = 2 * torch.randn(2, 7, hidden, dtype=torch.float64, generator=g)
+    r = 3 * torch.randn(2, 7, hidden, dtype=torch.float64, generator=g) if residual is not None else None
+    weight = 1 + 0.3 * torch.randn(hidden, dtype=torch.float64, generator=g)
+
+    def run(fn, device, dtypes):
+        leaves = [t.to(device, dt).requires_grad_(True) if t is not None else None
+                  for t, dt in zip((x, r, weight), dtypes)]
+        y, h = fn(leaves[0], leaves[1], leaves[2], 1e-5, residual_dtype, norm_dtype)
+        dy = torch.randn(y.shape, generator=g).to(device, y.dtype)
+        dh = torch.randn(h.shape, generator=g).to(device, h.dtype)
+        torch.autograd.backward([y, h], [dy, dh])
+        return [y, h] + [t.grad if t is not None else None for t in leaves], (dy, dh)
+
+    # the backward keeps h, or only the norm's input where h is float32 and the norm rounds it to a 16-bit weight's
+    # dtype (half the bytes; the stream is not kept by anything else)
+    y, _ = norm_triton.add_rms_norm_triton(x.to(DEVICE, x_dtype).requires_grad_(True), None, weight.to(DEVICE, w_dtype),
+                                           1e-5, residual_dtype, norm_dtype)
+    (kept, _) = y.grad_fn.saved_tensors
+    narrow = norm_dtype == w_dtype != torch.float32 and (residual_dtype or x_dtype) == torch.float32
+    assert kept.dtype == (w_dtype if narrow else residual_dtype or x_dtype)
+    g.manual_seed(19)
+    ours, _ = run(norm_triton.add_rms_norm_triton, DEVICE, (x_dtype, residual, w_dtype))
+    g.manual_seed(19)
+    want, _ = run(norm_torch.add_rms_norm, "cpu", (x_dtype, residual, w_dtype))
+    tol = 1e-5 if x_dtype == torch.float32 and w_dtype == torch.float32 else 2e-2
+    for name, a, b in zip(("y", "h", "dx", "dresidual", "dweight"), ours, want):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == b.dtype, name
+        assert _rel_err(a.float().cpu(), b.double()) < tol, name
+    if tol == 1e-5:  # and the same function in float64
+        g.manual_seed(19)
+        exact, _ = run(norm_torch.add_rms_norm, "cpu", (torch.float64, torch.float64, torch.float64))
+        for name, a, b in zip(("y", "h", "dx", "dresidual", "dweight"), ours, exact):
+            if b is not None:
+                assert _rel_err(a.double().cpu(), b) < 1e-5, name
+    with pytest.raises(ValueError, match="weight has shape"):
+        norm_triton.add_rms_norm_triton(x.float(), None, weight[:-1].float(), 1e-5)
+    with pytest.raises(ValueError, match="residual has shape"):
+        norm_triton.add_rms_norm_triton(x.float(), x.float()[:, :3], weight.float(), 1e-5)
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_on_the_add_norm_kernel_equal_their_pytorch_form(monkeypatch, family, dtype):
+    """A whole model's loss, hidden states per layer and every gradient with the blocks' cast + norm on the Triton
+    kernel (`kernels.add_rms_norm`; the interpreter on the CPU; the mixers' ops on PyTorch) and on its PyTorch form:
+    in float32 equal to rounding; in bf16 no further from the same model in float64 than the PyTorch form is (the
+    interpreter truncates to bf16 where a GPU rounds)."""
+    import copy
+
+    import ssm_hf
+    from ssm_hf.kernels import norm_torch
+    from ssm_hf.kernels.norm_triton import add_rms_norm_triton
+
+    torch.manual_seed(0)
+    config = ssm_hf.preset_config(f"{family}-tiny", num_hidden_layers=3)
+    base = ssm_hf.AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+
+    def run(op, run_dtype, device):
+        monkeypatch.setattr(kernels, "add_rms_norm", op)
+        model = copy.deepcopy(base).to(device, run_dtype)
+        out = model(ids.to(device), labels=ids.to(device), output_hidden_states=True)
+        out.loss.backward()
+        grads = torch.cat([p.grad.double().flatten().cpu() for p in model.parameters()])
+        return [out.loss.detach(), *[h.detach() for h in out.hidden_states]], grads
+
+    ours, ours_grads = run(add_rms_norm_triton, dtype, DEVICE)
+    want, want_grads = run(norm_torch.add_rms_norm, dtype, "cpu")
+    assert len(ours) == len(want) == config.num_hidden_layers + 2
+    for a, b in zip(ours, want):
+        assert a.dtype == b.dtype
+    if dtype == torch.float32:
+        for a, b in zip(ours + [ours_grads], want + [want_grads]):
+            assert _rel_err(a.double().cpu(), b.double().cpu()) < 1e-5
+        return
+    exact, exact_grads = run(norm_torch.add_rms_norm, torch.float64, "cpu")
+    for a, b, e in zip(ours + [ours_grads], want + [want_grads], exact + [exact_grads]):
+        assert _rel_err(a.double().cpu(), e) <= 1.5 * _rel_err(b.double().cpu(), e) + 2e-3
+
+
 @pytest.mark.parametrize("layout", ["slice", "rows", "channels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_rms_norm_gated_reads_the_gate_in_place(monkeypatch, dtype, layout):

@@ -123,6 +123,48 @@ def test_token_ids_out_of_range_are_named(family):
         model(torch.tensor([[-1, 2]]))
 
 
+def test_token_id_check_reads_back_only_where_it_costs_nothing(monkeypatch):
+    """The range check reads the ids back (a device synchronisation): on the CPU and in forwards with a cache
+    (generation), not in cache-less forwards on an accelerator unless SSM_HF_CHECK_TOKEN_IDS=1; =0 turns it off."""
+    from ssm_hf.models.modeling_utils import check_token_ids
+
+    reads, aminmax = [], torch.aminmax
+    # meta tensors stand in for an accelerator's (their values cannot be read: the spy answers for them)
+    monkeypatch.setattr(torch, "aminmax", lambda ids: (reads.append(ids.device.type),
+                                                       aminmax(torch.tensor([0, 3])))[1])
+    monkeypatch.delenv("SSM_HF_CHECK_TOKEN_IDS", raising=False)
+    on_device = torch.ones(2, 5, dtype=torch.long, device="meta")
+    check_token_ids(on_device, 10)                                    # training / scoring: no read-back
+    check_token_ids(on_device[:, :1], 10, with_cache=True)             # a decoding step: no read-back
+    assert reads == []
+    check_token_ids(on_device, 10, with_cache=True)                   # generation's prompt
+    check_token_ids(torch.ones(2, 5, dtype=torch.long), 10)           # the CPU
+    assert reads == ["meta", "cpu"]
+    monkeypatch.setenv("SSM_HF_CHECK_TOKEN_IDS", "1")
+    check_token_ids(on_device, 10)
+    assert reads == ["meta", "cpu", "meta"]
+    monkeypatch.setenv("SSM_HF_CHECK_TOKEN_IDS", "0")
+    check_token_ids(torch.tensor([[5, 99]]), 10)                      # off: nothing read, nothing raised
+    assert reads == ["meta", "cpu", "meta"]
+    monkeypatch.setattr(torch, "aminmax", aminmax)
+    monkeypatch.delenv("SSM_HF_CHECK_TOKEN_IDS")
+    with pytest.raises(ValueError, match="token id 99"):
+        check_token_ids(torch.tensor([[5, 99]]), 10)
+
+
+@families
+def test_logits_in_lm_head_dtype_and_loss_in_float32(family):
+    """bf16 logits (as transformers' Llama gives them, no float32 copy of the whole vocabulary per token); the
+    loss is still the float32 cross-entropy of those logits."""
+    torch.manual_seed(0)
+    model = causal_lm_class(family)(tiny_config(family)).to(torch.bfloat16).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
+
+
 @families
 def test_load_state_dict_names_missing_and_misshaped_keys(family):
     model = causal_lm_class(family)(tiny_config(family))

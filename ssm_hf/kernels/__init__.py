@@ -4,10 +4,12 @@ never branch on the device themselves.
 `selective_scan` and `ssd_scan` run Triton kernels for CUDA tensors when Triton is installed, and the
 PyTorch chunked forms otherwise; both compute the same function; so do the single-token decoding steps
 `selective_state_update`, `ssd_state_update` and `causal_conv1d_update` (Triton only outside autograd), the
-prefill conv `causal_conv1d` and Mamba-2's gated norm `rms_norm_gated`. `conv_ssd_norm` is Mamba-2's conv, scan and
-norm in one op (one autograd node on the Triton path). Set the environment variable
-`SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for debugging);
-`SSM_HF_TRITON_LAUNCH_CACHE=0` launches the Triton kernels through Triton's own path (see `launch.FastLaunch`).
+prefill conv `causal_conv1d`, Mamba-2's gated norm `rms_norm_gated` and the residual add + cast + RMS norm
+`add_rms_norm` (the blocks' norm of their float32 stream). `conv_ssd_norm` is Mamba-2's conv, scan and norm in
+one op (one autograd node on the Triton path).
+Set the environment variable `SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for
+debugging); `SSM_HF_TRITON_LAUNCH_CACHE=0` launches the Triton kernels through Triton's own path (see
+`launch.FastLaunch`).
 
 `selective_scan`, `ssd_scan` and `causal_conv1d` take `seq_idx` (batch or 1, seqlen) for packed sequences (several
 sequences end to end in a row, a new one wherever the id changes, see `packing`): nothing crosses from one
@@ -99,6 +101,20 @@ def rms_norm_gated(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Ten
 
         return rms_norm_gated_triton(x, gate, weight, group_size, eps)
     return norm_torch.rms_norm_gated(x, gate, weight, group_size, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 residual_dtype: torch.dtype | None = None, norm_dtype: torch.dtype | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add, a cast and an RMS norm as one op: (RMSNorm(h cast to norm_dtype), h) for h = residual + x;
+    as `norm_torch.add_rms_norm` (one Triton kernel each way on CUDA, for norm_dtype None, h's or the weight's)."""
+    if use_triton(x) and norm_dtype in (None, weight.dtype,
+                                        residual_dtype or (x.dtype if residual is None else
+                                                           torch.promote_types(x.dtype, residual.dtype))):
+        from .norm_triton import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, residual, weight, eps, residual_dtype, norm_dtype)
+    return norm_torch.add_rms_norm(x, residual, weight, eps, residual_dtype, norm_dtype)
 
 
 def ssd_scan(x: torch.Tensor, *args, **kwargs):

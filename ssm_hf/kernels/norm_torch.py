@@ -20,3 +20,20 @@ def rms_norm_gated(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Ten
     grouped = u.unflatten(-1, (-1, group_size))
     grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
     return weight * grouped.flatten(-2).to(input_dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 residual_dtype: torch.dtype | None = None, norm_dtype: torch.dtype | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add, a cast and an RMS norm: h = residual + x (x alone without a residual), summed in
+    float32 (or wider) and stored in `residual_dtype` if given, else in torch's promotion of the two dtypes; y =
+    `rms_norm_gated` of h cast to `norm_dtype` (h's own dtype if None), no gate, one group. x, residual: (...,
+    hidden); weight: (hidden,). Returns (y, h)."""
+    if residual is None:
+        h = x if residual_dtype is None else x.to(residual_dtype)
+    else:  # summed in float32 at least (torch's own sum of two bf16 tensors is that, rounded once)
+        h_dtype = residual_dtype or torch.promote_types(x.dtype, residual.dtype)
+        compute = torch.promote_types(torch.promote_types(x.dtype, residual.dtype), torch.float32)
+        h = (residual.to(compute) + x.to(compute)).to(h_dtype)
+    normed_input = h if norm_dtype is None else h.to(norm_dtype)
+    return rms_norm_gated(normed_input, None, weight, h.shape[-1], eps), h

@@ -21,9 +21,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm_gated(hidden_states, None, self.weight, hidden_states.shape[-1],
-                                      self.variance_epsilon)
+    def forward(self, hidden_states: torch.Tensor, norm_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The norm of hidden_states cast to `norm_dtype` first (as `hidden_states.to(norm_dtype)`, with the cast
+        inside the kernel: a block's float32 residual stream normed in its weight's dtype), or of hidden_states as
+        they are."""
+        if norm_dtype is None or norm_dtype == hidden_states.dtype:
+            return kernels.rms_norm_gated(hidden_states, None, self.weight, hidden_states.shape[-1],
+                                          self.variance_epsilon)
+        return kernels.add_rms_norm(hidden_states, None, self.weight, self.variance_epsilon, norm_dtype=norm_dtype)[0]
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"

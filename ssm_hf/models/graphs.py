@@ -467,7 +467,7 @@ class CapturedDecodeStep:
                 states[idx] = own
 
     def __call__(self, cache: StateCache, input_ids: torch.Tensor) -> SSMCausalLMOutput:
-        """Replay on input_ids (batch, 1): logits (batch, 1, vocab) in float32, the cache advanced by one token
+        """Replay on input_ids (batch, 1): logits (batch, 1, vocab) in lm_head's dtype, the cache advanced by one token
         (`attach` it first)."""
         self.input_ids.copy_(input_ids)
         seen = cache.seen_tokens

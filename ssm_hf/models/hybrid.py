@@ -245,7 +245,9 @@ class HybridForCausalLM(HybridPreTrainedModel, StateGenerationMixin):
             seq_idx=seq_idx,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+        # in lm_head's dtype, as transformers' Llama and Jamba give them: the loss and generate() cast to
+        # float32 themselves; a float32 copy here took 10-12% of a prefill's GPU time (BENCHMARKS.md, 11th session)
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype))
         loss = aux_loss = None
         if outputs.router_logits:
             seqlen = outputs.last_hidden_state.shape[1]

@@ -27,8 +27,8 @@ class SSMModelOutput(ModelOutput):
 @with_installed_cache_name
 @dataclass
 class SSMCausalLMOutput(ModelOutput):
-    """loss: next-token cross-entropy (with `labels`); logits: (batch, seqlen, vocab_size) in float32; cache: as
-    in `SSMModelOutput`."""
+    """loss: next-token cross-entropy (with `labels`); logits: (batch, seqlen, vocab_size) in lm_head's dtype;
+    cache: as in `SSMModelOutput`."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None

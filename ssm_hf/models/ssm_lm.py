@@ -43,7 +43,8 @@ class SSMBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
+        # the norm of the stream cast to its weight's dtype (as transformers' Mamba), the cast inside its kernel
+        hidden_states = self.norm(hidden_states, norm_dtype=self.norm.weight.dtype)
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
         return residual + self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask,
@@ -202,7 +203,9 @@ class SSMForCausalLM(SSMPreTrainedModel, StateGenerationMixin):
             attention_mask=attention_mask, seq_idx=seq_idx,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+        # in lm_head's dtype, as transformers' Llama and Jamba give them: the loss and generate() cast to
+        # float32 themselves; a float32 copy here took 10-12% of a prefill's GPU time (BENCHMARKS.md, 11th session)
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype))
         loss = None
         if labels is not None:
             labels, kwargs = mask_sequence_starts(labels, seq_idx, kwargs)
