@@ -128,10 +128,10 @@ def test_token_id_check_reads_back_only_where_it_costs_nothing(monkeypatch):
     (generation), not in cache-less forwards on an accelerator unless SSM_HF_CHECK_TOKEN_IDS=1; =0 turns it off."""
     from ssm_hf.models.modeling_utils import check_token_ids
 
-    reads, aminmax = [], torch.aminmax
-    # meta tensors stand in for an accelerator's (their values cannot be read: the spy answers for them)
-    monkeypatch.setattr(torch, "aminmax", lambda ids: (reads.append(ids.device.type),
-                                                       aminmax(torch.tensor([0, 3])))[1])
+    reads, stack = [], torch.stack
+    # meta tensors stand in for an accelerator's (their values cannot be read: the spy reads CPU ones instead)
+    monkeypatch.setattr(torch, "stack", lambda tensors: (reads.append(tensors[0].device.type),
+                                                         stack([torch.tensor(0), torch.tensor(3)]))[1])
     monkeypatch.delenv("SSM_HF_CHECK_TOKEN_IDS", raising=False)
     on_device = torch.ones(2, 5, dtype=torch.long, device="meta")
     check_token_ids(on_device, 10)                                    # training / scoring: no read-back
@@ -146,7 +146,7 @@ def test_token_id_check_reads_back_only_where_it_costs_nothing(monkeypatch):
     monkeypatch.setenv("SSM_HF_CHECK_TOKEN_IDS", "0")
     check_token_ids(torch.tensor([[5, 99]]), 10)                      # off: nothing read, nothing raised
     assert reads == ["meta", "cpu", "meta"]
-    monkeypatch.setattr(torch, "aminmax", aminmax)
+    monkeypatch.setattr(torch, "stack", stack)
     monkeypatch.delenv("SSM_HF_CHECK_TOKEN_IDS")
     with pytest.raises(ValueError, match="token id 99"):
         check_token_ids(torch.tensor([[5, 99]]), 10)

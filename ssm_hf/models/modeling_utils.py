@@ -66,8 +66,7 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int, with_cache: bool =
     forced = os.environ.get("SSM_HF_CHECK_TOKEN_IDS")
     if forced == "0" or (forced != "1" and input_ids.device.type != "cpu" and not with_cache):
         return
-    low, high = torch.aminmax(input_ids)
-    low, high = torch.stack((low, high)).tolist()  # one read-back for both
+    low, high = torch.stack((input_ids.min(), input_ids.max())).tolist()  # one read-back for both
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size}).")
