@@ -315,8 +315,7 @@ class _AddRMSNorm(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).contiguous()
         r2 = residual.reshape(x2.shape).contiguous() if residual is not None else None
         weight = weight.contiguous()  # indexed as weight_ptr + column
-        # for the backward keep the norm's input (bf16, say) rather than a float32 h, where that is all it needs:
-        # the stream itself is not kept by anything else
+        # for the backward keep the norm's input (bf16, say: half a float32 h's bytes) where that is all it needs
         keep_input = (any(ctx.needs_input_grad[:3]) and round_to_weight and h_dtype == torch.float32
                       and weight.element_size() < 4)
         y, h, normed_input = add_norm_forward(x2, r2, weight, eps, h_dtype, round_to_weight, keep_input)
@@ -324,7 +323,7 @@ class _AddRMSNorm(torch.autograd.Function):
         ctx.saved_h = not keep_input
         ctx.eps, ctx.round_to_weight, ctx.shape = eps, round_to_weight, shape
         ctx.x_dtype, ctx.residual_dtype = x.dtype, residual.dtype if residual is not None else None
-        # a gradient not asked for (h's, after the last block) stays None, not zeros
+        # a gradient not asked for (h's, where the caller does not use h) stays None, not zeros
         ctx.set_materialize_grads(False)
         return y.view(shape), h.view(shape)
 

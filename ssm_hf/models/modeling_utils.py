@@ -58,8 +58,8 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int, with_cache: bool =
     prefills at 4 x 2048 were faster without it in 18 of 20 alternated pairs, training steps in 14 of 20;
     BENCHMARKS.md, eleventh session). So it runs where that costs nothing: ids on the CPU, and a forward with a
     cache (generation, which reads its tokens back anyway), except single-token steps with it (ids the model
-    produced itself). A cache-less forward on an accelerator (training, scoring) leaves bad ids
-    to the embedding's own bounds check (on CUDA a device-side assert) unless SSM_HF_CHECK_TOKEN_IDS=1;
+    produced itself). A cache-less forward on an accelerator (training, scoring) leaves bad ids to the
+    embedding's own bounds check (on CUDA a device-side assert) unless SSM_HF_CHECK_TOKEN_IDS=1;
     SSM_HF_CHECK_TOKEN_IDS=0 turns the check off everywhere."""
     if torch.compiler.is_compiling() or input_ids.numel() == 0 or (with_cache and input_ids.shape[1] == 1):
         return
