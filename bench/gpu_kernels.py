@@ -1055,16 +1055,21 @@ def latency():
     print("latency", R["latency"], flush=True)
 
 
+def _llama_and_ours() -> tuple:
+    """(name, build) of the e2e peer, transformers' Llama 130M with SDPA, and of our 130M models."""
+    llama = llama_130m_config(max_position_embeddings=4096)
+    return (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
+            ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
+            ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m"))))
+
+
 def e2e():
     """Prefill and training tokens/s at 4 x 2048, bf16 weights, AdamW. Llama runs first and again last: the two
     bracket our models, so that a machine whose speed drifts during the process shows it (one early call measured
     Llama 153K and 176K tokens/s in two processes of the same code)."""
     rows = {}
-    llama = llama_130m_config(max_position_embeddings=4096)
-    for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
-                        ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
-                        ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m"))),
-                        ("llama-130m sdpa again", lambda: transformers.LlamaForCausalLM(llama))):
+    models = _llama_and_ours()
+    for name, build in (*models, ("llama-130m sdpa again", models[0][1])):
         model = build().to(DEV, torch.bfloat16)
         ids = torch.randint(0, 50000, (4, 2048), device=DEV)
         model.eval()
@@ -1116,6 +1121,26 @@ def _wall_ms(fn, n: int) -> float:
     return (time.perf_counter() - start) / n * 1e3
 
 
+def _alternate_env(variable: str, settings: dict, timed: dict, rounds: int) -> dict:
+    """Synchronised wall ms per call (`_wall_ms`) of each of `timed` ({name: (fn, calls)}) under each of `settings`
+    ({label: the environment variable's value, None for unset}), alternated `rounds` times in this process, one
+    untimed call after each switch; the variable is unset afterwards. Returns {(name, label): [ms, one per round]}."""
+    times = {(name, label): [] for name in timed for label in settings}
+    try:
+        for _ in range(rounds):
+            for label, value in settings.items():
+                if value is None:
+                    os.environ.pop(variable, None)
+                else:
+                    os.environ[variable] = value
+                for name, (fn, calls) in timed.items():
+                    fn()
+                    times[name, label].append(_wall_ms(fn, calls))
+    finally:
+        os.environ.pop(variable, None)
+    return times
+
+
 def _issue_ms(step, n: int) -> float:
     """Median over n steps of the host's time to issue one step after a synchronise (its Python returning), ms."""
     import statistics
@@ -1139,10 +1164,7 @@ def host_e2e():
     import io
     import pstats
 
-    llama = llama_130m_config(max_position_embeddings=4096)
-    for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
-                        ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
-                        ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):
+    for name, build in _llama_and_ours():
         step = _warm_training_step(build)
         wall = _wall_ms(step, 10)
         issue = _issue_ms(step, 10)
@@ -1170,10 +1192,7 @@ def prefill_split():
     """Whether prefill (4 x 2048, bf16, forward with use_cache=False, no gradients) waits on the host: per forward,
     the wall time (synchronised), the host's time to issue it and the GPU's busy time (profiler, kernels alone),
     for Llama and our two 130M models in one process; and the largest kernels of ours."""
-    llama = llama_130m_config(max_position_embeddings=4096)
-    for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
-                        ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m"))),
-                        ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m")))):
+    for name, build in _llama_and_ours():
         model = build().to(DEV, torch.bfloat16).eval()
         ids = torch.randint(0, 50000, (4, 2048), device=DEV)
 
@@ -1254,40 +1273,28 @@ def check_ab(rounds: int = 5):
     import statistics
 
     for preset in ("mamba2-130m", "mamba-130m"):
-        model = ssm_hf.AutoModelForCausalLM.from_config(ssm_hf.preset_config(preset)).to(DEV, torch.bfloat16)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        def build(preset=preset):
+            return ssm_hf.AutoModelForCausalLM.from_config(ssm_hf.preset_config(preset))
+
+        step = _warm_training_step(build)
+        model = build().to(DEV, torch.bfloat16).eval()
         ids = torch.randint(0, 50000, (4, 2048), device=DEV)
 
         def forward():
             with torch.no_grad():
                 model(ids, use_cache=False)
 
-        def step():
-            model(ids, labels=ids, use_cache=False).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for name, fn, n, train in (("prefill", forward, 20, False), ("training step", step, 10, True)):
-            model.train(train)
-            for _ in range(3):
-                fn()
-            times = {"check": [], "no check": []}
-            for _ in range(rounds):
-                for label in times:
-                    if label == "check":
-                        os.environ["SSM_HF_CHECK_TOKEN_IDS"] = "1"
-                    else:
-                        os.environ.pop("SSM_HF_CHECK_TOKEN_IDS", None)
-                    times[label].append(_wall_ms(fn, n))
-            os.environ.pop("SSM_HF_CHECK_TOKEN_IDS", None)
-            wins = sum(b < a for a, b in zip(times["check"], times["no check"]))
-            line = (f"{preset} {name}: check {statistics.median(times['check']):.2f} ms, no check "
-                    f"{statistics.median(times['no check']):.2f} ms per call (median of {rounds}); faster without "
-                    f"in {wins} of {rounds} pairs; " + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in
-                                                                 zip(times["check"], times["no check"])))
+        times = _alternate_env("SSM_HF_CHECK_TOKEN_IDS", {"check": "1", "no check": None},
+                               {"prefill": (forward, 20), "training step": (step, 10)}, rounds)
+        for name in ("prefill", "training step"):
+            check, no_check = times[name, "check"], times[name, "no check"]
+            wins = sum(b < a for a, b in zip(check, no_check))
+            line = (f"{preset} {name}: check {statistics.median(check):.2f} ms, no check "
+                    f"{statistics.median(no_check):.2f} ms per call (median of {rounds}); faster without in {wins} "
+                    f"of {rounds} pairs; " + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(check, no_check)))
             R.setdefault("check_ab", {})[f"{preset} {name}"] = line
             print("check_ab", line, flush=True)
-        model = opt = None
+        step = model = None
         torch.cuda.empty_cache()
 
 
@@ -1404,17 +1411,10 @@ def launch_ab():
             with torch.no_grad():
                 model(token, use_cache=True, **{CACHE_NAME: prefilled})
 
-        times = {key: [] for key in ("train 0", "train 1", "decode 0", "decode 1")}
-        for _ in range(6):
-            for setting in ("0", "1"):
-                os.environ["SSM_HF_TRITON_LAUNCH_CACHE"] = setting
-                step()
-                times[f"train {setting}"].append(_wall_ms(step, 10))
-                decode_step()
-                times[f"decode {setting}"].append(_wall_ms(decode_step, 64))
-        os.environ.pop("SSM_HF_TRITON_LAUNCH_CACHE")
-        for key, values in times.items():
-            print("launch_ab", name, f"{key}: median {statistics.median(values):.2f} ms per step "
+        times = _alternate_env("SSM_HF_TRITON_LAUNCH_CACHE", {"0": "0", "1": "1"},
+                               {"train": (step, 10), "decode": (decode_step, 64)}, rounds=6)
+        for (kind, setting), values in times.items():
+            print("launch_ab", name, f"{kind} {setting}: median {statistics.median(values):.2f} ms per step "
                   f"({', '.join(f'{v:.1f}' for v in values)})", flush=True)
         step = model = prefilled = None
         torch.cuda.empty_cache()
@@ -1429,10 +1429,7 @@ def host_breakdown():
     from host_ops import _Launches
     from torch.profiler import ProfilerActivity, profile
 
-    llama = llama_130m_config(max_position_embeddings=4096)
-    for name, build in (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)),
-                        ("ours mamba2-130m", lambda: ssm_hf.Mamba2ForCausalLM(ssm_hf.preset_config("mamba2-130m"))),
-                        ("ours mamba-130m", lambda: ssm_hf.MambaForCausalLM(ssm_hf.preset_config("mamba-130m")))):
+    for name, build in _llama_and_ours():
         step = _warm_training_step(build)
         line = f"host issue {_issue_ms(step, 15):.1f} ms per step"
         if name.startswith("ours"):

@@ -108,9 +108,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """A residual add, a cast and an RMS norm as one op: (RMSNorm(h cast to norm_dtype), h) for h = residual + x;
     as `norm_torch.add_rms_norm` (one Triton kernel each way on CUDA, for norm_dtype None, h's or the weight's)."""
-    if use_triton(x) and norm_dtype in (None, weight.dtype,
-                                        residual_dtype or (x.dtype if residual is None else
-                                                           torch.promote_types(x.dtype, residual.dtype))):
+    if use_triton(x) and norm_dtype in (None, weight.dtype, norm_torch.sum_dtype(x, residual, residual_dtype)):
         from .norm_triton import add_rms_norm_triton
 
         return add_rms_norm_triton(x, residual, weight, eps, residual_dtype, norm_dtype)

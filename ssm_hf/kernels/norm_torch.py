@@ -22,6 +22,12 @@ def rms_norm_gated(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Ten
     return weight * grouped.flatten(-2).to(input_dtype)
 
 
+def sum_dtype(x: torch.Tensor, residual: torch.Tensor | None, residual_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of `add_rms_norm`'s h: `residual_dtype` if given, else x's, or torch's promotion of x's and the
+    residual's."""
+    return residual_dtype or (x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype))
+
+
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  residual_dtype: torch.dtype | None = None, norm_dtype: torch.dtype | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,10 +35,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     float32 (or wider) and stored in `residual_dtype` if given, else in torch's promotion of the two dtypes; y =
     `rms_norm_gated` of h cast to `norm_dtype` (h's own dtype if None), no gate, one group. x, residual: (...,
     hidden); weight: (hidden,). Returns (y, h)."""
+    h_dtype = sum_dtype(x, residual, residual_dtype)
     if residual is None:
-        h = x if residual_dtype is None else x.to(residual_dtype)
+        h = x.to(h_dtype)
     else:  # summed in float32 at least (torch's own sum of two bf16 tensors is that, rounded once)
-        h_dtype = residual_dtype or torch.promote_types(x.dtype, residual.dtype)
         compute = torch.promote_types(torch.promote_types(x.dtype, residual.dtype), torch.float32)
         h = (residual.to(compute) + x.to(compute)).to(h_dtype)
     normed_input = h if norm_dtype is None else h.to(norm_dtype)

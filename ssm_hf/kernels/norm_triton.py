@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .launch import cdiv, fast_launch, multiprocessors, next_power_of_2, on_device_of, row_alignment
+from .norm_torch import sum_dtype
 from .triton_math import aligned
 
 # Programs per multiprocessor of the backward (all groups together; each sums its rows' share of dweight into its
@@ -348,7 +349,7 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     if tuple(weight.shape) != (x.shape[-1],):  # the kernels would read past the weight's end
         raise ValueError(f"the norm's weight has shape {tuple(weight.shape)}; inputs of hidden size {x.shape[-1]} "
                          f"need ({x.shape[-1]},)")
-    h_dtype = residual_dtype or (x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype))
+    h_dtype = sum_dtype(x, residual, residual_dtype)
     if norm_dtype not in (None, h_dtype, weight.dtype):
         raise NotImplementedError(f"add_rms_norm's Triton kernels round the norm's input to h's dtype ({h_dtype}) "
                                   f"or the weight's ({weight.dtype}), not to {norm_dtype}")
