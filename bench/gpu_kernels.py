@@ -32,6 +32,8 @@ launch_ab  (on request) training and eager decoding steps with launch.FastLaunch
 prefill_split  (on request) a prefill forward's wall, host-issue and GPU-busy times, and our largest kernels.
 sync_check  (on request) where a prefill forward or a training step of each family synchronises with the GPU.
 check_ab  (on request) prefill and training with and without the token-id check's read-back, alternated.
+launch_replay  (on request) a prefill's launches replayed with less and less host work per launch.
+host_costs  (on request) host time of single PyTorch ops and launches as the wrappers issue them.
 check_add_norm  (on request) the add + cast + RMS norm kernel against float64, timed beside the ops it stands for.
 bwd_sweep  (on request) forward+backward times of the scan for a few BACKWARD_CONFIG shapes.
 e2e_shape_sweep  (on request) at the 130M models' training shape: SSD walker tiles, norm backward programs.
@@ -1188,20 +1190,27 @@ def host_e2e():
         torch.cuda.empty_cache()
 
 
+def _warm_prefill(build):
+    """A prefill forward (4 x 2048 random tokens, bf16, no gradients, use_cache=False) of the model `build()` makes,
+    after 5 of warm-up; the model lives in the returned function (drop it to free the model)."""
+    model = build().to(DEV, torch.bfloat16).eval()
+    ids = torch.randint(0, 50000, (4, 2048), device=DEV)
+
+    def forward():
+        with torch.no_grad():
+            model(ids, use_cache=False)
+
+    for _ in range(5):
+        forward()
+    return forward
+
+
 def prefill_split():
     """Whether prefill (4 x 2048, bf16, forward with use_cache=False, no gradients) waits on the host: per forward,
     the wall time (synchronised), the host's time to issue it and the GPU's busy time (profiler, kernels alone),
     for Llama and our two 130M models in one process; and the largest kernels of ours."""
     for name, build in _llama_and_ours():
-        model = build().to(DEV, torch.bfloat16).eval()
-        ids = torch.randint(0, 50000, (4, 2048), device=DEV)
-
-        def forward():
-            with torch.no_grad():
-                model(ids, use_cache=False)
-
-        for _ in range(5):
-            forward()
+        forward = _warm_prefill(build)
         wall = _wall_ms(forward, 20)
         issue = _issue_ms(forward, 20)
         kernels_us = _kernel_times(forward, 5)
@@ -1221,7 +1230,7 @@ def prefill_split():
         for event in ops[:14]:  # host time per forward, by op (self time: without the ops it calls)
             print(f"prefill_split {name} host {event.self_cpu_time_total / 3e3:7.2f} ms "
                   f"{event.count / 3:6.0f} calls  {event.key[:60]}", flush=True)
-        model = None
+        forward = None
         torch.cuda.empty_cache()
 
 
@@ -1298,6 +1307,158 @@ def check_ab(rounds: int = 5):
         torch.cuda.empty_cache()
 
 
+def launch_replay():
+    """What a prefill forward's Triton launches cost the host (4 x 2048, bf16, no gradients, use_cache=False), per
+    forward, for each of our 130M models: the forward's host issue as it is and with every launch a no-op (the
+    rest: our wrappers' Python and the PyTorch ops), and the forward's launches alone, captured once and replayed
+    (a) through FastLaunch, (b) straight to each compiled kernel's launcher with the captured tensors, (c) the same
+    with the tensors' addresses as ints: a floor for an op that keeps its whole launch plan per input signature
+    (what `kernels.plans` does; plans are off in this section, whose capture sees FastLaunch's launches only)."""
+    from host_ops import _Launches
+
+    from ssm_hf.kernels.launch import FastLaunch, _argument_key
+
+    try:  # the forwards' plans (`kernels.plans`) would launch past FastLaunch, unseen here: off in this section
+        from ssm_hf.kernels import plans
+        on_gpu, plans._on_current_gpu = plans._on_current_gpu, lambda tensor: False
+    except ImportError:  # an ssm_hf from before plans (bench/gpu_ab.py's base)
+        plans = None
+    try:
+        _launch_replay(_Launches, FastLaunch, _argument_key)
+    finally:
+        if plans is not None:
+            plans._on_current_gpu = on_gpu
+
+
+def _launch_replay(_Launches, FastLaunch, _argument_key):
+    for name, build in _llama_and_ours()[1:]:
+        forward = _warm_prefill(build)
+        captured = _captured_launches(FastLaunch, forward)
+        issue = _issue_ms(forward, 20)
+        with _Launches():
+            forward()
+            stubbed = _issue_ms(forward, 20)
+            if os.environ.get("LAUNCH_REPLAY_PROFILE"):  # the host functions of a stubbed forward, by own time
+                import cProfile
+                import io
+                import pstats
+
+                profiler = cProfile.Profile()
+                profiler.enable()
+                for _ in range(5):
+                    forward()
+                profiler.disable()
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+                for row in text.getvalue().splitlines():
+                    if row.strip():
+                        print("launch_replay", name, row[:170].replace("/tmp/site/", ""), flush=True)
+        device = torch.cuda.current_device()
+        stream = torch.cuda.current_stream().cuda_stream
+        entries = []
+        for kernel, grid, args, kwargs in captured:
+            _, run, function, metadata, tail = kernel._kernels[(device, _argument_key(args), tuple(kwargs.items()))]
+            grid3 = (*grid, 1, 1)[:3]
+            as_ints = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+            entries.append((run, grid3, function, metadata, args, as_ints, tail))
+
+        def via_fast_launch():
+            for kernel, grid, args, kwargs in captured:
+                kernel[grid](*args, **kwargs)
+
+        def direct():
+            for run, g, function, metadata, args, _, tail in entries:
+                run(g[0], g[1], g[2], stream, function, metadata, None, None, None, *args, *tail)
+
+        def direct_ints():
+            for run, g, function, metadata, _, args, tail in entries:
+                run(g[0], g[1], g[2], stream, function, metadata, None, None, None, *args, *tail)
+
+        line = (f"{len(captured)} launches; host issue {issue:.2f} ms, launches stubbed {stubbed:.2f} ms; "
+                f"launches replayed: FastLaunch {_issue_ms(via_fast_launch, 20):.2f} ms, "
+                f"launcher with tensors {_issue_ms(direct, 20):.2f} ms")
+        try:
+            line += f", launcher with int addresses {_issue_ms(direct_ints, 20):.2f} ms"
+        except Exception as err:  # a Triton whose launcher takes no int for a pointer
+            line += f", launcher with int addresses failed: {err!r}"[:200]
+        print("launch_replay", name, line, flush=True)
+        R.setdefault("launch_replay", {})[name] = line
+        forward = captured = entries = None
+        torch.cuda.empty_cache()
+
+
+def host_costs():
+    """Host time of single PyTorch and launch operations as a mixer's wrapper issues them (us per call, the best of
+    three loops of 2000; no synchronisation inside a loop): what each line of glue costs on this host."""
+    from ssm_hf.kernels import ssd_triton
+    from ssm_hf.kernels.launch import on_device_of
+
+    big = torch.randn(4, 2048, 3352, device=DEV, dtype=torch.bfloat16)
+    a_log = torch.randn(24, device=DEV, dtype=torch.bfloat16)
+    a32 = a_log.float()
+    w = torch.randn(3352, 768, device=DEV, dtype=torch.bfloat16)
+    h = torch.randn(2, 16, 768, device=DEV, dtype=torch.bfloat16)
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    made = torch.empty(4 * 2048 * 24, device=DEV, dtype=torch.float32)
+    raw = big[..., -24:]
+
+    def dt_launch():
+        ssd_triton._dt_make_kernel[(96,)](raw, raw, made, made, made.numel(), 2048, 24, *raw.stride()[:2], 0.0, 0.0,
+                                          HAS_BIAS=False, SOFTPLUS=True, HAS_LIMIT=False, STORE_DERIV=False,
+                                          BLOCK=1024, num_warps=4)
+
+    def no_grad_apply():
+        with torch.no_grad():
+            Identity.apply(big)
+
+    def device_context():
+        with on_device_of(big):
+            pass
+
+    cases = {
+        "torch.empty (4, 2048, 1792) bf16": lambda: torch.empty(4, 2048, 1792, device=DEV, dtype=torch.bfloat16),
+        "torch.empty_like": lambda: torch.empty_like(big),
+        "on_device_of enter+exit": device_context,
+        "torch.cuda.current_device()": torch.cuda.current_device,
+        "torch._C._cuda_getDevice()": torch._C._cuda_getDevice,
+        "a_log.float() (bf16 -> f32)": a_log.float,
+        "a32.float() (no-op)": a32.float,
+        "torch.exp(a32)": lambda: torch.exp(a32),
+        "-a32": lambda: -a32,
+        "big.view(-1, 3352)": lambda: big.view(-1, 3352),
+        "big.split(3 parts)": lambda: big.split([1536, 1792, 24], dim=-1),
+        "big.unflatten": lambda: big.unflatten(-1, (2, 1676)),
+        "big.stride()": big.stride,
+        "big.data_ptr()": big.data_ptr,
+        "Function.apply (grad on, input no grad)": lambda: Identity.apply(big),
+        "Function.apply under no_grad (incl. context)": no_grad_apply,
+        "torch.no_grad() enter+exit": lambda: torch.no_grad().__enter__() or torch.set_grad_enabled(True),
+        "F.linear (2, 16, 768) x (3352, 768)": lambda: torch.nn.functional.linear(h, w),
+        "h + h": lambda: h + h,
+        "_dt_make_kernel launch (FastLaunch)": dt_launch,
+    }
+    for name, fn in cases.items():
+        best = float("inf")
+        for _ in range(3):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(2000):
+                fn()
+            best = min(best, (time.perf_counter() - start) / 2000 * 1e6)
+            torch.cuda.synchronize()
+        R.setdefault("host_costs", {})[name] = best
+        print(f"host_costs {best:7.2f} us  {name}", flush=True)
+
+
 def check_add_norm():
     """The residual add + cast + RMS norm op (`kernels.add_rms_norm`, one Triton kernel each way) at the 130M models'
     training shape (4 x 2048 x 768, weight bf16), as the blocks use it (a float32 stream normed in bf16, "cast")
@@ -1354,6 +1515,24 @@ def check_add_norm():
     R["check_add_norm"] = rows
 
 
+def _captured_launches(FastLaunch, fn) -> list:
+    """(kernel, grid, args, kwargs) of each FastLaunch launch one call of `fn` makes, in order (launched as usual)."""
+    captured = []
+    original = FastLaunch._launch
+
+    def capture(self, grid, args, kwargs):
+        captured.append((self, grid, args, kwargs))
+        return original(self, grid, args, kwargs)
+
+    FastLaunch._launch = capture
+    try:
+        fn()
+    finally:
+        FastLaunch._launch = original
+    torch.cuda.synchronize()
+    return captured
+
+
 def _launch_costs(step, launches: int = 200) -> dict[str, tuple[float, float, int]]:
     """Host time per launch of each FastLaunch kernel one training step launches (its first launch's arguments,
     relaunched `launches` times): through Triton's `JITFunction.run`, then through the cache. {} on an ssm_hf
@@ -1363,18 +1542,8 @@ def _launch_costs(step, launches: int = 200) -> dict[str, tuple[float, float, in
     except ImportError:
         return {}
     captured = {}
-    original = FastLaunch._launch
-
-    def capture(self, grid, args, kwargs):
-        captured.setdefault(self.__name__, (self, grid, args, kwargs))
-        return original(self, grid, args, kwargs)
-
-    FastLaunch._launch = capture
-    try:
-        step()
-    finally:
-        FastLaunch._launch = original
-    torch.cuda.synchronize()
+    for kernel, grid, args, kwargs in _captured_launches(FastLaunch, step):
+        captured.setdefault(kernel.__name__, (kernel, grid, args, kwargs))
     costs = {}
     for name, (kernel, grid, args, kwargs) in captured.items():
         times = []
@@ -1500,7 +1669,7 @@ def main():
              "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
              "profile_e2e": profile_e2e, "host_e2e": host_e2e, "host_breakdown": host_breakdown,
              "launch_ab": launch_ab, "prefill_split": prefill_split, "sync_check": sync_check, "check_ab": check_ab,
-             "check_add_norm": check_add_norm,
+             "check_add_norm": check_add_norm, "launch_replay": launch_replay, "host_costs": host_costs,
              "e2e_shape_sweep": e2e_shape_sweep,
              "decode": decode, "step": step}[name]()
         except Exception as err:  # a failing section is reported and the others still run

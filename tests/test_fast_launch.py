@@ -1,9 +1,12 @@
 """`kernels.launch.FastLaunch`: Triton launches that reuse the compiled kernel of an earlier launch with the same
 specialisation. On the CPU the cache's logic runs against a stand-in kernel and driver (Triton's interpreter has no
-compiled kernels); on a GPU, real launches after the first are checked against Triton's own path."""
+compiled kernels); on a GPU, real launches after the first are checked against Triton's own path. Also
+`launch.apply_function` (the ops' autograd Functions without `apply` where gradients are off) and
+`launch.on_device_of`."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from types import SimpleNamespace
 
@@ -13,6 +16,7 @@ import triton
 from triton import knobs
 from triton.runtime.driver import driver
 
+import ssm_hf
 from ssm_hf.kernels import launch
 from ssm_hf.kernels.launch import FastLaunch, _argument_key, fast_launch
 
@@ -34,6 +38,9 @@ def test_argument_key():
     assert _argument_key((0.5,)) == _argument_key((2.0,))  # floats are not specialised
     assert _argument_key((16,)) == _argument_key((48,)) and _argument_key((2,)) == _argument_key((3,))
     assert _argument_key(((1, 2),)) is None  # a tuple argument: Triton's own path
+    # the key is flat (one or two entries per argument): argument lists that differ only in order stay apart
+    pairs = [(True, 1), (1, True), (None, 1), (1, None), (aligned, 1), (1, aligned), (0.5, 1), (1, 0.5)]
+    assert len({_argument_key(pair) for pair in pairs}) == len(pairs)
 
 
 class _Param:
@@ -254,3 +261,82 @@ def test_other_cases_keep_tritons_path(stand_in_driver, monkeypatch, case):
     for _ in range(3):
         kernel[(1,)](*args, **kwargs)
     assert len(kernel.fn.triton_launches) == 3 and not compiled.launches
+
+
+class _Scale(torch.autograd.Function):
+    """x * scale, keeping what a Function of ours keeps (saved tensors, attributes, needs_input_grad)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x)
+        ctx.scale, ctx.asked = scale, any(ctx.needs_input_grad)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def test_apply_function_calls_the_forward_alone_without_gradients(monkeypatch):
+    calls = []
+    original = _Scale.apply
+    monkeypatch.setattr(_Scale, "apply", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(5, requires_grad=True)
+    with torch.no_grad():
+        y = launch.apply_function(_Scale, x, 3.0)
+    assert calls == [] and y.grad_fn is None and torch.equal(y, x.detach() * 3.0)
+    with torch.inference_mode():
+        y = launch.apply_function(_Scale, x, 3.0)
+    assert calls == [] and torch.equal(y, x.detach() * 3.0)
+    y = launch.apply_function(_Scale, x, 3.0)  # gradients on: autograd's apply, and its backward
+    assert calls == [1] and y.grad_fn is not None
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 3.0))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        launch.apply_function(_Scale, x, 3.0)  # under torch.compile the graph sees the Function itself
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_models_without_gradients_give_the_same_logits(monkeypatch, family):
+    """The ops' Functions run without `apply` under no_grad (prefill, generation): the logits equal those of a
+    forward with gradients on, where every Function goes through `apply`: bit for bit in Triton's interpreter; on a
+    GPU to 1e-6 (with gradients on, Mamba's scan also stores its tile states: another compiled variant)."""
+    from conftest import tiny_config
+
+    from ssm_hf import kernels
+
+    device = "cuda" if CUDA else "cpu"
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    torch.manual_seed(0)
+    model = ssm_hf.AutoModelForCausalLM.from_config(tiny_config(family)).to(device).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), device=device)
+    with_grad = model(ids, use_cache=False).logits
+    assert with_grad.grad_fn is not None
+    with torch.no_grad():
+        without = model(ids, use_cache=False).logits
+    if CUDA:
+        assert ((without - with_grad.detach()).norm() / with_grad.norm()).item() < 1e-6
+    else:
+        assert torch.equal(without, with_grad.detach())
+
+
+def test_on_device_of_a_cpu_tensor_switches_nothing():
+    context = launch.on_device_of(torch.randn(2))
+    assert isinstance(context, contextlib.nullcontext)
+    with context:  # reusable: one instance serves every launch site
+        with launch.on_device_of(torch.randn(3)):
+            pass
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_on_device_of_switches_only_to_another_device():
+    x = torch.randn(2, device="cuda")
+    assert isinstance(launch.on_device_of(x), contextlib.nullcontext)
+    if torch.cuda.device_count() > 1:
+        other = torch.randn(2, device="cuda:1")
+        with launch.on_device_of(other):
+            assert torch.cuda.current_device() == 1
+        assert torch.cuda.current_device() == 0

@@ -9,7 +9,7 @@ prefill conv `causal_conv1d`, Mamba-2's gated norm `rms_norm_gated` and the resi
 one op (one autograd node on the Triton path).
 Set the environment variable `SSM_HF_FORCE_REFERENCE=1` to run the PyTorch path everywhere (read at each call, for
 debugging); `SSM_HF_TRITON_LAUNCH_CACHE=0` launches the Triton kernels through Triton's own path (see
-`launch.FastLaunch`).
+`launch.FastLaunch`), and so runs the forwards that `plans.Planned` would replay as they are.
 
 `selective_scan`, `ssd_scan` and `causal_conv1d` take `seq_idx` (batch or 1, seqlen) for packed sequences (several
 sequences end to end in a row, a new one wherever the id changes, see `packing`): nothing crosses from one

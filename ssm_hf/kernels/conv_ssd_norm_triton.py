@@ -9,41 +9,56 @@ and Δ straight into their columns of one gradient tensor for in_proj's output.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from . import ssd_triton
+from . import causal_conv1d_triton, norm_triton, ssd_triton
 from .causal_conv1d_triton import conv_backward, conv_forward
 from .conv_ssd_norm import Mamba2Shape
+from .launch import apply_function
 from .norm_triton import gate_rows, norm_backward, norm_forward
+from .plans import Planned, watch_module
+
+
+def _forward_launches(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, seq_idx, shape, activation,
+                      dt_limit, norm_group_size, eps):
+    """The forward's allocations, views and launches (`plans.Planned` replays them): (out (batch, seqlen,
+    d_inner), then what the backward keeps: zxbcdt, the conv's 2-D weight, its bias, the norm's weight (as the
+    kernels read them), xBC (the conv's output), y2 (the scan's output, (batch * seqlen, d_inner)))."""
+    batch, seqlen, _ = zxbcdt.shape
+    if zxbcdt.stride(-1) != 1:  # the kernels read its columns in place: they must be packed
+        zxbcdt = zxbcdt.contiguous()
+    z, xBC_in, dt = shape.split(zxbcdt)
+    weight = conv_weight.reshape(shape.conv_dim, -1).contiguous()
+    conv_bias = conv_bias.contiguous() if conv_bias is not None else None
+    norm_weight = norm_weight.contiguous()
+    xBC = conv_forward(xBC_in, weight, conv_bias, None, seq_idx, activation)
+    x, B, C = shape.split_xBC(xBC)
+    # A = -exp(A_log) is made in the kernels (no cast, exp and negation ops per layer here)
+    y = ssd_triton.ssd_forward(x, dt, A_log, B, C, D, dt_bias, True, dt_limit, seq_idx, A_is_log=True)
+    y2 = y.view(batch * seqlen, shape.d_inner)
+    z2 = gate_rows(z, shape.d_inner)
+    out = norm_forward(y2, z2, norm_weight, norm_group_size, eps, torch.promote_types(norm_weight.dtype, y.dtype))
+    return out.view(batch, seqlen, shape.d_inner), zxbcdt, weight, conv_bias, norm_weight, xBC, y2
 
 
 class _ConvSSDNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape, activation, dt_limit,
                 norm_group_size, eps, seq_idx):
-        batch, seqlen, _ = zxbcdt.shape
-        if zxbcdt.stride(-1) != 1:  # the kernels read its columns in place: they must be packed
-            zxbcdt = zxbcdt.contiguous()
-        z, xBC_in, dt = shape.split(zxbcdt)
-        weight = conv_weight.reshape(shape.conv_dim, -1).contiguous()
-        conv_bias = conv_bias.contiguous() if conv_bias is not None else None
-        norm_weight = norm_weight.contiguous()
-        xBC = conv_forward(xBC_in, weight, conv_bias, None, seq_idx, activation)
-        x, B, C = shape.split_xBC(xBC)
-        A = -torch.exp(A_log.float())
-        y = ssd_triton.ssd_forward(x, dt, A, B, C, D, dt_bias, True, dt_limit, seq_idx)
-        y2 = y.view(batch * seqlen, shape.d_inner)
-        z2 = gate_rows(z, shape.d_inner)
-        out = norm_forward(y2, z2, norm_weight, norm_group_size, eps, torch.promote_types(norm_weight.dtype, y.dtype))
-        ctx.save_for_backward(zxbcdt, weight, conv_bias, dt_bias, A, D, norm_weight, xBC, y2, seq_idx)
+        out, zxbcdt, weight, conv_bias, norm_weight, xBC, y2 = _FORWARD(
+            (zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, seq_idx),
+            (shape, activation, dt_limit, norm_group_size, eps))
+        ctx.save_for_backward(zxbcdt, weight, conv_bias, dt_bias, A_log, D, norm_weight, xBC, y2, seq_idx)
         ctx.shape, ctx.activation, ctx.dt_limit, ctx.norm_group_size, ctx.eps = \
             shape, activation, dt_limit, norm_group_size, eps
-        ctx.conv_weight_shape, ctx.A_log_dtype = conv_weight.shape, A_log.dtype
-        return out.view(batch, seqlen, shape.d_inner)
+        ctx.conv_weight_shape = conv_weight.shape
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        zxbcdt, weight, conv_bias, dt_bias, A, D, norm_weight, xBC, y2, seq_idx = ctx.saved_tensors
+        zxbcdt, weight, conv_bias, dt_bias, A_log, D, norm_weight, xBC, y2, seq_idx = ctx.saved_tensors
         shape = ctx.shape
         z, xBC_in, dt = shape.split(zxbcdt)
         # one gradient for in_proj's output; each op below writes its columns
@@ -55,13 +70,12 @@ class _ConvSSDNorm(torch.autograd.Function):
         x, B, C = shape.split_xBC(xBC)
         dxBC = torch.empty_like(xBC)
         dx, dB, dC = shape.split_xBC(dxBC)
-        dA, dD, d_dt_bias = ssd_triton.ssd_backward(x, dt, A, B, C, D, dt_bias, True, ctx.dt_limit, seq_idx,
-                                                    dy2.view(x.shape), dx, dB, dC, ddt)
+        dA_log, dD, d_dt_bias = ssd_triton.ssd_backward(x, dt, A_log, B, C, D, dt_bias, True, ctx.dt_limit, seq_idx,
+                                                        dy2.view(x.shape), dx, dB, dC, ddt, A_is_log=True)
         _, dweight, dconv_bias = conv_backward(xBC_in, weight, conv_bias, None, seq_idx, ctx.activation, dxBC,
                                                dx=dxBC_in)
-        dA_log = (dA * A).to(ctx.A_log_dtype)  # A = -exp(A_log)
-        return (dzxbcdt, dweight.view(ctx.conv_weight_shape), dconv_bias, d_dt_bias, dA_log, dD, dnorm_weight,
-                None, None, None, None, None, None)
+        return (dzxbcdt, dweight.view(ctx.conv_weight_shape), dconv_bias, d_dt_bias, dA_log.to(A_log.dtype), dD,
+                dnorm_weight, None, None, None, None, None, None)
 
 
 def conv_ssd_norm_triton(
@@ -86,5 +100,10 @@ def conv_ssd_norm_triton(
                          f"width) or ({shape.conv_dim}, 1, width)")
     if seq_idx is not None:
         seq_idx = kernel_segment_ids(seq_idx, zxbcdt.shape[0], zxbcdt.shape[1], zxbcdt.device)
-    return _ConvSSDNorm.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape, activation,
-                              dt_limit, norm_group_size, eps, seq_idx)
+    return apply_function(_ConvSSDNorm, zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape,
+                          activation, dt_limit, norm_group_size, eps, seq_idx)
+
+
+watch_module(__name__)
+# the forward replayed per input signature (on CUDA), reading these modules' globals
+_FORWARD = Planned(_forward_launches, (sys.modules[__name__], ssd_triton, causal_conv1d_triton, norm_triton))

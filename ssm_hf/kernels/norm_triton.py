@@ -7,12 +7,23 @@ gate is read in place through its row stride (Mamba-2's z, a column slice of in_
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, fast_launch, multiprocessors, next_power_of_2, on_device_of, row_alignment
+from .launch import (
+    apply_function,
+    cdiv,
+    fast_launch,
+    multiprocessors,
+    next_power_of_2,
+    on_device_of,
+    row_alignment,
+)
 from .norm_torch import sum_dtype
+from .plans import Planned, watch_module
 from .triton_math import aligned
 
 # Programs per multiprocessor of the backward (all groups together; each sums its rows' share of dweight into its
@@ -261,7 +272,7 @@ def rms_norm_gated_triton(x: torch.Tensor, gate: torch.Tensor | None, weight: to
     if tuple(weight.shape) != (x.shape[-1],):  # the kernels would read past the weight's end
         raise ValueError(f"the norm's weight has shape {tuple(weight.shape)}; inputs of hidden size {x.shape[-1]} "
                          f"need ({x.shape[-1]},)")
-    return _RMSNormGated.apply(x, gate, weight, group_size, eps)
+    return apply_function(_RMSNormGated, x, gate, weight, group_size, eps)
 
 
 def add_norm_forward(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -309,24 +320,33 @@ def add_norm_backward(saved: torch.Tensor, saved_h: bool, weight: torch.Tensor, 
     return dx, dr, dw.sum(0).to(weight.dtype)
 
 
+def _add_norm_launches(x, residual, weight, eps, h_dtype, round_to_weight, keep_input):
+    """`_AddRMSNorm`'s forward allocations, views and launch (`plans.Planned` replays them): (y, h, both x's shape;
+    the norm's input if `keep_input`, else None; the weight as the kernel reads it)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    r2 = residual.reshape(x2.shape).contiguous() if residual is not None else None
+    weight = weight.contiguous()  # indexed as weight_ptr + column
+    y, h, normed_input = add_norm_forward(x2, r2, weight, eps, h_dtype, round_to_weight, keep_input)
+    return y.view(shape), h.view(shape), normed_input, weight
+
+
 class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps, h_dtype, round_to_weight):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        r2 = residual.reshape(x2.shape).contiguous() if residual is not None else None
-        weight = weight.contiguous()  # indexed as weight_ptr + column
         # for the backward keep the norm's input (bf16, say: half a float32 h's bytes) where that is all it needs
         keep_input = (any(ctx.needs_input_grad[:3]) and round_to_weight and h_dtype == torch.float32
                       and weight.element_size() < 4)
-        y, h, normed_input = add_norm_forward(x2, r2, weight, eps, h_dtype, round_to_weight, keep_input)
-        ctx.save_for_backward(normed_input if keep_input else h, weight)
+        y, h, normed_input, weight = _ADD_NORM_FORWARD((x, residual, weight),
+                                                       (eps, h_dtype, round_to_weight, keep_input))
+        ctx.save_for_backward(normed_input if keep_input else h.view(-1, shape[-1]), weight)
         ctx.saved_h = not keep_input
         ctx.eps, ctx.round_to_weight, ctx.shape = eps, round_to_weight, shape
         ctx.x_dtype, ctx.residual_dtype = x.dtype, residual.dtype if residual is not None else None
         # a gradient not asked for (h's, where the caller does not use h) stays None, not zeros
         ctx.set_materialize_grads(False)
-        return y.view(shape), h.view(shape)
+        return y, h
 
     @staticmethod
     def backward(ctx, dy, dh):
@@ -354,4 +374,9 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: 
         raise NotImplementedError(f"add_rms_norm's Triton kernels round the norm's input to h's dtype ({h_dtype}) "
                                   f"or the weight's ({weight.dtype}), not to {norm_dtype}")
     round_to_weight = norm_dtype is not None and norm_dtype != h_dtype
-    return _AddRMSNorm.apply(x, residual, weight, eps, h_dtype, round_to_weight)
+    return apply_function(_AddRMSNorm, x, residual, weight, eps, h_dtype, round_to_weight)
+
+
+watch_module(__name__)  # a knob or kernel set here invalidates the plans (`plans.Planned`)
+# the add-norm forward replayed per input signature (on CUDA)
+_ADD_NORM_FORWARD = Planned(_add_norm_launches, (sys.modules[__name__],))

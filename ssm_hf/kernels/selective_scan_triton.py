@@ -17,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import MAX_GRID_YZ, cdiv, fast_launch, multiprocessors, next_power_of_2, on_device_of
+from .launch import (
+    MAX_GRID_YZ,
+    apply_function,
+    cdiv,
+    fast_launch,
+    multiprocessors,
+    next_power_of_2,
+    on_device_of,
+)
 from .packing import kernel_segment_ids
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -634,5 +642,6 @@ def selective_scan_triton(
 
         return selective_scan_chunked(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                       return_final_state, seq_idx=seq_idx)
-    y, final = _SelectiveScan.apply(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
+    y, final = apply_function(_SelectiveScan, x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                              seq_idx)
     return (y, final) if return_final_state else y

@@ -32,8 +32,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, check_grid_axis, fast_launch, multiprocessors, next_power_of_2, on_device_of
+from .launch import (
+    apply_function,
+    cdiv,
+    check_grid_axis,
+    fast_launch,
+    multiprocessors,
+    next_power_of_2,
+    on_device_of,
+)
 from .packing import kernel_segment_ids
+from .plans import watch_module
 from .ssd_torch import dt_limit_bounds, ssd_scan_chunked
 from .triton_math import log1p_small
 
@@ -182,6 +191,16 @@ def _walk_inputs(v_ptr, w_ptr, dt_ptr, bias_ptr, seq_ptr, row, head, group, k, L
     return dt, a, v, w
 
 
+@triton.jit
+def _load_A(A_ptr, head, A_LOG: tl.constexpr):
+    """One head's A in float32: A_ptr holds A, or with A_LOG its stored log (A = -exp(A_log), made here so that the
+    mixer runs no cast, exp and negation ops of its own)."""
+    a = tl.load(A_ptr + head).to(tl.float32)
+    if A_LOG:
+        a = -tl.exp(a)
+    return a
+
+
 @fast_launch
 @triton.jit
 def _chunk_walk_kernel(
@@ -190,6 +209,7 @@ def _chunk_walk_kernel(
     HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, REVERSE: tl.constexpr, IEEE: tl.constexpr,
     PREFETCH: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    A_LOG: tl.constexpr = False,
 ):
     """The one sequential part, in either direction: S ← exp(Σ_chunk a) S + Σ_t (c_t v_t) w_tᵀ over the chunks.
     Forward (REVERSE off): v = x, w = B, c_s = Δ_s exp(Σ_{j>s} a_j) (decay to the chunk's end), chunks in order,
@@ -201,7 +221,7 @@ def _chunk_walk_kernel(
     blocks)."""
     bh, row, head, group = _program_head(H, G)
     p_offs, n_offs, p_mask, n_mask, pn_offs, pn_mask = _state_tile(P, N, BLOCK_P, BLOCK_N)
-    A = tl.load(A_ptr + head).to(tl.float32)
+    A = _load_A(A_ptr, head, A_LOG)
     if HAS_INIT:
         state = tl.load(init_ptr + (row * H + head) * P * N + pn_offs, mask=pn_mask, other=0.0).to(tl.float32)
     else:
@@ -247,6 +267,7 @@ def _chunk_output_kernel(
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    A_LOG: tl.constexpr = False,
 ):
     """y of BLOCK_M tokens (a row block of one chunk of BLOCK_Q tokens) from the state entering the chunk and the
     chunk's tokens up to them; d_state is walked in blocks of BLOCK_N. A chunk longer than a row block stores half
@@ -260,7 +281,7 @@ def _chunk_output_kernel(
     m = tl.program_id(1) % blocks
     p_offs = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p_offs < P
-    A = tl.load(A_ptr + head).to(tl.float32)
+    A = _load_A(A_ptr, head, A_LOG)
     start = k * BLOCK_Q + m * BLOCK_M
     t, valid, dt, a, _, _ = _chunk_decays(dt_ptr, bias_ptr, seq_ptr, row, head, start, L, stride_dt_b, stride_dt_t,
                                           dt_lo, dt_hi, A, HAS_BIAS, SOFTPLUS, HAS_LIMIT, HAS_SEQ, BLOCK_M)
@@ -336,7 +357,7 @@ def _chunk_grads_kernel(
     stride_dt_t, dt_lo, dt_hi, stride_dx_b, stride_dx_t,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, IEEE: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, A_LOG: tl.constexpr = False,
 ):
     """Gradients of one chunk for HEADS_PER_PROGRAM consecutive heads of one group: dx, the gradient of Δ as stored
     (through the Δ·A product and Δ x, then back through the clamp, softplus and bias: float32 (batch, seqlen,
@@ -360,7 +381,7 @@ def _chunk_grads_kernel(
     for i in range(0, HEADS_PER_PROGRAM):
         bh = tl.program_id(0) * HEADS_PER_PROGRAM + i  # row * H + head, in 32 bits
         head = split * HEADS_PER_PROGRAM + i
-        A = tl.load(A_ptr + head).to(tl.float32)
+        A = _load_A(A_ptr, head, A_LOG)
         t, valid, dt, a, is_start, dt_deriv = _chunk_decays(dt_ptr, bias_ptr, seq_ptr, row, head, k * BLOCK_Q, L,
                                                             stride_dt_b, stride_dt_t, dt_lo, dt_hi, A, HAS_BIAS,
                                                             SOFTPLUS, HAS_LIMIT, HAS_SEQ, BLOCK_Q)
@@ -415,7 +436,10 @@ def _chunk_grads_kernel(
                  dx.to(dx_ptr.dtype.element_ty), mask=tp_mask)
         # dL/dΔ, then back through the clamp, softplus and bias to Δ as stored
         tl.store(ddt_ptr + (row * L + t) * H + head, (tl.sum(dxdt * x, axis=1) + A * da) * dt_deriv, mask=valid)
-        tl.store(dA_ptr + bh * n_chunks + k, tl.sum(da * dt, axis=0))
+        dA = tl.sum(da * dt, axis=0)
+        if A_LOG:  # the gradient of A_log: dA/dA_log = -exp(A_log) = A
+            dA = dA * A
+        tl.store(dA_ptr + bh * n_chunks + k, dA)
 
         d_scores = d_mixed * decay
         if HEADS_PER_PROGRAM == 1:  # this head's dB and dC from the tiles at hand
@@ -437,7 +461,7 @@ def _chunk_grads_kernel(
                         dB_ptr, dC_ptr, d_scores_sum, row, split, splits, group, k, L, H, P, N, n_chunks, stride_x_b,
                         stride_x_t, stride_B_b, stride_B_t, stride_C_b, stride_C_t, stride_dt_b, stride_dt_t, dt_lo,
                         dt_hi, HAS_SEQ, HAS_BIAS, SOFTPLUS, HAS_LIMIT, IEEE, HEADS_PER_PROGRAM, BLOCK_Q, BLOCK_P,
-                        BLOCK_N)
+                        BLOCK_N, A_LOG)
 
 
 @triton.jit
@@ -446,7 +470,7 @@ def _group_grads_BC(x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, state
                     stride_B_b, stride_B_t, stride_C_b, stride_C_t, stride_dt_b, stride_dt_t, dt_lo, dt_hi,
                     HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
                     IEEE: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, BLOCK_Q: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, A_LOG: tl.constexpr):
     """dB and dC of one chunk summed over the HEADS_PER_PROGRAM heads of `_chunk_grads_kernel`'s program, stored
     once into its partial. d_scores_sum (chunk, chunk): Σ over those heads of dL/d(C_t·B_s).
     d_state is walked outside, the heads inside, so that each block's sums stay in registers and are stored once
@@ -472,7 +496,7 @@ def _group_grads_BC(x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, state
         for i in range(0, HEADS_PER_PROGRAM):
             # this head's tokens again (cheaper than holding every head's (chunk, head_dim) tiles)
             head = split * HEADS_PER_PROGRAM + i
-            A = tl.load(A_ptr + head).to(tl.float32)
+            A = _load_A(A_ptr, head, A_LOG)
             _, _, dt, a, _, _ = _chunk_decays(dt_ptr, bias_ptr, seq_ptr, row, head, k * BLOCK_Q, L, stride_dt_b,
                                               stride_dt_t, dt_lo, dt_hi, A, HAS_BIAS, SOFTPLUS, HAS_LIMIT, HAS_SEQ,
                                               BLOCK_Q)
@@ -668,11 +692,12 @@ def _packed_within_token(t: torch.Tensor, inner_dims: int) -> torch.Tensor:
     return t if _is_packed_within_token(t, inner_dims) else t.contiguous()
 
 
-def _walk_chunks(v, delta, A, w, seq_idx, init, block_q, reverse, tile=None):
+def _walk_chunks(v, delta, A, w, seq_idx, init, block_q, reverse, tile=None, a_log=False):
     """`_chunk_walk_kernel` over every (row, head): forward (v = x, w = B, init = h0) the states entering every chunk
     (batch, chunks, heads, head_dim, d_state) and the final state (batch, heads, head_dim, d_state); reverse (v = dy,
     w = C, init = dfinal) the gradients reaching every chunk's end and the initial state's gradient, same shapes.
-    v and w are read in place (inner dimensions packed: `_packed_within_token`), Δ as `delta` says."""
+    v and w are read in place (inner dimensions packed: `_packed_within_token`), Δ as `delta` says, A as is or, with
+    `a_log`, as its stored log."""
     batch, seqlen, heads, head_dim = v.shape
     groups, d_state = w.shape[-2:]
     n_chunks = cdiv(seqlen, block_q)
@@ -685,21 +710,21 @@ def _walk_chunks(v, delta, A, w, seq_idx, init, block_q, reverse, tile=None):
         seqlen, heads, head_dim, groups, d_state, n_chunks, *_rows(v), *_rows(w), *delta.scalars(),
         HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, **delta.flags(), REVERSE=reverse,
         IEEE=_full_precision(v), PREFETCH=WALK_PREFETCH, BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n,
-        num_warps=WARPS["state_grads" if reverse else "states"],
+        num_warps=WARPS["state_grads" if reverse else "states"], A_LOG=a_log,
     )
     return walk, last
 
 
-def _forward(x, delta, A, B, C, D, h0, seq, plan):
-    """The forward kernels on prepared inputs (`_SSDScan.forward` says which): (y contiguous in x's dtype, final
-    state float32)."""
+def _forward(x, delta, A, B, C, D, h0, seq, plan, a_log=False):
+    """The forward kernels on prepared inputs (`_SSDScan.forward` says which; A as its stored log with `a_log`):
+    (y contiguous in x's dtype, final state float32)."""
     batch, seqlen, heads, head_dim = x.shape
     groups, d_state = B.shape[-2:]
     forward_q, rows, walk_tile = plan
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, whatever x's strides
     delta, _ = delta.made()
     with on_device_of(x):
-        states, final = _walk_chunks(x, delta, A, B, seq, h0, forward_q, reverse=False, tile=walk_tile)
+        states, final = _walk_chunks(x, delta, A, B, seq, h0, forward_q, reverse=False, tile=walk_tile, a_log=a_log)
         block_p = _block(head_dim, 64)
         # row blocks up to the one holding the last token: a chunk's blocks are consecutive, so program i of
         # axis 1 starts at token i * rows (none wholly past the end, where the last chunk is short)
@@ -711,25 +736,25 @@ def _forward(x, delta, A, B, C, D, h0, seq, plan):
             *delta.scalars(),
             HAS_D=D is not None, HAS_SEQ=seq is not None, **delta.flags(), IEEE=_full_precision(x),
             BLOCK_Q=forward_q, BLOCK_M=rows, BLOCK_P=block_p, BLOCK_N=_block(d_state, N_BLOCK),
-            num_warps=WARPS["output"],
+            num_warps=WARPS["output"], A_LOG=a_log,
         )
     return y, final
 
 
-def _backward(x, delta, A, B, C, D, h0, seq, dy, dfinal, hpp, dx=None):
+def _backward(x, delta, A, B, C, D, h0, seq, dy, dfinal, hpp, dx=None, a_log=False):
     """The backward kernels on `_forward`'s inputs; dy contiguous (batch, seqlen, heads, head_dim), dfinal float32
     contiguous or None. dx: where to write x's gradient (x's shape and dtype, (heads, head_dim) packed within a
     token, any batch and token strides), or None for a new contiguous tensor. Returns (dx, the gradient of Δ as
     stored (float32, contiguous), dA, dB and dC summed over the heads of each group (float32), dD (float32) or
-    None, dh0 (float32))."""
+    None, dh0 (float32)); with `a_log`, A is its stored log and dA the gradient of that log."""
     batch, seqlen, heads, head_dim = x.shape
     groups, d_state = B.shape[-2:]
     block_q = _chunk(head_dim)
     delta, deriv = delta.made(derivative=True)
     with on_device_of(x):
-        states, _ = _walk_chunks(x, delta, A, B, seq, h0, block_q, reverse=False)
+        states, _ = _walk_chunks(x, delta, A, B, seq, h0, block_q, reverse=False, a_log=a_log)
         n_chunks = states.shape[1]
-        dstates, dh0 = _walk_chunks(dy, delta, A, C, seq, dfinal, block_q, reverse=True)
+        dstates, dh0 = _walk_chunks(dy, delta, A, C, seq, dfinal, block_q, reverse=True, a_log=a_log)
         if dx is None:
             dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         ddt = torch.empty(batch, seqlen, heads, device=x.device, dtype=torch.float32)  # of Δ as stored
@@ -746,7 +771,7 @@ def _backward(x, delta, A, B, C, D, h0, seq, dy, dfinal, hpp, dx=None):
             *delta.scalars(), *_rows(dx),
             HAS_D=D is not None, HAS_SEQ=seq is not None, **delta.flags(), IEEE=_full_precision(x),
             HEADS_PER_PROGRAM=hpp, BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128),
-            BLOCK_N=_block(d_state, _grads_n_block(x)), num_warps=WARPS["grads"],
+            BLOCK_N=_block(d_state, _grads_n_block(x)), num_warps=WARPS["grads"], A_LOG=a_log,
         )
     if deriv is not None:  # the kernel's gradient is of the Δ it read: back through its making
         ddt.mul_(deriv)
@@ -755,14 +780,15 @@ def _backward(x, delta, A, B, C, D, h0, seq, dy, dfinal, hpp, dx=None):
     return dx, ddt, dA, _sum_group_parts(dB_parts, groups), _sum_group_parts(dC_parts, groups), dD, dh0
 
 
-def _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, seq_idx):
+def _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, seq_idx, a_log=False):
     """The inputs as the kernels take them: x, B, C and Δ where they are (column views of the conv's and in_proj's
     outputs in the mixer) unless a token's (heads, head_dim), (groups, d_state) or heads are not one packed run
-    (then a copy), Δ with its bias, softplus and limit (`_Delta`), A, h0 float32, D and seq_idx contiguous."""
+    (then a copy), Δ with its bias, softplus and limit (`_Delta`), A, h0 float32 (A's stored log, with `a_log`, in
+    its own dtype: the kernels make A), D and seq_idx contiguous."""
     x, B, C = _packed_within_token(x, 2), _packed_within_token(B, 2), _packed_within_token(C, 2)
     delta = _Delta(_packed_within_token(dt, 1), dt_bias.contiguous() if dt_bias is not None else None,
                    dt_softplus, dt_limit)
-    A = A.float().contiguous()
+    A = A.contiguous() if a_log else A.float().contiguous()
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     D = D.contiguous() if D is not None else None  # the kernels index it as D_ptr + head
     seq = seq_idx.contiguous() if seq_idx is not None else None
@@ -803,36 +829,39 @@ class _SSDScan(torch.autograd.Function):
 
 def ssd_forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
-                dt_limit: tuple[float, float] | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
+                dt_limit: tuple[float, float] | None, seq_idx: torch.Tensor | None, A_is_log: bool = False,
+                ) -> torch.Tensor:
     """The SSD forward outside autograd, from zero state (for an op that runs its own backward, see
     `conv_ssd_norm_triton`). x: (batch, seqlen, heads, head_dim), B, C: (batch, seqlen, groups, d_state), dt:
     (batch, seqlen, heads) as stored, each with packed inner dimensions (any batch and token strides: read in
-    place); seq_idx: kernel ids (`packing.kernel_segment_ids`) or None. Returns y (batch, seqlen, heads, head_dim)
-    contiguous in x's dtype."""
+    place); seq_idx: kernel ids (`packing.kernel_segment_ids`) or None; A: (heads,), or with `A_is_log` its stored
+    log (A = -exp(A_log), made in the kernels). Returns y (batch, seqlen, heads, head_dim) contiguous in x's
+    dtype."""
     plan = _forward_plan(x, B.shape[-1])
     check_ssd_shapes(x, B, C, plan)
     x, delta, A, B, C, D, _, seq = _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit_bounds(dt_limit),
-                                             None, seq_idx)
-    return _forward(x, delta, A, B, C, D, None, seq, plan)[0]
+                                             None, seq_idx, A_is_log)
+    return _forward(x, delta, A, B, C, D, None, seq, plan, A_is_log)[0]
 
 
 def ssd_backward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  D: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
                  dt_limit: tuple[float, float] | None, seq_idx: torch.Tensor | None, dy: torch.Tensor,
-                 dx: torch.Tensor, dB: torch.Tensor, dC: torch.Tensor, ddt: torch.Tensor,
+                 dx: torch.Tensor, dB: torch.Tensor, dC: torch.Tensor, ddt: torch.Tensor, A_is_log: bool = False,
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The backward of `ssd_forward` (same inputs, as given to it) for dy (y's shape): writes the gradients of x, B,
     C and Δ as stored into dx, dB, dC, ddt (the inputs' shapes, packed inner dimensions, any batch and token
-    strides: column slices of one gradient tensor). Returns (dA float32, dD in D's dtype or None, the Δ bias's
-    gradient in its dtype or None)."""
+    strides: column slices of one gradient tensor). Returns (dA float32 (with `A_is_log`, the gradient of A's stored
+    log), dD in D's dtype or None, the Δ bias's gradient in its dtype or None)."""
     x, delta, A, B, C, D, _, seq = _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit_bounds(dt_limit),
-                                             None, seq_idx)
+                                             None, seq_idx, A_is_log)
     for name, grad, like in (("dx", dx, x), ("dB", dB, B), ("dC", dC, C), ("ddt", ddt, dt)):
         if grad.shape != like.shape or not _is_packed_within_token(grad, grad.dim() - 2):
             raise ValueError(f"{name} must have shape {tuple(like.shape)} with packed inner dimensions; got shape "
                              f"{tuple(grad.shape)}, strides {grad.stride()}")
     _, ddt_stored, dA, dB_sum, dC_sum, dD, _ = _backward(
-        x, delta, A, B, C, D, None, seq, dy.contiguous(), None, _grads_heads_per_program(x, B.shape[-2]), dx=dx)
+        x, delta, A, B, C, D, None, seq, dy.contiguous(), None, _grads_heads_per_program(x, B.shape[-2]), dx=dx,
+        a_log=A_is_log)
     dB.copy_(dB_sum)
     dC.copy_(dC_sum)
     ddt.copy_(ddt_stored)
@@ -894,6 +923,9 @@ def ssd_scan_triton(
     if x.shape[1] == 0 or not supported:  # the PyTorch form, Δ through ssd_prepare_dt
         return ssd_scan_chunked(x, dt, A, B, C, chunk_size or CHUNK, D, dt_bias, dt_softplus, dt_limit,
                                 initial_state=initial_state, return_final_state=return_final_state, seq_idx=seq_idx)
-    y, final = _SSDScan.apply(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus,
+    y, final = apply_function(_SSDScan, x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus,
                               dt_limit_bounds(dt_limit), plan, grads_heads_per_program)
     return (y, final) if return_final_state else y
+
+
+watch_module(__name__)  # a knob or kernel set here invalidates the plans (`plans.Planned`)

@@ -1,0 +1,250 @@
+"""`kernels.plans.Planned`: an op's allocations and launches replayed per input signature. On the CPU the plans run
+against a stand-in kernel whose "launcher" computes from the addresses it is given (ints on a replay, tensors on
+the first call), so that a replay's pointers, allocations and outputs are checked by the values they produce; on a
+GPU, the fused Mamba-2 op's replays are checked against Triton's own path, bit for bit."""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+from triton.runtime.driver import driver
+
+from ssm_hf.kernels import plans
+from ssm_hf.kernels.launch import FastLaunch
+
+CUDA = torch.cuda.is_available()
+
+
+class _Param:
+    def __init__(self, name, default=inspect.Parameter.empty):
+        self.name, self.default = name, default
+        self.is_constexpr = name.isupper()
+
+
+def _floats(address, n: int):
+    return (ctypes.c_float * n).from_address(address if isinstance(address, int) else address.data_ptr())
+
+
+class _AxpyCompiled:
+    """Stands in for a compiled kernel out[i] = x[i] + SCALE * w[i], i < n: its launcher reads and writes memory
+    at the addresses it is given (tensors or ints), as a GPU kernel would."""
+
+    function, packed_metadata = "function-handle", "packed"
+
+    def __init__(self):
+        self.calls = []
+
+        def run(g0, g1, g2, stream, function, metadata, enter, leave, mode, x, w, out, n, SCALE, BLOCK):
+            self.calls.append((x, w, out, n))
+            xs, ws, outs = _floats(x, n), _floats(w, n), _floats(out, n)
+            for i in range(n):
+                outs[i] = xs[i] + SCALE * ws[i]
+
+        self.run = run
+
+
+class _AxpyKernel:
+    """Stands in for the JITFunction (x, w, out, n, SCALE, BLOCK): Triton's path computes and returns the
+    compiled kernel (which FastLaunch then keeps)."""
+
+    params = [_Param("x"), _Param("w"), _Param("out"), _Param("n"), _Param("SCALE"), _Param("BLOCK", 16)]
+    pre_run_hooks: list = []
+    debug = None
+
+    def __init__(self):
+        self.compiled, self.triton_launches = _AxpyCompiled(), 0
+
+    def __getitem__(self, grid):
+        def run(x, w, out, n, SCALE, BLOCK=16):
+            self.triton_launches += 1
+            self.compiled.run(*grid, *(1,) * (3 - len(grid)), 0, None, None, None, None, None, x, w, out, n, SCALE,
+                              BLOCK)
+            return self.compiled
+        return run
+
+
+class _Driver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 1234
+
+    def get_current_target(self):
+        return SimpleNamespace(backend="cuda")
+
+
+@pytest.fixture
+def knobs(monkeypatch):
+    """A watched stand-in kernel module (SCALE, a TABLE dict, the kernel), the stand-in driver, and plans on the
+    CPU."""
+    monkeypatch.delenv("SSM_HF_TRITON_LAUNCH_CACHE", raising=False)
+    monkeypatch.setattr(driver, "_active", _Driver())
+    monkeypatch.setattr(plans, "_on_current_gpu", lambda t: True)
+    module = types.ModuleType("_planned_knobs")
+    module.SCALE, module.TABLE = 2.0, {"block": 16}
+    module.axpy = FastLaunch(_AxpyKernel())
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    plans.watch_module(module.__name__)
+    return module
+
+
+def _op(module, calls: list):
+    """x, w (rows, cols) float32 -> (out = x + SCALE w as (rows, cols), x itself, w's rows from the second, out's
+    second half flat): only allocations, views and one launch."""
+
+    def op(x, w):
+        calls.append(1)
+        out = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+        module.axpy[(1,)](x, w, out, x.numel(), SCALE=module.SCALE, BLOCK=module.TABLE["block"])
+        return out.view(x.shape), x, w[1:], out[x.numel() // 2:]
+    return op
+
+
+def _expected(x, w, scale):
+    out = x + scale * w
+    return out, x, w[1:], out.flatten()[x.numel() // 2:]
+
+
+def test_replay_equals_the_function(knobs):
+    calls = []
+    planned = plans.Planned(_op(knobs, calls), (knobs,))
+    compiled = knobs.axpy.fn.compiled
+    for step in range(4):
+        x, w = torch.randn(4, 6), torch.randn(4, 6)
+        got = planned((x, w), ())
+        for a, b in zip(got, _expected(x, w, 2.0)):
+            assert torch.equal(a, b)
+        assert got[1] is x  # an input returned as it is
+        assert got[2].data_ptr() == w[1:].data_ptr() and got[3].data_ptr() == got[0].data_ptr() + 48
+    assert calls == [1]  # only the first call ran the function; the others replayed its plan
+    assert knobs.axpy.fn.triton_launches == 1
+    replayed = compiled.calls[-1]
+    assert all(type(a) is int for a in replayed[:3])  # addresses as ints
+    assert replayed[0] == x.data_ptr() and replayed[1] == w.data_ptr()
+
+
+def test_a_new_signature_or_knob_records_again(knobs):
+    calls = []
+    planned = plans.Planned(_op(knobs, calls), (knobs,))
+    x, w = torch.randn(4, 6), torch.randn(4, 6)
+    planned((x, w), ())
+    planned((x, w), ())
+    assert len(calls) == 1
+    planned((torch.randn(2, 6), torch.randn(2, 6)), ())  # another shape
+    assert len(calls) == 2
+    storage = torch.randn(30)
+    planned((storage[1:25].view(4, 6), w), ())  # the same shape, 4 bytes off a 16-byte boundary
+    assert len(calls) == 3
+    knobs.SCALE = 4.0  # a module attribute set (a power of two: the stand-in computes exactly)
+    got = planned((x, w), ())
+    assert len(calls) == 4 and torch.equal(got[0], x + 4.0 * w)
+    knobs.TABLE["block"] = 32  # a dict entry changed in place
+    planned((x, w), ())
+    assert len(calls) == 5
+    planned((x, w), ())
+    assert len(calls) == 5
+
+
+def test_a_call_that_computes_is_not_replayed(knobs):
+    calls = []
+    op = _op(knobs, calls)
+    planned = plans.Planned(lambda x, w: op(x * 1.0, w), (knobs,))  # a multiplication the plan could not repeat
+    x, w = torch.randn(4, 6), torch.randn(4, 6)
+    for _ in range(3):
+        got = planned((x, w), ())
+        assert torch.equal(got[0], x + 2.0 * w)
+    assert len(calls) == 3
+
+
+def test_a_launch_through_tritons_path_is_not_replayed(knobs, monkeypatch):
+    calls = []
+    planned = plans.Planned(_op(knobs, calls), (knobs,))
+    monkeypatch.setattr(knobs.axpy.fn, "pre_run_hooks", [lambda *a, **k: None])  # FastLaunch: Triton's path
+    x, w = torch.randn(4, 6), torch.randn(4, 6)
+    for _ in range(3):
+        assert torch.equal(planned((x, w), ())[0], x + 2.0 * w)
+    assert len(calls) == 3 and knobs.axpy.fn.triton_launches == 3
+
+
+def test_an_argument_inside_two_inputs_is_not_replayed(knobs):
+    calls = []
+    planned = plans.Planned(_op(knobs, calls), (knobs,))
+    x = torch.randn(4, 6)
+    w = x[:, :]  # a view of x: the launch's pointers could come from either input
+    for _ in range(3):
+        assert torch.equal(planned((x, w), ())[0], x + 2.0 * x)
+    assert len(calls) == 3
+
+
+def test_a_kernel_swapped_for_a_stand_in_is_not_planned(knobs, monkeypatch):
+    """A recording sees FastLaunch's launches only: with a module's kernel swapped for another callable (a test's
+    wrapper, a bench stub), nothing is planned and the function runs as it is."""
+    calls = []
+    fast = knobs.axpy
+    knobs.axpy_kernel = SimpleNamespace(__getitem__=None)  # a `*_kernel` global that is not a FastLaunch
+    planned = plans.Planned(_op(knobs, calls), (knobs,))
+    x, w = torch.randn(4, 6), torch.randn(4, 6)
+    for _ in range(3):
+        assert torch.equal(planned((x, w), ())[0], x + 2.0 * w)
+    assert len(calls) == 3 and fast.fn.triton_launches == 1
+
+
+def test_plans_are_bounded(knobs, monkeypatch):
+    calls = []
+    planned = plans.Planned(_op(knobs, calls), (knobs,))
+    monkeypatch.setattr(plans, "MAX_PLANS", 2)
+    for rows in range(1, 6):
+        planned((torch.randn(rows, 6), torch.randn(rows, 6)), ())
+        assert len(planned._plans) <= 2
+
+
+def test_no_plans_on_the_cpu_or_when_triton_launches_are_asked(monkeypatch):
+    calls = []
+    planned = plans.Planned(lambda x: calls.append(1) or (x,), ())
+    x = torch.randn(3)
+    planned((x,), ())
+    planned((x,), ())
+    assert len(calls) == 2 and not planned._plans  # CPU tensors: the function itself, every time
+    monkeypatch.setattr(plans, "_on_current_gpu", lambda t: True)
+    monkeypatch.setenv("SSM_HF_TRITON_LAUNCH_CACHE", "0")
+    planned((x,), ())
+    assert len(calls) == 3 and not planned._plans
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU: real compiled kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fused_mamba2_replays_equal_tritons_path(monkeypatch, dtype):
+    """A tiny Mamba2ForCausalLM on CUDA: logits (no gradients) and loss and gradients (training) with the fused
+    op's forward replayed from its plan equal, bit for bit, those with every launch through Triton's own path."""
+    from conftest import tiny_config
+
+    import ssm_hf
+    from ssm_hf.kernels import conv_ssd_norm_triton
+
+    torch.manual_seed(0)
+    model = ssm_hf.AutoModelForCausalLM.from_config(tiny_config("mamba2")).to("cuda", dtype)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), device="cuda")
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return [logits, loss.detach()] + [p.grad for p in model.parameters()]
+
+    run()
+    planned = conv_ssd_norm_triton._FORWARD
+    assert any(plan is not None for plan in planned._plans.values())
+    replayed = run()
+    monkeypatch.setenv("SSM_HF_TRITON_LAUNCH_CACHE", "0")
+    through_triton = run()
+    for a, b in zip(replayed, through_triton):
+        assert torch.equal(a, b)
