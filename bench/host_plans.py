@@ -106,8 +106,9 @@ def main() -> None:
         for name, planned, (tensors, extras) in (("conv + SSD + norm (5 launches)", conv_ssd_norm_triton._FORWARD,
                                                   fused),
                                                  ("add + norm (1 launch)", norm_triton._ADD_NORM_FORWARD, add_norm)):
+            planned(tensors, extras)  # a first sight: run as it is (through Triton's path: the stand-in)
             launched.clear()
-            planned(tensors, extras)  # recorded: through Triton's path (the stand-in)
+            planned(tensors, extras)  # recorded
             planned(tensors, extras)  # replayed
             half = len(launched) // 2
             same = _agree(launched[:half], launched[half:], tensors)

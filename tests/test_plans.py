@@ -123,8 +123,9 @@ def test_replay_equals_the_function(knobs):
             assert torch.equal(a, b)
         assert got[1] is x  # an input returned as it is
         assert got[2].data_ptr() == w[1:].data_ptr() and got[3].data_ptr() == got[0].data_ptr() + 48
-    assert calls == [1]  # only the first call ran the function; the others replayed its plan
-    assert knobs.axpy.fn.triton_launches == 1
+    # the first call ran the function, the second ran it recording a plan, the others replayed that plan
+    assert calls == [1, 1]
+    assert knobs.axpy.fn.triton_launches == 1  # FastLaunch's path from the second
     replayed = compiled.calls[-1]
     assert all(type(a) is int for a in replayed[:3])  # addresses as ints
     assert replayed[0] == x.data_ptr() and replayed[1] == w.data_ptr()
@@ -134,22 +135,35 @@ def test_a_new_signature_or_knob_records_again(knobs):
     calls = []
     planned = plans.Planned(_op(knobs, calls), (knobs,))
     x, w = torch.randn(4, 6), torch.randn(4, 6)
-    planned((x, w), ())
-    planned((x, w), ())
-    assert len(calls) == 1
-    planned((torch.randn(2, 6), torch.randn(2, 6)), ())  # another shape
-    assert len(calls) == 2
+
+    def ran(inputs) -> int:
+        """How many of three calls ran the function (2 where a plan was made: the first sight and the recording)."""
+        before = len(calls)
+        for _ in range(3):
+            got = planned(inputs, ())
+        assert torch.equal(got[0], inputs[0] + knobs.SCALE * inputs[1])
+        return len(calls) - before
+
+    assert ran((x, w)) == 2
+    assert ran((x, w)) == 0
+    assert ran((torch.randn(2, 6), torch.randn(2, 6))) == 2  # another shape
     storage = torch.randn(30)
-    planned((storage[1:25].view(4, 6), w), ())  # the same shape, 4 bytes off a 16-byte boundary
-    assert len(calls) == 3
+    assert ran((storage[1:25].view(4, 6), w)) == 2  # the same shape, 4 bytes off a 16-byte boundary
     knobs.SCALE = 4.0  # a module attribute set (a power of two: the stand-in computes exactly)
-    got = planned((x, w), ())
-    assert len(calls) == 4 and torch.equal(got[0], x + 4.0 * w)
+    assert ran((x, w)) == 2
     knobs.TABLE["block"] = 32  # a dict entry changed in place
-    planned((x, w), ())
-    assert len(calls) == 5
-    planned((x, w), ())
-    assert len(calls) == 5
+    assert ran((x, w)) == 2
+    assert ran((x, w)) == 0
+
+
+def test_a_signature_seen_once_is_not_recorded(knobs):
+    """Shapes that never come back (a new length per batch) cost no recording: a signature is recorded at its
+    second call."""
+    calls = []
+    planned = plans.Planned(_op(knobs, calls), (knobs,))
+    for rows in range(1, 6):
+        planned((torch.randn(rows, 6), torch.randn(rows, 6)), ())
+    assert len(calls) == 5 and all(plan is plans._SEEN_ONCE for plan in planned._plans.values())
 
 
 def test_a_call_that_computes_is_not_replayed(knobs):
@@ -242,7 +256,7 @@ def test_gpu_fused_mamba2_replays_equal_tritons_path(monkeypatch, dtype):
 
     run()
     planned = conv_ssd_norm_triton._FORWARD
-    assert any(plan is not None for plan in planned._plans.values())
+    assert any(type(plan) is plans._Plan for plan in planned._plans.values())
     replayed = run()
     monkeypatch.setenv("SSM_HF_TRITON_LAUNCH_CACHE", "0")
     through_triton = run()

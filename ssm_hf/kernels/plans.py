@@ -4,10 +4,11 @@ After FastLaunch, a 130M model's prefill still spent 7.8-13.9 ms of host time pe
 (BENCHMARKS.md, twelfth session): the wrappers' Python (shapes, strides, launch plans, checks, views) runs again at
 every call although, for inputs of the same shapes, strides, dtypes and alignments, it computes the same grids,
 arguments and allocations. `Planned` wraps a function whose only work is allocations, views and FastLaunch kernel
-launches. The first call with a signature runs the function while `launch.recording()` notes its launches and a
-dispatch mode checks that nothing else computed; the plan then holds, per launch, the compiled launcher, grid,
-fixed arguments and where each pointer argument lies (an input's address or a new tensor's, plus an offset). Later
-calls with the signature allocate the new tensors and call the launchers with the addresses as ints.
+launches. The second call with a signature (the first only notes the signature, so that shapes seen once cost no
+recording) runs the function while `launch.recording()` notes its launches and a dispatch mode checks that nothing
+else computed. The plan then holds, per launch, the compiled launcher, grid, fixed arguments and where each pointer
+argument lies (an input's address or a new tensor's, plus an offset). Later calls with the signature allocate the
+new tensors and call the launchers with the addresses as ints.
 
 A signature is: per tensor input its shape, strides, dtype, device and address modulo 16 (what the wrappers and
 Triton's specialisation read), the function's other arguments, the current device, and the state of the modules
@@ -178,16 +179,17 @@ def _on_current_gpu(t: torch.Tensor) -> bool:
 
 # signatures kept per planned function before its plans start again
 MAX_PLANS = 256
+_UNSEEN, _SEEN_ONCE = object(), object()  # a signature not seen yet, or seen once (its plan is made at the next)
 
 
 class Planned:
     """`fn(*tensors, *extras) -> tuple of tensors (or None)`, whose work is only allocations, views and FastLaunch
-    launches, called as `planned(tensors, extras)`: on CUDA, later calls with the signature of an earlier one replay
-    its plan (see the module's docstring). Every tensor a launch reads must be an input, a view of one, or a tensor
-    allocated in the call (whose contents the launches write: a replay allocates it anew). Wherever FastLaunch would
-    take Triton's own path, on the CPU, with inputs off the current device, with a kernel of the watched modules
-    that is not a FastLaunch, or where a first call computed something besides its launches, `fn` runs as it is.
-    `watched`: the modules whose globals `fn` reads (each must have called `watch_module`)."""
+    launches, called as `planned(tensors, extras)`: on CUDA, the second call with a signature records a plan and
+    later ones replay it (see the module's docstring). Every tensor a launch reads must be an input, a view of one,
+    or a tensor allocated in the call (whose contents the launches write: a replay allocates it anew). Wherever
+    FastLaunch would take Triton's own path, on the CPU, with inputs off the current device, with a kernel of the
+    watched modules that is not a FastLaunch, or where a recorded call computed something besides its launches,
+    `fn` runs as it is. `watched`: the modules whose globals `fn` reads (each must have called `watch_module`)."""
 
     def __init__(self, fn: Callable, watched: tuple[types.ModuleType, ...]):
         self.fn = fn
@@ -212,15 +214,17 @@ class Planned:
         key = (tuple((t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() & 15) if t is not None else None
                      for t in tensors), extras, _generation,
                *(tuple(getattr(module, name).items()) for module, name in self._tables))
-        plan = self._plans.get(key, self)  # self: not seen yet
+        plan = self._plans.get(key, _UNSEEN)
+        if type(plan) is _Plan:
+            return plan.run(tensors, first.device)
         if plan is None:  # a signature whose call computes more than its launches
             return self.fn(*tensors, *extras)
-        if plan is not self:
-            return plan.run(tensors, first.device)
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
-        if not self._kernels_recordable():
-            self._plans[key] = None
+        if plan is _UNSEEN or not self._kernels_recordable():
+            # a signature is recorded at its second call: shapes that never come back (a length per batch) cost
+            # only the key, not a recording each
+            self._plans[key] = _SEEN_ONCE if plan is _UNSEEN else None
             return self.fn(*tensors, *extras)
         with launch.recording() as recorded, _OnlyAllocationsAndViews() as ops:
             outputs = self.fn(*tensors, *extras)
