@@ -210,6 +210,62 @@ def test_a_kernel_swapped_for_a_stand_in_is_not_planned(knobs, monkeypatch):
     assert len(calls) == 3 and fast.fn.triton_launches == 1
 
 
+def test_a_tensor_not_allocated_in_the_call_is_not_planned(knobs):
+    """A launch that reads a tensor made from Python values (`torch.tensor`: its copy is not seen by the dispatch
+    mode) or a module-level buffer would read uninitialised memory in a replay: no plan."""
+    buffer = torch.randn(4, 6)
+    for make_w in (lambda x: torch.tensor(buffer.tolist()), lambda x: buffer):
+        calls = []
+        op = _op(knobs, calls)
+        planned = plans.Planned(lambda x: op(x, make_w(x)), (knobs,))
+        x = torch.randn(4, 6)
+        for _ in range(4):
+            assert torch.equal(planned((x,), ())[0], x + 2.0 * buffer)
+        assert len(calls) == 4 and not any(type(p) is plans._Plan for p in planned._plans.values())
+
+
+def test_a_planned_function_inside_another(knobs):
+    """The inner function runs as it is while the outer records (its launches are noted in the outer's plan);
+    the outer's replays then give the same results."""
+    calls = []
+    inner = plans.Planned(_op(knobs, calls), (knobs,))
+
+    def outer(x, w):
+        first = inner((x, w), ())[0]
+        return inner((first, w), ())  # x + 2w + 2w
+
+    planned = plans.Planned(outer, (knobs,))
+    for _ in range(4):
+        x, w = torch.randn(4, 6), torch.randn(4, 6)
+        assert torch.equal(planned((x, w), ())[0], x + 2.0 * w + 2.0 * w)
+
+
+def test_an_unhashable_argument_runs_as_it_is(knobs):
+    calls = []
+    op = _op(knobs, calls)
+    planned = plans.Planned(lambda x, w, limits: op(x, w), (knobs,))
+    x, w = torch.randn(4, 6), torch.randn(4, 6)
+    for _ in range(3):
+        assert torch.equal(planned((x, w), ([0.0, 1.0],))[0], x + 2.0 * w)
+    assert len(calls) == 3
+
+
+def test_a_pre_run_hook_set_after_the_plan_runs(knobs, monkeypatch):
+    """A kernel's pre-run hook (added in place to its list) makes FastLaunch take Triton's path: a plan recorded
+    before does not replay past it."""
+    calls = []
+    planned = plans.Planned(_op(knobs, calls), (knobs,))
+    x, w = torch.randn(4, 6), torch.randn(4, 6)
+    for _ in range(3):
+        planned((x, w), ())
+    assert len(calls) == 2
+    monkeypatch.setattr(knobs.axpy.fn, "pre_run_hooks", [])  # a list of the kernel's own, then a hook added to it
+    knobs.axpy.fn.pre_run_hooks.append(lambda *a, **k: None)
+    launches = knobs.axpy.fn.triton_launches
+    assert torch.equal(planned((x, w), ())[0], x + 2.0 * w)
+    assert len(calls) == 3 and knobs.axpy.fn.triton_launches == launches + 1
+
+
 def test_plans_are_bounded(knobs, monkeypatch):
     calls = []
     planned = plans.Planned(_op(knobs, calls), (knobs,))

@@ -243,11 +243,17 @@ class Recording:
         self.launches: list = []
         self.complete = True
 
-    def note(self, entry: tuple, grid: tuple, args: tuple) -> None:
-        self.launches.append((entry, grid, args))
+    def note(self, jit, entry: tuple, grid: tuple, args: tuple) -> None:
+        """jit: the launched JITFunction; entry: FastLaunch's cache entry of the compiled kernel."""
+        self.launches.append((jit, entry, grid, args))
 
 
 _RECORDING = threading.local()
+
+
+def recording_now() -> bool:
+    """Whether FastLaunch is noting this thread's launches (inside `recording()`)."""
+    return getattr(_RECORDING, "current", None) is not None
 
 
 @contextlib.contextmanager
@@ -334,7 +340,7 @@ class FastLaunch:
                 # the launcher, the loaded function and the metadata Triton passes it: fixed once launched
                 cached = self._kernels[key] = (kernel, kernel.run, kernel.function, kernel.packed_metadata, tail)
                 if recording is not None:
-                    recording.note(cached, grid, args)
+                    recording.note(self.fn, cached, grid, args)
             elif recording is not None:
                 recording.complete = False
             return kernel
@@ -342,7 +348,7 @@ class FastLaunch:
         run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
             active.get_current_stream(device), function, metadata, None, None, None, *args, *tail)
         if recording is not None:
-            recording.note(cached, grid, args)
+            recording.note(self.fn, cached, grid, args)
         return kernel
 
     def _tail(self, positional: int, kwargs: dict) -> tuple | None:

@@ -49,26 +49,33 @@ def watch_module(name: str) -> None:
     sys.modules[name].__class__ = _WatchedModule
 
 
-# aten ops a planned function may run: allocations, views and dtype arithmetic (anything else computes, and a
-# plan would skip it)
-_ALLOWED_OPS = frozenset({
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view", "_unsafe_view", "as_strided",
-    "split", "split_with_sizes", "slice", "select", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand",
-    "alias", "detach", "_reshape_alias", "unbind", "narrow", "view_as", "lift_fresh", "promote_types",
-    "result_type", "can_cast",
+# aten ops a planned function may run: allocations (of uninitialised memory), views and dtype arithmetic; anything
+# else computes, and a plan would skip it (`torch.tensor(...)` dispatches only `lift_fresh`: not allowed, its copy
+# is invisible here)
+_ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+_ALLOWED_OPS = _ALLOCATIONS | frozenset({
+    "view", "_unsafe_view", "as_strided", "split", "split_with_sizes", "slice", "select", "t", "transpose",
+    "permute", "unsqueeze", "squeeze", "expand", "alias", "detach", "_reshape_alias", "unbind", "narrow", "view_as",
+    "promote_types", "result_type", "can_cast",
 })
 
 
 class _OnlyAllocationsAndViews(TorchDispatchMode):
+    """Notes the aten ops run inside that are not in _ALLOWED_OPS, and the storages the allocations made."""
+
     def __init__(self):
         super().__init__()
         self.other: list[str] = []
+        self.allocated: set[int] = set()  # storage addresses
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name not in _ALLOWED_OPS:
             self.other.append(name)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if name in _ALLOCATIONS:
+            self.allocated.add(out.untyped_storage().data_ptr())
+        return out
 
 
 def _extent(t: torch.Tensor) -> int:
@@ -81,14 +88,18 @@ def _extent(t: torch.Tensor) -> int:
 class _Plan:
     """Allocations, launches and outputs of one signature (see the module's docstring); holds no tensor."""
 
-    def __init__(self, slots: list, launches: list, outputs: list):
-        self.slots, self.launches, self.outputs = slots, launches, outputs
+    def __init__(self, slots: list, launches: list, outputs: list, jits: tuple):
+        self.slots, self.launches, self.outputs, self.jits = slots, launches, outputs, jits
+
+    def hooked(self) -> bool:
+        """Whether a launched kernel has a pre-run hook or debug on now (FastLaunch would take Triton's path)."""
+        return any(jit.debug or jit.pre_run_hooks for jit in self.jits)
 
     def run(self, tensors: tuple, device: torch.device) -> tuple:
         sources = [*tensors, *(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.slots)]
         addresses = [t.data_ptr() if t is not None else 0 for t in sources]
         stream = launch.current_stream(device.index)
-        for run, function, metadata, g0, g1, g2, fixed, pointers, tail in self.launches:
+        for run, function, metadata, g0, g1, g2, fixed, pointers, tail, _ in self.launches:
             args = fixed.copy()
             for position, source, offset in pointers:
                 args[position] = addresses[source] + offset
@@ -106,13 +117,14 @@ class _Plan:
         return tuple(outputs)
 
 
-def _build_plan(tensors: tuple, outputs: tuple, recorded: launch.Recording) -> _Plan | None:
+def _build_plan(tensors: tuple, outputs: tuple, recorded: launch.Recording, allocated: set[int]) -> _Plan | None:
     """The plan of a recorded call, or None where one cannot stand for it: a tensor that lies in two inputs or in
-    an input's storage outside the input, a new tensor whose storage no contiguous tensor covers whole, an output
-    view of another dtype."""
+    an input's storage outside the input, or in a storage the call did not allocate (`allocated`: their addresses;
+    a module-level buffer, say), a new tensor whose storage no contiguous tensor covers whole, an output view of
+    another dtype."""
     spans = [(t.data_ptr(), t.data_ptr() + _extent(t)) if t is not None else None for t in tensors]
     input_storages = {t.untyped_storage().data_ptr() for t in tensors if t is not None}
-    seen = [a for _, _, args in recorded.launches for a in args if isinstance(a, torch.Tensor)]
+    seen = [a for _, _, _, args in recorded.launches for a in args if isinstance(a, torch.Tensor)]
     seen += [t for t in outputs if t is not None]
     if any(t.numel() == 0 for t in seen):
         return None
@@ -125,7 +137,7 @@ def _build_plan(tensors: tuple, outputs: tuple, recorded: launch.Recording) -> _
     for t in seen:
         if not in_inputs(t):
             storage = t.untyped_storage()
-            if storage.data_ptr() in input_storages:
+            if storage.data_ptr() in input_storages or storage.data_ptr() not in allocated:
                 return None
             if (t.storage_offset() == 0 and t.is_contiguous()
                     and t.numel() * t.element_size() == storage.nbytes()):
@@ -143,7 +155,7 @@ def _build_plan(tensors: tuple, outputs: tuple, recorded: launch.Recording) -> _
         return slot_of[address], t.data_ptr() - address
 
     launches = []
-    for (_, run, function, metadata, tail), grid, args in recorded.launches:
+    for _, (kernel, run, function, metadata, tail), grid, args in recorded.launches:
         fixed, pointers = list(args), []
         for position, arg in enumerate(args):
             if isinstance(arg, torch.Tensor):
@@ -153,7 +165,8 @@ def _build_plan(tensors: tuple, outputs: tuple, recorded: launch.Recording) -> _
                 fixed[position] = None
                 pointers.append((position, *located))
         grid = (*grid, 1, 1)
-        launches.append((run, function, metadata, grid[0], grid[1], grid[2], fixed, tuple(pointers), tail))
+        # (the compiled kernel too: its module stays loaded while the plan may launch it)
+        launches.append((run, function, metadata, grid[0], grid[1], grid[2], fixed, tuple(pointers), tail, kernel))
     sources = [*tensors, *primaries.values()]
     output_specs: list = []
     for out in outputs:
@@ -169,7 +182,7 @@ def _build_plan(tensors: tuple, outputs: tuple, recorded: launch.Recording) -> _
         else:
             output_specs.append((located[0], tuple(out.shape), out.stride(), located[1] // out.element_size()))
     slots = [(tuple(t.shape), t.dtype) for t in primaries.values()]
-    return _Plan(slots, launches, output_specs)
+    return _Plan(slots, launches, output_specs, tuple({id(jit): jit for jit, _, _, _ in recorded.launches}.values()))
 
 
 def _on_current_gpu(t: torch.Tensor) -> bool:
@@ -209,13 +222,20 @@ class Planned:
 
     def __call__(self, tensors: tuple, extras: tuple) -> tuple:
         first = next((t for t in tensors if t is not None), None)
-        if first is None or not _on_current_gpu(first) or launch.triton_path_required():
+        # inside another planned function's recording, run as it is: FastLaunch notes these launches there
+        if (first is None or not _on_current_gpu(first) or launch.triton_path_required()
+                or launch.recording_now()):
             return self.fn(*tensors, *extras)
         key = (tuple((t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() & 15) if t is not None else None
                      for t in tensors), extras, _generation,
                *(tuple(getattr(module, name).items()) for module, name in self._tables))
-        plan = self._plans.get(key, _UNSEEN)
+        try:
+            plan = self._plans.get(key, _UNSEEN)
+        except TypeError:  # an unhashable argument (a list for a tuple): no plan
+            return self.fn(*tensors, *extras)
         if type(plan) is _Plan:
+            if plan.hooked():
+                return self.fn(*tensors, *extras)
             return plan.run(tensors, first.device)
         if plan is None:  # a signature whose call computes more than its launches
             return self.fn(*tensors, *extras)
@@ -228,6 +248,7 @@ class Planned:
             return self.fn(*tensors, *extras)
         with launch.recording() as recorded, _OnlyAllocationsAndViews() as ops:
             outputs = self.fn(*tensors, *extras)
-        plan = _build_plan(tensors, outputs, recorded) if recorded.complete and not ops.other else None
+        plan = (_build_plan(tensors, outputs, recorded, ops.allocated) if recorded.complete and not ops.other
+                else None)
         self._plans[key] = plan
         return outputs
