@@ -45,6 +45,7 @@ Prints a table last; writes results.json under $OUT if set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -1162,10 +1163,6 @@ def host_e2e():
     (synchronised), the host's time to issue it (the step's Python returns before the GPU finishes when the GPU is
     the limit) and the GPU's busy time (profiler, kernels alone); then the host functions that take most of one
     step's issue time (cProfile, by own time), each line printed as it comes."""
-    import cProfile
-    import io
-    import pstats
-
     for name, build in _llama_and_ours():
         step = _warm_training_step(build)
         wall = _wall_ms(step, 10)
@@ -1175,17 +1172,7 @@ def host_e2e():
                 f"({8192 / wall * 1e3:,.0f} tokens/s)")
         R.setdefault("host_e2e", {})[name] = line
         print("host_e2e", name, line, flush=True)
-        profiler = cProfile.Profile()
-        torch.cuda.synchronize()
-        profiler.enable()
-        step()
-        profiler.disable()
-        torch.cuda.synchronize()
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
-        for row in text.getvalue().splitlines():
-            if row.strip():
-                print("host_e2e", name, row[:180], flush=True)
+        _print_host_profile(f"host_e2e {name}", step, calls=1, top=22)
         step = None
         torch.cuda.empty_cache()
 
@@ -1307,6 +1294,43 @@ def check_ab(rounds: int = 5):
         torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def _plans_off():
+    """Inside, the ops' forwards run as Python, not replayed from their plans (`kernels.plans`; nothing to turn off
+    on an ssm_hf from before plans, as bench/gpu_ab.py's base may be)."""
+    try:
+        from ssm_hf.kernels import plans
+    except ImportError:
+        yield
+        return
+    on_gpu, plans._on_current_gpu = plans._on_current_gpu, lambda tensor: False
+    try:
+        yield
+    finally:
+        plans._on_current_gpu = on_gpu
+
+
+def _print_host_profile(label: str, fn, calls: int, top: int) -> None:
+    """The `top` host functions by own time over `calls` calls of fn (cProfile, after a synchronise), a line each
+    after `label`."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    for row in text.getvalue().splitlines():
+        if row.strip():
+            print(label, row[:180].replace("/tmp/site/", ""), flush=True)
+
+
 def launch_replay():
     """What a prefill forward's Triton launches cost the host (4 x 2048, bf16, no gradients, use_cache=False), per
     forward, for each of our 130M models: the forward's host issue as it is and with every launch a no-op (the
@@ -1318,73 +1342,48 @@ def launch_replay():
 
     from ssm_hf.kernels.launch import FastLaunch, _argument_key
 
-    try:  # the forwards' plans (`kernels.plans`) would launch past FastLaunch, unseen here: off in this section
-        from ssm_hf.kernels import plans
-        on_gpu, plans._on_current_gpu = plans._on_current_gpu, lambda tensor: False
-    except ImportError:  # an ssm_hf from before plans (bench/gpu_ab.py's base)
-        plans = None
-    try:
-        _launch_replay(_Launches, FastLaunch, _argument_key)
-    finally:
-        if plans is not None:
-            plans._on_current_gpu = on_gpu
-
-
-def _launch_replay(_Launches, FastLaunch, _argument_key):
-    for name, build in _llama_and_ours()[1:]:
-        forward = _warm_prefill(build)
-        captured = _captured_launches(FastLaunch, forward)
-        issue = _issue_ms(forward, 20)
-        with _Launches():
-            forward()
-            stubbed = _issue_ms(forward, 20)
-            if os.environ.get("LAUNCH_REPLAY_PROFILE"):  # the host functions of a stubbed forward, by own time
-                import cProfile
-                import io
-                import pstats
-
-                profiler = cProfile.Profile()
-                profiler.enable()
-                for _ in range(5):
-                    forward()
-                profiler.disable()
-                text = io.StringIO()
-                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
-                for row in text.getvalue().splitlines():
-                    if row.strip():
-                        print("launch_replay", name, row[:170].replace("/tmp/site/", ""), flush=True)
-        device = torch.cuda.current_device()
-        stream = torch.cuda.current_stream().cuda_stream
-        entries = []
-        for kernel, grid, args, kwargs in captured:
-            _, run, function, metadata, tail = kernel._kernels[(device, _argument_key(args), tuple(kwargs.items()))]
-            grid3 = (*grid, 1, 1)[:3]
-            as_ints = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
-            entries.append((run, grid3, function, metadata, args, as_ints, tail))
-
-        def via_fast_launch():
+    with _plans_off():  # replayed plans launch past FastLaunch, unseen by the capture
+        for name, build in _llama_and_ours()[1:]:
+            forward = _warm_prefill(build)
+            captured = _captured_launches(FastLaunch, forward)
+            issue = _issue_ms(forward, 20)
+            with _Launches():
+                forward()
+                stubbed = _issue_ms(forward, 20)
+                if os.environ.get("LAUNCH_REPLAY_PROFILE"):  # the host functions of a stubbed forward, by own time
+                    _print_host_profile(f"launch_replay {name}", forward, calls=5, top=40)
+            device = torch.cuda.current_device()
+            stream = torch.cuda.current_stream().cuda_stream
+            entries = []
             for kernel, grid, args, kwargs in captured:
-                kernel[grid](*args, **kwargs)
+                _, run, function, metadata, tail = kernel._kernels[(device, _argument_key(args), tuple(kwargs.items()))]
+                grid3 = (*grid, 1, 1)[:3]
+                as_ints = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+                entries.append((run, grid3, function, metadata, args, as_ints, tail))
 
-        def direct():
-            for run, g, function, metadata, args, _, tail in entries:
-                run(g[0], g[1], g[2], stream, function, metadata, None, None, None, *args, *tail)
+            def via_fast_launch():
+                for kernel, grid, args, kwargs in captured:
+                    kernel[grid](*args, **kwargs)
 
-        def direct_ints():
-            for run, g, function, metadata, _, args, tail in entries:
-                run(g[0], g[1], g[2], stream, function, metadata, None, None, None, *args, *tail)
+            def direct():
+                for run, g, function, metadata, args, _, tail in entries:
+                    run(g[0], g[1], g[2], stream, function, metadata, None, None, None, *args, *tail)
 
-        line = (f"{len(captured)} launches; host issue {issue:.2f} ms, launches stubbed {stubbed:.2f} ms; "
-                f"launches replayed: FastLaunch {_issue_ms(via_fast_launch, 20):.2f} ms, "
-                f"launcher with tensors {_issue_ms(direct, 20):.2f} ms")
-        try:
-            line += f", launcher with int addresses {_issue_ms(direct_ints, 20):.2f} ms"
-        except Exception as err:  # a Triton whose launcher takes no int for a pointer
-            line += f", launcher with int addresses failed: {err!r}"[:200]
-        print("launch_replay", name, line, flush=True)
-        R.setdefault("launch_replay", {})[name] = line
-        forward = captured = entries = None
-        torch.cuda.empty_cache()
+            def direct_ints():
+                for run, g, function, metadata, _, args, tail in entries:
+                    run(g[0], g[1], g[2], stream, function, metadata, None, None, None, *args, *tail)
+
+            line = (f"{len(captured)} launches; host issue {issue:.2f} ms, launches stubbed {stubbed:.2f} ms; "
+                    f"launches replayed: FastLaunch {_issue_ms(via_fast_launch, 20):.2f} ms, "
+                    f"launcher with tensors {_issue_ms(direct, 20):.2f} ms")
+            try:
+                line += f", launcher with int addresses {_issue_ms(direct_ints, 20):.2f} ms"
+            except Exception as err:  # a Triton whose launcher takes no int for a pointer
+                line += f", launcher with int addresses failed: {err!r}"[:200]
+            print("launch_replay", name, line, flush=True)
+            R.setdefault("launch_replay", {})[name] = line
+            forward = captured = entries = None
+            torch.cuda.empty_cache()
 
 
 def host_costs():

@@ -1,4 +1,6 @@
+import inspect
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -20,6 +22,43 @@ FAMILIES = {
     "s4": ("s4-tiny", ssm_hf.S4ForCausalLM, None, None),
     "s4d": ("s4d-tiny", ssm_hf.S4ForCausalLM, None, None),
 }
+
+
+class KernelParam:
+    """A stand-in for a JITFunction's parameter (name, default; upper-case names are constexprs), for tests of the
+    launch paths without a GPU."""
+
+    def __init__(self, name, default=inspect.Parameter.empty):
+        self.name, self.default = name, default
+        self.is_constexpr = name.isupper()
+
+
+class StandInDriver:
+    """Triton's `driver.active` for launch-path tests without a GPU: device 0, stream 1234, an NVIDIA target (set
+    `backend` for another)."""
+
+    backend = "cuda"
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 1234
+
+    def get_current_target(self):
+        return SimpleNamespace(backend=self.backend)
+
+
+@pytest.fixture
+def stand_in_driver(monkeypatch):
+    """The StandInDriver as Triton's active driver until the test ends, FastLaunch's cache on."""
+    from triton.runtime.driver import driver
+
+    monkeypatch.delenv("SSM_HF_TRITON_LAUNCH_CACHE", raising=False)
+    # (reset_active would ask for a real GPU driver)
+    stand_in = StandInDriver()
+    monkeypatch.setattr(driver, "_active", stand_in)
+    yield stand_in
 
 
 def tiny_config(family: str = "mamba", **overrides):

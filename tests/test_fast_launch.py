@@ -7,14 +7,12 @@ compiled kernels); on a GPU, real launches after the first are checked against T
 from __future__ import annotations
 
 import contextlib
-import inspect
-from types import SimpleNamespace
 
 import pytest
 import torch
 import triton
+from conftest import KernelParam
 from triton import knobs
-from triton.runtime.driver import driver
 
 import ssm_hf
 from ssm_hf.kernels import launch
@@ -43,12 +41,6 @@ def test_argument_key():
     assert len({_argument_key(pair) for pair in pairs}) == len(pairs)
 
 
-class _Param:
-    def __init__(self, name, default=inspect.Parameter.empty):
-        self.name, self.default = name, default
-        self.is_constexpr = name.isupper()
-
-
 class _Compiled:
     """Stands in for Triton's CompiledKernel: records what its launcher is called with."""
 
@@ -62,7 +54,7 @@ class _Compiled:
 class _Kernel:
     """Stands in for a JITFunction with parameters (x, n, BLOCK, FLAG=False): `kernel[grid](...)` is Triton's path."""
 
-    params = [_Param("x"), _Param("n"), _Param("BLOCK"), _Param("FLAG", False)]
+    params = [KernelParam("x"), KernelParam("n"), KernelParam("BLOCK"), KernelParam("FLAG", False)]
     pre_run_hooks: list = []
     debug = None
 
@@ -74,28 +66,6 @@ class _Kernel:
             self.triton_launches.append((grid, args, kwargs))
             return self.compiled
         return run
-
-
-class _Driver:
-    backend = "cuda"
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 1234
-
-    def get_current_target(self):
-        return SimpleNamespace(backend=self.backend)
-
-
-@pytest.fixture
-def stand_in_driver(monkeypatch):
-    monkeypatch.delenv("SSM_HF_TRITON_LAUNCH_CACHE", raising=False)
-    # Triton's `driver.active` is the stand-in until the test ends (reset_active would ask for a real GPU driver)
-    stand_in = _Driver()
-    monkeypatch.setattr(driver, "_active", stand_in)
-    yield stand_in
 
 
 def test_second_launch_reuses_the_compiled_kernel(stand_in_driver):

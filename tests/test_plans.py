@@ -6,25 +6,17 @@ GPU, the fused Mamba-2 op's replays are checked against Triton's own path, bit f
 from __future__ import annotations
 
 import ctypes
-import inspect
-import sys
 import types
 from types import SimpleNamespace
 
 import pytest
 import torch
-from triton.runtime.driver import driver
+from conftest import KernelParam
 
 from ssm_hf.kernels import plans
 from ssm_hf.kernels.launch import FastLaunch
 
 CUDA = torch.cuda.is_available()
-
-
-class _Param:
-    def __init__(self, name, default=inspect.Parameter.empty):
-        self.name, self.default = name, default
-        self.is_constexpr = name.isupper()
 
 
 def _floats(address, n: int):
@@ -53,7 +45,7 @@ class _AxpyKernel:
     """Stands in for the JITFunction (x, w, out, n, SCALE, BLOCK): Triton's path computes and returns the
     compiled kernel (which FastLaunch then keeps)."""
 
-    params = [_Param("x"), _Param("w"), _Param("out"), _Param("n"), _Param("SCALE"), _Param("BLOCK", 16)]
+    params = [*map(KernelParam, ("x", "w", "out", "n", "SCALE")), KernelParam("BLOCK", 16)]
     pre_run_hooks: list = []
     debug = None
 
@@ -69,29 +61,14 @@ class _AxpyKernel:
         return run
 
 
-class _Driver:
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 1234
-
-    def get_current_target(self):
-        return SimpleNamespace(backend="cuda")
-
-
 @pytest.fixture
-def knobs(monkeypatch):
-    """A watched stand-in kernel module (SCALE, a TABLE dict, the kernel), the stand-in driver, and plans on the
-    CPU."""
-    monkeypatch.delenv("SSM_HF_TRITON_LAUNCH_CACHE", raising=False)
-    monkeypatch.setattr(driver, "_active", _Driver())
+def knobs(monkeypatch, stand_in_driver):
+    """A stand-in kernel module (SCALE, a TABLE dict, the kernel; watched once a Planned reads it), the stand-in
+    driver, and plans on the CPU."""
     monkeypatch.setattr(plans, "_on_current_gpu", lambda t: True)
     module = types.ModuleType("_planned_knobs")
     module.SCALE, module.TABLE = 2.0, {"block": 16}
     module.axpy = FastLaunch(_AxpyKernel())
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    plans.watch_module(module.__name__)
     return module
 
 

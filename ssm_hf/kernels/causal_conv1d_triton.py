@@ -18,7 +18,6 @@ import triton.language as tl
 from .causal_conv1d_torch import check_activation
 from .launch import apply_function, cdiv, check_grid_axis, fast_launch, on_device_of, row_alignment
 from .packing import kernel_segment_ids
-from .plans import watch_module
 from .triton_math import aligned
 
 
@@ -276,6 +275,3 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          f"{weight.shape[-1] - 1}")
     return apply_function(_CausalConv1d, x, weight, bias, past.detach() if past is not None else None, seq_idx,
                           activation)
-
-
-watch_module(__name__)  # a knob or kernel set here invalidates the plans (`plans.Planned`)

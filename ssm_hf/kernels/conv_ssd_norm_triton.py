@@ -18,7 +18,7 @@ from .causal_conv1d_triton import conv_backward, conv_forward
 from .conv_ssd_norm import Mamba2Shape
 from .launch import apply_function
 from .norm_triton import gate_rows, norm_backward, norm_forward
-from .plans import Planned, watch_module
+from .plans import Planned
 
 
 def _forward_launches(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, seq_idx, shape, activation,
@@ -104,6 +104,5 @@ def conv_ssd_norm_triton(
                           activation, dt_limit, norm_group_size, eps, seq_idx)
 
 
-watch_module(__name__)
 # the forward replayed per input signature (on CUDA), reading these modules' globals
 _FORWARD = Planned(_forward_launches, (sys.modules[__name__], ssd_triton, causal_conv1d_triton, norm_triton))

@@ -23,7 +23,7 @@ from .launch import (
     row_alignment,
 )
 from .norm_torch import sum_dtype
-from .plans import Planned, watch_module
+from .plans import Planned
 from .triton_math import aligned
 
 # Programs per multiprocessor of the backward (all groups together; each sums its rows' share of dweight into its
@@ -178,6 +178,11 @@ def _add_norm_bwd_kernel(s_ptr, w_ptr, dy_ptr, dh_ptr, dx_ptr, dr_ptr, dw_ptr, M
     tl.store(dw_ptr + block.to(tl.int64) * H + cols, dw, mask=mask)
 
 
+def _row_warps(block: int) -> int:
+    """Warps of a program that holds one row (or group) of `block` channels: one per 256 channels, 1 to 8."""
+    return min(max(block // 256, 1), 8)
+
+
 def _backward_programs(x2: torch.Tensor, groups: int) -> tuple[int, int, torch.Tensor]:
     """(programs per group, rows per program, their dweight rows (programs, hidden) float32) of a backward over
     x2: (rows, hidden). Each program stores its row; without rows no kernel runs and dweight is zero."""
@@ -204,7 +209,7 @@ def norm_forward(x2: torch.Tensor, z2: torch.Tensor | None, weight: torch.Tensor
                 z2.stride(0) if z2 is not None else hidden,
                 HAS_GATE=z2 is not None, ROUND_TO_INPUT=x2.dtype != torch.float32,
                 Z_ALIGN=row_alignment(z2.stride(0)) if z2 is not None else 1, BLOCK=block,
-                num_warps=min(max(block // 256, 1), 8))
+                num_warps=_row_warps(block))
     return y
 
 
@@ -232,7 +237,7 @@ def norm_backward(x2: torch.Tensor, z2: torch.Tensor | None, weight: torch.Tenso
                 dz.stride(0) if dz is not None else hidden, HAS_GATE=z2 is not None,
                 Z_ALIGN=row_alignment(z2.stride(0)) if z2 is not None else 1,
                 DZ_ALIGN=row_alignment(dz.stride(0)) if dz is not None else 1, BLOCK=block,
-                num_warps=min(max(block // 256, 1), 8))
+                num_warps=_row_warps(block))
     return dx, dz, dw.sum(0).to(weight.dtype)
 
 
@@ -293,7 +298,7 @@ def add_norm_forward(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Te
             _add_norm_fwd_kernel[(rows,)](x2, r2 if r2 is not None else x2, h, weight, y, u if u is not None else y,
                                           hidden, eps, HAS_RESIDUAL=r2 is not None, STORE_H=store_h,
                                           ROUND_TO_WEIGHT=round_to_weight, STORE_U=u is not None, BLOCK=block,
-                                          num_warps=min(max(block // 256, 1), 8))
+                                          num_warps=_row_warps(block))
     return y, h, u
 
 
@@ -316,7 +321,7 @@ def add_norm_backward(saved: torch.Tensor, saved_h: bool, weight: torch.Tensor, 
                 saved, weight, dy, dh if dh is not None else dy, dx, dr if dr is not None else dx, dw, rows, hidden,
                 eps, rows_per_program, HAS_DH=dh is not None, STORE_DR=dr is not None,
                 ROUND_TO_WEIGHT=round_to_weight, SAVED_H=saved_h, BLOCK=block,
-                num_warps=min(max(block // 256, 1), 8))
+                num_warps=_row_warps(block))
     return dx, dr, dw.sum(0).to(weight.dtype)
 
 
@@ -377,6 +382,5 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     return apply_function(_AddRMSNorm, x, residual, weight, eps, h_dtype, round_to_weight)
 
 
-watch_module(__name__)  # a knob or kernel set here invalidates the plans (`plans.Planned`)
 # the add-norm forward replayed per input signature (on CUDA)
 _ADD_NORM_FORWARD = Planned(_add_norm_launches, (sys.modules[__name__],))

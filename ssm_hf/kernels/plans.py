@@ -19,7 +19,6 @@ compared by content at each call.
 
 from __future__ import annotations
 
-import sys
 import types
 from collections.abc import Callable
 
@@ -44,9 +43,13 @@ class _WatchedModule(types.ModuleType):
         super().__delattr__(name)
 
 
-def watch_module(name: str) -> None:
-    """Make an attribute assignment on the module `name` invalidate every plan (call at the module's end)."""
-    sys.modules[name].__class__ = _WatchedModule
+def watch_module(module: types.ModuleType) -> None:
+    """Make an attribute assignment on `module` invalidate every plan (`Planned` watches the modules it is given)."""
+    if isinstance(module, _WatchedModule):
+        return
+    if type(module) is not types.ModuleType:  # another module class: its setattr could not be replaced safely
+        raise TypeError(f"plans can watch plain modules only; {module.__name__} is a {type(module).__name__}")
+    module.__class__ = _WatchedModule
 
 
 # aten ops a planned function may run: allocations (of uninitialised memory), views and dtype arithmetic; anything
@@ -202,13 +205,15 @@ class Planned:
     or a tensor allocated in the call (whose contents the launches write: a replay allocates it anew). Wherever
     FastLaunch would take Triton's own path, on the CPU, with inputs off the current device, with a kernel of the
     watched modules that is not a FastLaunch, or where a recorded call computed something besides its launches,
-    `fn` runs as it is. `watched`: the modules whose globals `fn` reads (each must have called `watch_module`)."""
+    `fn` runs as it is. `watched`: the modules whose globals `fn` reads (watched from here on: `watch_module`)."""
 
     def __init__(self, fn: Callable, watched: tuple[types.ModuleType, ...]):
         self.fn = fn
         self.__name__ = getattr(fn, "__name__", "planned")
         self._plans: dict = {}
         self._watched = watched
+        for module in watched:
+            watch_module(module)
         # dict-valued globals (WARPS tables), read by name at each call: assigning an entry does not pass through
         # the module's setattr
         self._tables = [(module, name) for module in watched for name, value in vars(module).items()

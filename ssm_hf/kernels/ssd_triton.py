@@ -42,7 +42,6 @@ from .launch import (
     on_device_of,
 )
 from .packing import kernel_segment_ids
-from .plans import watch_module
 from .ssd_torch import dt_limit_bounds, ssd_scan_chunked
 from .triton_math import log1p_small
 
@@ -926,6 +925,3 @@ def ssd_scan_triton(
     y, final = apply_function(_SSDScan, x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus,
                               dt_limit_bounds(dt_limit), plan, grads_heads_per_program)
     return (y, final) if return_final_state else y
-
-
-watch_module(__name__)  # a knob or kernel set here invalidates the plans (`plans.Planned`)
