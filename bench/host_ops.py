@@ -23,6 +23,11 @@ from ssm_hf import kernels
 from ssm_hf.kernels import causal_conv1d_triton, decode_triton, norm_triton, selective_scan_triton, ssd_triton
 
 try:
+    from ssm_hf.kernels import sums_triton
+except ImportError:  # an ssm_hf from before the backwards' sum kernels (bench/gpu_ab.py's base)
+    sums_triton = None
+
+try:
     from ssm_hf.kernels.launch import FastLaunch
 except ImportError:  # an ssm_hf from before FastLaunch (bench/gpu_ab.py's base)
     FastLaunch = triton.runtime.jit.JITFunction
@@ -50,7 +55,8 @@ class _Launches:
         self.saved = []
 
     def __enter__(self):
-        for module in (causal_conv1d_triton, decode_triton, norm_triton, selective_scan_triton, ssd_triton):
+        for module in (causal_conv1d_triton, decode_triton, norm_triton, selective_scan_triton, ssd_triton,
+                       *([sums_triton] if sums_triton is not None else [])):
             for name, value in vars(module).items():
                 if isinstance(value, (triton.runtime.jit.JITFunction, FastLaunch)) and name.endswith("kernel"):
                     self.saved.append((module, name, value))

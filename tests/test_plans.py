@@ -6,6 +6,7 @@ GPU, the fused Mamba-2 op's replays are checked against Triton's own path, bit f
 from __future__ import annotations
 
 import ctypes
+import itertools
 import types
 from types import SimpleNamespace
 
@@ -265,18 +266,79 @@ def test_no_plans_on_the_cpu_or_when_triton_launches_are_asked(monkeypatch):
     assert len(calls) == 3 and not planned._plans
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a GPU: real compiled kernels")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_fused_mamba2_replays_equal_tritons_path(monkeypatch, dtype):
-    """A tiny Mamba2ForCausalLM on CUDA: logits (no gradients) and loss and gradients (training) with the fused
-    op's forward replayed from its plan equal, bit for bit, those with every launch through Triton's own path."""
+class _StubLaunches:
+    """Every `*_kernel` of the given modules replaced by a stub that counts its launches and computes nothing."""
+
+    def __init__(self, monkeypatch, modules):
+        self.launches = 0
+        for module in modules:
+            for name, value in list(vars(module).items()):
+                if name.endswith("_kernel") and hasattr(value, "__getitem__"):  # (interpreted: JITFunctions)
+                    monkeypatch.setattr(module, name, self)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+        return launch
+
+
+def test_planned_forwards_and_backwards_only_allocate_view_and_launch(monkeypatch):
+    """What `Planned` needs of the functions it wraps, checked on the CPU for every one of them: a training step
+    and a no-gradient forward of tiny Mamba-2 and Mamba models (the fused op, the blocks' add + norm, the
+    selective scan's backward) run, inside each planned function, nothing but allocations, views and launches
+    (kernels stubbed: what is counted is the wrappers' own PyTorch work)."""
     from conftest import tiny_config
 
     import ssm_hf
-    from ssm_hf.kernels import conv_ssd_norm_triton
+    from ssm_hf import kernels
+    from ssm_hf.kernels import (
+        causal_conv1d_triton,
+        conv_ssd_norm_triton,
+        norm_triton,
+        selective_scan_triton,
+        ssd_triton,
+        sums_triton,
+    )
+
+    planned = [conv_ssd_norm_triton._FORWARD, conv_ssd_norm_triton._BACKWARD, norm_triton._ADD_NORM_FORWARD,
+               norm_triton._ADD_NORM_BACKWARD, selective_scan_triton._BACKWARD]
+    names = [f"{p.fn.__module__}.{p.__name__}" for p in planned]
+    seen = {name: [] for name in names}
+    for p, name in zip(planned, names):
+        def checked(*args, _fn=p.fn, _name=name):
+            with plans._OnlyAllocationsAndViews() as ops:
+                out = _fn(*args)
+            seen[_name].append(ops.other)
+            return out
+        monkeypatch.setattr(p, "fn", checked)
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    stubs = _StubLaunches(monkeypatch, (causal_conv1d_triton, norm_triton, ssd_triton, sums_triton,
+                                        selective_scan_triton))
+    for family, dtype in itertools.product(("mamba2", "mamba"), (torch.float32, torch.bfloat16)):
+        model = ssm_hf.AutoModelForCausalLM.from_config(tiny_config(family)).to(dtype)
+        ids = torch.randint(1, model.config.vocab_size, (2, 24))
+        model(ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    assert stubs.launches > 0
+    for name, others in seen.items():
+        assert others and all(other == [] for other in others), (name, others)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU: real compiled kernels")
+@pytest.mark.parametrize("family", ["mamba2", "mamba"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_models_replay_equal_tritons_path(monkeypatch, dtype, family):
+    """Tiny Mamba2ForCausalLM and MambaForCausalLM on CUDA: logits (no gradients) and loss and gradients
+    (training) with the planned forwards and backwards replayed equal, bit for bit, those with every launch
+    through Triton's own path."""
+    from conftest import tiny_config
+
+    import ssm_hf
+    from ssm_hf.kernels import conv_ssd_norm_triton, norm_triton, selective_scan_triton
 
     torch.manual_seed(0)
-    model = ssm_hf.AutoModelForCausalLM.from_config(tiny_config("mamba2")).to("cuda", dtype)
+    model = ssm_hf.AutoModelForCausalLM.from_config(tiny_config(family)).to("cuda", dtype)
     ids = torch.randint(0, model.config.vocab_size, (2, 24), device="cuda")
 
     def run():
@@ -288,8 +350,13 @@ def test_gpu_fused_mamba2_replays_equal_tritons_path(monkeypatch, dtype):
         return [logits, loss.detach()] + [p.grad for p in model.parameters()]
 
     run()
-    planned = conv_ssd_norm_triton._FORWARD
-    assert any(type(plan) is plans._Plan for plan in planned._plans.values())
+    run()  # every signature seen twice: recorded (the blocks' add + norm has one per layer kind and mode)
+    # (the blocks norm with the add + norm op where the float32 residual stream meets bf16 weights)
+    mixer_plans = ((conv_ssd_norm_triton._FORWARD, conv_ssd_norm_triton._BACKWARD) if family == "mamba2"
+                   else (selective_scan_triton._BACKWARD,))
+    for planned in mixer_plans + (
+            (norm_triton._ADD_NORM_FORWARD, norm_triton._ADD_NORM_BACKWARD) if dtype == torch.bfloat16 else ()):
+        assert any(type(plan) is plans._Plan for plan in planned._plans.values()), planned.__name__
     replayed = run()
     monkeypatch.setenv("SSM_HF_TRITON_LAUNCH_CACHE", "0")
     through_triton = run()

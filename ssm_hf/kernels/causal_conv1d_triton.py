@@ -18,6 +18,7 @@ import triton.language as tl
 from .causal_conv1d_torch import check_activation
 from .launch import apply_function, cdiv, check_grid_axis, fast_launch, on_device_of, row_alignment
 from .packing import kernel_segment_ids
+from .sums_triton import sum_parts
 from .triton_math import aligned
 
 
@@ -228,7 +229,10 @@ def conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             SILU=activation == "silu", X_ALIGN=row_alignment(x.stride(0), x.stride(1)),
             DX_ALIGN=row_alignment(dx.stride(0), dx.stride(1)), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
             num_warps=WARPS["backward"])
-    return dx, dw.sum(0).to(weight.dtype), dbias.sum(0).to(bias.dtype) if bias is not None else None
+    rows = batch * n_parts  # float32 partials, one row per program (sums_triton: launches, no torch ops)
+    pairs = [(dw, channels * width, weight.dtype)] + ([(dbias, channels, bias.dtype)] if bias is not None else [])
+    sums = sum_parts(pairs, 1, rows, kept_stride=1)
+    return dx, sums[0].view(weight.shape), sums[1] if bias is not None else None
 
 
 class _CausalConv1d(torch.autograd.Function):

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from . import causal_conv1d_triton, norm_triton, ssd_triton
+from . import causal_conv1d_triton, norm_triton, ssd_triton, sums_triton
 from .causal_conv1d_triton import conv_backward, conv_forward
 from .conv_ssd_norm import Mamba2Shape
 from .launch import apply_function
@@ -43,6 +43,27 @@ def _forward_launches(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_we
     return out.view(batch, seqlen, shape.d_inner), zxbcdt, weight, conv_bias, norm_weight, xBC, y2
 
 
+def _backward_launches(zxbcdt, weight, conv_bias, dt_bias, A_log, D, norm_weight, xBC, y2, seq_idx, dout, shape,
+                       activation, dt_limit, norm_group_size, eps, conv_weight_shape):
+    """The backward's allocations, views and launches (`plans.Planned` replays them) from what the forward kept and
+    dout: (the gradient of zxbcdt (contiguous: z, xBC and Δ each written into its columns), of the conv's weight
+    (conv_weight_shape) and bias, of the Δ bias, A_log, D and the norm's weight)."""
+    z, xBC_in, dt = shape.split(zxbcdt)
+    # one gradient for in_proj's output; each op below writes its columns
+    dzxbcdt = torch.empty_like(zxbcdt, memory_format=torch.contiguous_format)
+    dz, dxBC_in, ddt = shape.split(dzxbcdt)
+    dy2, _, dnorm_weight = norm_backward(y2, gate_rows(z, shape.d_inner), norm_weight,
+                                         dout.reshape(y2.shape).contiguous(), norm_group_size, eps,
+                                         dz=gate_rows(dz, shape.d_inner))
+    x, B, C = shape.split_xBC(xBC)
+    dxBC = torch.empty_like(xBC)
+    dx, dB, dC = shape.split_xBC(dxBC)
+    dA_log, dD, d_dt_bias = ssd_triton.ssd_backward(x, dt, A_log, B, C, D, dt_bias, True, dt_limit, seq_idx,
+                                                    dy2.view(x.shape), dx, dB, dC, ddt, A_is_log=True)
+    _, dweight, dconv_bias = conv_backward(xBC_in, weight, conv_bias, None, seq_idx, activation, dxBC, dx=dxBC_in)
+    return dzxbcdt, dweight.view(conv_weight_shape), dconv_bias, d_dt_bias, dA_log, dD, dnorm_weight
+
+
 class _ConvSSDNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape, activation, dt_limit,
@@ -58,24 +79,11 @@ class _ConvSSDNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        zxbcdt, weight, conv_bias, dt_bias, A_log, D, norm_weight, xBC, y2, seq_idx = ctx.saved_tensors
-        shape = ctx.shape
-        z, xBC_in, dt = shape.split(zxbcdt)
-        # one gradient for in_proj's output; each op below writes its columns
-        dzxbcdt = torch.empty_like(zxbcdt, memory_format=torch.contiguous_format)
-        dz, dxBC_in, ddt = shape.split(dzxbcdt)
-        dy2, _, dnorm_weight = norm_backward(y2, gate_rows(z, shape.d_inner), norm_weight,
-                                             dout.reshape(y2.shape).contiguous(), ctx.norm_group_size, ctx.eps,
-                                             dz=gate_rows(dz, shape.d_inner))
-        x, B, C = shape.split_xBC(xBC)
-        dxBC = torch.empty_like(xBC)
-        dx, dB, dC = shape.split_xBC(dxBC)
-        dA_log, dD, d_dt_bias = ssd_triton.ssd_backward(x, dt, A_log, B, C, D, dt_bias, True, ctx.dt_limit, seq_idx,
-                                                        dy2.view(x.shape), dx, dB, dC, ddt, A_is_log=True)
-        _, dweight, dconv_bias = conv_backward(xBC_in, weight, conv_bias, None, seq_idx, ctx.activation, dxBC,
-                                               dx=dxBC_in)
-        return (dzxbcdt, dweight.view(ctx.conv_weight_shape), dconv_bias, d_dt_bias, dA_log.to(A_log.dtype), dD,
-                dnorm_weight, None, None, None, None, None, None)
+        dzxbcdt, dweight, dconv_bias, d_dt_bias, dA_log, dD, dnorm_weight = _BACKWARD(
+            (*ctx.saved_tensors, dout),
+            (ctx.shape, ctx.activation, ctx.dt_limit, ctx.norm_group_size, ctx.eps, tuple(ctx.conv_weight_shape)))
+        return (dzxbcdt, dweight, dconv_bias, d_dt_bias, dA_log, dD, dnorm_weight, None, None, None, None, None,
+                None)
 
 
 def conv_ssd_norm_triton(
@@ -104,5 +112,7 @@ def conv_ssd_norm_triton(
                           activation, dt_limit, norm_group_size, eps, seq_idx)
 
 
-# the forward replayed per input signature (on CUDA), reading these modules' globals
-_FORWARD = Planned(_forward_launches, (sys.modules[__name__], ssd_triton, causal_conv1d_triton, norm_triton))
+# the forward and backward replayed per input signature (on CUDA), reading these modules' globals
+_WATCHED = (sys.modules[__name__], ssd_triton, causal_conv1d_triton, norm_triton, sums_triton)
+_FORWARD = Planned(_forward_launches, _WATCHED)
+_BACKWARD = Planned(_backward_launches, _WATCHED)

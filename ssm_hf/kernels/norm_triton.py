@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import sums_triton
 from .launch import (
     apply_function,
     cdiv,
@@ -24,6 +25,7 @@ from .launch import (
 )
 from .norm_torch import sum_dtype
 from .plans import Planned
+from .sums_triton import sum_parts
 from .triton_math import aligned
 
 # Programs per multiprocessor of the backward (all groups together; each sums its rows' share of dweight into its
@@ -194,6 +196,11 @@ def _backward_programs(x2: torch.Tensor, groups: int) -> tuple[int, int, torch.T
     return programs, cdiv(max(rows, 1), programs), dw
 
 
+def _sum_rows(dw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dweight in dtype from the backward's float32 rows (programs, hidden) (a launch: `sums_triton`)."""
+    return sum_parts([(dw, dw.shape[1], dtype)], 1, dw.shape[0], kept_stride=1)[0]
+
+
 def norm_forward(x2: torch.Tensor, z2: torch.Tensor | None, weight: torch.Tensor, group_size: int,
                  eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     """The forward kernel, outside autograd. x2: (rows, hidden) contiguous; z2: (rows, hidden) gate with
@@ -238,7 +245,7 @@ def norm_backward(x2: torch.Tensor, z2: torch.Tensor | None, weight: torch.Tenso
                 Z_ALIGN=row_alignment(z2.stride(0)) if z2 is not None else 1,
                 DZ_ALIGN=row_alignment(dz.stride(0)) if dz is not None else 1, BLOCK=block,
                 num_warps=_row_warps(block))
-    return dx, dz, dw.sum(0).to(weight.dtype)
+    return dx, dz, _sum_rows(dw, weight.dtype)
 
 
 def gate_rows(gate: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -322,7 +329,7 @@ def add_norm_backward(saved: torch.Tensor, saved_h: bool, weight: torch.Tensor, 
                 eps, rows_per_program, HAS_DH=dh is not None, STORE_DR=dr is not None,
                 ROUND_TO_WEIGHT=round_to_weight, SAVED_H=saved_h, BLOCK=block,
                 num_warps=_row_warps(block))
-    return dx, dr, dw.sum(0).to(weight.dtype)
+    return dx, dr, _sum_rows(dw, weight.dtype)
 
 
 def _add_norm_launches(x, residual, weight, eps, h_dtype, round_to_weight, keep_input):
@@ -356,12 +363,21 @@ class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh):
         saved, weight = ctx.saved_tensors
-        dy = (dy.reshape(saved.shape).contiguous() if dy is not None
-              else torch.zeros(saved.shape, dtype=weight.dtype, device=saved.device))
-        dh = dh.reshape(saved.shape).contiguous() if dh is not None else None
-        dx, dr, dw = add_norm_backward(saved, ctx.saved_h, weight, dy, dh, ctx.eps, ctx.round_to_weight, ctx.x_dtype,
-                                       ctx.residual_dtype)
-        return (dx.view(ctx.shape), dr.view(ctx.shape) if dr is not None else None, dw, None, None, None)
+        if dy is None:
+            dy = torch.zeros(saved.shape, dtype=weight.dtype, device=saved.device)
+        dx, dr, dw = _ADD_NORM_BACKWARD((saved, weight, dy, dh), (ctx.saved_h, ctx.eps, ctx.round_to_weight,
+                                                                   ctx.x_dtype, ctx.residual_dtype, ctx.shape))
+        return dx, dr, dw, None, None, None
+
+
+def _add_norm_backward_launches(saved, weight, dy, dh, saved_h, eps, round_to_weight, x_dtype, residual_dtype,
+                                shape):
+    """`_AddRMSNorm`'s backward allocations, views and launches (`plans.Planned` replays them): (dx, the residual's
+    gradient or None, both `shape`; dweight)."""
+    dy = dy.reshape(saved.shape).contiguous()
+    dh = dh.reshape(saved.shape).contiguous() if dh is not None else None
+    dx, dr, dw = add_norm_backward(saved, saved_h, weight, dy, dh, eps, round_to_weight, x_dtype, residual_dtype)
+    return dx.view(shape), dr.view(shape) if dr is not None else None, dw
 
 
 def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -382,5 +398,6 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     return apply_function(_AddRMSNorm, x, residual, weight, eps, h_dtype, round_to_weight)
 
 
-# the add-norm forward replayed per input signature (on CUDA)
-_ADD_NORM_FORWARD = Planned(_add_norm_launches, (sys.modules[__name__],))
+# the add-norm forward and backward replayed per input signature (on CUDA)
+_ADD_NORM_FORWARD = Planned(_add_norm_launches, (sys.modules[__name__], sums_triton))
+_ADD_NORM_BACKWARD = Planned(_add_norm_backward_launches, (sys.modules[__name__], sums_triton))

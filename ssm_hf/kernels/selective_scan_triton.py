@@ -13,10 +13,13 @@ boundary in either direction.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
+from . import sums_triton
 from .launch import (
     MAX_GRID_YZ,
     apply_function,
@@ -27,6 +30,8 @@ from .launch import (
     on_device_of,
 )
 from .packing import kernel_segment_ids
+from .plans import Planned
+from .sums_triton import sum_middle, sum_parts
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -556,6 +561,10 @@ class _SelectiveScan(torch.autograd.Function):
                                                       STORE_TILES=store_tiles, LOCAL=False, **options)
         ctx.save_for_backward(x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles)
         ctx.delta_softplus = delta_softplus
+        # the gradients' dtypes: their inputs' as given (B and C saved as their padded copies, of the same dtype)
+        ctx.B_dtype, ctx.C_dtype = B.dtype, C.dtype
+        ctx.D_dtype = D.dtype if D is not None else None
+        ctx.bias_dtype = delta_bias.dtype if delta_bias is not None else None
         ctx.block_t = block_t  # the tiles' length: TILE_CONFIG may change before the backward
         ctx.has_initial_state = initial_state is not None
         return y, final
@@ -563,59 +572,80 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dfinal):
         x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles = ctx.saved_tensors
-        batch, seqlen, d_inner = x.shape
-        dy = dy.contiguous() if dy is not None else torch.zeros_like(x)  # only the final state was used
-        d_state = A_t.shape[0]
-        block_t, block_n = ctx.block_t, next_power_of_2(d_state)
-        block_d = _channel_block(BACKWARD_CONFIG["block_d"], block_n)
-        n_tiles = tiles.shape[1]
-        n_dblocks = cdiv(d_inner, block_d)
-        chunk_len, n_chunks = _time_chunks(BACKWARD_CONFIG, x, batch * n_dblocks, n_tiles, block_t)
-        f32 = dict(device=x.device, dtype=torch.float32)
-        # dx, dΔ, dz: contiguous, stored by the kernel in their inputs' dtypes (no float32 copy to cast afterwards)
-        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        ddt = torch.empty(x.shape, device=x.device, dtype=delta.dtype)
-        dz = torch.empty(x.shape, device=x.device, dtype=z.dtype) if z is not None else None
-        z_strides = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
-        # per (row, chunk) for dA, dD, Δ bias and per channel block for dB, dC: summed below
-        dA = torch.empty(batch, n_chunks, d_inner, d_state, **f32)
-        dB = torch.empty(batch, n_dblocks, seqlen, d_state, **f32)
-        dC = torch.empty(batch, n_dblocks, seqlen, d_state, **f32)
-        dD = torch.empty(batch, n_chunks, d_inner, **f32) if D is not None else None
-        dbias = torch.empty(batch, n_chunks, d_inner, **f32) if delta_bias is not None else None
-        dh0 = torch.empty(batch, d_inner, d_state, **f32)
-        # each program's recomputed states of one tile
-        scratch = torch.empty(batch * n_dblocks * n_chunks * block_t * block_n * block_d, **f32)
-        dummy = dh0
-        chunk_P = chunk_U = dummy
-        if n_chunks > 1:
-            chunk_P = torch.empty(batch, n_chunks, d_state, d_inner, **f32)
-            chunk_U = torch.empty_like(chunk_P)
-        with on_device_of(x):
-            if n_chunks > 1:  # every chunk but the first: its adjoint leaving from the left, from zero
-                _bwd_local_kernel[(batch, n_dblocks, n_chunks - 1)](
-                    delta, A_t, C, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
-                    seq_idx if seq_idx is not None else dummy, dy, chunk_P, chunk_U,
-                    seqlen, d_inner, d_state, chunk_len, n_chunks, *z_strides,
-                    HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
-                    HAS_SEQ=seq_idx is not None, BLOCK_D=block_d, BLOCK_N=block_n,
-                    num_warps=BACKWARD_CONFIG["num_warps"],
-                )
-            _bwd_kernel[(batch, n_dblocks, n_chunks)](
-                x, delta, A_t, B, C, D if D is not None else dummy, z if z is not None else dummy,
-                delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy, tiles,
-                scratch, dy, dfinal.contiguous() if dfinal is not None else dummy,
-                dx, ddt, dz if dz is not None else dummy, dA, dB, dC, dD if dD is not None else dummy,
-                dbias if dbias is not None else dummy, dh0, chunk_P, chunk_U,
-                seqlen, d_inner, d_state, n_tiles, n_dblocks, chunk_len, n_chunks, *z_strides,
-                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=ctx.delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DHT=dfinal is not None,
-                TILE_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BACKWARD_CONFIG["num_warps"],
+        if dy is None:  # only the final state was used
+            dy = torch.zeros_like(x)
+        dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = _BACKWARD(
+            (x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles, dy, dfinal),
+            (ctx.delta_softplus, ctx.block_t, ctx.B_dtype, ctx.C_dtype, ctx.D_dtype, ctx.bias_dtype))
+        return dx, ddt, dA, dB, dC, dD, dz, dbias, None, dh0 if ctx.has_initial_state else None, None
+
+
+def _backward_launches(x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles, dy, dfinal, delta_softplus, block_t,
+                       B_dtype, C_dtype, D_dtype, bias_dtype):
+    """`_SelectiveScan`'s backward: its allocations, views and launches (`plans.Planned` replays them), from what
+    the forward kept, dy and dfinal (or None). Returns the gradients of x, Δ, A (float32), B, C, D, z, the Δ bias
+    (None for an input that is None) and the initial state (float32)."""
+    batch, seqlen, d_inner = x.shape
+    dy = dy.contiguous()
+    d_state = A_t.shape[0]
+    block_n = next_power_of_2(d_state)
+    block_d = _channel_block(BACKWARD_CONFIG["block_d"], block_n)
+    n_tiles = tiles.shape[1]
+    n_dblocks = cdiv(d_inner, block_d)
+    chunk_len, n_chunks = _time_chunks(BACKWARD_CONFIG, x, batch * n_dblocks, n_tiles, block_t)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    # dx, dΔ, dz: contiguous, stored by the kernel in their inputs' dtypes (no float32 copy to cast afterwards)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    ddt = torch.empty(x.shape, device=x.device, dtype=delta.dtype)
+    dz = torch.empty(x.shape, device=x.device, dtype=z.dtype) if z is not None else None
+    z_strides = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+    # per (row, chunk) for dA, dD, Δ bias and per channel block for dB, dC: summed by `sums_triton` below
+    dA = torch.empty(batch, n_chunks, d_inner, d_state, **f32)
+    dB = torch.empty(batch, n_dblocks, seqlen, d_state, **f32)
+    dC = torch.empty(batch, n_dblocks, seqlen, d_state, **f32)
+    dD = torch.empty(batch, n_chunks, d_inner, **f32) if D is not None else None
+    dbias = torch.empty(batch, n_chunks, d_inner, **f32) if delta_bias is not None else None
+    dh0 = torch.empty(batch, d_inner, d_state, **f32)
+    # each program's recomputed states of one tile
+    scratch = torch.empty(batch * n_dblocks * n_chunks * block_t * block_n * block_d, **f32)
+    dummy = dh0
+    chunk_P = chunk_U = dummy
+    if n_chunks > 1:
+        chunk_P = torch.empty(batch, n_chunks, d_state, d_inner, **f32)
+        chunk_U = torch.empty_like(chunk_P)
+    with on_device_of(x):
+        if n_chunks > 1:  # every chunk but the first: its adjoint leaving from the left, from zero
+            _bwd_local_kernel[(batch, n_dblocks, n_chunks - 1)](
+                delta, A_t, C, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
+                seq_idx if seq_idx is not None else dummy, dy, chunk_P, chunk_U,
+                seqlen, d_inner, d_state, chunk_len, n_chunks, *z_strides,
+                HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+                HAS_SEQ=seq_idx is not None, BLOCK_D=block_d, BLOCK_N=block_n,
+                num_warps=BACKWARD_CONFIG["num_warps"],
             )
-        return (dx, ddt, dA.sum((0, 1)), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
-                dD.sum((0, 1)).to(D.dtype) if D is not None else None, dz,
-                dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None, None,
-                dh0 if ctx.has_initial_state else None, None)
+        _bwd_kernel[(batch, n_dblocks, n_chunks)](
+            x, delta, A_t, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy, tiles,
+            scratch, dy, dfinal.contiguous() if dfinal is not None else dummy,
+            dx, ddt, dz if dz is not None else dummy, dA, dB, dC, dD if dD is not None else dummy,
+            dbias if dbias is not None else dummy, dh0, chunk_P, chunk_U,
+            seqlen, d_inner, d_state, n_tiles, n_dblocks, chunk_len, n_chunks, *z_strides,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DHT=dfinal is not None,
+            TILE_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BACKWARD_CONFIG["num_warps"],
+        )
+    dB_sum, dC_sum = sum_middle([(dB, B_dtype), (dC, C_dtype)])
+    rows = batch * n_chunks
+    dA_sum, = sum_parts([(dA, d_inner * d_state, torch.float32)], 1, rows, kept_stride=1)
+    vectors = [(parts, d_inner, dtype) for parts, dtype in ((dD, D_dtype), (dbias, bias_dtype)) if parts is not None]
+    sums = sum_parts(vectors, 1, rows, kept_stride=1) if vectors else []
+    dD_sum = sums[0] if D is not None else None
+    dbias_sum = sums[-1] if delta_bias is not None else None
+    return dx, ddt, dA_sum.view(d_inner, d_state), dB_sum, dC_sum, dD_sum, dz, dbias_sum, dh0
+
+
+# the backward replayed per input signature (on CUDA), reading these modules' globals
+_BACKWARD = Planned(_backward_launches, (sys.modules[__name__], sums_triton))
 
 
 def selective_scan_triton(

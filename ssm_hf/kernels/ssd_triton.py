@@ -43,6 +43,7 @@ from .launch import (
 )
 from .packing import kernel_segment_ids
 from .ssd_torch import dt_limit_bounds, ssd_scan_chunked
+from .sums_triton import sum_parts, sum_splits_into
 from .triton_math import log1p_small
 
 CHUNK = 32
@@ -351,21 +352,25 @@ def _grad_inputs_block(B_ptr, C_ptr, states_ptr, dstates_ptr, B_rows, C_rows, va
 @triton.jit
 def _chunk_grads_kernel(
     x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr, dy_ptr,
-    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,
+    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, deriv_ptr, d_bias_ptr,
     L, H, P, G, N, n_chunks, stride_x_b, stride_x_t, stride_B_b, stride_B_t, stride_C_b, stride_C_t, stride_dt_b,
-    stride_dt_t, dt_lo, dt_hi, stride_dx_b, stride_dx_t,
+    stride_dt_t, dt_lo, dt_hi, stride_dx_b, stride_dx_t, stride_ddt_b, stride_ddt_t,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, IEEE: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, A_LOG: tl.constexpr = False,
+    HAS_DERIV: tl.constexpr = False, BIAS_PARTS: tl.constexpr = False,
 ):
     """Gradients of one chunk for HEADS_PER_PROGRAM consecutive heads of one group: dx, the gradient of Δ as stored
-    (through the Δ·A product and Δ x, then back through the clamp, softplus and bias: float32 (batch, seqlen,
-    heads)) and this chunk's share of dA and dD per head, one head after the other; dB and dC summed over the program's
-    heads into its own float32 partial, dB[row, t, split] and dC[row, t, split] of shape (batch, seqlen,
-    heads / HEADS_PER_PROGRAM, d_state) (summed over the splits of a group afterwards). Per head, d_state is walked
-    in blocks of BLOCK_N for the products that contract it; then, for dB and dC, once more per head (one head per
-    program) or once for all of them (`_group_grads_BC`). x, B, C and Δ are read in place as in
-    `_chunk_output_kernel`; dy and dx are contiguous. Grid: (batch * heads / HEADS_PER_PROGRAM, chunks)."""
+    (through the Δ·A product and Δ x, then back through the clamp, softplus and bias, and with HAS_DERIV times the
+    derivative of Δ as `_dt_make_kernel` made it (float32 contiguous (batch, seqlen, heads)); stored in ddt's dtype
+    through its batch and token strides, heads packed) and this chunk's share of dA and dD per head (and with
+    BIAS_PARTS of the Δ bias's gradient: Σ over the chunk's tokens of that gradient), one head after the other; dB
+    and dC summed over the program's heads into its own float32 partial, dB[row, t, split] and dC[row, t, split] of
+    shape (batch, seqlen, heads / HEADS_PER_PROGRAM, d_state) (summed over the splits of a group afterwards). Per
+    head, d_state is walked in blocks of BLOCK_N for the products that contract it; then, for dB and dC, once more
+    per head (one head per program) or once for all of them (`_group_grads_BC`). x, B, C and Δ are read in place as
+    in `_chunk_output_kernel`; dy is contiguous, dx written through its strides. Grid: (batch * heads /
+    HEADS_PER_PROGRAM, chunks)."""
     splits = H // HEADS_PER_PROGRAM
     row = (tl.program_id(0) // splits).to(tl.int64)
     split = tl.program_id(0) % splits
@@ -434,7 +439,13 @@ def _chunk_grads_kernel(
         tl.store(dx_ptr + _token_offsets(row, t, stride_dx_b, stride_dx_t)[:, None] + head * P + p_offs[None, :],
                  dx.to(dx_ptr.dtype.element_ty), mask=tp_mask)
         # dL/dΔ, then back through the clamp, softplus and bias to Δ as stored
-        tl.store(ddt_ptr + (row * L + t) * H + head, (tl.sum(dxdt * x, axis=1) + A * da) * dt_deriv, mask=valid)
+        ddt = (tl.sum(dxdt * x, axis=1) + A * da) * dt_deriv
+        if HAS_DERIV:  # Δ was made by `_dt_make_kernel`: back through its making
+            ddt *= tl.load(deriv_ptr + (row * L + t) * H + head, mask=valid, other=0.0)
+        tl.store(ddt_ptr + row * stride_ddt_b + t * stride_ddt_t + head, ddt.to(ddt_ptr.dtype.element_ty),
+                 mask=valid)
+        if BIAS_PARTS:  # the bias enters every token's Δ
+            tl.store(d_bias_ptr + bh * n_chunks + k, tl.sum(tl.where(valid, ddt, 0.0), axis=0))
         dA = tl.sum(da * dt, axis=0)
         if A_LOG:  # the gradient of A_log: dA/dA_log = -exp(A_log) = A
             dA = dA * A
@@ -740,12 +751,13 @@ def _forward(x, delta, A, B, C, D, h0, seq, plan, a_log=False):
     return y, final
 
 
-def _backward(x, delta, A, B, C, D, h0, seq, dy, dfinal, hpp, dx=None, a_log=False):
-    """The backward kernels on `_forward`'s inputs; dy contiguous (batch, seqlen, heads, head_dim), dfinal float32
-    contiguous or None. dx: where to write x's gradient (x's shape and dtype, (heads, head_dim) packed within a
-    token, any batch and token strides), or None for a new contiguous tensor. Returns (dx, the gradient of Δ as
-    stored (float32, contiguous), dA, dB and dC summed over the heads of each group (float32), dD (float32) or
-    None, dh0 (float32)); with `a_log`, A is its stored log and dA the gradient of that log."""
+def _backward_kernels(x, delta, A, B, C, D, h0, seq, dy, dfinal, hpp, dx, ddt, a_log, bias_parts):
+    """The backward's launches on `_forward`'s inputs; dy contiguous (batch, seqlen, heads, head_dim), dfinal float32
+    contiguous or None. dx, ddt: where to write the gradients of x and of Δ as stored (their shapes, any dtype,
+    inner dimensions packed, any batch and token strides). Returns float32 partials: (dA_parts (batch, heads,
+    chunks), dD_parts (same) or None, the Δ bias's parts (same) with `bias_parts` else None, dB_parts, dC_parts
+    (batch, seqlen, heads / hpp, d_state)), and dh0 (float32); with `a_log`, A is its stored log and dA's parts
+    are of that log's gradient."""
     batch, seqlen, heads, head_dim = x.shape
     groups, d_state = B.shape[-2:]
     block_q = _chunk(head_dim)
@@ -754,29 +766,40 @@ def _backward(x, delta, A, B, C, D, h0, seq, dy, dfinal, hpp, dx=None, a_log=Fal
         states, _ = _walk_chunks(x, delta, A, B, seq, h0, block_q, reverse=False, a_log=a_log)
         n_chunks = states.shape[1]
         dstates, dh0 = _walk_chunks(dy, delta, A, C, seq, dfinal, block_q, reverse=True, a_log=a_log)
-        if dx is None:
-            dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        ddt = torch.empty(batch, seqlen, heads, device=x.device, dtype=torch.float32)  # of Δ as stored
         splits = heads // hpp
         dB_parts = torch.empty(batch, seqlen, splits, d_state, device=x.device, dtype=torch.float32)
         dC_parts = torch.empty_like(dB_parts)
-        dA_parts = torch.empty(batch * heads, n_chunks, device=x.device, dtype=torch.float32)
-        dD_parts = torch.empty_like(dA_parts) if D is not None else dA_parts
+        dA_parts = torch.empty(batch, heads, n_chunks, device=x.device, dtype=torch.float32)
+        dD_parts = torch.empty_like(dA_parts) if D is not None else None
+        d_bias_parts = torch.empty_like(dA_parts) if bias_parts else None
         dt_ptr, bias_ptr = delta.pointers()
         _chunk_grads_kernel[(batch * splits, n_chunks)](
             x, dt_ptr, bias_ptr, A, B, C, D if D is not None else A, seq if seq is not None else A, states,
-            dstates, dy, dx, ddt, dB_parts, dC_parts, dA_parts, dD_parts,
+            dstates, dy, dx, ddt, dB_parts, dC_parts, dA_parts, dD_parts if D is not None else dA_parts,
+            deriv if deriv is not None else dA_parts, d_bias_parts if bias_parts else dA_parts,
             seqlen, heads, head_dim, groups, d_state, n_chunks, *_rows(x), *_rows(B), *_rows(C),
-            *delta.scalars(), *_rows(dx),
+            *delta.scalars(), *_rows(dx), *_rows(ddt),
             HAS_D=D is not None, HAS_SEQ=seq is not None, **delta.flags(), IEEE=_full_precision(x),
             HEADS_PER_PROGRAM=hpp, BLOCK_Q=block_q, BLOCK_P=_block(head_dim, 128),
             BLOCK_N=_block(d_state, _grads_n_block(x)), num_warps=WARPS["grads"], A_LOG=a_log,
+            HAS_DERIV=deriv is not None, BIAS_PARTS=bias_parts,
         )
-    if deriv is not None:  # the kernel's gradient is of the Δ it read: back through its making
-        ddt.mul_(deriv)
-    dA = dA_parts.view(batch, heads, n_chunks).sum((0, 2))
-    dD = dD_parts.view(batch, heads, n_chunks).sum((0, 2)) if D is not None else None
-    return dx, ddt, dA, _sum_group_parts(dB_parts, groups), _sum_group_parts(dC_parts, groups), dD, dh0
+    return dA_parts, dD_parts, d_bias_parts, dB_parts, dC_parts, dh0
+
+
+def _backward(x, delta, A, B, C, D, h0, seq, dy, dfinal, hpp):
+    """`_backward_kernels` with the partials summed by torch (the standalone op's backward): (dx contiguous, the
+    gradient of Δ as stored (float32, contiguous), dA, dB and dC summed over the heads of each group (float32), dD
+    (float32) or None, dh0 (float32))."""
+    batch, seqlen, heads, _ = x.shape
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    ddt = torch.empty(batch, seqlen, heads, device=x.device, dtype=torch.float32)
+    dA_parts, dD_parts, _, dB_parts, dC_parts, dh0 = _backward_kernels(x, delta, A, B, C, D, h0, seq, dy, dfinal,
+                                                                      hpp, dx, ddt, False, False)
+    groups = B.shape[-2]
+    dD = dD_parts.sum((0, 2)) if D is not None else None
+    return dx, ddt, dA_parts.sum((0, 2)), _sum_group_parts(dB_parts, groups), _sum_group_parts(dC_parts, groups), \
+        dD, dh0
 
 
 def _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, seq_idx, a_log=False):
@@ -850,22 +873,29 @@ def ssd_backward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The backward of `ssd_forward` (same inputs, as given to it) for dy (y's shape): writes the gradients of x, B,
     C and Δ as stored into dx, dB, dC, ddt (the inputs' shapes, packed inner dimensions, any batch and token
-    strides: column slices of one gradient tensor). Returns (dA float32 (with `A_is_log`, the gradient of A's stored
-    log), dD in D's dtype or None, the Δ bias's gradient in its dtype or None)."""
+    strides: column slices of one gradient tensor). Returns (dA in A's dtype (with `A_is_log`, the gradient of A's
+    stored log), dD in D's dtype or None, the Δ bias's gradient in its dtype or None). Launches and allocations
+    only (the partial sums end in `sums_triton`'s kernels): `plans.Planned` can replay it."""
+    A_dtype = A.dtype
     x, delta, A, B, C, D, _, seq = _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit_bounds(dt_limit),
                                              None, seq_idx, A_is_log)
     for name, grad, like in (("dx", dx, x), ("dB", dB, B), ("dC", dC, C), ("ddt", ddt, dt)):
         if grad.shape != like.shape or not _is_packed_within_token(grad, grad.dim() - 2):
             raise ValueError(f"{name} must have shape {tuple(like.shape)} with packed inner dimensions; got shape "
                              f"{tuple(grad.shape)}, strides {grad.stride()}")
-    _, ddt_stored, dA, dB_sum, dC_sum, dD, _ = _backward(
-        x, delta, A, B, C, D, None, seq, dy.contiguous(), None, _grads_heads_per_program(x, B.shape[-2]), dx=dx,
-        a_log=A_is_log)
-    dB.copy_(dB_sum)
-    dC.copy_(dC_sum)
-    ddt.copy_(ddt_stored)
-    d_bias = ddt_stored.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
-    return dA, dD.to(D.dtype) if dD is not None else None, d_bias
+    has_bias = dt_bias is not None
+    dA_parts, dD_parts, d_bias_parts, dB_parts, dC_parts, _ = _backward_kernels(
+        x, delta, A, B, C, D, None, seq, dy.contiguous(), None, _grads_heads_per_program(x, B.shape[-2]), dx, ddt,
+        A_is_log, has_bias)
+    sum_splits_into([(dB_parts, dB), (dC_parts, dC)])
+    batch, heads, n_chunks = dA_parts.shape
+    pairs = [(dA_parts, heads, A_dtype)]
+    if D is not None:
+        pairs.append((dD_parts, heads, D.dtype))
+    if has_bias:
+        pairs.append((d_bias_parts, heads, dt_bias.dtype))
+    sums = sum_parts(pairs, batch, n_chunks, kept_stride=n_chunks)
+    return sums[0], sums[1] if D is not None else None, sums[-1] if has_bias else None
 
 
 def _sum_group_parts(parts: torch.Tensor, groups: int) -> torch.Tensor:
