@@ -335,7 +335,7 @@ def test_gpu_models_replay_equal_tritons_path(monkeypatch, dtype, family):
     from conftest import tiny_config
 
     import ssm_hf
-    from ssm_hf.kernels import conv_ssd_norm_triton, norm_triton, selective_scan_triton
+    from ssm_hf.kernels import causal_conv1d_triton, conv_ssd_norm_triton, norm_triton, selective_scan_triton
 
     torch.manual_seed(0)
     model = ssm_hf.AutoModelForCausalLM.from_config(tiny_config(family)).to("cuda", dtype)
@@ -351,11 +351,14 @@ def test_gpu_models_replay_equal_tritons_path(monkeypatch, dtype, family):
 
     run()
     run()  # every signature seen twice: recorded (the blocks' add + norm has one per layer kind and mode)
-    # (the blocks norm with the add + norm op where the float32 residual stream meets bf16 weights)
     mixer_plans = ((conv_ssd_norm_triton._FORWARD, conv_ssd_norm_triton._BACKWARD) if family == "mamba2"
-                   else (selective_scan_triton._BACKWARD,))
-    for planned in mixer_plans + (
-            (norm_triton._ADD_NORM_FORWARD, norm_triton._ADD_NORM_BACKWARD) if dtype == torch.bfloat16 else ()):
+                   else (selective_scan_triton._FORWARD, selective_scan_triton._BACKWARD,
+                         causal_conv1d_triton._CONV_FORWARD, causal_conv1d_triton._CONV_BACKWARD))
+    # the blocks norm with the add + norm op where the float32 residual stream meets bf16 weights, else with the
+    # plain norm
+    norm_plans = ((norm_triton._ADD_NORM_FORWARD, norm_triton._ADD_NORM_BACKWARD) if dtype == torch.bfloat16
+                  else (norm_triton._NORM_FORWARD, norm_triton._NORM_BACKWARD))
+    for planned in mixer_plans + norm_plans:
         assert any(type(plan) is plans._Plan for plan in planned._plans.values()), planned.__name__
     replayed = run()
     monkeypatch.setenv("SSM_HF_TRITON_LAUNCH_CACHE", "0")

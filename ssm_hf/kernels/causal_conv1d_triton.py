@@ -11,13 +11,17 @@ before x (`past`) count as the row's first sequence.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
+from . import sums_triton
 from .causal_conv1d_torch import check_activation
 from .launch import apply_function, cdiv, check_grid_axis, fast_launch, on_device_of, row_alignment
 from .packing import kernel_segment_ids
+from .plans import Planned
 from .sums_triton import sum_parts
 from .triton_math import aligned
 
@@ -235,26 +239,37 @@ def conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return dx, sums[0].view(weight.shape), sums[1] if bias is not None else None
 
 
+def _conv_launches(x, weight, bias, past, seq_idx, activation):
+    """`_CausalConv1d`'s forward allocations, views and launch (`plans.Planned` replays them): (out, then x, the
+    weight, bias, past and seq_idx as the kernels read them, for the backward)."""
+    # x is usually a column slice of in_proj's output (Mamba's x half, Mamba-2's xBC): the kernels take its batch
+    # and row strides, so it is neither copied nor saved as a copy, unless its channels are strided
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None  # indexed as bias_ptr + channel
+    past = past.contiguous() if past is not None else None
+    seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    return conv_forward(x, weight, bias, past, seq_idx, activation), x, weight, bias, past, seq_idx
+
+
+def _conv_backward_launches(x, weight, bias, past, seq_idx, dout, activation):
+    """`_CausalConv1d`'s backward allocations, views and launches (`plans.Planned` replays them): (dx, dweight,
+    dbias or None)."""
+    return conv_backward(x, weight, bias, past, seq_idx, activation, dout.contiguous())
+
+
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, past, seq_idx, activation):
-        # x is usually a column slice of in_proj's output (Mamba's x half, Mamba-2's xBC): the kernels take its
-        # batch and row strides, so it is neither copied nor saved as a copy, unless its channels are strided
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        weight = weight.contiguous()
-        bias = bias.contiguous() if bias is not None else None  # indexed as bias_ptr + channel
-        past = past.contiguous() if past is not None else None
-        seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-        out = conv_forward(x, weight, bias, past, seq_idx, activation)
-        ctx.save_for_backward(x, weight, bias, past, seq_idx)
+        out, *kept = _CONV_FORWARD((x, weight, bias, past, seq_idx), (activation,))
+        ctx.save_for_backward(*kept)
         ctx.activation = activation
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, bias, past, seq_idx = ctx.saved_tensors
-        dx, dw, dbias = conv_backward(x, weight, bias, past, seq_idx, ctx.activation, dout.contiguous())
+        dx, dw, dbias = _CONV_BACKWARD((*ctx.saved_tensors, dout), (ctx.activation,))
         return dx, dw, dbias, None, None, None
 
 
@@ -279,3 +294,8 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          f"{weight.shape[-1] - 1}")
     return apply_function(_CausalConv1d, x, weight, bias, past.detach() if past is not None else None, seq_idx,
                           activation)
+
+
+# the op's forward and backward replayed per input signature (on CUDA), reading these modules' globals
+_CONV_FORWARD = Planned(_conv_launches, (sys.modules[__name__], sums_triton))
+_CONV_BACKWARD = Planned(_conv_backward_launches, (sys.modules[__name__], sums_triton))

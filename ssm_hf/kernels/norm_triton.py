@@ -256,24 +256,36 @@ def gate_rows(gate: torch.Tensor, hidden: int) -> torch.Tensor:
     return z2.contiguous() if z2.stride(-1) != 1 else z2
 
 
+def _norm_launches(x, gate, weight, group_size, eps):
+    """`_RMSNormGated`'s forward allocations, views and launch (`plans.Planned` replays them): (y in x's shape, then
+    x, the gate and the weight as the kernels read them, for the backward)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    z2 = gate_rows(gate, shape[-1]) if gate is not None else None
+    weight = weight.contiguous()  # indexed as weight_ptr + column
+    y = norm_forward(x2, z2, weight, group_size, eps, torch.promote_types(weight.dtype, x.dtype))
+    return y.view(shape), x2, z2, weight
+
+
+def _norm_backward_launches(x2, z2, weight, dy, group_size, eps, shape):
+    """`_RMSNormGated`'s backward allocations, views and launches (`plans.Planned` replays them): (dx, dgate or None,
+    both `shape`; dweight)."""
+    dx, dz, dw = norm_backward(x2, z2, weight, dy.reshape(x2.shape).contiguous(), group_size, eps)
+    return dx.view(shape), dz.view(shape) if dz is not None else None, dw
+
+
 class _RMSNormGated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, weight, group_size, eps):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        z2 = gate_rows(gate, shape[-1]) if gate is not None else None
-        weight = weight.contiguous()  # indexed as weight_ptr + column
-        y = norm_forward(x2, z2, weight, group_size, eps, torch.promote_types(weight.dtype, x.dtype))
+        y, x2, z2, weight = _NORM_FORWARD((x, gate, weight), (group_size, eps))
         ctx.save_for_backward(x2, z2, weight)
-        ctx.group_size, ctx.eps, ctx.shape = group_size, eps, shape
-        return y.reshape(shape)
+        ctx.group_size, ctx.eps, ctx.shape = group_size, eps, x.shape
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, z2, weight = ctx.saved_tensors
-        shape = ctx.shape
-        dx, dz, dw = norm_backward(x2, z2, weight, dy.reshape(x2.shape).contiguous(), ctx.group_size, ctx.eps)
-        return dx.reshape(shape), dz.reshape(shape) if dz is not None else None, dw, None, None
+        dx, dz, dw = _NORM_BACKWARD((*ctx.saved_tensors, dy), (ctx.group_size, ctx.eps, ctx.shape))
+        return dx, dz, dw, None, None
 
 
 def rms_norm_gated_triton(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, group_size: int,
@@ -398,6 +410,8 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     return apply_function(_AddRMSNorm, x, residual, weight, eps, h_dtype, round_to_weight)
 
 
-# the add-norm forward and backward replayed per input signature (on CUDA)
+# the norms' forwards and backwards replayed per input signature (on CUDA), reading these modules' globals
+_NORM_FORWARD = Planned(_norm_launches, (sys.modules[__name__], sums_triton))
+_NORM_BACKWARD = Planned(_norm_backward_launches, (sys.modules[__name__], sums_triton))
 _ADD_NORM_FORWARD = Planned(_add_norm_launches, (sys.modules[__name__], sums_triton))
 _ADD_NORM_BACKWARD = Planned(_add_norm_backward_launches, (sys.modules[__name__], sums_triton))

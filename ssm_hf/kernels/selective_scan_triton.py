@@ -506,59 +506,68 @@ def _forward_blocks(block_n: int, tile_t: int) -> tuple[int, int, int]:
     return _channel_block(FORWARD_CONFIG["block_d"], block_n), unroll, FORWARD_CONFIG["num_warps"]
 
 
+def _forward_launches(x, delta, A_t, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus, store_tiles, block_t):
+    """`_SelectiveScan`'s forward allocations, views and launches (`plans.Planned` replays them) on prepared inputs
+    (`_SelectiveScan.forward`): (y, the final state, the tile states for the backward, x and Δ as the kernels read
+    them)."""
+    batch, seqlen, d_inner = x.shape
+    d_state = A_t.shape[0]
+    block_n = next_power_of_2(d_state)
+    n_tiles = cdiv(seqlen, block_t)
+    x, delta = x.contiguous(), delta.contiguous()
+    z_strides = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+    y = torch.empty_like(x)
+    final = torch.empty(batch, d_inner, d_state, device=x.device, dtype=torch.float32)
+    # the states at tile starts are kept only for a backward pass (prefill without grad needs none)
+    tiles = torch.empty((batch, n_tiles, d_state, d_inner) if store_tiles else (1,), device=x.device,
+                        dtype=torch.float32)
+    dummy = final
+    fwd_block_d, unroll, fwd_warps = _forward_blocks(block_n, block_t)
+    n_dblocks = cdiv(d_inner, fwd_block_d)
+    chunk_len, n_chunks = _time_chunks(FORWARD_CONFIG, x, batch * n_dblocks, n_tiles, block_t)
+    chunk_P = chunk_S = dummy
+    if n_chunks > 1:
+        chunk_P = torch.empty(batch, n_chunks, d_state, d_inner, device=x.device, dtype=torch.float32)
+        chunk_S = torch.empty_like(chunk_P)
+    args = (x, delta, A_t, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy,
+            seq_idx if seq_idx is not None else dummy, y, final, tiles, chunk_P, chunk_S,
+            seqlen, d_inner, d_state, n_tiles, chunk_len, n_chunks, *z_strides)
+    options = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_H0=h0 is not None,
+                   HAS_SEQ=seq_idx is not None, TILE_T=block_t, UNROLL=unroll,
+                   PREFETCH=FORWARD_CONFIG["prefetch"], BLOCK_D=fwd_block_d, BLOCK_N=block_n,
+                   num_warps=fwd_warps)
+    with on_device_of(x):
+        if n_chunks > 1:  # every chunk but the last: its end state from zero and its decays' product
+            _fwd_kernel[(batch, n_dblocks, n_chunks - 1)](*args, HAS_D=False, HAS_Z=False, STORE_TILES=False,
+                                                          LOCAL=True, **options)
+        _fwd_kernel[(batch, n_dblocks, n_chunks)](*args, HAS_D=D is not None, HAS_Z=z is not None,
+                                                  STORE_TILES=store_tiles, LOCAL=False, **options)
+    return y, final, tiles, x, delta
+
+
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
         ctx.set_materialize_grads(False)  # an unused final state's gradient stays None, not a tensor of zeros
-        batch, seqlen, d_inner = x.shape
-        d_state = A.shape[-1]
-        block_t, block_n = TILE_CONFIG["block_t"], next_power_of_2(d_state)
-        n_tiles = cdiv(seqlen, block_t)
-        x, delta = x.contiguous(), delta.contiguous()
+        block_t, block_n = TILE_CONFIG["block_t"], next_power_of_2(A.shape[-1])
         # B and C in their own dtype, contiguous and padded with zeros to BLOCK_N states, so that the kernels read
         # each token's B_t and C_t unmasked; they are small ((batch, seqlen, d_state)) and usually column slices of
-        # x_proj's output that need a copy anyway
+        # x_proj's output that need a copy anyway. These copies and Aᵀ's are ops a plan cannot stand for: they run
+        # here, the launches in `_forward_launches`
         B, C = _padded_states(B, block_n), _padded_states(C, block_n)
         # z is usually half of in_proj's output, rows 2 d_inner apart: the kernels take its row strides, so no copy
         # unless its channels are strided too
         if z is not None and z.stride(-1) != 1:
             z = z.contiguous()
-        z_strides = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
         # per-channel vectors too: the kernels index them as ptr + channel
         D = D.contiguous() if D is not None else None
         delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-        A = A.float().contiguous()
-        A_t = A.t().contiguous()  # (d_state, d_inner): the forward's state layout
-        y = torch.empty_like(x)
-        final = torch.empty(batch, d_inner, d_state, device=x.device, dtype=torch.float32)
-        # the states at tile starts are kept only for a backward pass (prefill without grad needs none)
-        store_tiles = any(ctx.needs_input_grad)
-        tiles = torch.empty((batch, n_tiles, d_state, d_inner) if store_tiles else (1,), device=x.device,
-                            dtype=torch.float32)
+        A_t = A.float().t().contiguous()  # (d_state, d_inner): the forward's state layout
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-        dummy = final
-        fwd_block_d, unroll, fwd_warps = _forward_blocks(block_n, block_t)
-        n_dblocks = cdiv(d_inner, fwd_block_d)
-        chunk_len, n_chunks = _time_chunks(FORWARD_CONFIG, x, batch * n_dblocks, n_tiles, block_t)
-        chunk_P = chunk_S = dummy
-        if n_chunks > 1:
-            chunk_P = torch.empty(batch, n_chunks, d_state, d_inner, device=x.device, dtype=torch.float32)
-            chunk_S = torch.empty_like(chunk_P)
-        args = (x, delta, A_t, B, C, D if D is not None else dummy, z if z is not None else dummy,
-                delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy,
-                seq_idx if seq_idx is not None else dummy, y, final, tiles, chunk_P, chunk_S,
-                seqlen, d_inner, d_state, n_tiles, chunk_len, n_chunks, *z_strides)
-        options = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_H0=h0 is not None,
-                       HAS_SEQ=seq_idx is not None, TILE_T=block_t, UNROLL=unroll,
-                       PREFETCH=FORWARD_CONFIG["prefetch"], BLOCK_D=fwd_block_d, BLOCK_N=block_n,
-                       num_warps=fwd_warps)
-        with on_device_of(x):
-            if n_chunks > 1:  # every chunk but the last: its end state from zero and its decays' product
-                _fwd_kernel[(batch, n_dblocks, n_chunks - 1)](*args, HAS_D=False, HAS_Z=False, STORE_TILES=False,
-                                                              LOCAL=True, **options)
-            _fwd_kernel[(batch, n_dblocks, n_chunks)](*args, HAS_D=D is not None, HAS_Z=z is not None,
-                                                      STORE_TILES=store_tiles, LOCAL=False, **options)
+        y, final, tiles, x, delta = _FORWARD((x, delta, A_t, B, C, D, z, delta_bias, h0, seq_idx),
+                                             (delta_softplus, any(ctx.needs_input_grad), block_t))
         ctx.save_for_backward(x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles)
         ctx.delta_softplus = delta_softplus
         # the gradients' dtypes: their inputs' as given (B and C saved as their padded copies, of the same dtype)
@@ -644,7 +653,8 @@ def _backward_launches(x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles, dy
     return dx, ddt, dA_sum.view(d_inner, d_state), dB_sum, dC_sum, dD_sum, dz, dbias_sum, dh0
 
 
-# the backward replayed per input signature (on CUDA), reading these modules' globals
+# the forward's launches and the backward replayed per input signature (on CUDA), reading these modules' globals
+_FORWARD = Planned(_forward_launches, (sys.modules[__name__],))
 _BACKWARD = Planned(_backward_launches, (sys.modules[__name__], sums_triton))
 
 
