@@ -1603,6 +1603,8 @@ def test_sum_parts_equals_torchs_sums(dtype):
                        torch.zeros(4, device=DEVICE, dtype=dtype))
     with pytest.raises(ValueError, match="contiguous"):
         sum_parts([(a.t(), kept, dtype)], 1, rows, kept_stride=1)
+    with pytest.raises(ValueError, match="kept_stride"):
+        sum_parts([(parts[0], 5, dtype)], 3, 9, kept_stride=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -1639,3 +1641,10 @@ def test_sum_splits_into_writes_a_column_slice(dtype):
                                                                        b[:, :, 4 + groups * d_state:])
     with pytest.raises(ValueError, match="packed within a token"):
         sum_splits_into([(parts[0], outs[0].transpose(2, 3))])
+    with pytest.raises(ValueError, match="packed within a token"):  # two partials of different splits
+        sum_splits_into([(parts[0], outs[0]), (parts[1][:, :, :groups], outs[1])])
+    # one group: the groups dimension (size 1) may have any stride, as `ssd_backward` accepts it
+    one = torch.randn(batch, seqlen, splits, d_state, device=DEVICE)
+    out = torch.empty(batch, seqlen, d_state, 1, device=DEVICE, dtype=dtype).transpose(2, 3)
+    sum_splits_into([(one, out)])
+    assert _rel_err(out.double(), one.double().sum(2, keepdim=True)) < (1e-6 if dtype == torch.float32 else 1e-2)

@@ -57,6 +57,8 @@ def sum_parts(pairs: list[tuple[torch.Tensor, int, torch.dtype]], summed_outer: 
     kept) partial is summed_outer=1, summed_inner=rows, kept_stride=1."""
     if not 1 <= len(pairs) <= 3:
         raise ValueError(f"sum_parts takes one to three partials; got {len(pairs)}")
+    if kept_stride not in (1, summed_inner):
+        raise ValueError(f"sum_parts: kept_stride must be 1 or summed_inner ({summed_inner}); got {kept_stride}")
     first = pairs[0][0]
     outs, args, kept, outer_strides, inner_strides = [], [], [], [], []
     for parts, n_kept, dtype in pairs:
@@ -115,17 +117,22 @@ def sum_splits_into(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     parts float32 contiguous (batch, seqlen, groups * k, d_state) and out (batch, seqlen, groups, d_state) of any
     dtype, (groups, d_state) packed within a token, any batch and token strides (a column slice of a wider
     gradient). One launch."""
+    if not 1 <= len(pairs) <= 2:
+        raise ValueError(f"sum_splits_into takes one or two partials; got {len(pairs)}")
     parts0, out0 = pairs[0]
     batch, seqlen, groups, d_state = out0.shape
     for parts, out in pairs:
-        if (out.shape != out0.shape or parts.shape[:2] != out.shape[:2] or parts.shape[3] != d_state
-                or parts.shape[2] % groups or not parts.is_contiguous() or parts.dtype != torch.float32
-                or out.stride(3) != 1 or out.stride(2) != d_state):
+        # (the kernel writes out_ptr + b * stride_b + t * stride_t + g * d_state + n: a dimension of size 1 may
+        # have any stride)
+        packed = (d_state <= 1 or out.stride(3) == 1) and (groups <= 1 or out.stride(2) == d_state)
+        if (out.shape != out0.shape or parts.shape != parts0.shape or parts.shape[:2] != out.shape[:2]
+                or parts.shape[3] != d_state or parts.shape[2] % max(groups, 1) or not parts.is_contiguous()
+                or parts.dtype != torch.float32 or not packed):
             raise ValueError(f"sum_splits_into needs float32 contiguous parts (batch, seqlen, groups * k, d_state) "
                              f"and out (batch, seqlen, groups, d_state) packed within a token; got parts "
                              f"{tuple(parts.shape)} {parts.dtype}, out {tuple(out.shape)} strides {out.stride()}")
     rows = batch * seqlen
-    if not rows:
+    if not rows or not groups or not d_state:
         return
     parts1, out1 = pairs[-1]
     block_r = 32
@@ -136,27 +143,35 @@ def sum_splits_into(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
             num_warps=4)
 
 
-@fast_launch
 @triton.jit
-def _sum_middle_kernel(p0_ptr, o0_ptr, p1_ptr, o1_ptr, n_middle, R, BLOCK: tl.constexpr):
-    """out_q[a, r] = Σ_m parts_q[a, m, r] (parts float32 contiguous (A, n_middle, R), out_q contiguous (A, R) in its
-    dtype). Grid: (A, column blocks, pairs)."""
-    a = tl.program_id(0).to(tl.int64)
-    r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+def _sum_middle_one(parts_ptr, out_ptr, n_middle, R, BLOCK: tl.constexpr):
+    # (outer row, column block) flattened on grid axis 0, which has room for any size (axes 1 and 2 stop at 65,535)
+    blocks = tl.cdiv(R, BLOCK)
+    a = (tl.program_id(0) // blocks).to(tl.int64)
+    r = (tl.program_id(0) % blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = r < R
-    if tl.program_id(2) == 0:
-        parts_ptr, out_ptr = p0_ptr, o0_ptr
-    else:
-        parts_ptr, out_ptr = p1_ptr, o1_ptr
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for m in range(0, n_middle):
         acc += tl.load(parts_ptr + (a * n_middle + m) * R + r, mask=mask, other=0.0)
     tl.store(out_ptr + a * R + r, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@fast_launch
+@triton.jit
+def _sum_middle_kernel(p0_ptr, o0_ptr, p1_ptr, o1_ptr, n_middle, R, BLOCK: tl.constexpr):
+    """out_q[a, r] = Σ_m parts_q[a, m, r] (parts float32 contiguous (A, n_middle, R), out_q contiguous (A, R) in its
+    dtype). Grid: (A x column blocks, pairs)."""
+    if tl.program_id(1) == 0:
+        _sum_middle_one(p0_ptr, o0_ptr, n_middle, R, BLOCK)
+    else:
+        _sum_middle_one(p1_ptr, o1_ptr, n_middle, R, BLOCK)
+
+
 def sum_middle(pairs: list[tuple[torch.Tensor, torch.dtype]]) -> list[torch.Tensor]:
     """For each (parts, dtype) of `pairs` (one or two, of one shape): parts float32 contiguous (outer, middle,
     *inner) summed over its middle axis into a new contiguous (outer, *inner) in dtype. One launch."""
+    if not 1 <= len(pairs) <= 2:
+        raise ValueError(f"sum_middle takes one or two partials; got {len(pairs)}")
     parts0 = pairs[0][0]
     outer, middle, inner = parts0.shape[0], parts0.shape[1], tuple(parts0.shape[2:])
     for parts, _ in pairs:
@@ -168,6 +183,6 @@ def sum_middle(pairs: list[tuple[torch.Tensor, torch.dtype]]) -> list[torch.Tens
     if outs[0].numel():
         block = min(next_power_of_2(size), 1024)
         with on_device_of(parts0):
-            _sum_middle_kernel[(outer, cdiv(size, block), len(pairs))](
+            _sum_middle_kernel[(outer * cdiv(size, block), len(pairs))](
                 parts0, outs[0], pairs[-1][0], outs[-1], middle, size, BLOCK=block, num_warps=4)
     return outs
