@@ -1648,3 +1648,18 @@ def test_sum_splits_into_writes_a_column_slice(dtype):
     out = torch.empty(batch, seqlen, d_state, 1, device=DEVICE, dtype=dtype).transpose(2, 3)
     sum_splits_into([(one, out)])
     assert _rel_err(out.double(), one.double().sum(2, keepdim=True)) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's grid limits: the interpreter has none")
+def test_gpu_scan_backward_on_a_row_past_a_grid_axis_limit():
+    """Mamba's backward on one row of 4,194,320 tokens (d_state 16): its dB and dC partials have more column blocks
+    than CUDA's 65,535 on a grid's second axis, where `sums_triton.sum_middle` once put them ("invalid argument")."""
+    from ssm_hf.kernels.sums_triton import sum_middle
+
+    parts = torch.randn(2, 3, 65535 * 1024 + 16, device=DEVICE)
+    assert torch.equal(sum_middle([(parts, torch.float32)])[0], parts[:, 0] + parts[:, 1] + parts[:, 2])
+    seqlen = 4194320
+    x, delta, B, C = (torch.randn(1, seqlen, 16, device=DEVICE, requires_grad=True) for _ in range(4))
+    A = (-torch.rand(16, 16, device=DEVICE) - 0.5).requires_grad_()
+    selective_scan_triton(x, delta, A, B, C, delta_softplus=True).sum().backward()
+    assert B.grad.shape == B.shape and torch.isfinite(B.grad).all() and torch.isfinite(C.grad).all()
