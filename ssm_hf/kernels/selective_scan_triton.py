@@ -570,10 +570,6 @@ class _SelectiveScan(torch.autograd.Function):
                                              (delta_softplus, any(ctx.needs_input_grad), block_t))
         ctx.save_for_backward(x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles)
         ctx.delta_softplus = delta_softplus
-        # the gradients' dtypes: their inputs' as given (B and C saved as their padded copies, of the same dtype)
-        ctx.B_dtype, ctx.C_dtype = B.dtype, C.dtype
-        ctx.D_dtype = D.dtype if D is not None else None
-        ctx.bias_dtype = delta_bias.dtype if delta_bias is not None else None
         ctx.block_t = block_t  # the tiles' length: TILE_CONFIG may change before the backward
         ctx.has_initial_state = initial_state is not None
         return y, final
@@ -584,16 +580,15 @@ class _SelectiveScan(torch.autograd.Function):
         if dy is None:  # only the final state was used
             dy = torch.zeros_like(x)
         dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = _BACKWARD(
-            (x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles, dy, dfinal),
-            (ctx.delta_softplus, ctx.block_t, ctx.B_dtype, ctx.C_dtype, ctx.D_dtype, ctx.bias_dtype))
+            (x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles, dy, dfinal), (ctx.delta_softplus, ctx.block_t))
         return dx, ddt, dA, dB, dC, dD, dz, dbias, None, dh0 if ctx.has_initial_state else None, None
 
 
-def _backward_launches(x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles, dy, dfinal, delta_softplus, block_t,
-                       B_dtype, C_dtype, D_dtype, bias_dtype):
+def _backward_launches(x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles, dy, dfinal, delta_softplus, block_t):
     """`_SelectiveScan`'s backward: its allocations, views and launches (`plans.Planned` replays them), from what
     the forward kept, dy and dfinal (or None). Returns the gradients of x, Δ, A (float32), B, C, D, z, the Δ bias
-    (None for an input that is None) and the initial state (float32)."""
+    (None for an input that is None; each other in its input's dtype: B and C were kept as padded copies of the
+    same dtype) and the initial state (float32)."""
     batch, seqlen, d_inner = x.shape
     dy = dy.contiguous()
     d_state = A_t.shape[0]
@@ -643,10 +638,10 @@ def _backward_launches(x, delta, A_t, B, C, D, z, delta_bias, seq_idx, tiles, dy
             SOFTPLUS=delta_softplus, HAS_SEQ=seq_idx is not None, HAS_DHT=dfinal is not None,
             TILE_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BACKWARD_CONFIG["num_warps"],
         )
-    dB_sum, dC_sum = sum_middle([(dB, B_dtype), (dC, C_dtype)])
+    dB_sum, dC_sum = sum_middle([(dB, B.dtype), (dC, C.dtype)])
     rows = batch * n_chunks
     dA_sum, = sum_parts([(dA, d_inner * d_state, torch.float32)], 1, rows, kept_stride=1)
-    vectors = [(parts, d_inner, dtype) for parts, dtype in ((dD, D_dtype), (dbias, bias_dtype)) if parts is not None]
+    vectors = [(parts, d_inner, like.dtype) for parts, like in ((dD, D), (dbias, delta_bias)) if parts is not None]
     sums = sum_parts(vectors, 1, rows, kept_stride=1) if vectors else []
     dD_sum = sums[0] if D is not None else None
     dbias_sum = sums[-1] if delta_bias is not None else None
