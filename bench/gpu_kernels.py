@@ -1221,6 +1221,47 @@ def prefill_split():
         torch.cuda.empty_cache()
 
 
+def prefill_cache():
+    """A prompt as generate() runs it (bf16, no gradients, an all-ones attention mask, a new cache filled): wall ms
+    per forward (synchronised, median of 20) against the same forward with use_cache=False, at 4 x 2048 and 1 x 512
+    tokens; then generate()'s time to the first token (max_new_tokens=1, greedy) at 1 x 512, median of 10; for
+    Llama and our two 130M models in one process."""
+    import statistics
+
+    for name, build in _llama_and_ours():
+        model = build().to(DEV, torch.bfloat16).eval()
+        for batch, seqlen in ((4, 2048), (1, 512)):
+            ids = torch.randint(0, 50000, (batch, seqlen), device=DEV)
+            mask = torch.ones_like(ids)
+            timed = {}
+            for label, kwargs in (("no cache", dict(use_cache=False)),
+                                  ("cache + mask", dict(use_cache=True, attention_mask=mask))):
+                def forward(kwargs=kwargs):
+                    with torch.no_grad():
+                        model(ids, **kwargs)
+
+                for _ in range(5):
+                    forward()
+                timed[label] = statistics.median(_wall_ms(forward, 1) for _ in range(20))
+            line = ", ".join(f"{label} {ms:.2f} ms" for label, ms in timed.items())
+            R.setdefault("prefill_cache", {})[f"{name} {batch}x{seqlen}"] = timed
+            print("prefill_cache", name, f"{batch}x{seqlen}:", line, flush=True)
+        ids = torch.randint(0, 50000, (1, 512), device=DEV)
+
+        def first_token():
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                               pad_token_id=0)
+
+        for _ in range(3):
+            first_token()
+        ttft = statistics.median(_wall_ms(first_token, 1) for _ in range(10))
+        R["prefill_cache"][f"{name} ttft"] = ttft
+        print("prefill_cache", name, f"generate() first token after 1x512: {ttft:.2f} ms", flush=True)
+        model = None
+        torch.cuda.empty_cache()
+
+
 def sync_check():
     """Device synchronisations in a prefill forward (eval, no gradients, use_cache=False) and a training step
     (4 x 512, bf16, AdamW) of each family: with torch.cuda.set_sync_debug_mode("error") the first one raises, and
@@ -1667,7 +1708,8 @@ def main():
              "conv_sweep": conv_sweep, "conv_tiles": conv_tiles, "ssd_grads_sweep": ssd_grads_sweep,
              "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
              "profile_e2e": profile_e2e, "host_e2e": host_e2e, "host_breakdown": host_breakdown,
-             "launch_ab": launch_ab, "prefill_split": prefill_split, "sync_check": sync_check, "check_ab": check_ab,
+             "launch_ab": launch_ab, "prefill_split": prefill_split,
+             "prefill_cache": prefill_cache, "sync_check": sync_check, "check_ab": check_ab,
              "check_add_norm": check_add_norm, "launch_replay": launch_replay, "host_costs": host_costs,
              "e2e_shape_sweep": e2e_shape_sweep,
              "decode": decode, "step": step}[name]()

@@ -449,6 +449,11 @@ def drive_conv_ssd_norm(rec: Recorder, kernels) -> None:
         out = kernels.conv_ssd_norm(zxbcdt, shape, activation="silu", dt_limit=None, norm_group_size=shape.d_inner,
                                     eps=1e-5, chunk_size=256, **params)
         out.backward(torch.randn_like(out))
+        with torch.no_grad():  # a prefill continuing a cache: the conv's past inputs and the scan's initial state
+            kernels.conv_ssd_norm(zxbcdt, shape, activation="silu", dt_limit=None, norm_group_size=shape.d_inner,
+                                  eps=1e-5, chunk_size=256, conv_past=_randn(2, shape.conv_dim, 4, dtype=dtype),
+                                  initial_state=_randn(2, shape.heads, shape.head_dim, shape.d_state),
+                                  return_final_state=True, **params)
 
 
 def drive_models(rec: Recorder, kernels) -> None:

@@ -192,3 +192,108 @@ def test_triton_norm_of_no_rows_has_a_zero_weight_gradient(monkeypatch):
     x, z = (torch.randn(2, 0, 16, device=DEVICE) for _ in range(2))
     rms_norm_gated_triton(x, z, weight, 16, 1e-5).sum().backward()
     assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def _split_run(leaves, shape, split, seq_idx=None):
+    """The op over the whole of in_proj's output, and over it in two pieces, the second continued from the first's
+    cached state (the conv's last inputs, as a cache keeps them, and the scan's final state). Returns (whole output,
+    whole final state, the two pieces' outputs joined, the second piece's final state)."""
+    params = (leaves["conv_weight"], leaves["conv_bias"], "silu", leaves["dt_bias"], leaves["A_log"], leaves["D"],
+              (0.05, 2.0), leaves["norm_weight"], shape.d_inner, 1e-5, 8)
+    zxbcdt = leaves["zxbcdt"]
+    whole, whole_final = kernels.conv_ssd_norm(zxbcdt, shape, *params, seq_idx, return_final_state=True)
+    first, state = kernels.conv_ssd_norm(zxbcdt[:, :split], shape, *params, return_final_state=True)
+    width = leaves["conv_weight"].shape[-1]
+    conv_inputs = shape.split(zxbcdt[:, :split])[1]
+    past = torch.nn.functional.pad(conv_inputs.transpose(1, 2), (width, 0))[..., -width:].contiguous()
+    second, final = kernels.conv_ssd_norm(zxbcdt[:, split:], shape, *params, conv_past=past, initial_state=state,
+                                          return_final_state=True)
+    return whole, whole_final, torch.cat([first, second], dim=1), final
+
+
+@pytest.mark.parametrize("split", [1, 2, 13])
+def test_triton_conv_ssd_norm_continues_a_cached_state(monkeypatch, split):
+    """A prefill that fills a cache and one that continues it (generate()'s prompt, a prompt fed in pieces): the
+    fused op without autograd, from the conv's cached inputs and the scan's state, gives the output and final state
+    of one call over the whole sequence (float32, 1e-5), on the Triton path (the interpreter) as on the PyTorch
+    path, and the two paths agree. Splits inside the conv's window (1, 2 tokens) included."""
+    from ssm_hf.kernels import conv_ssd_norm_triton
+
+    g = torch.Generator().manual_seed(9)
+    shape = kernels.Mamba2Shape(heads=4, head_dim=8, groups=2, d_state=16)
+    leaves = {k: v.detach() for k, v in _case(shape, 2, 29, torch.float32, g).items()}
+    results = {}
+    for path in ("triton", "torch"):
+        monkeypatch.setattr(kernels, "use_triton",
+                            (lambda tensor: tensor.dtype != torch.float64) if path == "triton" else (lambda t: False))
+        calls = []
+        original = conv_ssd_norm_triton._FORWARD
+        monkeypatch.setattr(conv_ssd_norm_triton, "_FORWARD", lambda *a: calls.append(1) or original(*a))
+        with torch.no_grad():
+            results[path] = _split_run(leaves, shape, split)
+        assert len(calls) == (3 if path == "triton" else 0)
+        whole, whole_final, joined, final = results[path]
+        assert final.dtype == torch.float32 and final.shape == (2, shape.heads, shape.head_dim, shape.d_state)
+        assert _rel_err(joined.cpu(), whole.double().cpu()) < 1e-5, path
+        assert _rel_err(final.cpu(), whole_final.double().cpu()) < 1e-5, path
+    for a, b in zip(results["triton"], results["torch"]):
+        assert _rel_err(a.cpu(), b.double().cpu()) < 1e-5
+
+
+def test_conv_ssd_norm_with_a_cached_state_and_gradients_runs_the_ops(monkeypatch):
+    """Where a gradient must flow with a cached state the dispatcher runs the three ops (whose autograd carries it
+    into the initial state too); the fused Triton op itself refuses, by name, rather than drop that gradient.
+    Its checks of the cached state's shapes name what is wrong."""
+    from ssm_hf.kernels.conv_ssd_norm_triton import conv_ssd_norm_triton
+
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    g = torch.Generator().manual_seed(10)
+    shape = kernels.Mamba2Shape(heads=2, head_dim=8, groups=1, d_state=16)
+    leaves = _case(shape, 2, 9, torch.float32, g)
+    state = torch.randn(2, shape.heads, shape.head_dim, shape.d_state, generator=g).to(DEVICE).requires_grad_(True)
+    args = (leaves["zxbcdt"], shape, leaves["conv_weight"], leaves["conv_bias"], "silu", leaves["dt_bias"],
+            leaves["A_log"], leaves["D"], None, leaves["norm_weight"], shape.d_inner, 1e-5, 8)
+    out, final = kernels.conv_ssd_norm(*args, initial_state=state, return_final_state=True)
+    (out.sum() + final.sum()).backward()
+    assert state.grad is not None and float(state.grad.abs().sum()) > 0
+    assert leaves["A_log"].grad is not None and float(leaves["A_log"].grad.abs().sum()) > 0
+    with pytest.raises(NotImplementedError, match="no backward through a cached state"):
+        conv_ssd_norm_triton(*args, initial_state=state)
+    with torch.no_grad():
+        short_past = torch.zeros(2, shape.conv_dim, 2, device=DEVICE)
+        wide_past = torch.zeros(2, shape.conv_dim + 1, 4, device=DEVICE)
+        for change, message in ((dict(initial_state=state[:1]), "initial_state has shape"),
+                                (dict(conv_past=short_past), "conv_past has shape"),
+                                (dict(conv_past=wide_past), "conv_past has shape")):
+            with pytest.raises(ValueError, match=message):
+                conv_ssd_norm_triton(*args, **change)
+
+
+def test_mamba2_prefill_with_a_cache_takes_the_fused_op(monkeypatch):
+    """generate()'s prompt: a forward with a cache and an all-ones attention mask runs every mixer's conv, scan and
+    norm as the one fused op (the mask is dropped once per forward, `mixer_padding_mask`), also for a prompt fed in
+    two pieces, and its logits, and those of a decoding step from the cache it filled, equal the logits of one
+    forward without a cache (float32, the interpreter, 1e-5)."""
+    from conftest import tiny_config
+
+    from ssm_hf.kernels import conv_ssd_norm_triton
+
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: tensor.dtype != torch.float64)
+    calls = []
+    original = conv_ssd_norm_triton._FORWARD
+    monkeypatch.setattr(conv_ssd_norm_triton, "_FORWARD", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("mamba2")).to(DEVICE).eval()
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (2, 19), device=DEVICE)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        assert len(calls) == layers
+        calls.clear()
+        first = model(ids[:, :11], attention_mask=torch.ones_like(ids[:, :11]), use_cache=True)
+        second = model(ids[:, 11:18], attention_mask=torch.ones_like(ids[:, :18]), cache=first.cache)
+        assert len(calls) == 2 * layers  # both pieces took the fused op
+        step = model(ids[:, 18:], cache=second.cache)
+        assert len(calls) == 2 * layers  # a decoding step takes the single-token kernels
+    got = torch.cat([first.logits, second.logits, step.logits], dim=1)
+    assert _rel_err(got.cpu(), want.double().cpu()) < 1e-5

@@ -129,16 +129,24 @@ def conv_ssd_norm(
     zxbcdt: torch.Tensor, shape: Mamba2Shape, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
     activation: str | None, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,
     dt_limit: tuple[float, float] | None, norm_weight: torch.Tensor, norm_group_size: int, eps: float,
-    chunk_size: int, seq_idx: torch.Tensor | None = None,
-) -> torch.Tensor:
+    chunk_size: int, seq_idx: torch.Tensor | None = None, conv_past: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None, return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba-2's mixer core, in_proj's output (batch, seqlen, shape.width) → causal conv (+ SiLU) → SSD scan →
-    gated RMS norm; arguments and result as `conv_ssd_norm.conv_ssd_norm_by_ops`. On the Triton path one autograd
-    op (see `conv_ssd_norm_triton`); elsewhere, or where the SSD kernels have no tiles for the shape, the three
-    ops one after the other."""
+    gated RMS norm, optionally continued from a cached state and returning the scan's final state; arguments and
+    results as `conv_ssd_norm.conv_ssd_norm_by_ops`. On the Triton path one autograd op (see
+    `conv_ssd_norm_triton`), and with a cached state one op without autograd (a prefill that fills a cache);
+    elsewhere, where the SSD kernels have no tiles for the shape, or where a gradient must flow with a cached
+    state, the three ops one after the other."""
     if zxbcdt.shape[-1] != shape.width:
         raise ValueError(f"in_proj's output has {zxbcdt.shape[-1]} columns; {shape} needs {shape.width}")
     args = (zxbcdt, shape, conv_weight, conv_bias, activation, dt_bias, A_log, D, dt_limit, norm_weight,
-            norm_group_size, eps, chunk_size, seq_idx)
+            norm_group_size, eps, chunk_size, seq_idx, conv_past, initial_state, return_final_state)
+    stateful = conv_past is not None or initial_state is not None or return_final_state
+    if stateful and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad
+            for t in (zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, conv_past, initial_state)):
+        return conv_ssd_norm_by_ops(*args)
     if use_triton(zxbcdt) and zxbcdt.shape[1] > 0 and activation in (None, "silu"):
         from .ssd_triton import supports
 

@@ -46,19 +46,25 @@ def conv_ssd_norm_by_ops(
     zxbcdt: torch.Tensor, shape: Mamba2Shape, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
     activation: str | None, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,
     dt_limit: tuple[float, float] | None, norm_weight: torch.Tensor, norm_group_size: int, eps: float,
-    chunk_size: int, seq_idx: torch.Tensor | None = None,
-) -> torch.Tensor:
+    chunk_size: int, seq_idx: torch.Tensor | None = None, conv_past: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None, return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """zxbcdt: (batch, seqlen, shape.width), in_proj's output. conv_weight: (conv_dim, width) or nn.Conv1d's
     (conv_dim, 1, width); activation None or "silu" after the conv; A = -exp(A_log) per head, Δ =
     clamp(softplus(Δ + dt_bias), dt_limit); D (heads,); norm_weight (d_inner,) over groups of norm_group_size
-    channels. seq_idx: (batch or 1, seqlen) packed sequences or None. Returns the normed, gated scan output (batch,
-    seqlen, d_inner) in the dtype of `norm_weight * y`."""
+    channels. seq_idx: (batch or 1, seqlen) packed sequences or None. A cached state to continue from: conv_past
+    (batch, conv_dim, k >= width - 1), the conv's inputs before zxbcdt's first token (no gradient flows into it),
+    and initial_state (batch, heads, head_dim, d_state), the scan's. Returns the normed, gated scan output (batch,
+    seqlen, d_inner) in the dtype of `norm_weight * y`, and with `return_final_state` also the scan's final state
+    (batch, heads, head_dim, d_state) float32."""
     from . import causal_conv1d, rms_norm_gated, ssd_scan  # (the package's dispatching ops; it imports this module)
 
     z, xBC, dt = shape.split(zxbcdt)
-    xBC = causal_conv1d(xBC, conv_weight.reshape(shape.conv_dim, -1), conv_bias, seq_idx=seq_idx,
+    xBC = causal_conv1d(xBC, conv_weight.reshape(shape.conv_dim, -1), conv_bias, past=conv_past, seq_idx=seq_idx,
                         activation=activation)
     x, B, C = shape.split_xBC(xBC)
     A = -torch.exp(A_log.float())
-    y = ssd_scan(x, dt, A, B, C, chunk_size, D, dt_bias, True, dt_limit, seq_idx=seq_idx)
-    return rms_norm_gated(y.flatten(-2), z, norm_weight, norm_group_size, eps)
+    y, final = ssd_scan(x, dt, A, B, C, chunk_size, D, dt_bias, True, dt_limit, initial_state=initial_state,
+                        return_final_state=True, seq_idx=seq_idx)
+    out = rms_norm_gated(y.flatten(-2), z, norm_weight, norm_group_size, eps)
+    return (out, final) if return_final_state else out

@@ -21,11 +21,13 @@ from .norm_triton import gate_rows, norm_backward, norm_forward
 from .plans import Planned
 
 
-def _forward_launches(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, seq_idx, shape, activation,
-                      dt_limit, norm_group_size, eps):
+def _forward_launches(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, seq_idx, conv_past,
+                      initial_state, shape, activation, dt_limit, norm_group_size, eps):
     """The forward's allocations, views and launches (`plans.Planned` replays them): (out (batch, seqlen,
-    d_inner), then what the backward keeps: zxbcdt, the conv's 2-D weight, its bias, the norm's weight (as the
-    kernels read them), xBC (the conv's output), y2 (the scan's output, (batch * seqlen, d_inner)))."""
+    d_inner), the final state (batch, heads, head_dim, d_state) float32, then what the backward keeps: zxbcdt, the
+    conv's 2-D weight, its bias, the norm's weight (as the kernels read them), xBC (the conv's output), y2 (the
+    scan's output, (batch * seqlen, d_inner))). conv_past (batch, conv_dim, k) and initial_state (float32) come as
+    the kernels read them, or None."""
     batch, seqlen, _ = zxbcdt.shape
     if zxbcdt.stride(-1) != 1:  # the kernels read its columns in place: they must be packed
         zxbcdt = zxbcdt.contiguous()
@@ -33,14 +35,15 @@ def _forward_launches(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_we
     weight = conv_weight.reshape(shape.conv_dim, -1).contiguous()
     conv_bias = conv_bias.contiguous() if conv_bias is not None else None
     norm_weight = norm_weight.contiguous()
-    xBC = conv_forward(xBC_in, weight, conv_bias, None, seq_idx, activation)
+    xBC = conv_forward(xBC_in, weight, conv_bias, conv_past, seq_idx, activation)
     x, B, C = shape.split_xBC(xBC)
     # A = -exp(A_log) is made in the kernels (no cast, exp and negation ops per layer here)
-    y = ssd_triton.ssd_forward(x, dt, A_log, B, C, D, dt_bias, True, dt_limit, seq_idx, A_is_log=True)
+    y, final = ssd_triton.ssd_forward(x, dt, A_log, B, C, D, dt_bias, True, dt_limit, seq_idx, A_is_log=True,
+                                      initial_state=initial_state)
     y2 = y.view(batch * seqlen, shape.d_inner)
     z2 = gate_rows(z, shape.d_inner)
     out = norm_forward(y2, z2, norm_weight, norm_group_size, eps, torch.promote_types(norm_weight.dtype, y.dtype))
-    return out.view(batch, seqlen, shape.d_inner), zxbcdt, weight, conv_bias, norm_weight, xBC, y2
+    return out.view(batch, seqlen, shape.d_inner), final, zxbcdt, weight, conv_bias, norm_weight, xBC, y2
 
 
 def _backward_launches(zxbcdt, weight, conv_bias, dt_bias, A_log, D, norm_weight, xBC, y2, seq_idx, dout, shape,
@@ -68,8 +71,8 @@ class _ConvSSDNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape, activation, dt_limit,
                 norm_group_size, eps, seq_idx):
-        out, zxbcdt, weight, conv_bias, norm_weight, xBC, y2 = _FORWARD(
-            (zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, seq_idx),
+        out, _, zxbcdt, weight, conv_bias, norm_weight, xBC, y2 = _FORWARD(
+            (zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, seq_idx, None, None),
             (shape, activation, dt_limit, norm_group_size, eps))
         ctx.save_for_backward(zxbcdt, weight, conv_bias, dt_bias, A_log, D, norm_weight, xBC, y2, seq_idx)
         ctx.shape, ctx.activation, ctx.dt_limit, ctx.norm_group_size, ctx.eps = \
@@ -90,10 +93,12 @@ def conv_ssd_norm_triton(
     zxbcdt: torch.Tensor, shape: Mamba2Shape, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
     activation: str | None, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,
     dt_limit: tuple[float, float] | None, norm_weight: torch.Tensor, norm_group_size: int, eps: float,
-    chunk_size: int, seq_idx: torch.Tensor | None = None,
-) -> torch.Tensor:
+    chunk_size: int, seq_idx: torch.Tensor | None = None, conv_past: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None, return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """As `conv_ssd_norm.conv_ssd_norm_by_ops` (same arguments; `chunk_size` is the PyTorch form's: the kernels use
-    their own chunks)."""
+    their own chunks). With a cached state (conv_past, initial_state or return_final_state: a prefill that fills
+    or continues a cache) the op runs without autograd: it refuses inputs that need a gradient."""
     from .causal_conv1d_torch import check_activation
     from .packing import kernel_segment_ids
 
@@ -108,8 +113,28 @@ def conv_ssd_norm_triton(
                          f"width) or ({shape.conv_dim}, 1, width)")
     if seq_idx is not None:
         seq_idx = kernel_segment_ids(seq_idx, zxbcdt.shape[0], zxbcdt.shape[1], zxbcdt.device)
-    return apply_function(_ConvSSDNorm, zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape,
-                          activation, dt_limit, norm_group_size, eps, seq_idx)
+    if conv_past is None and initial_state is None and not return_final_state:
+        return apply_function(_ConvSSDNorm, zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape,
+                              activation, dt_limit, norm_group_size, eps, seq_idx)
+    inputs = (zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, conv_past, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise NotImplementedError("the fused conv + SSD + norm op has no backward through a cached state; "
+                                  "kernels.conv_ssd_norm runs the three ops one by one where a gradient is needed")
+    batch = zxbcdt.shape[0]
+    width = conv_weight.shape[-1]
+    if conv_past is not None and (conv_past.dim() != 3 or tuple(conv_past.shape[:2]) != (batch, shape.conv_dim)
+                                  or conv_past.shape[-1] < width - 1):
+        raise ValueError(f"conv_past has shape {tuple(conv_past.shape)}; a width-{width} conv of {shape} needs "
+                         f"({batch}, {shape.conv_dim}, k >= {width - 1})")
+    state_shape = (batch, shape.heads, shape.head_dim, shape.d_state)
+    if initial_state is not None and tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}; {shape} needs {state_shape}")
+    # the copies a plan cannot stand for run here (none for a cache's float32 state and contiguous conv inputs)
+    conv_past = conv_past.contiguous() if conv_past is not None else None
+    initial_state = initial_state.float().contiguous() if initial_state is not None else None
+    out, final, *_ = _FORWARD((zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, seq_idx, conv_past,
+                               initial_state), (shape, activation, dt_limit, norm_group_size, eps))
+    return (out, final) if return_final_state else out
 
 
 # the forward and backward replayed per input signature (on CUDA), reading these modules' globals

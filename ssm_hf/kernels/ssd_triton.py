@@ -852,18 +852,19 @@ class _SSDScan(torch.autograd.Function):
 def ssd_forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
                 dt_limit: tuple[float, float] | None, seq_idx: torch.Tensor | None, A_is_log: bool = False,
-                ) -> torch.Tensor:
-    """The SSD forward outside autograd, from zero state (for an op that runs its own backward, see
-    `conv_ssd_norm_triton`). x: (batch, seqlen, heads, head_dim), B, C: (batch, seqlen, groups, d_state), dt:
-    (batch, seqlen, heads) as stored, each with packed inner dimensions (any batch and token strides: read in
-    place); seq_idx: kernel ids (`packing.kernel_segment_ids`) or None; A: (heads,), or with `A_is_log` its stored
-    log (A = -exp(A_log), made in the kernels). Returns y (batch, seqlen, heads, head_dim) contiguous in x's
-    dtype."""
+                initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SSD forward outside autograd (for an op that runs its own backward, see `conv_ssd_norm_triton`). x:
+    (batch, seqlen, heads, head_dim), B, C: (batch, seqlen, groups, d_state), dt: (batch, seqlen, heads) as stored,
+    each with packed inner dimensions (any batch and token strides: read in place); seq_idx: kernel ids
+    (`packing.kernel_segment_ids`) or None; A: (heads,), or with `A_is_log` its stored log (A = -exp(A_log), made
+    in the kernels); initial_state: (batch, heads, head_dim, d_state) float32 contiguous, or None for zeros.
+    Returns (y (batch, seqlen, heads, head_dim) contiguous in x's dtype, the final state (batch, heads, head_dim,
+    d_state) float32)."""
     plan = _forward_plan(x, B.shape[-1])
     check_ssd_shapes(x, B, C, plan)
-    x, delta, A, B, C, D, _, seq = _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit_bounds(dt_limit),
-                                             None, seq_idx, A_is_log)
-    return _forward(x, delta, A, B, C, D, None, seq, plan, A_is_log)[0]
+    x, delta, A, B, C, D, h0, seq = _prepared(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit_bounds(dt_limit),
+                                              initial_state, seq_idx, A_is_log)
+    return _forward(x, delta, A, B, C, D, h0, seq, plan, A_is_log)
 
 
 def ssd_backward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

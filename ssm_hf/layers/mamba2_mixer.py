@@ -72,13 +72,24 @@ class Mamba2Mixer(nn.Module):
         mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
 
         zxbcdt = self.in_proj(hidden_states)
-        if cache_params is None and mask is None and self.hidden_act in ("silu", "swish"):
-            # no cache (training, or a forward with use_cache=False): conv, scan and norm as one op, one autograd
-            # node on the Triton path (`self.norm` is read, not called: hooks on it do not run here)
+        state, in_place = decoding_state(cache_params, self.layer_idx, seqlen)
+        if mask is None and self.hidden_act in ("silu", "swish") and not (state is not None and seqlen == 1):
+            # conv, scan and norm as one op: one autograd node on the Triton path without a cache (training, or a
+            # forward with use_cache=False), one op without autograd for a prefill that fills or continues a cache
+            # (`self.norm` is read, not called: hooks on it do not run here)
             with loaded_weights(self.conv1d, self.norm):
-                y = kernels.conv_ssd_norm(zxbcdt, self.layout, self.conv1d.weight, self.conv1d.bias, "silu",
-                                          self.dt_bias, self.A_log, self.D, self.time_step_limit, self.norm.weight,
-                                          self.norm.group_size, self.norm.variance_epsilon, self.chunk_size, seq_idx)
+                args = (zxbcdt, self.layout, self.conv1d.weight, self.conv1d.bias, "silu", self.dt_bias, self.A_log,
+                        self.D, self.time_step_limit, self.norm.weight, self.norm.group_size,
+                        self.norm.variance_epsilon, self.chunk_size, seq_idx)
+                if cache_params is None:
+                    y = kernels.conv_ssd_norm(*args)
+                else:
+                    y, new_state = kernels.conv_ssd_norm(*args, conv_past=cache_params.get_conv_state(self.layer_idx),
+                                                         initial_state=state, return_final_state=True)
+                    # only after the op has read the conv state: the cache overwrites it in place
+                    cache_params.update_conv_state(self.layout.split(zxbcdt)[1].transpose(1, 2), self.layer_idx,
+                                                   conv_kernel_size=self.conv1d.kernel_size[0])
+                    cache_params.update_recurrent_state(new_state, self.layer_idx)
             return self.out_proj(y.to(hidden_states.dtype))
 
         # views of one tensor, not copies: the Triton conv reads xBC and the gated norm z in place, so their backward
@@ -102,7 +113,6 @@ class Mamba2Mixer(nn.Module):
             dt = kernels.ssd_prepare_dt(dt, self.dt_bias, True, self.time_step_limit) * mask.float()
             dt_bias, dt_softplus, dt_limit = None, False, None
 
-        state, in_place = decoding_state(cache_params, self.layer_idx, seqlen)
         if state is not None and seqlen == 1:
             y, new_state = kernels.ssd_state_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D,
                                                     dt_bias, dt_softplus, dt_limit,

@@ -30,6 +30,7 @@ from .modeling_utils import (
     cu_seq_lens_of,
     init_module_weights,
     mask_sequence_starts,
+    mixer_padding_mask,
     packed_seq_idx,
     start_backbone,
 )
@@ -167,6 +168,8 @@ class HybridModel(HybridPreTrainedModel):
             attention_bias = causal_padding_mask(attention_mask, seqlen, past, inputs_embeds.device, seq_idx)
         # packed sequences: rotary positions restart with each sequence, as when it runs alone
         positions = positions_in_sequence(seq_idx) if seq_idx is not None else None
+        # (the attention layers take the bias made from the whole mask above; the SSM mixers this)
+        attention_mask = mixer_padding_mask(attention_mask, seqlen)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None

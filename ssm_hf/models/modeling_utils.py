@@ -158,6 +158,16 @@ def check_padding_mask(attention_mask: torch.Tensor | None, batch_and_length: tu
                          f"for padding; got {tuple(attention_mask.shape)}.")
 
 
+def mixer_padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The padding mask the SSM mixers take for an input of `length` tokens: None where its last `length` columns
+    are all ones (generate() passes such a mask with every unpadded prompt), so that the mixers run their unpadded
+    path (Mamba-2's conv, scan and norm as one op; no masking ops). One host synchronisation per forward that
+    passes a mask, where the convs would otherwise check the mask once per layer; none under torch.compile."""
+    if attention_mask is None or torch.compiler.is_compiling():
+        return attention_mask
+    return None if bool(attention_mask[:, -length:].all()) else attention_mask
+
+
 def resolve_cache(
     cache: Cache | None, use_cache: bool | None, config, training: bool, checkpointing: bool, batch_size: int,
 ) -> Cache | None:

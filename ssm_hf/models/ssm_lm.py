@@ -22,6 +22,7 @@ from .modeling_utils import (
     cu_seq_lens_of,
     init_module_weights,
     mask_sequence_starts,
+    mixer_padding_mask,
     packed_seq_idx,
     start_backbone,
 )
@@ -121,6 +122,7 @@ class SSMModel(SSMPreTrainedModel):
             self, input_ids, inputs_embeds, attention_mask, pick_cache(cache, cache_params, past_key_values),
             use_cache, kwargs.get("position_ids"), seq_idx, cu_seq_lens_of(kwargs))
 
+        attention_mask = mixer_padding_mask(attention_mask, inputs_embeds.shape[1])
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
