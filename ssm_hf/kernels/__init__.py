@@ -25,7 +25,7 @@ from functools import lru_cache
 import torch
 
 from . import causal_conv1d_torch, norm_torch, selective_scan_torch, ssd_torch
-from .conv_ssd_norm import Mamba2Shape, conv_ssd_norm_by_ops
+from .conv_ssd_norm import Mamba2Shape, conv_ssd_norm_by_ops, gradient_through_cached_state
 from .selective_scan_torch import selective_scan_chunked, selective_scan_sequential
 from .ssd_torch import ssd_prepare_dt, ssd_scan_chunked, ssd_scan_sequential
 
@@ -142,10 +142,7 @@ def conv_ssd_norm(
         raise ValueError(f"in_proj's output has {zxbcdt.shape[-1]} columns; {shape} needs {shape.width}")
     args = (zxbcdt, shape, conv_weight, conv_bias, activation, dt_bias, A_log, D, dt_limit, norm_weight,
             norm_group_size, eps, chunk_size, seq_idx, conv_past, initial_state, return_final_state)
-    stateful = conv_past is not None or initial_state is not None or return_final_state
-    if stateful and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad
-            for t in (zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, conv_past, initial_state)):
+    if gradient_through_cached_state(args):
         return conv_ssd_norm_by_ops(*args)
     if use_triton(zxbcdt) and zxbcdt.shape[1] > 0 and activation in (None, "silu"):
         from .ssd_triton import supports

@@ -42,6 +42,19 @@ class Mamba2Shape(NamedTuple):
                 C.unflatten(-1, (self.groups, self.d_state)))
 
 
+def gradient_through_cached_state(args: tuple) -> bool:
+    """Whether a call with `conv_ssd_norm_by_ops`'s positional arguments continues or fills a cache (conv_past,
+    initial_state or return_final_state) while a gradient must flow into one of its tensors: the fused Triton op
+    has no backward for that, the three ops one by one have."""
+    (zxbcdt, _, conv_weight, conv_bias, _, dt_bias, A_log, D, _, norm_weight, _, _, _, _, conv_past, initial_state,
+     return_final_state) = args
+    if conv_past is None and initial_state is None and not return_final_state:
+        return False
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, conv_past, initial_state))
+
+
 def conv_ssd_norm_by_ops(
     zxbcdt: torch.Tensor, shape: Mamba2Shape, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
     activation: str | None, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,

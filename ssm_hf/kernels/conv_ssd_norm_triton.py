@@ -15,7 +15,7 @@ import torch
 
 from . import causal_conv1d_triton, norm_triton, ssd_triton, sums_triton
 from .causal_conv1d_triton import conv_backward, conv_forward
-from .conv_ssd_norm import Mamba2Shape
+from .conv_ssd_norm import Mamba2Shape, gradient_through_cached_state
 from .launch import apply_function
 from .norm_triton import gate_rows, norm_backward, norm_forward
 from .plans import Planned
@@ -116,8 +116,9 @@ def conv_ssd_norm_triton(
     if conv_past is None and initial_state is None and not return_final_state:
         return apply_function(_ConvSSDNorm, zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape,
                               activation, dt_limit, norm_group_size, eps, seq_idx)
-    inputs = (zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, conv_past, initial_state)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+    if gradient_through_cached_state((zxbcdt, shape, conv_weight, conv_bias, activation, dt_bias, A_log, D, dt_limit,
+                                      norm_weight, norm_group_size, eps, chunk_size, seq_idx, conv_past,
+                                      initial_state, return_final_state)):
         raise NotImplementedError("the fused conv + SSD + norm op has no backward through a cached state; "
                                   "kernels.conv_ssd_norm runs the three ops one by one where a gradient is needed")
     batch = zxbcdt.shape[0]

@@ -45,6 +45,12 @@ def cached_causal_conv(
     return out if fused is not None or hidden_act is None else ACT2FN[hidden_act](out)
 
 
+def keep_conv_inputs(cache_params: Cache, layer_idx: int, x: torch.Tensor, width: int) -> None:
+    """Make the last `width` tokens of x: (batch, seqlen, channels) the layer's cached conv inputs. Call it only
+    after the conv has read the cached ones: the cache overwrites its conv state in place."""
+    cache_params.update_conv_state(x.transpose(1, 2), layer_idx, conv_kernel_size=width)
+
+
 def _cached_causal_conv(
     conv1d: nn.Conv1d, x: torch.Tensor, cache_params: Cache | None, layer_idx: int, mask: torch.Tensor | None,
     seq_idx: torch.Tensor | None, activation: str | None,
@@ -62,8 +68,7 @@ def _cached_causal_conv(
     if mask is None or bool(mask.all()):
         out = kernels.causal_conv1d(x, weight, bias, past=past, seq_idx=seq_idx, activation=activation)
         if cache_params is not None:
-            # only after the conv: the cache overwrites its conv state in place
-            cache_params.update_conv_state(x.transpose(1, 2), layer_idx, conv_kernel_size=width)
+            keep_conv_inputs(cache_params, layer_idx, x, width)
         return out
 
     # Pack each row's real tokens to the front (stable: order kept), convolve, and put the outputs back.

@@ -9,7 +9,7 @@ from transformers.cache_utils import Cache
 
 from .. import kernels
 from ..configs.mamba2 import Mamba2Config
-from .conv import cached_causal_conv, decoding_state
+from .conv import cached_causal_conv, decoding_state, keep_conv_inputs
 from .norm import RMSNormGated
 from .offload import loaded_weights
 from .ssm_init import inverse_softplus_dt
@@ -86,9 +86,8 @@ class Mamba2Mixer(nn.Module):
                 else:
                     y, new_state = kernels.conv_ssd_norm(*args, conv_past=cache_params.get_conv_state(self.layer_idx),
                                                          initial_state=state, return_final_state=True)
-                    # only after the op has read the conv state: the cache overwrites it in place
-                    cache_params.update_conv_state(self.layout.split(zxbcdt)[1].transpose(1, 2), self.layer_idx,
-                                                   conv_kernel_size=self.conv1d.kernel_size[0])
+                    keep_conv_inputs(cache_params, self.layer_idx, self.layout.split(zxbcdt)[1],
+                                     self.conv1d.kernel_size[0])
                     cache_params.update_recurrent_state(new_state, self.layer_idx)
             return self.out_proj(y.to(hidden_states.dtype))
 
