@@ -30,6 +30,7 @@ host_e2e  (on request) a training step's wall, host-issue and GPU-busy times, an
 host_breakdown  (on request) a training step's host time with and without Triton's launches, and its top ops.
 launch_ab  (on request) training and eager decoding steps with launch.FastLaunch and with Triton's launch path.
 prefill_split  (on request) a prefill forward's wall, host-issue and GPU-busy times, and our largest kernels.
+prefill_left_padded  (on request) a left-padded batch's cached prefill and generate()'s first token.
 sync_check  (on request) where a prefill forward or a training step of each family synchronises with the GPU.
 check_ab  (on request) prefill and training with and without the token-id check's read-back, alternated.
 launch_replay  (on request) a prefill's launches replayed with less and less host work per launch.
@@ -1262,6 +1263,50 @@ def prefill_cache():
         torch.cuda.empty_cache()
 
 
+def prefill_left_padded():
+    """A left-padded batch as generate() runs its first step (bf16, no gradients, a new cache filled): wall ms per
+    forward (synchronised, median of 20) at 4 x 2048 with rows of 2048, 1792, 1536 and 1024 real tokens, beside the
+    same forward unpadded (an all-ones mask); then generate()'s time to the first token (max_new_tokens=1, greedy)
+    for rows of 512, 448, 384 and 256 tokens, median of 10; Llama and our two 130M models in one process."""
+    import statistics
+
+    def left_padded(lengths: tuple, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randint(1, 50000, (len(lengths), width), device=DEV)
+        mask = torch.zeros_like(ids)
+        for row, n in enumerate(lengths):
+            mask[row, width - n:] = 1
+        return ids * mask, mask
+
+    for name, build in _llama_and_ours():
+        model = build().to(DEV, torch.bfloat16).eval()
+        ids, mask = left_padded((2048, 1792, 1536, 1024), 2048)
+        timed = {}
+        for label, attention_mask in (("unpadded", torch.ones_like(mask)), ("left-padded", mask)):
+            def forward(attention_mask=attention_mask):
+                with torch.no_grad():
+                    model(ids, attention_mask=attention_mask, use_cache=True)
+
+            for _ in range(5):
+                forward()
+            timed[label] = statistics.median(_wall_ms(forward, 1) for _ in range(20))
+        R.setdefault("prefill_left_padded", {})[f"{name} 4x2048"] = timed
+        print("prefill_left_padded", name, "4x2048:", ", ".join(f"{k} {v:.2f} ms" for k, v in timed.items()),
+              flush=True)
+        ids, mask = left_padded((512, 448, 384, 256), 512)
+
+        def first_token():
+            with torch.no_grad():
+                model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
+
+        for _ in range(3):
+            first_token()
+        ttft = statistics.median(_wall_ms(first_token, 1) for _ in range(10))
+        R["prefill_left_padded"][f"{name} ttft"] = ttft
+        print("prefill_left_padded", name, f"generate() first token, left-padded 4x512: {ttft:.2f} ms", flush=True)
+        model = None
+        torch.cuda.empty_cache()
+
+
 def sync_check():
     """Device synchronisations in a prefill forward (eval, no gradients, use_cache=False) and a training step
     (4 x 512, bf16, AdamW) of each family: with torch.cuda.set_sync_debug_mode("error") the first one raises, and
@@ -1709,7 +1754,8 @@ def main():
              "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
              "profile_e2e": profile_e2e, "host_e2e": host_e2e, "host_breakdown": host_breakdown,
              "launch_ab": launch_ab, "prefill_split": prefill_split,
-             "prefill_cache": prefill_cache, "sync_check": sync_check, "check_ab": check_ab,
+             "prefill_cache": prefill_cache, "prefill_left_padded": prefill_left_padded, "sync_check": sync_check,
+             "check_ab": check_ab,
              "check_add_norm": check_add_norm, "launch_replay": launch_replay, "host_costs": host_costs,
              "e2e_shape_sweep": e2e_shape_sweep,
              "decode": decode, "step": step}[name]()

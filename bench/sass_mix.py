@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("kernel", help="MODULE:KERNEL, a module of ssm_hf.kernels")
     parser.add_argument("constexprs", nargs="*", help="NAME=value for every constexpr argument")
     parser.add_argument("--num-warps", type=int, default=4)
+    parser.add_argument("--maxnreg", type=int, help="a cap on registers per thread, as the kernels' configs set")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100) or 80 (A100)")
     parser.add_argument("--ptr16", default="x_ptr,dt_ptr,z_ptr,dy_ptr,y_ptr,B_ptr,C_ptr",
                         help="comma-separated pointer arguments that are bf16 (the others float32)")
@@ -104,8 +105,11 @@ def main() -> None:
     divisible = set(args.divisible.split(","))
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(sig.items())
              if kind.startswith("*") or name in divisible}
+    options = {"num_warps": args.num_warps}
+    if args.maxnreg:
+        options["maxnreg"] = args.maxnreg
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", args.arch, 32), options={"num_warps": args.num_warps})
+                              target=GPUTarget("cuda", args.arch, 32), options=options)
     tools = Path(nvidia.__file__).parent / "bin"
     keep = args.keep or Path(os.environ.get("TMPDIR", "/tmp")) / "sass_mix"
     keep.mkdir(parents=True, exist_ok=True)

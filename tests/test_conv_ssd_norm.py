@@ -271,7 +271,7 @@ def test_conv_ssd_norm_with_a_cached_state_and_gradients_runs_the_ops(monkeypatc
 
 def test_mamba2_prefill_with_a_cache_takes_the_fused_op(monkeypatch):
     """generate()'s prompt: a forward with a cache and an all-ones attention mask runs every mixer's conv, scan and
-    norm as the one fused op (the mask is dropped once per forward, `mixer_padding_mask`), also for a prompt fed in
+    norm as the one fused op (the mask is dropped once per forward, `mixer_padding`), also for a prompt fed in
     two pieces, and its logits, and those of a decoding step from the cache it filled, equal the logits of one
     forward without a cache (float32, the interpreter, 1e-5)."""
     from conftest import tiny_config

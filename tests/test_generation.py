@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, causal_lm_class, spread_weights, tiny_config
+from conftest import FAMILIES, assert_close_to_scale, causal_lm_class, spread_weights, tiny_config, tiny_lm
 from transformers import pipeline
 
 import ssm_hf
+from ssm_hf.models.modeling_utils import mixer_padding
+from ssm_hf.models.state import StateCache, layer_tensors
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -70,6 +72,113 @@ def test_left_padded_batch_matches_each_prompt_alone(model):
     for row, p in enumerate(prompts):
         alone = model.generate(p, max_new_tokens=12, do_sample=False)
         assert torch.equal(batched[row, width:], alone[0, p.shape[1]:]), row
+
+
+@pytest.mark.parametrize("preset, path, overrides", [
+    ("mamba-tiny", "torch", {}), ("mamba2-tiny", "torch", {}), ("hybrid-tiny", "torch", {}),
+    ("hybrid-mamba2-tiny", "torch", {}), ("s4d-tiny", "torch", {}), ("mamba-tiny", "triton", {}),
+    ("mamba2-tiny", "triton", {}), ("mamba2-tiny", "triton", dict(time_step_limit=(0.01, 1.0)))])
+def test_left_padded_first_prompt_reads_the_padding_as_identity_steps(monkeypatch, preset, path, overrides):
+    """A left-padded batch read into an empty cache: the mixers learn that the padding leads (one host read per
+    forward) and read it as zero inputs and identity steps on their unpadded paths (Mamba-2's fused op on the
+    Triton path, unless a time-step limit above 0 keeps Δ from 0). Logits at real positions, the states left in the
+    cache (rows of 1 and 2 real tokens, shorter than the conv, included) and the next step's logits equal each
+    row's run alone (float32; the Triton path in the interpreter on the CPU)."""
+    from ssm_hf import kernels
+    from ssm_hf.kernels import conv_ssd_norm_triton
+
+    device = "cuda" if path == "triton" and torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: path == "triton" and tensor.dtype != torch.float64)
+    fused = []
+    forward = conv_ssd_norm_triton._FORWARD
+    monkeypatch.setattr(conv_ssd_norm_triton, "_FORWARD", lambda *a: fused.append(a[0][7]) or forward(*a))
+    model = tiny_lm(preset, seed=3, **overrides).to(device)
+    lengths, width = (1, 9, 2, 6), 9
+    prompts = [torch.randint(1, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+               for n in lengths]
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[1]:], mask[row, width - p.shape[1]:] = p[0], 1
+    prompts, ids, mask = [p.to(device) for p in prompts], ids.to(device), mask.to(device)
+    seen = []
+    mixers = [m for m in model.modules() if type(m).__name__ in ("MambaMixer", "Mamba2Mixer")]
+    hooks = [m.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)
+             for m in mixers]
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask, cache=StateCache(model.config))
+        for hook in hooks:
+            hook.remove()
+        assert len(seen) == len(mixers) and all(kw["attention_mask"] is mask and kw["padding_leads"] for kw in seen)
+        # Mamba-2's fused op ran once per layer, unpadded (no seq_idx), where Δ can be 0
+        fuses = path == "triton" and "mamba2" in preset and not overrides
+        assert fused == ([None] * len(mixers) if fuses else [])
+        alone = [model(p, cache=StateCache(model.config)) for p in prompts]
+        for row, (p, out) in enumerate(zip(prompts, alone)):
+            assert_close_to_scale(batched.logits[row, width - p.shape[1]:], out.logits[0], 2e-5)
+            for i, layer in enumerate(out.cache.layers):
+                for name, tensor in layer_tensors(layer).items():
+                    if "states" in name:  # attention keys hold the padded positions too
+                        assert_close_to_scale(layer_tensors(batched.cache.layers[i])[name][row], tensor[0], 2e-5)
+        step_ids = torch.randint(1, model.config.vocab_size, (len(prompts), 1), generator=torch.Generator())
+        step_ids = step_ids.to(device)
+        step_mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+        batched_step = model(step_ids, attention_mask=step_mask, cache=batched.cache).logits[:, -1]
+        for row, out in enumerate(alone):
+            assert_close_to_scale(batched_step[row], model(step_ids[row:row + 1], cache=out.cache).logits[0, -1],
+                                  2e-5)
+
+
+@pytest.mark.parametrize("preset, path", [("mamba-tiny", "torch"), ("mamba2-tiny", "torch"),
+                                          ("mamba2-tiny", "triton")])
+def test_left_padded_training_batch_has_each_rows_gradients(monkeypatch, preset, path):
+    """Training on a left-padded batch (no cache: the padding is read as identity steps): the loss summed over
+    real tokens and every weight's gradient equal the sums over the rows run alone (float32; no NaN from the
+    padding's Δ of -inf before softplus)."""
+    from ssm_hf import kernels
+
+    device = "cuda" if path == "triton" and torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: path == "triton" and tensor.dtype != torch.float64)
+    model = tiny_lm(preset, seed=4).to(device).train()
+    lengths, width = (3, 8, 5), 8
+    prompts = [torch.randint(1, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(10 + n))
+               for n in lengths]
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[1]:], mask[row, width - p.shape[1]:] = p[0], 1
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 1:][mask[:, :-1] == 0] = -100   # a row's first real token is no target, as when it runs alone
+
+    def loss_and_grads(**inputs):
+        model.zero_grad()
+        logits = model(**{k: v.to(device) for k, v in inputs.items() if k != "labels"}).logits.float()
+        targets = inputs["labels"][:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum",
+                                                 ignore_index=-100)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    batched_loss, batched_grads = loss_and_grads(input_ids=ids, attention_mask=mask, labels=labels)
+    alone = [loss_and_grads(input_ids=p, labels=p) for p in prompts]
+    assert_close_to_scale(batched_loss, sum(loss for loss, _ in alone), 1e-5)
+    for name, grad in batched_grads.items():
+        assert torch.isfinite(grad).all(), name
+        assert_close_to_scale(grad, sum(grads[name] for _, grads in alone), 2e-5)
+
+
+def test_mixer_padding_says_whether_the_padding_leads():
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert mixer_padding(left, 4) == (left, True)
+    assert mixer_padding(torch.ones(2, 4, dtype=torch.long), 4) == (None, False)
+    # only the last `length` columns count: a decoding step after a left-padded prompt is unpadded, a later
+    # piece of a prompt may still start with padding
+    assert mixer_padding(torch.cat([left, torch.ones(2, 1, dtype=torch.long)], 1), 1)[0] is None
+    assert mixer_padding(left, 3) == (left, True)
+    for padding in ([[1, 1, 0, 0], [1, 1, 1, 1]], [[1, 0, 1, 1], [1, 1, 1, 1]]):   # right, inside a row
+        mask = torch.tensor(padding)
+        assert mixer_padding(mask, 4) == (mask, False)
+    assert mixer_padding(None, 4) == (None, False)
 
 
 def test_beam_search_with_cache_equals_without(model):

@@ -34,6 +34,14 @@ class Mamba2Shape(NamedTuple):
         """(z, xBC, Δ) column views of zxbcdt: (batch, seqlen, width)."""
         return zxbcdt.split([self.d_inner, self.conv_dim, self.heads], dim=-1)
 
+    def padding_as_identity_steps(self, zxbcdt: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """zxbcdt where padding: (batch, seqlen) is 0 replaced by zeros, except Δ by -inf: the conv reads zero
+        inputs there and the scan takes identity steps (softplus(-inf) = 0, so Δ = 0 under a time-step limit whose
+        lower end is 0). One op, on in_proj's output (batch, seqlen, width)."""
+        fill = zxbcdt.new_zeros(self.width)
+        fill[-self.heads:] = float("-inf")
+        return torch.where(padding.unsqueeze(-1) == 0, fill, zxbcdt)
+
     def split_xBC(self, xBC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x (batch, seqlen, heads, head_dim), B, C (batch, seqlen, groups, d_state)) views of xBC."""
         group_state = self.groups * self.d_state

@@ -25,6 +25,13 @@ def decoding_state(cache_params: Cache | None, layer_idx: int, seqlen: int) -> t
     return state, seqlen == 1
 
 
+def nothing_cached(cache_params: Cache | None, layer_idx: int) -> bool:
+    """Whether the layer starts from nothing: no cache, or one that holds no conv inputs and no state for it yet
+    (a first prompt)."""
+    return cache_params is None or (cache_params.get_conv_state(layer_idx) is None
+                                    and cache_params.get_recurrent_state(layer_idx) is None)
+
+
 def cached_causal_conv(
     conv1d: nn.Conv1d, x: torch.Tensor, cache_params: Cache | None, layer_idx: int,
     mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None, hidden_act: str | None = None,

@@ -9,7 +9,7 @@ from transformers.cache_utils import Cache
 
 from .. import kernels
 from ..configs.mamba2 import Mamba2Config
-from .conv import cached_causal_conv, decoding_state, keep_conv_inputs
+from .conv import cached_causal_conv, decoding_state, keep_conv_inputs, nothing_cached
 from .norm import RMSNormGated
 from .offload import loaded_weights
 from .ssm_init import inverse_softplus_dt
@@ -63,15 +63,22 @@ class Mamba2Mixer(nn.Module):
         cache_params: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
+        padding_leads: bool = False,
     ) -> torch.Tensor:
         """hidden_states: (batch, seqlen, hidden_size); attention_mask: (batch, ≥ seqlen), its last `seqlen`
-        columns apply; padded positions leave the state unchanged. seq_idx: (batch, seqlen) packed sequences (see
-        `kernels.packing`): conv and scan restart at each new sequence. Returns (batch, seqlen, hidden_size)."""
+        columns apply; padded positions leave the state unchanged. padding_leads: every row's padding comes before
+        its real tokens (`models.modeling_utils.mixer_padding`); with no state cached yet the padding is then read
+        as zero inputs and identity steps, which equals skipping it, on the unpadded path (the fused op). seq_idx:
+        (batch, seqlen) packed sequences (see `kernels.packing`): conv and scan restart at each new sequence.
+        Returns (batch, seqlen, hidden_size)."""
         batch, seqlen, _ = hidden_states.shape
         padding = attention_mask[:, -seqlen:] if attention_mask is not None else None    # (batch, seqlen)
-        mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
 
         zxbcdt = self.in_proj(hidden_states)
+        if (padding is not None and padding_leads and self.time_step_limit[0] <= 0
+                and nothing_cached(cache_params, self.layer_idx)):
+            zxbcdt, padding = self.layout.padding_as_identity_steps(zxbcdt, padding), None
+        mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
         state, in_place = decoding_state(cache_params, self.layer_idx, seqlen)
         if mask is None and self.hidden_act in ("silu", "swish") and not (state is not None and seqlen == 1):
             # conv, scan and norm as one op: one autograd node on the Triton path without a cache (training, or a

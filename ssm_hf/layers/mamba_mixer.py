@@ -10,7 +10,7 @@ from transformers.cache_utils import Cache
 
 from .. import kernels
 from ..configs.mamba import MambaConfig
-from .conv import cached_causal_conv, decoding_state
+from .conv import cached_causal_conv, decoding_state, nothing_cached
 from .norm import RMSNorm
 from .offload import loaded_weights
 from .ssm_init import inverse_softplus_dt
@@ -75,14 +75,19 @@ class MambaMixer(nn.Module):
         cache_params: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
+        padding_leads: bool = False,
     ) -> torch.Tensor:
         """hidden_states: (batch, seqlen, hidden_size); attention_mask: (batch, ≥ seqlen), 1 for real tokens, its
         last `seqlen` columns apply. Padded positions contribute nothing: their inputs are zeroed and their Δ is
-        0, so the state passes through them unchanged. seq_idx: (batch, seqlen) packed sequences (see
+        0, so the state passes through them unchanged. padding_leads: every row's padding comes before its real
+        tokens (`models.modeling_utils.mixer_padding`); with no state cached yet the conv then reads the zeroed
+        padding as it is, which equals skipping it. seq_idx: (batch, seqlen) packed sequences (see
         `kernels.packing`): conv and scan restart at each new sequence. Returns (batch, seqlen, hidden_size)."""
         seqlen = hidden_states.shape[1]
         padding = attention_mask[:, -seqlen:] if attention_mask is not None else None    # (batch, seqlen)
         mask = padding.unsqueeze(-1).to(hidden_states.dtype) if padding is not None else None
+        state, in_place = decoding_state(cache_params, self.layer_idx, seqlen)
+        leading = mask is not None and padding_leads and nothing_cached(cache_params, self.layer_idx)
 
         # two views of one tensor, not copies: the Triton conv and scan read them in place, so their backward keeps
         # in_proj's output once
@@ -92,8 +97,10 @@ class MambaMixer(nn.Module):
             if z.requires_grad:  # x is a new tensor now: a view of z alone would keep all of in_proj's output
                 z = z.contiguous()
 
-        x = cached_causal_conv(self.conv1d, x, cache_params, self.layer_idx, padding, seq_idx, self.hidden_act)
-        if mask is not None:
+        # leading padding: zeros before the real tokens, as an empty cache's conv inputs are
+        x = cached_causal_conv(self.conv1d, x, cache_params, self.layer_idx, None if leading else padding, seq_idx,
+                               self.hidden_act)
+        if mask is not None and not leading:
             x = x * mask
 
         dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], -1)
@@ -103,12 +110,13 @@ class MambaMixer(nn.Module):
             dt = F.linear(dt, self.dt_proj.weight)
             dt_bias = self.dt_proj.bias  # the scan ops add it in float32 themselves (no cast op here)
         dt_softplus = True
-        if mask is not None:
+        if leading:  # softplus(-inf) = 0: Δ = 0 on the padding, inside the scan
+            dt = dt.masked_fill(mask == 0, float("-inf"))
+        elif mask is not None:
             dt = F.softplus(dt.float() + dt_bias.float()) * mask.float()
             dt_bias, dt_softplus = None, False
         A = -torch.exp(self.A_log.float())
 
-        state, in_place = decoding_state(cache_params, self.layer_idx, seqlen)
         if state is not None and seqlen == 1:
             y, new_state = kernels.selective_state_update(
                 state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, z[:, 0],

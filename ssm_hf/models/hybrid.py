@@ -30,7 +30,7 @@ from .modeling_utils import (
     cu_seq_lens_of,
     init_module_weights,
     mask_sequence_starts,
-    mixer_padding_mask,
+    mixer_padding,
     packed_seq_idx,
     start_backbone,
 )
@@ -59,18 +59,18 @@ class HybridBlock(GradientCheckpointingLayer):
     def forward(
         self, hidden_states: torch.Tensor, cache_params: Cache | None = None,
         attention_mask: torch.Tensor | None = None, attention_bias: torch.Tensor | None = None,
-        seq_idx: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None, positions: torch.Tensor | None = None, padding_leads: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """attention_mask: (batch, seqlen) padding mask for SSM mixers; attention_bias: the boolean
-        (batch, 1, query, key) mask for attention mixers (block-diagonal for packed sequences); seq_idx:
-        (batch, seqlen) packed sequences for SSM mixers; positions: rotary positions for attention mixers (None:
-        after the cached keys)."""
+        """attention_mask: (batch, seqlen) padding mask for SSM mixers, padding_leads whether its padding comes
+        before every real token (`modeling_utils.mixer_padding`); attention_bias: the boolean (batch, 1, query, key)
+        mask for attention mixers (block-diagonal for packed sequences); seq_idx: (batch, seqlen) packed sequences
+        for SSM mixers; positions: rotary positions for attention mixers (None: after the cached keys)."""
         if self.is_attention:
             mixed = self.mixer(self.norm(hidden_states), cache_params=cache_params, attention_mask=attention_bias,
                                positions=positions)
         else:
             mixed = self.mixer(self.norm(hidden_states), cache_params=cache_params, attention_mask=attention_mask,
-                               seq_idx=seq_idx)
+                               seq_idx=seq_idx, padding_leads=padding_leads)
         hidden_states = hidden_states + mixed
         if self.ffn is None:
             return hidden_states, None
@@ -169,7 +169,7 @@ class HybridModel(HybridPreTrainedModel):
         # packed sequences: rotary positions restart with each sequence, as when it runs alone
         positions = positions_in_sequence(seq_idx) if seq_idx is not None else None
         # (the attention layers take the bias made from the whole mask above; the SSM mixers this)
-        attention_mask = mixer_padding_mask(attention_mask, seqlen)
+        attention_mask, padding_leads = mixer_padding(attention_mask, seqlen)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
@@ -178,7 +178,8 @@ class HybridModel(HybridPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, router_logits = block(hidden_states, cache_params=cache, attention_mask=attention_mask,
-                                                 attention_bias=attention_bias, seq_idx=seq_idx, positions=positions)
+                                                 attention_bias=attention_bias, seq_idx=seq_idx, positions=positions,
+                                                 padding_leads=padding_leads)
             if router_logits is not None:
                 all_router_logits += (router_logits,)
         hidden_states = self.norm_f(hidden_states)

@@ -158,14 +158,21 @@ def check_padding_mask(attention_mask: torch.Tensor | None, batch_and_length: tu
                          f"for padding; got {tuple(attention_mask.shape)}.")
 
 
-def mixer_padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """The padding mask the SSM mixers take for an input of `length` tokens: None where its last `length` columns
-    are all ones (generate() passes such a mask with every unpadded prompt), so that the mixers run their unpadded
-    path (Mamba-2's conv, scan and norm as one op; no masking ops). One host synchronisation per forward that
-    passes a mask, where the convs would otherwise check the mask once per layer; none under torch.compile."""
+def mixer_padding(attention_mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor | None, bool]:
+    """(padding mask, whether its padding leads) as the SSM mixers take them for an input of `length` tokens.
+
+    The mask is None where its last `length` columns are all ones (generate() passes such a mask with every
+    unpadded prompt), so that the mixers run their unpadded paths. The padding leads where in every row it comes
+    before all real tokens (a batch padded on the left, as generate() and a tokenizer with padding_side="left" give
+    it): a mixer whose cache holds no state yet may then read the padding as zero inputs and identity steps, which
+    gives what skipping it gives, on its unpadded path (no masking ops, no packing of the conv's inputs). One host
+    synchronisation per forward that passes a mask, where the convs would otherwise check the mask once per layer;
+    none under torch.compile (the mask is then passed on as it is)."""
     if attention_mask is None or torch.compiler.is_compiling():
-        return attention_mask
-    return None if bool(attention_mask[:, -length:].all()) else attention_mask
+        return attention_mask, False
+    tail = attention_mask[:, -length:]
+    all_real, leads = torch.stack([tail.all(), (tail[:, 1:] >= tail[:, :-1]).all()]).tolist()
+    return (None, False) if all_real else (attention_mask, leads)
 
 
 def resolve_cache(

@@ -48,7 +48,9 @@ class S4Block(GradientCheckpointingLayer):
     def forward(
         self, hidden_states: torch.Tensor, cache_params: Cache | None = None,
         attention_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+        padding_leads: bool = False,
     ) -> torch.Tensor:
+        # (padding_leads, from the backbone's `mixer_padding`, is not used: S4 masks its inputs either way)
         if seq_idx is not None:
             raise NotImplementedError(
                 "S4 / S4D do not support packed sequences (position_ids restarting inside a row, or seq_idx): the "

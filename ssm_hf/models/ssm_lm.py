@@ -22,7 +22,7 @@ from .modeling_utils import (
     cu_seq_lens_of,
     init_module_weights,
     mask_sequence_starts,
-    mixer_padding_mask,
+    mixer_padding,
     packed_seq_idx,
     start_backbone,
 )
@@ -42,6 +42,7 @@ class SSMBlock(GradientCheckpointingLayer):
     def forward(
         self, hidden_states: torch.Tensor, cache_params: Cache | None = None,
         attention_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+        padding_leads: bool = False,
     ) -> torch.Tensor:
         residual = hidden_states
         # the norm of the stream cast to its weight's dtype (as transformers' Mamba), the cast inside its kernel
@@ -49,7 +50,7 @@ class SSMBlock(GradientCheckpointingLayer):
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
         return residual + self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask,
-                                     seq_idx=seq_idx)
+                                     seq_idx=seq_idx, padding_leads=padding_leads)
 
     @staticmethod
     def final_norm(config: PreTrainedConfig) -> nn.Module:
@@ -122,13 +123,14 @@ class SSMModel(SSMPreTrainedModel):
             self, input_ids, inputs_embeds, attention_mask, pick_cache(cache, cache_params, past_key_values),
             use_cache, kwargs.get("position_ids"), seq_idx, cu_seq_lens_of(kwargs))
 
-        attention_mask = mixer_padding_mask(attention_mask, inputs_embeds.shape[1])
+        attention_mask, padding_leads = mixer_padding(attention_mask, inputs_embeds.shape[1])
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = block(hidden_states, cache_params=cache, attention_mask=attention_mask, seq_idx=seq_idx)
+            hidden_states = block(hidden_states, cache_params=cache, attention_mask=attention_mask, seq_idx=seq_idx,
+                                  padding_leads=padding_leads)
         hidden_states = self.norm_f(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
