@@ -1222,6 +1222,19 @@ def prefill_split():
         torch.cuda.empty_cache()
 
 
+def _first_token_ms(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """generate()'s wall ms to its first token (max_new_tokens=1, greedy) for ids and mask: median of 10 after 3."""
+    import statistics
+
+    def first_token():
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
+
+    for _ in range(3):
+        first_token()
+    return statistics.median(_wall_ms(first_token, 1) for _ in range(10))
+
+
 def prefill_cache():
     """A prompt as generate() runs it (bf16, no gradients, an all-ones attention mask, a new cache filled): wall ms
     per forward (synchronised, median of 20) against the same forward with use_cache=False, at 4 x 2048 and 1 x 512
@@ -1248,15 +1261,7 @@ def prefill_cache():
             R.setdefault("prefill_cache", {})[f"{name} {batch}x{seqlen}"] = timed
             print("prefill_cache", name, f"{batch}x{seqlen}:", line, flush=True)
         ids = torch.randint(0, 50000, (1, 512), device=DEV)
-
-        def first_token():
-            with torch.no_grad():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
-                               pad_token_id=0)
-
-        for _ in range(3):
-            first_token()
-        ttft = statistics.median(_wall_ms(first_token, 1) for _ in range(10))
+        ttft = _first_token_ms(model, ids, torch.ones_like(ids))
         R["prefill_cache"][f"{name} ttft"] = ttft
         print("prefill_cache", name, f"generate() first token after 1x512: {ttft:.2f} ms", flush=True)
         model = None
@@ -1293,14 +1298,7 @@ def prefill_left_padded():
         print("prefill_left_padded", name, "4x2048:", ", ".join(f"{k} {v:.2f} ms" for k, v in timed.items()),
               flush=True)
         ids, mask = left_padded((512, 448, 384, 256), 512)
-
-        def first_token():
-            with torch.no_grad():
-                model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
-
-        for _ in range(3):
-            first_token()
-        ttft = statistics.median(_wall_ms(first_token, 1) for _ in range(10))
+        ttft = _first_token_ms(model, ids, mask)
         R["prefill_left_padded"][f"{name} ttft"] = ttft
         print("prefill_left_padded", name, f"generate() first token, left-padded 4x512: {ttft:.2f} ms", flush=True)
         model = None
