@@ -23,6 +23,15 @@ def _prompt(length: int, seed: int) -> torch.Tensor:
     return torch.randint(1, 512, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
+def _left_padded(prompts: list[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), each (len(prompts), width): the (1, n) prompts padded on the left with id 0."""
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[1]:], mask[row, width - p.shape[1]:] = p[0], 1
+    return ids, mask
+
+
 def test_greedy_with_cache_equals_without(model):
     prompt = _prompt(9, 0)
     with_cache = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=True)
@@ -63,11 +72,7 @@ def test_decoding_feeds_one_token_per_step_into_a_fixed_size_state(model):
 def test_left_padded_batch_matches_each_prompt_alone(model):
     prompts = [_prompt(n, seed) for seed, n in enumerate((4, 11, 7))]
     width = max(p.shape[1] for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - p.shape[1]:] = p[0]
-        mask[row, width - p.shape[1]:] = 1
+    ids, mask = _left_padded(prompts, width)
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     for row, p in enumerate(prompts):
         alone = model.generate(p, max_new_tokens=12, do_sample=False)
@@ -96,10 +101,7 @@ def test_left_padded_first_prompt_reads_the_padding_as_identity_steps(monkeypatc
     lengths, width = (1, 9, 2, 6), 9
     prompts = [torch.randint(1, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
                for n in lengths]
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - p.shape[1]:], mask[row, width - p.shape[1]:] = p[0], 1
+    ids, mask = _left_padded(prompts, width)
     prompts, ids, mask = [p.to(device) for p in prompts], ids.to(device), mask.to(device)
     seen = []
     mixers = [m for m in model.modules() if type(m).__name__ in ("MambaMixer", "Mamba2Mixer")]
@@ -143,10 +145,7 @@ def test_left_padded_training_batch_has_each_rows_gradients(monkeypatch, preset,
     lengths, width = (3, 8, 5), 8
     prompts = [torch.randint(1, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(10 + n))
                for n in lengths]
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - p.shape[1]:], mask[row, width - p.shape[1]:] = p[0], 1
+    ids, mask = _left_padded(prompts, width)
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, 1:][mask[:, :-1] == 0] = -100   # a row's first real token is no target, as when it runs alone
 
