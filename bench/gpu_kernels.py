@@ -1268,6 +1268,89 @@ def prefill_cache():
         torch.cuda.empty_cache()
 
 
+def _padded_batch(lengths: tuple, width: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), (len(lengths), width) on the GPU: random ids, rows of `lengths` real tokens padded on
+    `side` ("left" or "right") with id 0."""
+    ids = torch.randint(1, 50000, (len(lengths), width), device=DEV)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, slice(width - n, width) if side == "left" else slice(0, n)] = 1
+    return ids * mask, mask
+
+
+def train_padded():
+    """A training step on a batch padded on the right, as a training collator gives it (bf16 weights, AdamW, labels
+    -100 at the padding): 4 x 2048 with rows of 2048, 1792, 1536 and 1024 real tokens, beside the same step with no
+    mask; wall ms per step (synchronised, median of 10 single steps after 5 of warm-up) and GPU busy ms (the
+    profiler's kernel time per step); Llama and our two 130M models in one process."""
+    import statistics
+
+    for name, build in _llama_and_ours():
+        model = build().to(DEV, torch.bfloat16).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        ids, mask = _padded_batch((2048, 1792, 1536, 1024), 2048, "right")
+        labels = ids.masked_fill(mask == 0, -100)
+        timed = {}
+        for label, attention_mask in (("unpadded", None), ("right-padded", mask)):
+            def step(attention_mask=attention_mask):
+                model(ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            for _ in range(5):
+                step()
+            wall = statistics.median(_wall_ms(step, 1) for _ in range(10))
+            busy = sum(_kernel_times(step, 5).values()) / 1e3
+            timed[label] = dict(wall_ms=round(wall, 2), gpu_ms=round(busy, 2))
+        R.setdefault("train_padded", {})[name] = timed
+        print("train_padded", name, "4x2048:", ", ".join(f"{k} wall {v['wall_ms']:.2f} ms, GPU {v['gpu_ms']:.2f} ms"
+                                                          for k, v in timed.items()), flush=True)
+        model = opt = None
+        torch.cuda.empty_cache()
+
+
+def e2e_lengths():
+    """Where Mamba overtakes attention: prefill and training at a fixed 8,192 tokens per step as 4 x 2048,
+    2 x 4096 and 1 x 8192, then 1 x 16384 (bf16 weights, AdamW, no cache): per step the wall ms (synchronised,
+    median of 5 single steps after 3 of warm-up) and the GPU busy ms (the profiler's kernel time, which the host's
+    noise does not reach); Llama (positions up to 16k) and our two 130M models in one process."""
+    import statistics
+
+    llama = llama_130m_config(max_position_embeddings=16384)
+    builds = (("llama-130m sdpa", lambda: transformers.LlamaForCausalLM(llama)), *_llama_and_ours()[1:])
+    for name, build in builds:
+        model = build().to(DEV, torch.bfloat16)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        for batch, seqlen in ((4, 2048), (2, 4096), (1, 8192), (1, 16384)):
+            ids = torch.randint(0, 50000, (batch, seqlen), device=DEV)
+
+            def prefill():
+                with torch.no_grad():
+                    model.eval()(ids, use_cache=False)
+
+            def step():
+                model.train()(ids, labels=ids, use_cache=False).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            row = {}
+            for label, fn in (("prefill", prefill), ("training", step)):
+                for _ in range(3):
+                    fn()
+                wall = statistics.median(_wall_ms(fn, 1) for _ in range(5))
+                busy = sum(_kernel_times(fn, 3).values()) / 1e3
+                row[label] = dict(wall_ms=round(wall, 2), gpu_ms=round(busy, 2),
+                                  gpu_tok_s=round(ids.numel() / busy * 1e3))
+            if batch == 1 and seqlen == 16384:
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                row["training_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+            R.setdefault("e2e_lengths", {})[f"{name} {batch}x{seqlen}"] = row
+            print("e2e_lengths", name, f"{batch}x{seqlen}", row, flush=True)
+        model = opt = None
+        torch.cuda.empty_cache()
+
+
 def prefill_left_padded():
     """A left-padded batch as generate() runs its first step (bf16, no gradients, a new cache filled): wall ms per
     forward (synchronised, median of 20) at 4 x 2048 with rows of 2048, 1792, 1536 and 1024 real tokens, beside the
@@ -1275,16 +1358,9 @@ def prefill_left_padded():
     for rows of 512, 448, 384 and 256 tokens, median of 10; Llama and our two 130M models in one process."""
     import statistics
 
-    def left_padded(lengths: tuple, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.randint(1, 50000, (len(lengths), width), device=DEV)
-        mask = torch.zeros_like(ids)
-        for row, n in enumerate(lengths):
-            mask[row, width - n:] = 1
-        return ids * mask, mask
-
     for name, build in _llama_and_ours():
         model = build().to(DEV, torch.bfloat16).eval()
-        ids, mask = left_padded((2048, 1792, 1536, 1024), 2048)
+        ids, mask = _padded_batch((2048, 1792, 1536, 1024), 2048, "left")
         timed = {}
         for label, attention_mask in (("unpadded", torch.ones_like(mask)), ("left-padded", mask)):
             def forward(attention_mask=attention_mask):
@@ -1297,7 +1373,7 @@ def prefill_left_padded():
         R.setdefault("prefill_left_padded", {})[f"{name} 4x2048"] = timed
         print("prefill_left_padded", name, "4x2048:", ", ".join(f"{k} {v:.2f} ms" for k, v in timed.items()),
               flush=True)
-        ids, mask = left_padded((512, 448, 384, 256), 512)
+        ids, mask = _padded_batch((512, 448, 384, 256), 512, "left")
         ttft = _first_token_ms(model, ids, mask)
         R["prefill_left_padded"][f"{name} ttft"] = ttft
         print("prefill_left_padded", name, f"generate() first token, left-padded 4x512: {ttft:.2f} ms", flush=True)
@@ -1752,7 +1828,8 @@ def main():
              "fwd_sweep": fwd_sweep, "bwd_sweep": bwd_sweep,
              "profile_e2e": profile_e2e, "host_e2e": host_e2e, "host_breakdown": host_breakdown,
              "launch_ab": launch_ab, "prefill_split": prefill_split,
-             "prefill_cache": prefill_cache, "prefill_left_padded": prefill_left_padded, "sync_check": sync_check,
+             "prefill_cache": prefill_cache, "prefill_left_padded": prefill_left_padded,
+             "train_padded": train_padded, "e2e_lengths": e2e_lengths, "sync_check": sync_check,
              "check_ab": check_ab,
              "check_add_norm": check_add_norm, "launch_replay": launch_replay, "host_costs": host_costs,
              "e2e_shape_sweep": e2e_shape_sweep,

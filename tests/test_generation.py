@@ -23,12 +23,13 @@ def _prompt(length: int, seed: int) -> torch.Tensor:
     return torch.randint(1, 512, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _left_padded(prompts: list[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask), each (len(prompts), width): the (1, n) prompts padded on the left with id 0."""
+def _padded(prompts: list[torch.Tensor], width: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), each (len(prompts), width): the (1, n) prompts padded on `side` with id 0."""
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
-        ids[row, width - p.shape[1]:], mask[row, width - p.shape[1]:] = p[0], 1
+        real = slice(width - p.shape[1], width) if side == "left" else slice(0, p.shape[1])
+        ids[row, real], mask[row, real] = p[0], 1
     return ids, mask
 
 
@@ -72,7 +73,7 @@ def test_decoding_feeds_one_token_per_step_into_a_fixed_size_state(model):
 def test_left_padded_batch_matches_each_prompt_alone(model):
     prompts = [_prompt(n, seed) for seed, n in enumerate((4, 11, 7))]
     width = max(p.shape[1] for p in prompts)
-    ids, mask = _left_padded(prompts, width)
+    ids, mask = _padded(prompts, width)
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     for row, p in enumerate(prompts):
         alone = model.generate(p, max_new_tokens=12, do_sample=False)
@@ -101,7 +102,7 @@ def test_left_padded_first_prompt_reads_the_padding_as_identity_steps(monkeypatc
     lengths, width = (1, 9, 2, 6), 9
     prompts = [torch.randint(1, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
                for n in lengths]
-    ids, mask = _left_padded(prompts, width)
+    ids, mask = _padded(prompts, width)
     prompts, ids, mask = [p.to(device) for p in prompts], ids.to(device), mask.to(device)
     seen = []
     mixers = [m for m in model.modules() if type(m).__name__ in ("MambaMixer", "Mamba2Mixer")]
@@ -131,12 +132,15 @@ def test_left_padded_first_prompt_reads_the_padding_as_identity_steps(monkeypatc
                                   2e-5)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("preset, path", [("mamba-tiny", "torch"), ("mamba2-tiny", "torch"),
-                                          ("mamba2-tiny", "triton")])
-def test_left_padded_training_batch_has_each_rows_gradients(monkeypatch, preset, path):
-    """Training on a left-padded batch (no cache: the padding is read as identity steps): the loss summed over
-    real tokens and every weight's gradient equal the sums over the rows run alone (float32; no NaN from the
-    padding's Δ of -inf before softplus)."""
+                                          ("mamba-tiny", "triton"), ("mamba2-tiny", "triton"),
+                                          ("hybrid-mamba2-tiny", "torch"), ("s4d-tiny", "torch")])
+def test_padded_training_batch_has_each_rows_gradients(monkeypatch, preset, path, side):
+    """Training on a padded batch (no cache). Left padding is read as identity steps; right padding reaches no
+    mixer at all (every mixer is causal: a real token never sees the padding after it). Either way the loss summed
+    over real tokens and every weight's gradient equal the sums over the rows run alone (float32; no NaN from the
+    padding's Δ of -inf before softplus, nor from the outputs at padded positions)."""
     from ssm_hf import kernels
 
     device = "cuda" if path == "triton" and torch.cuda.is_available() else "cpu"
@@ -145,9 +149,13 @@ def test_left_padded_training_batch_has_each_rows_gradients(monkeypatch, preset,
     lengths, width = (3, 8, 5), 8
     prompts = [torch.randint(1, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(10 + n))
                for n in lengths]
-    ids, mask = _left_padded(prompts, width)
+    ids, mask = _padded(prompts, width, side)
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, 1:][mask[:, :-1] == 0] = -100   # a row's first real token is no target, as when it runs alone
+    seen = []
+    mixers = [m for m in model.modules() if type(m).__name__ in ("MambaMixer", "Mamba2Mixer", "S4Mixer")]
+    hooks = [m.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs.get("attention_mask")),
+                                         with_kwargs=True) for m in mixers]
 
     def loss_and_grads(**inputs):
         model.zero_grad()
@@ -159,6 +167,10 @@ def test_left_padded_training_batch_has_each_rows_gradients(monkeypatch, preset,
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     batched_loss, batched_grads = loss_and_grads(input_ids=ids, attention_mask=mask, labels=labels)
+    for hook in hooks:
+        hook.remove()
+    assert len(mixers) > 0 and len(seen) == len(mixers)
+    assert all((m is None) == (side == "right") for m in seen)   # the mask reaches the mixers for left padding only
     alone = [loss_and_grads(input_ids=p, labels=p) for p in prompts]
     assert_close_to_scale(batched_loss, sum(loss for loss, _ in alone), 1e-5)
     for name, grad in batched_grads.items():
@@ -169,14 +181,19 @@ def test_left_padded_training_batch_has_each_rows_gradients(monkeypatch, preset,
 def test_mixer_padding_says_whether_the_padding_leads():
     left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     assert mixer_padding(left, 4) == (left, True)
+    assert mixer_padding(left, 4, stateless=True) == (left, True)
     assert mixer_padding(torch.ones(2, 4, dtype=torch.long), 4) == (None, False)
     # only the last `length` columns count: a decoding step after a left-padded prompt is unpadded, a later
     # piece of a prompt may still start with padding
     assert mixer_padding(torch.cat([left, torch.ones(2, 1, dtype=torch.long)], 1), 1)[0] is None
     assert mixer_padding(left, 3) == (left, True)
-    for padding in ([[1, 1, 0, 0], [1, 1, 1, 1]], [[1, 0, 1, 1], [1, 1, 1, 1]]):   # right, inside a row
-        mask = torch.tensor(padding)
+    right, inside = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])
+    for mask in (right, inside):
         assert mixer_padding(mask, 4) == (mask, False)
+    # without a cache, padding after every row's real tokens concerns no causal mixer; inside a row it does
+    assert mixer_padding(right, 4, stateless=True) == (None, False)
+    assert mixer_padding(inside, 4, stateless=True) == (inside, False)
+    assert mixer_padding(torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]]), 4, stateless=True) == (None, False)
     assert mixer_padding(None, 4) == (None, False)
 
 

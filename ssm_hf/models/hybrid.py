@@ -169,7 +169,7 @@ class HybridModel(HybridPreTrainedModel):
         # packed sequences: rotary positions restart with each sequence, as when it runs alone
         positions = positions_in_sequence(seq_idx) if seq_idx is not None else None
         # (the attention layers take the bias made from the whole mask above; the SSM mixers this)
-        attention_mask, padding_leads = mixer_padding(attention_mask, seqlen)
+        attention_mask, padding_leads = mixer_padding(attention_mask, seqlen, stateless=cache is None)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None

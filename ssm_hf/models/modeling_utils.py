@@ -158,11 +158,16 @@ def check_padding_mask(attention_mask: torch.Tensor | None, batch_and_length: tu
                          f"for padding; got {tuple(attention_mask.shape)}.")
 
 
-def mixer_padding(attention_mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor | None, bool]:
+def mixer_padding(
+    attention_mask: torch.Tensor | None, length: int, stateless: bool = False,
+) -> tuple[torch.Tensor | None, bool]:
     """(padding mask, whether its padding leads) as the SSM mixers take them for an input of `length` tokens.
 
     The mask is None where its last `length` columns are all ones (generate() passes such a mask with every
-    unpadded prompt), so that the mixers run their unpadded paths. The padding leads where in every row it comes
+    unpadded prompt), so that the mixers run their unpadded paths. It is None too for a `stateless` forward (no
+    cache read or written) whose padding trails in every row (a batch padded on the right, as a training collator
+    gives it): every mixer is causal, so a real token's output never depends on the padding after it, and only the
+    padded positions' own outputs, which nothing reads, differ. The padding leads where in every row it comes
     before all real tokens (a batch padded on the left, as generate() and a tokenizer with padding_side="left" give
     it): a mixer whose cache holds no state yet may then read the padding as zero inputs and identity steps, which
     gives what skipping it gives, on its unpadded path (no masking ops, no packing of the conv's inputs). One host
@@ -171,8 +176,11 @@ def mixer_padding(attention_mask: torch.Tensor | None, length: int) -> tuple[tor
     if attention_mask is None or torch.compiler.is_compiling():
         return attention_mask, False
     tail = attention_mask[:, -length:]
-    all_real, leads = torch.stack([tail.all(), (tail[:, 1:] >= tail[:, :-1]).all()]).tolist()
-    return (None, False) if all_real else (attention_mask, leads)
+    all_real, leads, trails = torch.stack(
+        [tail.all(), (tail[:, 1:] >= tail[:, :-1]).all(), (tail[:, 1:] <= tail[:, :-1]).all()]).tolist()
+    if all_real or (stateless and trails):
+        return None, False
+    return attention_mask, leads
 
 
 def resolve_cache(

@@ -123,7 +123,7 @@ class SSMModel(SSMPreTrainedModel):
             self, input_ids, inputs_embeds, attention_mask, pick_cache(cache, cache_params, past_key_values),
             use_cache, kwargs.get("position_ids"), seq_idx, cu_seq_lens_of(kwargs))
 
-        attention_mask, padding_leads = mixer_padding(attention_mask, inputs_embeds.shape[1])
+        attention_mask, padding_leads = mixer_padding(attention_mask, inputs_embeds.shape[1], stateless=cache is None)
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
