@@ -781,6 +781,34 @@ def e2e_shape_sweep():
     R["e2e_shape_sweep"] = rows
 
 
+def ssd_long_rows():
+    """Our SSD's forward+backward kernel time (profiler, per call) on few long rows against the 130M training
+    shape, for a few walker tiles (STATE_TILE: the backward's two walks, and the forward's where its walker has
+    programs enough for the multiprocessors): 24 heads of dim 64, one group, state 128, bf16, Δ through softplus.
+    Prints the total and the chunk walker's share per (shape, tile)."""
+    from ssm_hf.kernels import ssd_triton
+
+    saved = {"STATE_TILE": ssd_triton.STATE_TILE}
+    rows = {}
+    for batch, seqlen in ((1, 8192), (1, 16384), (2, 4096), (4, 2048), (8, 4096)):
+        inp = ssd_inputs(batch, seqlen, 24, 64, 1, 128, torch.bfloat16)
+        inp.pop("initial_state")
+        leaves = {k: (v.clone().requires_grad_(True) if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+        dy = torch.randn_like(inp["x"])
+        for tile in ((64, 64), (64, 32), (32, 32)):
+            ssd_triton.STATE_TILE = tile
+            name = f"B{batch} T{seqlen} tile {tile[0]}x{tile[1]}"
+            try:
+                times = _kernel_times(lambda: ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True).backward(dy), 5)
+                walk = sum(v for k, v in times.items() if "walk" in k)
+                rows[name] = dict(total_us=round(sum(times.values()), 1), walker_us=round(walk, 1))
+            except Exception as err:
+                rows[name] = repr(err)[:200]
+            print("ssd_long_rows", name, rows[name], flush=True)
+    _restore(ssd_triton, saved)
+    R["ssd_long_rows"] = rows
+
+
 def ssd():
     """Mamba-2's SSD at B8 T4096 H24 P64 N128, one group, bf16: our Triton forward and forward+backward beside
     mamba_ssm's and flash-linear-attention's Triton kernels, if they are importable (carried, see `anchors_gpu.py`)."""
@@ -1829,7 +1857,8 @@ def main():
              "profile_e2e": profile_e2e, "host_e2e": host_e2e, "host_breakdown": host_breakdown,
              "launch_ab": launch_ab, "prefill_split": prefill_split,
              "prefill_cache": prefill_cache, "prefill_left_padded": prefill_left_padded,
-             "train_padded": train_padded, "e2e_lengths": e2e_lengths, "sync_check": sync_check,
+             "train_padded": train_padded, "e2e_lengths": e2e_lengths, "ssd_long_rows": ssd_long_rows,
+             "sync_check": sync_check,
              "check_ab": check_ab,
              "check_add_norm": check_add_norm, "launch_replay": launch_replay, "host_costs": host_costs,
              "e2e_shape_sweep": e2e_shape_sweep,

@@ -822,7 +822,8 @@ def test_triton_ssd_launches_read_the_callers_tensors(monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    for name in ("_chunk_walk_kernel", "_chunk_output_kernel", "_chunk_grads_kernel", "_dt_make_kernel"):
+    for name in ("_chunk_walk_kernel", "_chunk_walk_pair_kernel", "_chunk_output_kernel", "_chunk_grads_kernel",
+                 "_dt_make_kernel"):
         monkeypatch.setattr(ssd_triton, name, Recorded(getattr(ssd_triton, name)))
     batch, heads, head_dim, groups, d_state = 2, 2, 4, 1, 4
     (xbc, dt_wide), views = _column_views(batch, 19, heads, head_dim, groups, d_state, seed=41)
@@ -832,11 +833,14 @@ def test_triton_ssd_launches_read_the_callers_tensors(monkeypatch):
     reads = ("x", "B", "C")
     pointers = {"x": views["x"].data_ptr(), "B": views["B"].data_ptr(), "C": views["C"].data_ptr(),
                 "Δ": views["dt"].data_ptr()}
-    walks = [ptrs for name, ptrs in launches if name == "_chunk_walk_kernel"]
-    # forward: Δ made, walk, output; backward: Δ made again (with its derivative), both walks, gradients
-    assert [name for name, _ in launches].count("_dt_make_kernel") == 2 and len(walks) == 3 and len(launches) == 7
+    walks = [ptrs for name, ptrs in launches if name.startswith("_chunk_walk")]
+    # forward: Δ made, walk, output; backward: Δ made again (with its derivative), both walks in one launch,
+    # gradients
+    names = [name for name, _ in launches]
+    assert names.count("_dt_make_kernel") == 2 and names.count("_chunk_walk_pair_kernel") == 1
+    assert len(walks) == 2 and len(launches) == 6
     assert all(pointers["Δ"] in ptrs for name, ptrs in launches if name == "_dt_make_kernel")
-    assert {pointers["x"], pointers["B"]} <= walks[0] and pointers["C"] in walks[2]
+    assert {pointers["x"], pointers["B"]} <= walks[0] and {pointers["x"], pointers["B"], pointers["C"]} <= walks[1]
     for name, ptrs in launches:
         if name in ("_chunk_output_kernel", "_chunk_grads_kernel"):  # they read all three
             assert all(pointers[key] in ptrs for key in reads), name
@@ -915,6 +919,37 @@ def test_triton_ssd_gradients_with_several_heads_per_program(monkeypatch, heads,
     ((y * w.to(y)).sum() + (h * wh.to(h)).sum()).backward()
     ((y_ref * w).sum() + (h_ref * wh).sum()).backward()
     assert [kwargs["HEADS_PER_PROGRAM"] for _, kwargs in launches] == [per_program]
+    for key in inputs:
+        assert _rel_err(leaves[key].grad.cpu(), refs[key].grad) < 1e-4, key
+
+
+@pytest.mark.parametrize("pair", [True, False])
+def test_triton_ssd_backward_walks_in_one_launch_or_two(monkeypatch, pair):
+    """The backward's two walks, in one launch (few walker programs for the GPU; always on the CPU) or two: with an
+    initial state, a used final state and packed sequences, every gradient equals the float64 recurrence's."""
+    from test_kernels_ssd import _inputs as ssd_inputs
+
+    from ssm_hf.kernels import ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "WALK_PAIR_BELOW_PROGRAMS_PER_SM", 10**9 if pair else 0)
+    monkeypatch.setattr(ssd_triton, "multiprocessors", lambda tensor: 1)
+    launches = _record_launches(monkeypatch, ssd_triton, ("_chunk_walk_kernel", "_chunk_walk_pair_kernel"))
+    batch, seqlen = 2, 45
+    inputs = ssd_inputs(batch, seqlen, 4, 4, 2, 8, seed=11 + pair)
+    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+    seq_idx[0, 17:] += 1
+    seq_idx[1, 32:] += 1
+    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
+    refs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y, h = ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True, return_final_state=True, seq_idx=seq_idx.to(DEVICE))
+    y_ref, h_ref = kernels.ssd_scan_sequential(**refs, dt_softplus=True, return_final_state=True, seq_idx=seq_idx)
+    g = torch.Generator().manual_seed(3)
+    w, wh = torch.randn(y_ref.shape, dtype=torch.float64, generator=g), torch.randn(h_ref.shape, dtype=torch.float64,
+                                                                                  generator=g)
+    ((y * w.to(y)).sum() + (h * wh.to(h)).sum()).backward()
+    ((y_ref * w).sum() + (h_ref * wh).sum()).backward()
+    backward = [name for name, _ in launches][1:]   # the first walk is the forward's
+    assert backward == (["_chunk_walk_pair_kernel"] if pair else ["_chunk_walk_kernel"] * 2)
     for key in inputs:
         assert _rel_err(leaves[key].grad.cpu(), refs[key].grad) < 1e-4, key
 

@@ -67,6 +67,12 @@ N_BLOCK = 64
 STATE_TILE = (64, 64)
 # whether the walker loads each chunk's inputs one chunk ahead
 WALK_PREFETCH = True
+# The backward's two walks (the forward states again, and their gradients) share one launch while one walk has
+# fewer programs than this many per multiprocessor: both are chains bound by their latency per chunk, and side by
+# side they overlap (H100, bf16, 24 heads of 64, state 128: forward+backward B1 T8192 1,176 -> 1,010 us, B4 T2048
+# 791 -> 753 us), while with programs enough for the GPU the shared launch was slower (B8 T4096 2,668 -> 2,765 us;
+# BENCHMARKS.md, sixteenth session). Always without a GPU, so that the CPU tests run the shared launch.
+WALK_PAIR_BELOW_PROGRAMS_PER_SM = 2
 # Heads of one group per program of the gradient kernel, which sums their dB and dC in its own float32 partial: one
 # head per program writes (and torch reads back) a (batch, seqlen, heads, d_state) float32 tensor twice, 400 MB each
 # at B8 T4096 H24 N128, while a whole group per program leaves too few programs (24 heads: 3,145 vs 2,575 us
@@ -159,7 +165,12 @@ def _decay_matrix(a, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _program_head(H, G):
     """(program's batch*heads index, batch row as int64, head, group) of a program on grid axis 0."""
-    bh = tl.program_id(0)
+    return _row_head(tl.program_id(0), H, G)
+
+
+@triton.jit
+def _row_head(bh, H, G):
+    """(bh, batch row as int64, head, group) of the batch*heads index bh."""
     head = bh % H
     return bh, (bh // H).to(tl.int64), head, head // (H // G)
 
@@ -201,10 +212,9 @@ def _load_A(A_ptr, head, A_LOG: tl.constexpr):
     return a
 
 
-@fast_launch
 @triton.jit
-def _chunk_walk_kernel(
-    v_ptr, dt_ptr, bias_ptr, A_ptr, w_ptr, seq_ptr, init_ptr, walk_ptr, last_ptr,
+def _walk(
+    bh, v_ptr, dt_ptr, bias_ptr, A_ptr, w_ptr, seq_ptr, init_ptr, walk_ptr, last_ptr,
     L, H, P, G, N, n_chunks, stride_v_b, stride_v_t, stride_w_b, stride_w_t, stride_dt_b, stride_dt_t, dt_lo, dt_hi,
     HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, REVERSE: tl.constexpr, IEEE: tl.constexpr,
@@ -217,9 +227,9 @@ def _chunk_walk_kernel(
     (REVERSE on): v = dy, w = C, c_t = exp(Σ_{j≤t} a_j) (decay from the chunk's start), chunks in reverse, init =
     the final state's gradient; walk[row, k, head] = dH_{k+1} reaching chunk k's end, last = the initial state's
     gradient. v and w are read in place (token rows stride_*_t apart, (heads, head_dim) and (groups, d_state)
-    packed within a token), Δ as stored (see `_chunk_decays`). Grid: (batch * heads, head_dim blocks, d_state
-    blocks)."""
-    bh, row, head, group = _program_head(H, G)
+    packed within a token), Δ as stored (see `_chunk_decays`). bh: the program's (batch row, head) index; grid axes
+    1 and 2 pick its (head_dim, d_state) tile."""
+    bh, row, head, group = _row_head(bh, H, G)
     p_offs, n_offs, p_mask, n_mask, pn_offs, pn_mask = _state_tile(P, N, BLOCK_P, BLOCK_N)
     A = _load_A(A_ptr, head, A_LOG)
     if HAS_INIT:
@@ -256,6 +266,54 @@ def _chunk_walk_kernel(
         if PREFETCH:
             cur = nxt
     tl.store(last_ptr + (row * H + head) * P * N + pn_offs, state, mask=pn_mask)
+
+
+@fast_launch
+@triton.jit
+def _chunk_walk_kernel(
+    v_ptr, dt_ptr, bias_ptr, A_ptr, w_ptr, seq_ptr, init_ptr, walk_ptr, last_ptr,
+    L, H, P, G, N, n_chunks, stride_v_b, stride_v_t, stride_w_b, stride_w_t, stride_dt_b, stride_dt_t, dt_lo, dt_hi,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, REVERSE: tl.constexpr, IEEE: tl.constexpr,
+    PREFETCH: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    A_LOG: tl.constexpr = False,
+):
+    """`_walk` in one direction. Grid: (batch * heads, head_dim blocks, d_state blocks)."""
+    _walk(tl.program_id(0), v_ptr, dt_ptr, bias_ptr, A_ptr, w_ptr, seq_ptr, init_ptr, walk_ptr, last_ptr,
+          L, H, P, G, N, n_chunks, stride_v_b, stride_v_t, stride_w_b, stride_w_t, stride_dt_b, stride_dt_t, dt_lo,
+          dt_hi, HAS_INIT, HAS_SEQ, HAS_BIAS, SOFTPLUS, HAS_LIMIT, REVERSE, IEEE, PREFETCH, BLOCK_Q, BLOCK_P, BLOCK_N,
+          A_LOG)
+
+
+@fast_launch
+@triton.jit
+def _chunk_walk_pair_kernel(
+    x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, seq_ptr, h0_ptr, states_ptr, final_ptr,
+    dy_ptr, C_ptr, dfinal_ptr, dstates_ptr, dh0_ptr,
+    L, H, P, G, N, n_chunks, stride_x_b, stride_x_t, stride_B_b, stride_B_t, stride_dy_b, stride_dy_t, stride_C_b,
+    stride_C_t, stride_dt_b, stride_dt_t, dt_lo, dt_hi,
+    HAS_H0: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, IEEE: tl.constexpr,
+    PREFETCH: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    A_LOG: tl.constexpr = False,
+):
+    """The backward's two walks in one launch: the forward states (x, B, h0 -> states, final) on the first
+    batch * heads programs of axis 0, the states' gradients (dy, C, dfinal -> dstates, dh0) on the next ones. The
+    two are independent chains of small dependent steps, each bound by its latency per chunk: side by side they
+    overlap, where two launches ran one after the other, and with a few long rows each alone left most
+    multiprocessors idle. Grid: (2 * batch * heads, head_dim blocks, d_state blocks)."""
+    rows = tl.num_programs(0) // 2
+    bh = tl.program_id(0)
+    if bh < rows:
+        _walk(bh, x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, seq_ptr, h0_ptr, states_ptr, final_ptr,
+              L, H, P, G, N, n_chunks, stride_x_b, stride_x_t, stride_B_b, stride_B_t, stride_dt_b, stride_dt_t,
+              dt_lo, dt_hi, HAS_H0, HAS_SEQ, HAS_BIAS, SOFTPLUS, HAS_LIMIT, False, IEEE, PREFETCH, BLOCK_Q,
+              BLOCK_P, BLOCK_N, A_LOG)
+    else:
+        _walk(bh - rows, dy_ptr, dt_ptr, bias_ptr, A_ptr, C_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dh0_ptr,
+              L, H, P, G, N, n_chunks, stride_dy_b, stride_dy_t, stride_C_b, stride_C_t, stride_dt_b, stride_dt_t,
+              dt_lo, dt_hi, HAS_DFINAL, HAS_SEQ, HAS_BIAS, SOFTPLUS, HAS_LIMIT, True, IEEE, PREFETCH, BLOCK_Q,
+              BLOCK_P, BLOCK_N, A_LOG)
 
 
 @fast_launch
@@ -725,6 +783,39 @@ def _walk_chunks(v, delta, A, w, seq_idx, init, block_q, reverse, tile=None, a_l
     return walk, last
 
 
+def _walks_share_a_launch(x: torch.Tensor, d_state: int) -> bool:
+    """Whether the backward of x: (batch, seqlen, heads, head_dim) runs its two walks in one launch; see
+    WALK_PAIR_BELOW_PROGRAMS_PER_SM."""
+    batch, _, heads, head_dim = x.shape
+    grid = _state_walk_grid(batch, heads, head_dim, d_state)[0]
+    sms = multiprocessors(x)
+    return sms is None or grid[0] * grid[1] * grid[2] < WALK_PAIR_BELOW_PROGRAMS_PER_SM * sms
+
+
+def _walk_both(x, dy, delta, A, B, C, seq_idx, h0, dfinal, block_q, a_log):
+    """The backward's two walks in one launch (`_chunk_walk_pair_kernel`): what `_walk_chunks` gives forward (x, B,
+    h0) and in reverse (dy, C, dfinal), with the default walker tile: (states, dstates, dh0)."""
+    batch, seqlen, heads, head_dim = x.shape
+    groups, d_state = B.shape[-2:]
+    n_chunks = cdiv(seqlen, block_q)
+    states = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=x.device, dtype=_states_dtype(x))
+    dstates = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=x.device, dtype=_states_dtype(dy))
+    final = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
+    dh0 = torch.empty_like(final)
+    (programs, *tiles), block_p, block_n = _state_walk_grid(batch, heads, head_dim, d_state)
+    dt, bias = delta.pointers()
+    _chunk_walk_pair_kernel[(2 * programs, *tiles)](
+        x, dt, bias, A, B, seq_idx if seq_idx is not None else dt, h0 if h0 is not None else final, states, final,
+        dy, C, dfinal if dfinal is not None else dh0, dstates, dh0,
+        seqlen, heads, head_dim, groups, d_state, n_chunks, *_rows(x), *_rows(B), *_rows(dy), *_rows(C),
+        *delta.scalars(),
+        HAS_H0=h0 is not None, HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, **delta.flags(),
+        IEEE=_full_precision(x) or _full_precision(dy), PREFETCH=WALK_PREFETCH, BLOCK_Q=block_q, BLOCK_P=block_p,
+        BLOCK_N=block_n, num_warps=WARPS["state_grads"], A_LOG=a_log,
+    )
+    return states, dstates, dh0
+
+
 def _forward(x, delta, A, B, C, D, h0, seq, plan, a_log=False):
     """The forward kernels on prepared inputs (`_SSDScan.forward` says which; A as its stored log with `a_log`):
     (y contiguous in x's dtype, final state float32)."""
@@ -763,9 +854,12 @@ def _backward_kernels(x, delta, A, B, C, D, h0, seq, dy, dfinal, hpp, dx, ddt, a
     block_q = _chunk(head_dim)
     delta, deriv = delta.made(derivative=True)
     with on_device_of(x):
-        states, _ = _walk_chunks(x, delta, A, B, seq, h0, block_q, reverse=False, a_log=a_log)
+        if _walks_share_a_launch(x, d_state):
+            states, dstates, dh0 = _walk_both(x, dy, delta, A, B, C, seq, h0, dfinal, block_q, a_log)
+        else:
+            states, _ = _walk_chunks(x, delta, A, B, seq, h0, block_q, reverse=False, a_log=a_log)
+            dstates, dh0 = _walk_chunks(dy, delta, A, C, seq, dfinal, block_q, reverse=True, a_log=a_log)
         n_chunks = states.shape[1]
-        dstates, dh0 = _walk_chunks(dy, delta, A, C, seq, dfinal, block_q, reverse=True, a_log=a_log)
         splits = heads // hpp
         dB_parts = torch.empty(batch, seqlen, splits, d_state, device=x.device, dtype=torch.float32)
         dC_parts = torch.empty_like(dB_parts)
