@@ -1337,6 +1337,21 @@ def train_padded():
         torch.cuda.empty_cache()
 
 
+def _prefill_and_step(model, opt, ids: torch.Tensor) -> tuple:
+    """(prefill, step): a forward of `ids` in eval mode without gradients or cache, and a training step on them
+    (labels = ids, no cache, `opt` stepped, gradients dropped)."""
+    def prefill():
+        with torch.no_grad():
+            model.eval()(ids, use_cache=False)
+
+    def step():
+        model.train()(ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return prefill, step
+
+
 def e2e_lengths():
     """Where Mamba overtakes attention: prefill and training at a fixed 8,192 tokens per step as 4 x 2048,
     2 x 4096 and 1 x 8192, then 1 x 16384 (bf16 weights, AdamW, no cache): per step the wall ms (synchronised,
@@ -1351,16 +1366,7 @@ def e2e_lengths():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         for batch, seqlen in ((4, 2048), (2, 4096), (1, 8192), (1, 16384)):
             ids = torch.randint(0, 50000, (batch, seqlen), device=DEV)
-
-            def prefill():
-                with torch.no_grad():
-                    model.eval()(ids, use_cache=False)
-
-            def step():
-                model.train()(ids, labels=ids, use_cache=False).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+            prefill, step = _prefill_and_step(model, opt, ids)
             row = {}
             for label, fn in (("prefill", prefill), ("training", step)):
                 for _ in range(3):
@@ -1419,15 +1425,7 @@ def sync_check():
         model = ssm_hf.AutoModelForCausalLM.from_config(ssm_hf.preset_config(preset)).to(DEV, torch.bfloat16)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         ids = torch.randint(0, 50000, (4, 512), device=DEV)
-
-        def forward():
-            with torch.no_grad():
-                model.eval()(ids, use_cache=False)
-
-        def step():
-            model.train()(ids, labels=ids, use_cache=False).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        forward, step = _prefill_and_step(model, opt, ids)
 
         for name, fn in (("prefill", forward), ("training step", step)):
             fn()  # warm: first calls compile and look up what they may, outside the check

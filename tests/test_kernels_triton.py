@@ -909,18 +909,8 @@ def test_triton_ssd_gradients_with_several_heads_per_program(monkeypatch, heads,
     for row, starts in enumerate([(1, 32, 50), (20, 64, 76)]):
         for t in starts:
             seq_idx[row, t:] += 1
-    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
-    refs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-    y, h = ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True, return_final_state=True, seq_idx=seq_idx.to(DEVICE))
-    y_ref, h_ref = kernels.ssd_scan_sequential(**refs, dt_softplus=True, return_final_state=True, seq_idx=seq_idx)
-    g = torch.Generator().manual_seed(7)
-    w, wh = torch.randn(y_ref.shape, dtype=torch.float64, generator=g), torch.randn(h_ref.shape, dtype=torch.float64,
-                                                                                  generator=g)
-    ((y * w.to(y)).sum() + (h * wh.to(h)).sum()).backward()
-    ((y_ref * w).sum() + (h_ref * wh).sum()).backward()
+    _assert_packed_ssd_gradients(inputs, seq_idx, seed=7)
     assert [kwargs["HEADS_PER_PROGRAM"] for _, kwargs in launches] == [per_program]
-    for key in inputs:
-        assert _rel_err(leaves[key].grad.cpu(), refs[key].grad) < 1e-4, key
 
 
 @pytest.mark.parametrize("pair", [True, False])
@@ -939,19 +929,9 @@ def test_triton_ssd_backward_walks_in_one_launch_or_two(monkeypatch, pair):
     seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
     seq_idx[0, 17:] += 1
     seq_idx[1, 32:] += 1
-    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
-    refs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-    y, h = ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True, return_final_state=True, seq_idx=seq_idx.to(DEVICE))
-    y_ref, h_ref = kernels.ssd_scan_sequential(**refs, dt_softplus=True, return_final_state=True, seq_idx=seq_idx)
-    g = torch.Generator().manual_seed(3)
-    w, wh = torch.randn(y_ref.shape, dtype=torch.float64, generator=g), torch.randn(h_ref.shape, dtype=torch.float64,
-                                                                                  generator=g)
-    ((y * w.to(y)).sum() + (h * wh.to(h)).sum()).backward()
-    ((y_ref * w).sum() + (h_ref * wh).sum()).backward()
+    _assert_packed_ssd_gradients(inputs, seq_idx, seed=3)
     backward = [name for name, _ in launches][1:]   # the first walk is the forward's
     assert backward == (["_chunk_walk_pair_kernel"] if pair else ["_chunk_walk_kernel"] * 2)
-    for key in inputs:
-        assert _rel_err(leaves[key].grad.cpu(), refs[key].grad) < 1e-4, key
 
 
 def test_ssd_grads_heads_per_program_plan_and_refusal(monkeypatch):
@@ -1067,6 +1047,24 @@ def _record_scan_launches(monkeypatch) -> list[tuple[str, dict]]:
     from ssm_hf.kernels import selective_scan_triton as module
 
     return _record_launches(monkeypatch, module, ("_fwd_kernel", "_bwd_local_kernel", "_bwd_kernel"))
+
+
+def _assert_packed_ssd_gradients(inputs: dict, seq_idx: torch.Tensor, seed: int) -> None:
+    """The Triton SSD (float32, Δ through softplus, packed sequences `seq_idx`) and the float64 recurrence, each
+    backward through random weights on y and on the final state: every input's gradient within 1e-4."""
+    from ssm_hf.kernels import ssd_triton
+
+    leaves = {k: v.requires_grad_(True) for k, v in _to(inputs, torch.float32).items()}
+    refs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y, h = ssd_triton.ssd_scan_triton(**leaves, dt_softplus=True, return_final_state=True, seq_idx=seq_idx.to(DEVICE))
+    y_ref, h_ref = kernels.ssd_scan_sequential(**refs, dt_softplus=True, return_final_state=True, seq_idx=seq_idx)
+    g = torch.Generator().manual_seed(seed)
+    w, wh = torch.randn(y_ref.shape, dtype=torch.float64, generator=g), torch.randn(h_ref.shape, dtype=torch.float64,
+                                                                                  generator=g)
+    ((y * w.to(y)).sum() + (h * wh.to(h)).sum()).backward()
+    ((y_ref * w).sum() + (h_ref * wh).sum()).backward()
+    for key in inputs:
+        assert _rel_err(leaves[key].grad.cpu(), refs[key].grad) < 1e-4, key
 
 
 def _record_launches(monkeypatch, module, names) -> list[tuple[str, dict]]:
