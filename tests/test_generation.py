@@ -146,7 +146,7 @@ def test_padded_training_batch_has_each_rows_gradients(monkeypatch, preset, path
     device = "cuda" if path == "triton" and torch.cuda.is_available() else "cpu"
     monkeypatch.setattr(kernels, "use_triton", lambda tensor: path == "triton" and tensor.dtype != torch.float64)
     model = tiny_lm(preset, seed=4).to(device).train()
-    lengths, width = (3, 8, 5), 8
+    lengths, width = (3, 37, 20), 37   # past one 32-token SSD chunk
     prompts = [torch.randint(1, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(10 + n))
                for n in lengths]
     ids, mask = _padded(prompts, width, side)

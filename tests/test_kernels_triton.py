@@ -913,10 +913,12 @@ def test_triton_ssd_gradients_with_several_heads_per_program(monkeypatch, heads,
     assert [kwargs["HEADS_PER_PROGRAM"] for _, kwargs in launches] == [per_program]
 
 
+@pytest.mark.parametrize("initial", [True, False])
 @pytest.mark.parametrize("pair", [True, False])
-def test_triton_ssd_backward_walks_in_one_launch_or_two(monkeypatch, pair):
-    """The backward's two walks, in one launch (few walker programs for the GPU; always on the CPU) or two: with an
-    initial state, a used final state and packed sequences, every gradient equals the float64 recurrence's."""
+def test_triton_ssd_backward_walks_in_one_launch_or_two(monkeypatch, pair, initial):
+    """The backward's two walks, in one launch (few walker programs for the GPU; always on the CPU) or two: with
+    or without an initial state, a used final state and packed sequences, every gradient equals the float64
+    recurrence's."""
     from test_kernels_ssd import _inputs as ssd_inputs
 
     from ssm_hf.kernels import ssd_triton
@@ -926,6 +928,8 @@ def test_triton_ssd_backward_walks_in_one_launch_or_two(monkeypatch, pair):
     launches = _record_launches(monkeypatch, ssd_triton, ("_chunk_walk_kernel", "_chunk_walk_pair_kernel"))
     batch, seqlen = 2, 45
     inputs = ssd_inputs(batch, seqlen, 4, 4, 2, 8, seed=11 + pair)
+    if not initial:
+        inputs.pop("initial_state")
     seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
     seq_idx[0, 17:] += 1
     seq_idx[1, 32:] += 1

@@ -785,7 +785,9 @@ def _walk_chunks(v, delta, A, w, seq_idx, init, block_q, reverse, tile=None, a_l
 
 def _walks_share_a_launch(x: torch.Tensor, d_state: int) -> bool:
     """Whether the backward of x: (batch, seqlen, heads, head_dim) runs its two walks in one launch; see
-    WALK_PAIR_BELOW_PROGRAMS_PER_SM."""
+    WALK_PAIR_BELOW_PROGRAMS_PER_SM. The shared launch has one warp count: not where WARPS gives the walks two."""
+    if WARPS["states"] != WARPS["state_grads"]:
+        return False
     batch, _, heads, head_dim = x.shape
     grid = _state_walk_grid(batch, heads, head_dim, d_state)[0]
     sms = multiprocessors(x)
@@ -810,7 +812,8 @@ def _walk_both(x, dy, delta, A, B, C, seq_idx, h0, dfinal, block_q, a_log):
         seqlen, heads, head_dim, groups, d_state, n_chunks, *_rows(x), *_rows(B), *_rows(dy), *_rows(C),
         *delta.scalars(),
         HAS_H0=h0 is not None, HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, **delta.flags(),
-        IEEE=_full_precision(x) or _full_precision(dy), PREFETCH=WALK_PREFETCH, BLOCK_Q=block_q, BLOCK_P=block_p,
+        IEEE=_full_precision(x) or _full_precision(dy),  # dy has x's dtype in both callers
+        PREFETCH=WALK_PREFETCH, BLOCK_Q=block_q, BLOCK_P=block_p,
         BLOCK_N=block_n, num_warps=WARPS["state_grads"], A_LOG=a_log,
     )
     return states, dstates, dh0

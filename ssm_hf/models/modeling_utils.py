@@ -166,8 +166,9 @@ def mixer_padding(
     The mask is None where its last `length` columns are all ones (generate() passes such a mask with every
     unpadded prompt), so that the mixers run their unpadded paths. It is None too for a `stateless` forward (no
     cache read or written) whose padding trails in every row (a batch padded on the right, as a training collator
-    gives it): every mixer is causal, so a real token's output never depends on the padding after it, and only the
-    padded positions' own outputs, which nothing reads, differ. The padding leads where in every row it comes
+    gives it): every mixer is causal, so a real token's output never depends on the padding after it (up to
+    rounding: S4's FFT convolution mixes rounding across a row), and only the padded positions' own outputs, which
+    nothing reads, differ. The padding leads where in every row it comes
     before all real tokens (a batch padded on the left, as generate() and a tokenizer with padding_side="left" give
     it): a mixer whose cache holds no state yet may then read the padding as zero inputs and identity steps, which
     gives what skipping it gives, on its unpadded path (no masking ops, no packing of the conv's inputs). One host
