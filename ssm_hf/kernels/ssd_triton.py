@@ -760,6 +760,15 @@ def _packed_within_token(t: torch.Tensor, inner_dims: int) -> torch.Tensor:
     return t if _is_packed_within_token(t, inner_dims) else t.contiguous()
 
 
+def _walk_outputs(v: torch.Tensor, n_chunks: int, d_state: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A walk's outputs for v: (batch, seqlen, heads, head_dim): the state at every chunk (batch, n_chunks, heads,
+    head_dim, d_state) in `_states_dtype(v)`, and the last one (batch, heads, head_dim, d_state) in float32."""
+    batch, _, heads, head_dim = v.shape
+    walk = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=v.device, dtype=_states_dtype(v))
+    last = torch.empty(batch, heads, head_dim, d_state, device=v.device, dtype=torch.float32)
+    return walk, last
+
+
 def _walk_chunks(v, delta, A, w, seq_idx, init, block_q, reverse, tile=None, a_log=False):
     """`_chunk_walk_kernel` over every (row, head): forward (v = x, w = B, init = h0) the states entering every chunk
     (batch, chunks, heads, head_dim, d_state) and the final state (batch, heads, head_dim, d_state); reverse (v = dy,
@@ -769,8 +778,7 @@ def _walk_chunks(v, delta, A, w, seq_idx, init, block_q, reverse, tile=None, a_l
     batch, seqlen, heads, head_dim = v.shape
     groups, d_state = w.shape[-2:]
     n_chunks = cdiv(seqlen, block_q)
-    walk = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=v.device, dtype=_states_dtype(v))
-    last = torch.empty(batch, heads, head_dim, d_state, device=v.device, dtype=torch.float32)
+    walk, last = _walk_outputs(v, n_chunks, d_state)
     grid, block_p, block_n = _state_walk_grid(batch, heads, head_dim, d_state, tile)
     dt, bias = delta.pointers()
     _chunk_walk_kernel[grid](
@@ -800,10 +808,8 @@ def _walk_both(x, dy, delta, A, B, C, seq_idx, h0, dfinal, block_q, a_log):
     batch, seqlen, heads, head_dim = x.shape
     groups, d_state = B.shape[-2:]
     n_chunks = cdiv(seqlen, block_q)
-    states = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=x.device, dtype=_states_dtype(x))
-    dstates = torch.empty(batch, n_chunks, heads, head_dim, d_state, device=x.device, dtype=_states_dtype(dy))
-    final = torch.empty(batch, heads, head_dim, d_state, device=x.device, dtype=torch.float32)
-    dh0 = torch.empty_like(final)
+    states, final = _walk_outputs(x, n_chunks, d_state)
+    dstates, dh0 = _walk_outputs(dy, n_chunks, d_state)
     (programs, *tiles), block_p, block_n = _state_walk_grid(batch, heads, head_dim, d_state)
     dt, bias = delta.pointers()
     _chunk_walk_pair_kernel[(2 * programs, *tiles)](

@@ -168,12 +168,12 @@ def mixer_padding(
     cache read or written) whose padding trails in every row (a batch padded on the right, as a training collator
     gives it): every mixer is causal, so a real token's output never depends on the padding after it (up to
     rounding: S4's FFT convolution mixes rounding across a row), and only the padded positions' own outputs, which
-    nothing reads, differ. The padding leads where in every row it comes
-    before all real tokens (a batch padded on the left, as generate() and a tokenizer with padding_side="left" give
-    it): a mixer whose cache holds no state yet may then read the padding as zero inputs and identity steps, which
-    gives what skipping it gives, on its unpadded path (no masking ops, no packing of the conv's inputs). One host
-    synchronisation per forward that passes a mask, where the convs would otherwise check the mask once per layer;
-    none under torch.compile (the mask is then passed on as it is)."""
+    nothing reads, differ. The padding leads where in every row it comes before all real tokens (a batch padded on
+    the left, as generate() and a tokenizer with padding_side="left" give it): a mixer whose cache holds no state
+    yet may then read the padding as zero inputs and identity steps, which gives what skipping it gives, on its
+    unpadded path (no masking ops, no packing of the conv's inputs). One host synchronisation per forward that
+    passes a mask, where the convs would otherwise check the mask once per layer; none under torch.compile (the
+    mask is then passed on as it is)."""
     if attention_mask is None or torch.compiler.is_compiling():
         return attention_mask, False
     tail = attention_mask[:, -length:]
